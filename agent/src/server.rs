@@ -1,0 +1,568 @@
+//! The agent's embedded SSH server (russh): the transport of the director ↔
+//! agent protocol.
+//!
+//! Owns: the host key (from the agent settings), authentication (only the
+//! director's public key, nothing else), the RPC subsystem
+//! ([`protocol::RPC_SUBSYSTEM`]: one JSON request line in, one JSON response
+//! line out per channel) and the blob channels (`exec put-blob <sha256>` /
+//! `exec get-blob <sha256>`), which it serves from the [`BlobStore`].
+//!
+//! It must not interpret actions: every action goes to the [`ActionHandler`]
+//! (the agent proper). It must not offer shells, port forwarding or any other
+//! SSH service, and it keeps no blob it has not verified.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
+use russh::{Channel, ChannelId, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpListener;
+
+use crate::blobs::{is_valid_name, BlobError, BlobStore};
+use crate::keys::{parse_private_key, parse_public_key, same_key, KeyError};
+use crate::protocol::{self, Action, ActionFailure, RpcRequest, RpcResponse};
+
+/// Largest RPC request line the server accepts (an apply spec carries every
+/// rendered template, so this is generous).
+const MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
+/// Chunk size when streaming a blob to the client.
+const BLOB_CHUNK: usize = 32 * 1024;
+/// SSH extended-data code of stderr.
+const STDERR: u32 = 1;
+
+/// The agent proper: answers one action.
+#[async_trait::async_trait]
+pub trait ActionHandler: Send + Sync + 'static {
+    async fn handle(&self, action: Action) -> Result<serde_json::Value, ActionFailure>;
+}
+
+/// Why the server could not start or keep serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("agent SSH server: host_private_key in agent settings: {0}")]
+    HostKey(#[source] KeyError),
+    #[error("agent SSH server: director_public_key in agent settings: {0}")]
+    DirectorKey(#[source] KeyError),
+    #[error("agent SSH server: binding {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Bind `settings.listen_ip:settings.listen_port` and serve forever.
+pub async fn serve(
+    settings: &bosun_cpi::AgentSettings,
+    blobs: Arc<BlobStore>,
+    handler: Arc<dyn ActionHandler>,
+) -> Result<(), ServerError> {
+    let ip = settings.listen_ip.trim();
+    let ip = if ip.is_empty() { "0.0.0.0" } else { ip };
+    let listener = TcpListener::bind((ip, settings.listen_port))
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: format!("{ip}:{}", settings.listen_port),
+            source,
+        })?;
+    serve_on(listener, settings, blobs, handler).await
+}
+
+/// Same as [`serve`], on an already bound listener (tests bind 127.0.0.1:0).
+pub async fn serve_on(
+    listener: TcpListener,
+    settings: &bosun_cpi::AgentSettings,
+    blobs: Arc<BlobStore>,
+    handler: Arc<dyn ActionHandler>,
+) -> Result<(), ServerError> {
+    let host_key = parse_private_key(&settings.host_private_key).map_err(ServerError::HostKey)?;
+    let director_key =
+        parse_public_key(&settings.director_public_key).map_err(ServerError::DirectorKey)?;
+    let config = Arc::new(server_config(host_key));
+    let local = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into());
+    tracing::info!(addr = %local, "agent SSH server listening");
+
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Typically EMFILE: back off a little and keep serving.
+                tracing::warn!(addr = %local, error = %e, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = Connection {
+            director_key: director_key.clone(),
+            blobs: blobs.clone(),
+            actions: handler.clone(),
+            channels: HashMap::new(),
+            peer,
+        };
+        let config = config.clone();
+        tokio::spawn(async move {
+            tracing::debug!(%peer, "SSH connection");
+            let result = match russh::server::run_stream(config, stream, conn).await {
+                Ok(session) => session.await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => tracing::debug!(%peer, "SSH connection closed"),
+                Err(e) => tracing::debug!(%peer, error = %e, "SSH connection ended"),
+            }
+        });
+    }
+}
+
+fn server_config(host_key: russh::keys::PrivateKey) -> russh::server::Config {
+    let mut methods = russh::MethodSet::empty();
+    methods.push(russh::MethodKind::PublicKey);
+    russh::server::Config {
+        methods,
+        keys: vec![host_key],
+        auth_rejection_time: Duration::from_millis(500),
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        max_auth_attempts: 3,
+        // Actions may run for many minutes without a byte on the wire
+        // (compilation, drain): never drop a connection for being quiet;
+        // keepalives detect dead peers instead (~5 minutes).
+        inactivity_timeout: None,
+        keepalive_interval: Some(Duration::from_secs(60)),
+        keepalive_max: 5,
+        nodelay: true,
+        ..Default::default()
+    }
+}
+
+/// One SSH connection from the director.
+struct Connection {
+    director_key: russh::keys::PublicKey,
+    blobs: Arc<BlobStore>,
+    actions: Arc<dyn ActionHandler>,
+    /// Session channels opened but not yet given a request.
+    channels: HashMap<ChannelId, Channel<Msg>>,
+    peer: SocketAddr,
+}
+
+impl Connection {
+    fn key_auth(&self, key: &russh::keys::PublicKey) -> Auth {
+        if same_key(key, &self.director_key) {
+            Auth::Accept
+        } else {
+            tracing::warn!(peer = %self.peer, "rejected SSH key that is not the director's");
+            Auth::reject()
+        }
+    }
+}
+
+impl russh::server::Handler for Connection {
+    type Error = russh::Error;
+
+    // auth_none, auth_password, auth_keyboard_interactive and
+    // auth_openssh_certificate keep russh's defaults: reject.
+
+    async fn auth_publickey_offered(
+        &mut self,
+        _user: &str,
+        offer: PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        Ok(self.key_auth(offer.public_key))
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        _user: &str,
+        key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        Ok(self.key_auth(key.public_key))
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.channels.insert(channel.id(), channel);
+        reply.accept().await;
+        Ok(())
+    }
+
+    // Other channel types (direct-tcpip, x11, ...) keep russh's default:
+    // the open handle is dropped, which rejects them.
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.channels.remove(&channel);
+        Ok(())
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel_id: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if name != protocol::RPC_SUBSYSTEM {
+            tracing::warn!(peer = %self.peer, subsystem = name, "unknown subsystem requested");
+            return session.channel_failure(channel_id);
+        }
+        let Some(channel) = self.channels.remove(&channel_id) else {
+            return session.channel_failure(channel_id);
+        };
+        session.channel_success(channel_id)?;
+        let actions = self.actions.clone();
+        tokio::spawn(serve_rpc(channel, actions));
+        Ok(())
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel_id: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(channel) = self.channels.remove(&channel_id) else {
+            return session.channel_failure(channel_id);
+        };
+        session.channel_success(channel_id)?;
+        let command = String::from_utf8_lossy(data).into_owned();
+        tokio::spawn(serve_exec(channel, command, self.blobs.clone()));
+        Ok(())
+    }
+
+    // pty/shell: later. An interactive `bosun ssh` will add pty_request,
+    // shell_request and window_change_request here; until then shells are
+    // refused (russh's default sends no success, and we never start one).
+    async fn shell_request(
+        &mut self,
+        channel_id: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.channels.remove(&channel_id);
+        session.channel_failure(channel_id)
+    }
+}
+
+/// Read one request line (up to `\n` or EOF).
+async fn read_request(read: &mut ChannelReadHalf) -> Result<Vec<u8>, String> {
+    let mut buf = Vec::new();
+    while let Some(msg) = read.wait().await {
+        match msg {
+            ChannelMsg::Data { data } => {
+                buf.extend_from_slice(&data);
+                if let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                    buf.truncate(pos);
+                    return Ok(buf);
+                }
+                if buf.len() > MAX_REQUEST_BYTES {
+                    return Err(format!("RPC request larger than {MAX_REQUEST_BYTES} bytes"));
+                }
+            }
+            ChannelMsg::Eof | ChannelMsg::Close => break,
+            _ => {}
+        }
+    }
+    if buf.iter().all(|b| b.is_ascii_whitespace()) {
+        Err("connection closed before an RPC request was sent".into())
+    } else {
+        Ok(buf)
+    }
+}
+
+fn failure(kind: &str, message: String) -> ActionFailure {
+    ActionFailure {
+        kind: kind.into(),
+        message,
+        output_tail: None,
+    }
+}
+
+/// Decode and run one request; always produces a response.
+async fn answer(line: Result<Vec<u8>, String>, actions: &Arc<dyn ActionHandler>) -> RpcResponse {
+    let error = |id, f| RpcResponse {
+        id,
+        result: None,
+        error: Some(f),
+    };
+    let line = match line {
+        Ok(l) => l,
+        Err(m) => return error(0, failure("invalid", format!("reading RPC request: {m}"))),
+    };
+    let value: serde_json::Value = match serde_json::from_slice(&line) {
+        Ok(v) => v,
+        Err(e) => {
+            return error(
+                0,
+                failure("invalid", format!("RPC request is not JSON: {e}")),
+            )
+        }
+    };
+    let id = value.get("id").and_then(|v| v.as_u64()).unwrap_or(0);
+    let version = value.get("protocol_version").and_then(|v| v.as_u64());
+    if version != Some(u64::from(protocol::PROTOCOL_VERSION)) {
+        let shown = version.map_or_else(|| "none".to_string(), |v| v.to_string());
+        return error(
+            id,
+            failure(
+                "unsupported_version",
+                format!(
+                    "RPC request has protocol version {shown}; this agent speaks version {}",
+                    protocol::PROTOCOL_VERSION
+                ),
+            ),
+        );
+    }
+    let request: RpcRequest = match serde_json::from_value(value) {
+        Ok(r) => r,
+        Err(e) => return error(id, failure("invalid", format!("decoding RPC request: {e}"))),
+    };
+    match actions.handle(request.action).await {
+        Ok(result) => RpcResponse {
+            id,
+            result: Some(result),
+            error: None,
+        },
+        Err(f) => error(id, f),
+    }
+}
+
+/// One RPC channel: request line in, response line out, exit 0, EOF, close.
+async fn serve_rpc(channel: Channel<Msg>, actions: Arc<dyn ActionHandler>) {
+    let (mut read, write) = channel.split();
+    let line = read_request(&mut read).await;
+    // Keep draining (and so noticing a close) while the action runs.
+    let drain = tokio::spawn(async move { while read.wait().await.is_some() {} });
+    let response = answer(line, &actions).await;
+    let mut out = match serde_json::to_vec(&response) {
+        Ok(v) => v,
+        Err(e) => {
+            let fallback = RpcResponse {
+                id: response.id,
+                result: None,
+                error: Some(failure(
+                    "io",
+                    format!("encoding the RPC response failed: {e}"),
+                )),
+            };
+            serde_json::to_vec(&fallback).unwrap_or_default()
+        }
+    };
+    out.push(b'\n');
+    if let Err(e) = finish(&write, Some(out), None, 0).await {
+        tracing::debug!(error = %e, "sending RPC response failed (director gone?)");
+    }
+    drain.abort();
+}
+
+/// Send optional stdout/stderr, then exit status, EOF and close.
+async fn finish(
+    write: &ChannelWriteHalf<Msg>,
+    stdout: Option<Vec<u8>>,
+    stderr: Option<String>,
+    status: u32,
+) -> Result<(), russh::Error> {
+    if let Some(out) = stdout {
+        write.data_bytes(out).await?;
+    }
+    if let Some(err) = stderr {
+        let mut err = err.into_bytes();
+        err.push(b'\n');
+        write.extended_data_bytes(STDERR, err).await?;
+    }
+    write.exit_status(status).await?;
+    write.eof().await?;
+    write.close().await
+}
+
+/// One exec channel: `put-blob <sha>` or `get-blob <sha>`.
+async fn serve_exec(channel: Channel<Msg>, command: String, blobs: Arc<BlobStore>) {
+    let (mut read, write) = channel.split();
+    let words: Vec<&str> = command.split_whitespace().collect();
+    let outcome = match words.as_slice() {
+        ["put-blob", sha] => put_blob(&mut read, sha, &blobs).await,
+        ["get-blob", sha] => {
+            // Stream while watching for the client going away, so a dead
+            // client cannot park this task on a closed window forever.
+            let watch = async {
+                loop {
+                    match read.wait().await {
+                        None | Some(ChannelMsg::Close) => break,
+                        Some(_) => {}
+                    }
+                }
+            };
+            tokio::select! {
+                r = get_blob(&write, sha, &blobs) => r,
+                () = watch => return,
+            }
+        }
+        _ => {
+            // Still read until EOF so a client that streams data is not stuck.
+            drain_until_eof(&mut read).await;
+            Err(format!(
+                "unknown command {:?}: this agent only runs `put-blob <sha256>` and `get-blob <sha256>`",
+                command
+            ))
+        }
+    };
+    let result = match outcome {
+        Ok(()) => finish(&write, None, None, 0).await,
+        Err(message) => {
+            tracing::warn!(command = %command, error = %message, "blob channel failed");
+            finish(&write, None, Some(message), 1).await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "finishing exec channel failed (director gone?)");
+    }
+}
+
+async fn drain_until_eof(read: &mut ChannelReadHalf) {
+    while let Some(msg) = read.wait().await {
+        if matches!(msg, ChannelMsg::Eof | ChannelMsg::Close) {
+            break;
+        }
+    }
+}
+
+/// Receive a blob until EOF, verify it and keep it.
+async fn put_blob(read: &mut ChannelReadHalf, sha: &str, blobs: &BlobStore) -> Result<(), String> {
+    let mut writer = if is_valid_name(sha) {
+        Some(blobs.writer().map_err(|e| format!("put-blob {sha}: {e}")))
+    } else {
+        None
+    };
+    let mut write_error: Option<String> = None;
+    let mut got_eof = false;
+    while let Some(msg) = read.wait().await {
+        match msg {
+            ChannelMsg::Data { data } => {
+                if let Some(Ok(w)) = writer.as_mut() {
+                    if let Err(e) = w.write(&data) {
+                        write_error = Some(format!("put-blob {sha}: {e}"));
+                        writer = None;
+                    }
+                }
+            }
+            ChannelMsg::Eof => {
+                got_eof = true;
+                break;
+            }
+            ChannelMsg::Close => break,
+            _ => {}
+        }
+    }
+    if let Some(e) = write_error {
+        return Err(e);
+    }
+    let writer = match writer {
+        None => return Err(format!("put-blob: {}", BlobError::BadName(sha.to_string()))),
+        Some(Err(e)) => return Err(e),
+        Some(Ok(w)) => w,
+    };
+    if !got_eof {
+        return Err(format!(
+            "put-blob {sha}: channel closed before EOF after {} bytes; nothing kept",
+            writer.len()
+        ));
+    }
+    let expected = sha.to_string();
+    let committed = tokio::task::spawn_blocking(move || writer.finish(&expected)).await;
+    match committed {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("put-blob {sha}: {e}")),
+        Err(e) => Err(format!("put-blob {sha}: storing task failed: {e}")),
+    }
+}
+
+/// Stream a blob file to the client in window-respecting chunks.
+async fn get_blob(
+    write: &ChannelWriteHalf<Msg>,
+    sha: &str,
+    blobs: &BlobStore,
+) -> Result<(), String> {
+    if !is_valid_name(sha) {
+        return Err(format!("get-blob: {}", BlobError::BadName(sha.to_string())));
+    }
+    let path = blobs.path(sha);
+    let mut file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!(
+                "get-blob: {}",
+                BlobError::NotFound(sha.to_string())
+            ))
+        }
+        Err(e) => return Err(format!("get-blob {sha}: opening {}: {e}", path.display())),
+    };
+    loop {
+        let mut chunk = vec![0u8; BLOB_CHUNK];
+        let n = file
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("get-blob {sha}: reading {}: {e}", path.display()))?;
+        if n == 0 {
+            return Ok(());
+        }
+        chunk.truncate(n);
+        write
+            .data_bytes(chunk)
+            .await
+            .map_err(|e| format!("get-blob {sha}: sending: {e}"))?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Echo;
+
+    #[async_trait::async_trait]
+    impl ActionHandler for Echo {
+        async fn handle(&self, action: Action) -> Result<serde_json::Value, ActionFailure> {
+            Ok(serde_json::to_value(action).unwrap())
+        }
+    }
+
+    #[tokio::test]
+    async fn answer_checks_version_and_shape() {
+        let h: Arc<dyn ActionHandler> = Arc::new(Echo);
+        let r = answer(
+            Ok(br#"{"id":4,"protocol_version":99,"method":"ping"}"#.to_vec()),
+            &h,
+        )
+        .await;
+        assert_eq!(r.id, 4);
+        assert_eq!(r.error.unwrap().kind, "unsupported_version");
+
+        let r = answer(
+            Ok(br#"{"id":5,"protocol_version":1,"method":"nope"}"#.to_vec()),
+            &h,
+        )
+        .await;
+        assert_eq!(r.error.unwrap().kind, "invalid");
+
+        let r = answer(Ok(b"not json".to_vec()), &h).await;
+        assert_eq!(r.error.unwrap().kind, "invalid");
+
+        let r = answer(
+            Ok(br#"{"id":6,"protocol_version":1,"method":"ping"}"#.to_vec()),
+            &h,
+        )
+        .await;
+        assert_eq!(r.id, 6);
+        assert_eq!(r.result.unwrap()["method"], "ping");
+    }
+}

@@ -1,0 +1,920 @@
+//! The executor: carries out a [`Plan`] through the CPIs and the agents,
+//! recording every side effect in the state store before and after it
+//! happens. One attempt: on the first failure it stops launching work, lets
+//! work in flight finish, and returns the error; the caller may plan again.
+//!
+//! Order (BOSH's): compile packages; delete instances that went away; create
+//! missing VMs and disks for new instances (in parallel); then each instance
+//! group in turn (or together where `serial: false`), canaries first, then
+//! the rest at most `max_in_flight` at a time. A failed canary stops the
+//! deploy before any other instance of the group is touched.
+//!
+//! The executor decides nothing the plan did not decide. It must not talk to
+//! an IaaS except through `bosun_cpi::Cpi`, nor to a VM except through the
+//! agent client.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+
+use bosun_agent::client::{wait_for_agent, AgentClient, ClientError};
+use bosun_agent::keys::generate_keypair;
+use bosun_agent::protocol::{
+    ApplySpec, DrainKind, DrainParams, MountDiskParams, ProcessState, RunScriptParams,
+    UnmountDiskParams,
+};
+use bosun_cpi::{
+    AgentSettings, CreateDiskRequest, CreateVmRequest, Cpi, CpiError, DiskCid, Metadata,
+    NetworkSettings, StemcellCid, VmCid, AGENT_PORT,
+};
+
+use crate::planner::{primary_ip, Change, DiskAction, GroupPlan, InstancePlan, Plan, VmAction, VmCreate};
+use crate::state::{
+    now, DiskRecord, Event, InstanceRecord, OrphanDisk, StateError, Store, VmRecord,
+};
+
+/// An execution failure, naming the instance and the step.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("{what}: {source}")]
+    Cpi {
+        what: String,
+        #[source]
+        source: CpiError,
+    },
+    #[error("{what}: {source}")]
+    Agent {
+        what: String,
+        #[source]
+        source: ClientError,
+    },
+    #[error("{0}")]
+    State(#[from] StateError),
+    #[error("no CPI named '{0}' is configured (cloud-config azs name their cpi: local, docker, aws)")]
+    UnknownCpi(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error("{0}")]
+    Compile(String),
+}
+
+/// Where progress goes (the CLI prints it).
+pub trait Progress: Send + Sync {
+    /// `subject` is an instance (`kv/<id> (0)`), `compilation` or `deployment`.
+    fn stage(&self, subject: &str, stage: &str);
+}
+
+/// A progress sink that drops everything.
+pub struct NoProgress;
+impl Progress for NoProgress {
+    fn stage(&self, _: &str, _: &str) {}
+}
+
+/// The CPIs this director drives, by name.
+#[derive(Clone, Default)]
+pub struct Cpis {
+    map: BTreeMap<String, Arc<dyn Cpi>>,
+}
+
+impl Cpis {
+    pub fn new() -> Cpis {
+        Cpis::default()
+    }
+    pub fn insert(&mut self, name: &str, cpi: Arc<dyn Cpi>) {
+        self.map.insert(name.to_string(), cpi);
+    }
+    pub fn get(&self, name: &str) -> Result<Arc<dyn Cpi>, ExecError> {
+        self.map
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ExecError::UnknownCpi(name.to_string()))
+    }
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.map.keys().map(|s| s.as_str())
+    }
+}
+
+/// Tunables.
+#[derive(Clone, Debug)]
+pub struct ExecOptions {
+    /// How long a new VM's agent may take to answer.
+    pub agent_timeout: Duration,
+    /// How long an existing VM's agent may take to answer before the
+    /// instance counts as unresponsive.
+    pub existing_agent_timeout: Duration,
+    pub compile_timeout_secs: u64,
+    pub drain_timeout_secs: u64,
+    pub script_timeout_secs: u64,
+    /// Parallel VM creations for new instances.
+    pub create_parallelism: usize,
+}
+
+impl Default for ExecOptions {
+    fn default() -> Self {
+        ExecOptions {
+            agent_timeout: Duration::from_secs(60),
+            existing_agent_timeout: Duration::from_secs(10),
+            compile_timeout_secs: 1800,
+            drain_timeout_secs: 300,
+            script_timeout_secs: 300,
+            create_parallelism: 32,
+        }
+    }
+}
+
+/// What an execution did.
+#[derive(Clone, Debug, Default)]
+pub struct ExecSummary {
+    pub compiled: usize,
+    pub created: usize,
+    pub updated: usize,
+    pub deleted: usize,
+}
+
+pub struct Executor {
+    pub store: Arc<Store>,
+    pub cpis: Cpis,
+    pub progress: Arc<dyn Progress>,
+    pub opts: ExecOptions,
+}
+
+/// The display name of an instance: `group/id (index)`.
+pub fn instance_name(r: &InstanceRecord) -> String {
+    format!("{}/{} ({})", r.group, r.id, r.index)
+}
+
+fn agent_addr(ip: &str) -> Result<SocketAddr, ExecError> {
+    format!("{ip}:{AGENT_PORT}")
+        .parse()
+        .map_err(|_| ExecError::Failed(format!("VM address '{ip}' is not an IPv4 address")))
+}
+
+/// A VM just created, with its agent answering.
+pub struct NewVm {
+    pub cid: VmCid,
+    pub agent_id: String,
+    pub host_public_key: String,
+    pub address: String,
+    pub client: Option<AgentClient>,
+}
+
+impl Executor {
+    fn event(&self, deployment: &str, instance: Option<&str>, action: &str, object: &str, result: &str) {
+        let _ = self.store.add_event(&Event {
+            time: now(),
+            deployment: Some(deployment.to_string()),
+            instance: instance.map(str::to_string),
+            action: action.to_string(),
+            object: object.to_string(),
+            result: result.to_string(),
+        });
+    }
+
+    /// Carry out a plan.
+    pub async fn execute(&self, plan: &Plan) -> Result<ExecSummary, ExecError> {
+        let mut summary = ExecSummary::default();
+        if !plan.compile.is_empty() {
+            summary.compiled = crate::compiler::compile(self, plan).await?;
+        }
+        for d in &plan.deletes {
+            let mut rec = d.clone();
+            let name = instance_name(&rec);
+            self.progress.stage(&name, "deleting");
+            self.teardown_vm(&mut rec, DrainKind::Shutdown).await?;
+            self.orphan_disk(&mut rec).await?;
+            self.store.delete_instance(&rec.id)?;
+            self.event(&plan.deployment, Some(&name), "delete", "instance", "ok");
+            summary.deleted += 1;
+        }
+
+        // New instances get their VMs (and disks) up front, in parallel.
+        let fresh: Vec<&InstancePlan> = plan
+            .groups
+            .iter()
+            .flat_map(|g| g.instances.iter())
+            .filter(|i| i.change == Change::Create)
+            .collect();
+        let mut created: BTreeMap<String, InstanceRecord> = BTreeMap::new();
+        {
+            let sem = Arc::new(Semaphore::new(self.opts.create_parallelism.max(1)));
+            let futs = fresh.iter().map(|ip| {
+                let sem = sem.clone();
+                async move {
+                    let _permit = sem.acquire().await;
+                    let mut rec = ip.record.clone();
+                    self.prepare_vm(ip, &mut rec).await.map(|_| rec)
+                }
+            });
+            let results = futures_join_all(futs).await;
+            let mut first_err = None;
+            for r in results {
+                match r {
+                    Ok(rec) => {
+                        created.insert(rec.id.clone(), rec);
+                    }
+                    Err(e) => {
+                        if first_err.is_none() {
+                            first_err = Some(e);
+                        }
+                    }
+                }
+            }
+            if let Some(e) = first_err {
+                return Err(e);
+            }
+            summary.created = created.len();
+        }
+
+        // Groups in stages: a serial group starts a new stage.
+        let mut stages: Vec<Vec<&GroupPlan>> = Vec::new();
+        for g in &plan.groups {
+            match stages.last_mut() {
+                Some(stage) if !g.update.serial => stage.push(g),
+                _ => stages.push(vec![g]),
+            }
+        }
+        let created = Arc::new(tokio::sync::Mutex::new(created));
+        for stage in stages {
+            let futs = stage
+                .into_iter()
+                .map(|g| self.update_group(&plan.deployment, g, created.clone()));
+            let results = futures_join_all(futs).await;
+            for r in results {
+                summary.updated += r?;
+            }
+        }
+        Ok(summary)
+    }
+
+    async fn update_group(
+        &self,
+        deployment: &str,
+        g: &GroupPlan,
+        created: Arc<tokio::sync::Mutex<BTreeMap<String, InstanceRecord>>>,
+    ) -> Result<usize, ExecError> {
+        let changing: Vec<&InstancePlan> =
+            g.instances.iter().filter(|i| i.change != Change::None).collect();
+        if changing.is_empty() {
+            return Ok(0);
+        }
+        let canaries = (g.update.canaries as usize).min(changing.len());
+        let max_in_flight = g
+            .update
+            .max_in_flight
+            .resolve(g.instances.len() as u32)
+            .max(1) as usize;
+        let (canary, rest) = changing.split_at(canaries);
+        let failed = Arc::new(AtomicBool::new(false));
+        for (batch, watch, label) in [
+            (canary, g.update.canary_watch_time.clone(), "canary"),
+            (rest, g.update.update_watch_time.clone(), ""),
+        ] {
+            if batch.is_empty() {
+                continue;
+            }
+            let width = if label == "canary" {
+                canaries.max(1)
+            } else {
+                max_in_flight
+            };
+            let sem = Arc::new(Semaphore::new(width));
+            let futs = batch.iter().map(|ip| {
+                let sem = sem.clone();
+                let failed = failed.clone();
+                let created = created.clone();
+                let watch = watch.clone();
+                async move {
+                    let _permit = sem.acquire().await;
+                    if failed.load(Ordering::SeqCst) {
+                        return Ok(false);
+                    }
+                    let rec = match created.lock().await.remove(&ip.record.id) {
+                        Some(r) => r,
+                        None => ip.record.clone(),
+                    };
+                    let name = instance_name(&rec);
+                    let r = self
+                        .update_instance(deployment, ip, rec, (watch.min_ms, watch.max_ms), label)
+                        .await;
+                    match &r {
+                        Ok(()) => self.event(deployment, Some(&name), "update", "instance", "ok"),
+                        Err(e) => {
+                            failed.store(true, Ordering::SeqCst);
+                            self.progress.stage(&name, &format!("failed: {e}"));
+                            self.event(deployment, Some(&name), "update", "instance", &format!("error: {e}"));
+                        }
+                    }
+                    r.map(|_| true)
+                }
+            });
+            let results = futures_join_all(futs).await;
+            let mut first_err = None;
+            for r in results {
+                if let Err(e) = r {
+                    first_err.get_or_insert(e);
+                }
+            }
+            if let Some(e) = first_err {
+                return Err(match label {
+                    "canary" => ExecError::Failed(format!(
+                        "canary of instance group '{}' failed, the remaining instances were left untouched: {e}",
+                        g.name
+                    )),
+                    _ => e,
+                });
+            }
+        }
+        Ok(changing.len())
+    }
+
+    /// Create a VM through a CPI and wait for its agent.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn create_vm(
+        &self,
+        cpi_name: &str,
+        stemcell: &str,
+        cloud_properties: &serde_json::Value,
+        networks: &BTreeMap<String, NetworkSettings>,
+        env: &serde_json::Value,
+        metadata: Metadata,
+        subject: &str,
+        on_created: impl FnOnce(&NewVm) -> Result<(), ExecError>,
+    ) -> Result<NewVm, ExecError> {
+        let cpi = self.cpis.get(cpi_name)?;
+        let host = generate_keypair()
+            .map_err(|e| ExecError::Failed(format!("generating host key for {subject}: {e}")))?;
+        let agent_id = uuid::Uuid::new_v4().to_string();
+        let address = primary_ip(networks);
+        let settings = AgentSettings {
+            agent_id: agent_id.clone(),
+            director_public_key: self.store.director_key().public_openssh.clone(),
+            host_private_key: host.private_openssh.clone(),
+            listen_ip: if address.is_empty() {
+                "0.0.0.0".into()
+            } else {
+                address.clone()
+            },
+            listen_port: AGENT_PORT,
+            networks: networks.clone(),
+            disks: BTreeMap::new(),
+            env: env.clone(),
+        };
+        let req = CreateVmRequest {
+            agent_id: agent_id.clone(),
+            stemcell: StemcellCid(stemcell.to_string()),
+            cloud_properties: cloud_properties.clone(),
+            networks: networks.clone(),
+            disk_cids: vec![],
+            settings,
+            metadata,
+        };
+        self.progress.stage(subject, "creating VM");
+        let cid = cpi.create_vm(&req).await.map_err(|source| ExecError::Cpi {
+            what: format!("creating VM for {subject}"),
+            source,
+        })?;
+        let mut vm = NewVm {
+            cid,
+            agent_id,
+            host_public_key: host.public_openssh,
+            address,
+            client: None,
+        };
+        on_created(&vm)?;
+        self.progress.stage(subject, "waiting for agent");
+        let started = Instant::now();
+        let client = wait_for_agent(
+            agent_addr(&vm.address)?,
+            self.store.director_key(),
+            &vm.host_public_key,
+            self.opts.agent_timeout,
+        )
+        .await
+        .map_err(|e| {
+            ExecError::Failed(format!(
+                "agent for {subject} on {} did not answer within {} s: {e}",
+                vm.cid,
+                started.elapsed().as_secs()
+            ))
+        })?;
+        vm.client = Some(client);
+        Ok(vm)
+    }
+
+    fn metadata(&self, rec: &InstanceRecord, token: &str) -> Metadata {
+        [
+            ("director", self.store.director_id().to_string()),
+            ("deployment", rec.deployment.clone()),
+            ("instance_group", rec.group.clone()),
+            ("instance", format!("{}/{}", rec.group, rec.id)),
+            ("index", rec.index.to_string()),
+            ("name", format!("{}/{}", rec.group, rec.index)),
+            ("token", token.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// Create the VM (and disk) of an instance that has none, recording each step.
+    async fn create_instance_vm(
+        &self,
+        rec: &mut InstanceRecord,
+        vc: &VmCreate,
+    ) -> Result<AgentClient, ExecError> {
+        let name = instance_name(rec);
+        let token = uuid::Uuid::new_v4().to_string();
+        rec.pending_vm_token = Some(token.clone());
+        self.store.save_instance(rec)?;
+        let store = self.store.clone();
+        let cpi_name = vc.cpi.clone();
+        let vm_digest = vc.vm_digest.clone();
+        let rec_for_record = std::sync::Mutex::new(rec.clone());
+        let vm = self
+            .create_vm(
+                &vc.cpi,
+                &vc.stemcell_cid,
+                &vc.cloud_properties,
+                &vc.networks,
+                &vc.env,
+                self.metadata(rec, &token),
+                &name,
+                |vm| {
+                    let mut r = match rec_for_record.lock() {
+                        Ok(g) => g,
+                        Err(p) => p.into_inner(),
+                    };
+                    r.vm = Some(VmRecord {
+                        cid: vm.cid.0.clone(),
+                        cpi: cpi_name.clone(),
+                        agent_id: vm.agent_id.clone(),
+                        host_public_key: vm.host_public_key.clone(),
+                        address: vm.address.clone(),
+                        vm_digest: vm_digest.clone(),
+                        generation: 0,
+                        created_at: now(),
+                    });
+                    r.pending_vm_token = None;
+                    store.save_instance(&r)?;
+                    Ok(())
+                },
+            )
+            .await;
+        if let Ok(r) = rec_for_record.into_inner() {
+            *rec = r;
+        }
+        let vm = vm?;
+        self.event(&rec.deployment, Some(&name), "create", &format!("vm {}", vm.cid), "ok");
+        vm.client
+            .ok_or_else(|| ExecError::Failed(format!("agent for {name} did not answer")))
+    }
+
+    /// For a new instance: VM, disk, attach and mount.
+    async fn prepare_vm(&self, ip: &InstancePlan, rec: &mut InstanceRecord) -> Result<(), ExecError> {
+        let vc = match &ip.vm {
+            VmAction::Create(vc) | VmAction::Recreate(vc) => vc,
+            VmAction::Keep => return Ok(()),
+        };
+        let client = self.create_instance_vm(rec, vc).await?;
+        self.ensure_disk(ip, rec, &client).await
+    }
+
+    async fn ensure_disk(
+        &self,
+        ip: &InstancePlan,
+        rec: &mut InstanceRecord,
+        client: &AgentClient,
+    ) -> Result<(), ExecError> {
+        let name = instance_name(rec);
+        let Some(vm) = rec.vm.clone() else {
+            return Ok(());
+        };
+        if let DiskAction::Create {
+            cpi,
+            size_mb,
+            cloud_properties,
+            digest,
+        } = &ip.disk
+        {
+            if rec.disk.is_none() {
+                self.progress.stage(&name, "creating disk");
+                let c = self.cpis.get(cpi)?;
+                let cid = c
+                    .create_disk(&CreateDiskRequest {
+                        size_mb: *size_mb,
+                        cloud_properties: cloud_properties.clone(),
+                        vm_locality: Some(VmCid(vm.cid.clone())),
+                        metadata: self.metadata(rec, ""),
+                    })
+                    .await
+                    .map_err(|source| ExecError::Cpi {
+                        what: format!("creating disk for {name}"),
+                        source,
+                    })?;
+                rec.disk = Some(DiskRecord {
+                    cid: cid.0.clone(),
+                    cpi: cpi.clone(),
+                    size_mb: *size_mb,
+                    digest: digest.clone(),
+                    attached: false,
+                });
+                self.store.save_instance(rec)?;
+                self.event(&rec.deployment, Some(&name), "create", &format!("disk {cid}"), "ok");
+            }
+        }
+        if matches!(ip.disk, DiskAction::Orphan) {
+            if let Some(d) = &rec.disk {
+                let _ = client.unmount_disk(&UnmountDiskParams { cid: d.cid.clone() }).await;
+            }
+            self.detach_disk(rec).await?;
+            self.orphan_disk(rec).await?;
+            return Ok(());
+        }
+        if let Some(d) = rec.disk.clone() {
+            let c = self.cpis.get(&d.cpi)?;
+            let hint = if d.attached {
+                None
+            } else {
+                self.progress.stage(&name, "attaching disk");
+                let hint = c
+                    .attach_disk(&VmCid(vm.cid.clone()), &DiskCid(d.cid.clone()))
+                    .await
+                    .map_err(|source| ExecError::Cpi {
+                        what: format!("attaching disk {} to {name}", d.cid),
+                        source,
+                    })?;
+                if let Some(dr) = rec.disk.as_mut() {
+                    dr.attached = true;
+                }
+                self.store.save_instance(rec)?;
+                Some(hint)
+            };
+            if let Some(hint) = hint {
+                client
+                    .mount_disk(&MountDiskParams {
+                        cid: d.cid.clone(),
+                        hint,
+                    })
+                    .await
+                    .map_err(|source| ExecError::Agent {
+                        what: format!("mounting disk {} on {name}", d.cid),
+                        source,
+                    })?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn detach_disk(&self, rec: &mut InstanceRecord) -> Result<(), ExecError> {
+        let (Some(vm), Some(d)) = (rec.vm.clone(), rec.disk.clone()) else {
+            return Ok(());
+        };
+        if !d.attached {
+            return Ok(());
+        }
+        let c = self.cpis.get(&d.cpi)?;
+        match c
+            .detach_disk(&VmCid(vm.cid.clone()), &DiskCid(d.cid.clone()))
+            .await
+        {
+            Ok(()) | Err(CpiError::VmNotFound(_)) => {}
+            Err(source) => {
+                return Err(ExecError::Cpi {
+                    what: format!("detaching disk {} from {}", d.cid, instance_name(rec)),
+                    source,
+                })
+            }
+        }
+        if let Some(dr) = rec.disk.as_mut() {
+            dr.attached = false;
+        }
+        self.store.save_instance(rec)?;
+        Ok(())
+    }
+
+    async fn orphan_disk(&self, rec: &mut InstanceRecord) -> Result<(), ExecError> {
+        self.detach_disk(rec).await?;
+        if let Some(d) = rec.disk.take() {
+            self.store.save_orphan_disk(&OrphanDisk {
+                cid: d.cid.clone(),
+                cpi: d.cpi.clone(),
+                size_mb: d.size_mb,
+                deployment: rec.deployment.clone(),
+                instance: format!("{}/{}", rec.group, rec.id),
+                orphaned_at: now(),
+            })?;
+            self.store.save_instance(rec)?;
+            self.event(
+                &rec.deployment,
+                Some(&instance_name(rec)),
+                "orphan",
+                &format!("disk {}", d.cid),
+                "ok",
+            );
+        }
+        Ok(())
+    }
+
+    /// Connect to the agent of an existing VM.
+    async fn connect(&self, vm: &VmRecord, timeout: Duration) -> Result<AgentClient, ClientError> {
+        let addr = format!("{}:{AGENT_PORT}", vm.address)
+            .parse()
+            .map_err(|_| ClientError::Protocol(format!("bad VM address {}", vm.address)))?;
+        wait_for_agent(addr, self.store.director_key(), &vm.host_public_key, timeout).await
+    }
+
+    /// Stop an instance's VM and delete it (drain and stop when its agent
+    /// answers; the disk is detached and kept).
+    pub async fn teardown_vm(&self, rec: &mut InstanceRecord, kind: DrainKind) -> Result<(), ExecError> {
+        let Some(vm) = rec.vm.clone() else {
+            return Ok(());
+        };
+        let name = instance_name(rec);
+        let cpi = self.cpis.get(&vm.cpi)?;
+        let alive = cpi.has_vm(&VmCid(vm.cid.clone())).await.unwrap_or(true);
+        if alive {
+            if let Ok(client) = self.connect(&vm, Duration::from_secs(5)).await {
+                self.progress.stage(&name, "draining");
+                let _ = client
+                    .drain(&DrainParams {
+                        kind,
+                        timeout_secs: self.opts.drain_timeout_secs,
+                    })
+                    .await;
+                self.progress.stage(&name, "stopping");
+                let _ = client.stop().await;
+                if let Some(d) = &rec.disk {
+                    let _ = client.unmount_disk(&UnmountDiskParams { cid: d.cid.clone() }).await;
+                }
+            }
+        }
+        self.detach_disk(rec).await?;
+        self.progress.stage(&name, "deleting VM");
+        cpi.delete_vm(&VmCid(vm.cid.clone()))
+            .await
+            .map_err(|source| ExecError::Cpi {
+                what: format!("deleting VM {} of {name}", vm.cid),
+                source,
+            })?;
+        rec.vm = None;
+        rec.applied = None;
+        self.store.save_instance(rec)?;
+        self.event(&rec.deployment, Some(&name), "delete", &format!("vm {}", vm.cid), "ok");
+        Ok(())
+    }
+
+    async fn update_instance(
+        &self,
+        deployment: &str,
+        ip: &InstancePlan,
+        mut rec: InstanceRecord,
+        watch: (u64, u64),
+        label: &str,
+    ) -> Result<(), ExecError> {
+        let name = instance_name(&rec);
+        let _ = deployment;
+        // Keep the planned identity (az, IPs, bootstrap) on the record.
+        rec.az = ip.record.az.clone();
+        rec.bootstrap = ip.record.bootstrap;
+        rec.networks = ip.record.networks.clone();
+
+        if let VmAction::Recreate(_) = &ip.vm {
+            if rec
+                .vm
+                .as_ref()
+                .is_some_and(|v| Some(&v.vm_digest) != vm_digest(&ip.vm))
+            {
+                self.progress.stage(&name, "recreating");
+                self.teardown_vm(&mut rec, DrainKind::Update).await?;
+            }
+        }
+
+        let client = match &rec.vm {
+            None => {
+                let vc = match &ip.vm {
+                    VmAction::Create(vc) | VmAction::Recreate(vc) => vc.clone(),
+                    VmAction::Keep => {
+                        return Err(ExecError::Failed(format!(
+                            "{name} has no VM but the plan keeps it; plan again"
+                        )))
+                    }
+                };
+                let client = self.create_instance_vm(&mut rec, &vc).await?;
+                self.ensure_disk(ip, &mut rec, &client).await?;
+                client
+            }
+            Some(vm) => {
+                let vm = vm.clone();
+                let client = self
+                    .connect(&vm, self.opts.existing_agent_timeout)
+                    .await
+                    .map_err(|source| ExecError::Agent {
+                        what: format!("reaching the agent of {name} on {}", vm.cid),
+                        source,
+                    })?;
+                if rec.applied.is_some() {
+                    self.progress.stage(&name, "draining");
+                    client
+                        .drain(&DrainParams {
+                            kind: DrainKind::Update,
+                            timeout_secs: self.opts.drain_timeout_secs,
+                        })
+                        .await
+                        .map_err(|source| ExecError::Agent {
+                            what: format!("draining {name}"),
+                            source,
+                        })?;
+                    self.progress.stage(&name, "stopping");
+                    client.stop().await.map_err(|source| ExecError::Agent {
+                        what: format!("stopping {name}"),
+                        source,
+                    })?;
+                }
+                self.ensure_disk(ip, &mut rec, &client).await?;
+                client
+            }
+        };
+
+        self.progress.stage(&name, if label == "canary" { "updating (canary)" } else { "updating" });
+        let mut spec = ip.spec.clone();
+        self.fill_packages(&mut spec, &name, &rec, ip.stemcell.clone(), &client)
+            .await?;
+        let generation = rec.vm.as_ref().map(|v| v.generation + 1).unwrap_or(1);
+        spec.generation = generation;
+        client.apply(&spec).await.map_err(|source| ExecError::Agent {
+            what: format!("applying spec to {name}"),
+            source,
+        })?;
+        if let Some(vm) = rec.vm.as_mut() {
+            vm.generation = generation;
+        }
+        self.store.save_instance(&rec)?;
+
+        self.progress.stage(&name, "starting");
+        client.start().await.map_err(|source| ExecError::Agent {
+            what: format!("starting {name}"),
+            source,
+        })?;
+        self.watch(&client, &name, watch).await?;
+        let scripts = client
+            .run_script(&RunScriptParams {
+                script: "post-start".into(),
+                timeout_secs: self.opts.script_timeout_secs,
+            })
+            .await
+            .map_err(|source| ExecError::Agent {
+                what: format!("running post-start on {name}"),
+                source,
+            })?;
+        if let Some(bad) = scripts.results.iter().find(|r| r.exit_code != 0) {
+            return Err(ExecError::Failed(format!(
+                "post-start of job {} on {name} exited {}:\n{}",
+                bad.job, bad.exit_code, bad.output_tail
+            )));
+        }
+        rec.applied = Some(ip.applied.clone());
+        self.store.save_instance(&rec)?;
+        self.progress.stage(&name, "running");
+        Ok(())
+    }
+
+    /// Fill compiled package blobs into the spec and make sure the agent has them.
+    async fn fill_packages(
+        &self,
+        spec: &mut ApplySpec,
+        name: &str,
+        rec: &InstanceRecord,
+        stemcell: String,
+        client: &AgentClient,
+    ) -> Result<(), ExecError> {
+        let stemcell_key = &stemcell;
+        let _ = rec;
+        for p in spec.packages.iter_mut() {
+            let c = self
+                .store
+                .compiled_package(&p.fingerprint, stemcell_key)?
+                .ok_or_else(|| {
+                    ExecError::Failed(format!(
+                        "package {} ({}) is not compiled for {stemcell_key}; plan again",
+                        p.name, p.fingerprint
+                    ))
+                })?;
+            p.sha256 = c.sha256;
+        }
+        let wanted: Vec<String> = spec.packages.iter().map(|p| p.sha256.clone()).collect();
+        let missing = client
+            .missing_blobs(&wanted)
+            .await
+            .map_err(|source| ExecError::Agent {
+                what: format!("listing blobs on {name}"),
+                source,
+            })?;
+        for sha in missing {
+            let data = self.store.blobs().read(&sha).map_err(|e| {
+                ExecError::Failed(format!("reading blob {sha} for {name}: {e}"))
+            })?;
+            client.put_blob(&sha, &data).await.map_err(|source| ExecError::Agent {
+                what: format!("sending package blob {sha} to {name}"),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Poll the agent until every job runs: first check after `min_ms`,
+    /// then until `max_ms`.
+    async fn watch(&self, client: &AgentClient, name: &str, (min_ms, max_ms): (u64, u64)) -> Result<(), ExecError> {
+        let start = Instant::now();
+        tokio::time::sleep(Duration::from_millis(min_ms.min(max_ms))).await;
+        loop {
+            let state = client.get_state().await.map_err(|source| ExecError::Agent {
+                what: format!("reading the state of {name}"),
+                source,
+            })?;
+            if state.job_state == ProcessState::Running {
+                return Ok(());
+            }
+            if start.elapsed() >= Duration::from_millis(max_ms) {
+                let bad: Vec<String> = state
+                    .jobs
+                    .iter()
+                    .flat_map(|j| {
+                        j.processes
+                            .iter()
+                            .filter(|p| p.state != ProcessState::Running)
+                            .map(move |p| format!("{}/{} {:?}", j.name, p.name, p.state).to_lowercase())
+                    })
+                    .collect();
+                return Err(ExecError::Failed(format!(
+                    "{name} is not running after {} ms ({}); see its logs under /var/vcap/sys/log",
+                    max_ms,
+                    if bad.is_empty() { "no processes".to_string() } else { bad.join(", ") }
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Delete every instance of a deployment: VMs deleted, disks orphaned,
+    /// IPs released, the deployment record removed.
+    pub async fn delete_deployment(&self, name: &str) -> Result<usize, ExecError> {
+        let instances = self.store.instances(name)?;
+        let n = instances.len();
+        let sem = Arc::new(Semaphore::new(self.opts.create_parallelism.max(1)));
+        let futs = instances.into_iter().map(|mut rec| {
+            let sem = sem.clone();
+            async move {
+                let _permit = sem.acquire().await;
+                let iname = instance_name(&rec);
+                self.teardown_vm(&mut rec, DrainKind::Shutdown).await?;
+                self.orphan_disk(&mut rec).await?;
+                self.store.delete_instance(&rec.id)?;
+                self.progress.stage(&iname, "deleted");
+                Ok::<(), ExecError>(())
+            }
+        });
+        for r in futures_join_all(futs).await {
+            r?;
+        }
+        self.store.delete_deployment_record(name)?;
+        self.event(name, None, "delete", "deployment", "ok");
+        Ok(n)
+    }
+}
+
+fn vm_digest(a: &VmAction) -> Option<&String> {
+    match a {
+        VmAction::Create(v) | VmAction::Recreate(v) => Some(&v.vm_digest),
+        VmAction::Keep => None,
+    }
+}
+
+/// Run futures concurrently, results in order.
+pub async fn futures_join_all<F, T>(futs: impl IntoIterator<Item = F>) -> Vec<T>
+where
+    F: std::future::Future<Output = T>,
+{
+    let futs: Vec<_> = futs.into_iter().map(Box::pin).collect();
+    let mut results: Vec<Option<T>> = futs.iter().map(|_| None).collect();
+    let mut pending: Vec<(usize, std::pin::Pin<Box<F>>)> = futs.into_iter().enumerate().collect();
+    std::future::poll_fn(|cx| {
+        pending.retain_mut(|(i, f)| match f.as_mut().poll(cx) {
+            std::task::Poll::Ready(v) => {
+                results[*i] = Some(v);
+                false
+            }
+            std::task::Poll::Pending => true,
+        });
+        if pending.is_empty() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    results.into_iter().flatten().collect()
+}

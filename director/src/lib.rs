@@ -1,0 +1,37 @@
+//! The director: everything between an operator's manifest and converged
+//! machines. It reads manifests, cloud-configs and releases, validates them,
+//! compiles packages, renders templates, computes desired state, plans the
+//! difference to the recorded state (pure), executes the plan through a CPI
+//! and the agents, and records every step in its state store.
+//!
+//! Layout:
+//! - [`problems`]: input problems with file, path and line.
+//! - [`yaml`]: YAML parsed into a tree that knows each node's line.
+//! - [`manifest`], [`cloud_config`]: typed, validated operator input.
+//! - [`ipam`]: IP address management (pure).
+//! - [`release`]: BOSH-layout release directories and tarballs.
+//! - [`templates`]: Tera rendering with BOSH's template context.
+//! - [`state`]: the SQLite state store, blobs, the deployment lock.
+//! - [`desired`]: manifest + cloud-config + releases -> desired state.
+//! - [`planner`]: desired + recorded state -> a `Plan` value (no IO).
+//! - [`executor`]: carries out a plan, one attempt, recording each step.
+//! - [`compiler`]: package compilation on compilation VMs.
+//! - [`ops`]: the operator operations (deploy, delete, instances, uploads).
+//!
+//! The director must see CPIs only through `bosun_cpi::Cpi`, and agents only
+//! through `bosun_agent::client`. It never prints: progress goes to an
+//! event sink the CLI supplies.
+
+pub mod cloud_config;
+pub mod compiler;
+pub mod desired;
+pub mod executor;
+pub mod ipam;
+pub mod manifest;
+pub mod ops;
+pub mod planner;
+pub mod problems;
+pub mod release;
+pub mod state;
+pub mod templates;
+pub mod yaml;

@@ -1,0 +1,1134 @@
+//! The deployment manifest (BOSH manifest v2): parsing and validating one
+//! YAML file into typed values, reporting every problem at once with file,
+//! path and line.
+//!
+//! This module owns the manifest's shape and the checks that need nothing
+//! but the manifest itself. It must not look at the cloud-config (see
+//! `cloud_config::validate_manifest`), read releases or touch any state.
+//! Deliberate differences from BOSH: `update` is required; releases may name
+//! a local `path` and no `url`; global v1 `properties` are refused.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::Serialize;
+
+use crate::problems::{Problems, SourceMap};
+use crate::yaml::{self, Decoder, Fields, Item, Node};
+
+/// A deployment manifest.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Manifest {
+    pub name: String,
+    pub releases: Vec<ReleaseRef>,
+    pub stemcells: Vec<StemcellRef>,
+    pub instance_groups: Vec<InstanceGroup>,
+    pub update: UpdatePolicy,
+    pub variables: Vec<VariableDef>,
+    pub tags: BTreeMap<String, String>,
+    /// `{}` when absent.
+    pub features: serde_json::Value,
+    /// Path -> line for this file.
+    #[serde(skip)]
+    pub source: SourceMap,
+    /// The whole document as JSON (addons included, as written).
+    pub raw: serde_json::Value,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ReleaseRef {
+    pub name: String,
+    /// `"latest"` when absent.
+    pub version: String,
+    /// A local release directory or tarball, resolved against the manifest's directory.
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StemcellRef {
+    pub alias: String,
+    pub os: Option<String>,
+    pub name: Option<String>,
+    /// `"latest"` when absent.
+    pub version: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct InstanceGroup {
+    pub name: String,
+    pub azs: Vec<String>,
+    pub instances: u32,
+    pub jobs: Vec<JobRef>,
+    pub vm_type: String,
+    pub vm_extensions: Vec<String>,
+    /// A stemcell alias from [`Manifest::stemcells`].
+    pub stemcell: String,
+    pub persistent_disk: Option<PersistentDisk>,
+    pub networks: Vec<NetworkRef>,
+    pub lifecycle: Lifecycle,
+    /// An object, `{}` when absent.
+    pub properties: serde_json::Value,
+    /// An object, `{}` when absent.
+    pub env: serde_json::Value,
+    pub update: Option<UpdateOverride>,
+    pub migrated_from: Vec<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PersistentDisk {
+    /// `persistent_disk: N` (MB).
+    SizeMb(u64),
+    /// `persistent_disk_type: name` (a cloud-config disk type).
+    Type(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Lifecycle {
+    Service,
+    Errand,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct JobRef {
+    pub name: String,
+    pub release: String,
+    /// An object, `{}` when absent.
+    pub properties: serde_json::Value,
+    pub consumes: BTreeMap<String, serde_json::Value>,
+    pub provides: BTreeMap<String, serde_json::Value>,
+    pub custom_provider_definitions: Vec<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NetworkRef {
+    pub name: String,
+    pub static_ips: Vec<Ipv4Addr>,
+    /// Which of `dns`, `gateway`, `addressable` this network is the default for.
+    pub default: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct UpdatePolicy {
+    pub canaries: u32,
+    pub max_in_flight: MaxInFlight,
+    pub canary_watch_time: WatchTime,
+    pub update_watch_time: WatchTime,
+    /// Default true: instance groups one after another.
+    pub serial: bool,
+    /// Default delete-create.
+    pub vm_strategy: VmStrategy,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct UpdateOverride {
+    pub canaries: Option<u32>,
+    pub max_in_flight: Option<MaxInFlight>,
+    pub canary_watch_time: Option<WatchTime>,
+    pub update_watch_time: Option<WatchTime>,
+    pub serial: Option<bool>,
+    pub vm_strategy: Option<VmStrategy>,
+}
+
+/// `max_in_flight`: a count (`2`) or a percentage of the group (`"25%"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MaxInFlight {
+    Count(u32),
+    Percent(u32),
+}
+
+/// A watch time in ms: `5000` (min = max) or `"1000-30000"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct WatchTime {
+    pub min_ms: u64,
+    pub max_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmStrategy {
+    DeleteCreate,
+    CreateSwapDelete,
+}
+
+/// A declared variable (`type` is kept in `kind`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct VariableDef {
+    pub name: String,
+    pub kind: String,
+    /// `{}` when absent.
+    pub options: serde_json::Value,
+}
+
+/// A malformed value in a manifest field (the text form of update settings,
+/// lifecycle, ...). Parsing collects these as [`Problems`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    #[error("expected a positive number or a percentage like '25%', found '{0}'")]
+    MaxInFlight(String),
+    #[error("expected milliseconds like 5000 or a range like '1000-30000', found '{0}'")]
+    WatchTime(String),
+    #[error("watch time range '{0}' has its minimum above its maximum")]
+    WatchTimeOrder(String),
+    #[error("expected 'delete-create' or 'create-swap-delete', found '{0}'")]
+    VmStrategy(String),
+    #[error("expected 'service' or 'errand', found '{0}'")]
+    Lifecycle(String),
+}
+
+impl UpdatePolicy {
+    /// This policy with the set fields of `o` replacing its own.
+    pub fn with_override(&self, o: Option<&UpdateOverride>) -> UpdatePolicy {
+        let Some(o) = o else {
+            return self.clone();
+        };
+        UpdatePolicy {
+            canaries: o.canaries.unwrap_or(self.canaries),
+            max_in_flight: o.max_in_flight.unwrap_or(self.max_in_flight),
+            canary_watch_time: o.canary_watch_time.unwrap_or(self.canary_watch_time),
+            update_watch_time: o.update_watch_time.unwrap_or(self.update_watch_time),
+            serial: o.serial.unwrap_or(self.serial),
+            vm_strategy: o.vm_strategy.unwrap_or(self.vm_strategy),
+        }
+    }
+}
+
+impl MaxInFlight {
+    /// How many of `instances` may be updated at once: percentages round up;
+    /// never more than `instances`, never less than 1.
+    pub fn resolve(&self, instances: u32) -> u32 {
+        let n = match *self {
+            MaxInFlight::Count(n) => n,
+            MaxInFlight::Percent(p) => {
+                let v = (u64::from(instances) * u64::from(p)).div_ceil(100);
+                u32::try_from(v).unwrap_or(u32::MAX)
+            }
+        };
+        n.min(instances).max(1)
+    }
+}
+
+impl FromStr for MaxInFlight {
+    type Err = ValueError;
+    fn from_str(s: &str) -> Result<Self, ValueError> {
+        let t = s.trim();
+        let err = || ValueError::MaxInFlight(s.to_string());
+        if let Some(p) = t.strip_suffix('%') {
+            let p: u32 = p.trim().parse().map_err(|_| err())?;
+            if p == 0 || p > 100 {
+                return Err(err());
+            }
+            Ok(MaxInFlight::Percent(p))
+        } else {
+            let n: u32 = t.parse().map_err(|_| err())?;
+            if n == 0 {
+                return Err(err());
+            }
+            Ok(MaxInFlight::Count(n))
+        }
+    }
+}
+
+impl fmt::Display for MaxInFlight {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MaxInFlight::Count(n) => write!(f, "{n}"),
+            MaxInFlight::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+impl FromStr for WatchTime {
+    type Err = ValueError;
+    fn from_str(s: &str) -> Result<Self, ValueError> {
+        let err = || ValueError::WatchTime(s.to_string());
+        let num = |t: &str| t.trim().parse::<u64>().map_err(|_| err());
+        let (min_ms, max_ms) = match s.split_once('-') {
+            Some((a, b)) => (num(a)?, num(b)?),
+            None => {
+                let v = num(s)?;
+                (v, v)
+            }
+        };
+        if min_ms > max_ms {
+            return Err(ValueError::WatchTimeOrder(s.to_string()));
+        }
+        Ok(WatchTime { min_ms, max_ms })
+    }
+}
+
+impl fmt::Display for WatchTime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.min_ms == self.max_ms {
+            write!(f, "{}", self.min_ms)
+        } else {
+            write!(f, "{}-{}", self.min_ms, self.max_ms)
+        }
+    }
+}
+
+impl FromStr for VmStrategy {
+    type Err = ValueError;
+    fn from_str(s: &str) -> Result<Self, ValueError> {
+        match s {
+            "delete-create" => Ok(VmStrategy::DeleteCreate),
+            "create-swap-delete" => Ok(VmStrategy::CreateSwapDelete),
+            _ => Err(ValueError::VmStrategy(s.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for VmStrategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            VmStrategy::DeleteCreate => "delete-create",
+            VmStrategy::CreateSwapDelete => "create-swap-delete",
+        })
+    }
+}
+
+impl FromStr for Lifecycle {
+    type Err = ValueError;
+    fn from_str(s: &str) -> Result<Self, ValueError> {
+        match s {
+            "service" => Ok(Lifecycle::Service),
+            "errand" => Ok(Lifecycle::Errand),
+            _ => Err(ValueError::Lifecycle(s.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for Lifecycle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Lifecycle::Service => "service",
+            Lifecycle::Errand => "errand",
+        })
+    }
+}
+
+impl Manifest {
+    pub fn instance_group(&self, name: &str) -> Option<&InstanceGroup> {
+        self.instance_groups.iter().find(|g| g.name == name)
+    }
+
+    /// The update policy for one group (top-level policy with its override).
+    pub fn update_for(&self, group: &InstanceGroup) -> UpdatePolicy {
+        self.update.with_override(group.update.as_ref())
+    }
+}
+
+const TOP_KEYS: &[&str] = &[
+    "releases",
+    "stemcells",
+    "instance_groups",
+    "variables",
+    "features",
+    "tags",
+    "addons",
+    "properties",
+];
+const RELEASE_KEYS: &[&str] = &["version", "path", "url", "sha1"];
+const STEMCELL_KEYS: &[&str] = &["os", "name", "version"];
+const GROUP_REQUIRED: &[&str] = &[
+    "name",
+    "instances",
+    "jobs",
+    "vm_type",
+    "stemcell",
+    "networks",
+];
+const GROUP_KEYS: &[&str] = &[
+    "azs",
+    "vm_extensions",
+    "persistent_disk",
+    "persistent_disk_type",
+    "lifecycle",
+    "properties",
+    "env",
+    "update",
+    "migrated_from",
+];
+const JOB_KEYS: &[&str] = &[
+    "properties",
+    "consumes",
+    "provides",
+    "custom_provider_definitions",
+];
+const UPDATE_REQUIRED: &[&str] = &[
+    "canaries",
+    "max_in_flight",
+    "canary_watch_time",
+    "update_watch_time",
+];
+const UPDATE_OPTIONAL: &[&str] = &["serial", "vm_strategy"];
+const NETWORK_DEFAULTS: &[&str] = &["dns", "gateway", "addressable"];
+const VARIABLE_TYPES: &[&str] = &["password", "certificate", "ssh", "rsa"];
+
+/// Parse and validate a manifest. `base_dir` is the manifest's directory,
+/// against which release `path`s are resolved.
+pub fn parse_manifest(file: &str, text: &str, base_dir: &Path) -> Result<Manifest, Problems> {
+    let root = yaml::parse(file, text).map_err(|p| Problems(vec![p]))?;
+    if root.is_null() {
+        let p = SourceMap::new(file).problem("", "the manifest is empty");
+        return Err(Problems(vec![p]));
+    }
+    let mut source = SourceMap::new(file);
+    let mut problems = Problems::default();
+    let manifest = {
+        let mut d = Decoder::new(&mut source, &mut problems);
+        d.record(&root, "");
+        decode(&mut d, &root, base_dir)
+    };
+    problems.into_result()?;
+    match manifest {
+        Some(mut m) => {
+            m.source = source;
+            Ok(m)
+        }
+        // Decoding gives up only after reporting why.
+        None => Err(Problems(vec![source.problem("", "not a manifest")])),
+    }
+}
+
+fn decode(d: &mut Decoder, root: &Node, base_dir: &Path) -> Option<Manifest> {
+    let f = d.map(root, "", &["name", "update"], TOP_KEYS)?;
+    if f.get("properties").is_some() {
+        d.problem(
+            "properties",
+            "v1 global properties are not supported; put properties under jobs",
+        );
+    }
+    let name = d.str(&f, "name");
+
+    let mut releases = Vec::new();
+    for it in d.opt_seq(&f, "releases") {
+        if let Some(r) = release(d, &it, base_dir) {
+            if releases.iter().any(|x: &ReleaseRef| x.name == r.name) {
+                d.problem(
+                    &yaml::child_path(&it.path, "name"),
+                    format!("release '{}' is listed twice", r.name),
+                );
+            }
+            releases.push(r);
+        }
+    }
+
+    let mut stemcells = Vec::new();
+    for it in d.opt_seq(&f, "stemcells") {
+        if let Some(s) = stemcell(d, &it) {
+            if stemcells.iter().any(|x: &StemcellRef| x.alias == s.alias) {
+                d.problem(
+                    &yaml::child_path(&it.path, "alias"),
+                    format!("stemcell alias '{}' is used twice", s.alias),
+                );
+            }
+            stemcells.push(s);
+        }
+    }
+
+    let update = match f.get("update") {
+        Some(n) => update_policy(d, n, "update"),
+        None => None,
+    };
+
+    let mut groups: Vec<InstanceGroup> = Vec::new();
+    for it in d.opt_seq(&f, "instance_groups") {
+        if let Some(g) = instance_group(d, &it, &releases, &stemcells) {
+            if groups.iter().any(|x| x.name == g.name) {
+                d.problem(
+                    &yaml::child_path(&it.path, "name"),
+                    format!("instance group name '{}' is used twice", g.name),
+                );
+            }
+            groups.push(g);
+        }
+    }
+
+    let mut variables: Vec<VariableDef> = Vec::new();
+    for it in d.opt_seq(&f, "variables") {
+        if let Some(v) = variable(d, &it) {
+            if variables.iter().any(|x| x.name == v.name) {
+                d.problem(
+                    &yaml::child_path(&it.path, "name"),
+                    format!("variable '{}' is declared twice", v.name),
+                );
+            }
+            variables.push(v);
+        }
+    }
+
+    let mut tags = BTreeMap::new();
+    if let Some(n) = f.get("tags").filter(|n| !n.is_null()) {
+        let path = f.child("tags");
+        if let Some(entries) = d.any_map(n, &path) {
+            for (k, v) in entries.entries() {
+                if let Some(v) = d.node_text(v, &entries.child(k)) {
+                    tags.insert(k.clone(), v);
+                }
+            }
+        }
+    }
+    let features = d.json_object(&f, "features");
+
+    Some(Manifest {
+        name: name?,
+        releases,
+        stemcells,
+        instance_groups: groups,
+        update: update?,
+        variables,
+        tags,
+        features,
+        source: SourceMap::default(),
+        raw: root.to_json(),
+    })
+}
+
+fn release(d: &mut Decoder, it: &Item, base_dir: &Path) -> Option<ReleaseRef> {
+    let f = d.map(it.node, &it.path, &["name"], RELEASE_KEYS)?;
+    for k in ["url", "sha1"] {
+        if f.get(k).is_some() {
+            d.problem(
+                &f.child(k),
+                format!("release '{k}' is not supported; point 'path' at a local release directory or tarball"),
+            );
+        }
+    }
+    let name = d.str(&f, "name");
+    let version = d.opt_text(&f, "version").unwrap_or_else(|| "latest".into());
+    let path = d.opt_str(&f, "path").map(|p| {
+        let p = PathBuf::from(p);
+        if p.is_absolute() {
+            p
+        } else {
+            base_dir.join(p)
+        }
+    });
+    Some(ReleaseRef {
+        name: name?,
+        version,
+        path,
+    })
+}
+
+fn stemcell(d: &mut Decoder, it: &Item) -> Option<StemcellRef> {
+    let f = d.map(it.node, &it.path, &["alias"], STEMCELL_KEYS)?;
+    let alias = d.str(&f, "alias");
+    let os = d.opt_str(&f, "os");
+    let name = d.opt_str(&f, "name");
+    if !f.has("os") && !f.has("name") {
+        d.problem(&it.path, "a stemcell needs 'os' or 'name'");
+    }
+    let version = d.opt_text(&f, "version").unwrap_or_else(|| "latest".into());
+    Some(StemcellRef {
+        alias: alias?,
+        os,
+        name,
+        version,
+    })
+}
+
+/// Parse a value through `FromStr`, taking numbers as their text.
+fn parsed<T: FromStr<Err = ValueError>>(d: &mut Decoder, f: &Fields, key: &str) -> Option<T> {
+    let n = f.get(key)?;
+    let path = f.child(key);
+    let text = match &n.value {
+        yaml::NodeValue::Int(i) => i.to_string(),
+        yaml::NodeValue::String(s) => s.clone(),
+        _ => {
+            d.node_str(n, &path);
+            return None;
+        }
+    };
+    match text.parse::<T>() {
+        Ok(v) => Some(v),
+        Err(e) => {
+            d.problem(&path, e.to_string());
+            None
+        }
+    }
+}
+
+fn update_override(d: &mut Decoder, n: &Node, path: &str) -> Option<UpdateOverride> {
+    let keys: Vec<&str> = UPDATE_REQUIRED
+        .iter()
+        .chain(UPDATE_OPTIONAL)
+        .copied()
+        .collect();
+    let f = d.map(n, path, &[], &keys)?;
+    Some(UpdateOverride {
+        canaries: d.opt_u32(&f, "canaries"),
+        max_in_flight: parsed(d, &f, "max_in_flight"),
+        canary_watch_time: parsed(d, &f, "canary_watch_time"),
+        update_watch_time: parsed(d, &f, "update_watch_time"),
+        serial: d.opt_bool(&f, "serial"),
+        vm_strategy: parsed(d, &f, "vm_strategy"),
+    })
+}
+
+fn update_policy(d: &mut Decoder, n: &Node, path: &str) -> Option<UpdatePolicy> {
+    // Check the required keys once, then read like an override.
+    let f = d.map(n, path, UPDATE_REQUIRED, UPDATE_OPTIONAL)?;
+    let o = UpdateOverride {
+        canaries: d.u32(&f, "canaries"),
+        max_in_flight: parsed(d, &f, "max_in_flight"),
+        canary_watch_time: parsed(d, &f, "canary_watch_time"),
+        update_watch_time: parsed(d, &f, "update_watch_time"),
+        serial: d.opt_bool(&f, "serial"),
+        vm_strategy: parsed(d, &f, "vm_strategy"),
+    };
+    Some(UpdatePolicy {
+        canaries: o.canaries?,
+        max_in_flight: o.max_in_flight?,
+        canary_watch_time: o.canary_watch_time?,
+        update_watch_time: o.update_watch_time?,
+        serial: o.serial.unwrap_or(true),
+        vm_strategy: o.vm_strategy.unwrap_or(VmStrategy::DeleteCreate),
+    })
+}
+
+fn instance_group(
+    d: &mut Decoder,
+    it: &Item,
+    releases: &[ReleaseRef],
+    stemcells: &[StemcellRef],
+) -> Option<InstanceGroup> {
+    let f = d.map(it.node, &it.path, GROUP_REQUIRED, GROUP_KEYS)?;
+    let name = d.str(&f, "name");
+    let azs = d.str_list(&f, "azs");
+    let instances = d.u32(&f, "instances");
+    let vm_type = d.str(&f, "vm_type");
+    let vm_extensions = d.str_list(&f, "vm_extensions");
+
+    let stemcell = d.str(&f, "stemcell");
+    if let Some(s) = &stemcell {
+        if !stemcells.iter().any(|x| &x.alias == s) {
+            let aliases: Vec<&str> = stemcells.iter().map(|x| x.alias.as_str()).collect();
+            let hint = yaml::did_you_mean(s, &aliases);
+            d.problem(
+                &f.child("stemcell"),
+                format!("stemcell alias '{s}' is not declared in 'stemcells'{hint}"),
+            );
+        }
+    }
+
+    let persistent_disk = match (f.has("persistent_disk"), f.has("persistent_disk_type")) {
+        (true, true) => {
+            d.problem(
+                &f.child("persistent_disk_type"),
+                "use either persistent_disk (MB) or persistent_disk_type, not both",
+            );
+            None
+        }
+        (true, false) => d
+            .u64(&f, "persistent_disk")
+            .filter(|mb| *mb > 0)
+            .map(PersistentDisk::SizeMb),
+        (false, true) => d.str(&f, "persistent_disk_type").map(PersistentDisk::Type),
+        (false, false) => None,
+    };
+
+    let lifecycle = if f.has("lifecycle") {
+        parsed(d, &f, "lifecycle").unwrap_or(Lifecycle::Service)
+    } else {
+        Lifecycle::Service
+    };
+
+    let mut jobs: Vec<JobRef> = Vec::new();
+    for j in d.seq(&f, "jobs") {
+        if let Some(job) = job(d, &j, releases) {
+            if jobs.iter().any(|x| x.name == job.name) {
+                d.problem(
+                    &yaml::child_path(&j.path, "name"),
+                    format!("job '{}' is listed twice in this instance group", job.name),
+                );
+            }
+            jobs.push(job);
+        }
+    }
+
+    let mut networks: Vec<NetworkRef> = Vec::new();
+    for nit in d.seq(&f, "networks") {
+        if let Some(net) = network_ref(d, &nit, instances) {
+            if networks.iter().any(|x| x.name == net.name) {
+                d.problem(
+                    &yaml::child_path(&nit.path, "name"),
+                    format!(
+                        "network '{}' is listed twice in this instance group",
+                        net.name
+                    ),
+                );
+            }
+            networks.push(net);
+        }
+    }
+    if networks.len() > 1 {
+        for what in ["dns", "gateway"] {
+            let n = networks
+                .iter()
+                .filter(|x| x.default.iter().any(|d| d == what))
+                .count();
+            if n != 1 {
+                d.problem(
+                    &f.child("networks"),
+                    format!(
+                        "with several networks, exactly one must list '{what}' in its 'default' (found {n})"
+                    ),
+                );
+            }
+        }
+    }
+
+    let properties = d.json_object(&f, "properties");
+    let env = d.json_object(&f, "env");
+    let update = match f.get("update").filter(|n| !n.is_null()) {
+        Some(n) => update_override(d, n, &f.child("update")),
+        None => None,
+    };
+    let migrated_from = d
+        .opt_seq(&f, "migrated_from")
+        .into_iter()
+        .map(|it| it.node.to_json())
+        .collect();
+
+    Some(InstanceGroup {
+        name: name?,
+        azs,
+        instances: instances?,
+        jobs,
+        vm_type: vm_type?,
+        vm_extensions,
+        stemcell: stemcell?,
+        persistent_disk,
+        networks,
+        lifecycle,
+        properties,
+        env,
+        update,
+        migrated_from,
+    })
+}
+
+fn job(d: &mut Decoder, it: &Item, releases: &[ReleaseRef]) -> Option<JobRef> {
+    let f = d.map(it.node, &it.path, &["name", "release"], JOB_KEYS)?;
+    let name = d.str(&f, "name");
+    let release = d.str(&f, "release");
+    if let Some(r) = &release {
+        if !releases.iter().any(|x| &x.name == r) {
+            let names: Vec<&str> = releases.iter().map(|x| x.name.as_str()).collect();
+            let hint = yaml::did_you_mean(r, &names);
+            d.problem(
+                &f.child("release"),
+                format!("release '{r}' is not declared in 'releases'{hint}"),
+            );
+        }
+    }
+    let properties = d.json_object(&f, "properties");
+    let consumes = json_entries(d, &f, "consumes");
+    let provides = json_entries(d, &f, "provides");
+    let custom_provider_definitions = d
+        .opt_seq(&f, "custom_provider_definitions")
+        .into_iter()
+        .map(|it| it.node.to_json())
+        .collect();
+    Some(JobRef {
+        name: name?,
+        release: release?,
+        properties,
+        consumes,
+        provides,
+        custom_provider_definitions,
+    })
+}
+
+fn json_entries(d: &mut Decoder, f: &Fields, key: &str) -> BTreeMap<String, serde_json::Value> {
+    match d.json_object(f, key) {
+        serde_json::Value::Object(m) => m.into_iter().collect(),
+        _ => BTreeMap::new(),
+    }
+}
+
+fn network_ref(d: &mut Decoder, it: &Item, instances: Option<u32>) -> Option<NetworkRef> {
+    let f = d.map(it.node, &it.path, &["name"], &["static_ips", "default"])?;
+    let name = d.str(&f, "name");
+    let mut static_ips = Vec::new();
+    let mut seen = BTreeSet::new();
+    let items = d.opt_seq(&f, "static_ips");
+    for ip in &items {
+        let Some(text) = d.node_str(ip.node, &ip.path) else {
+            continue;
+        };
+        match text.trim().parse::<Ipv4Addr>() {
+            Ok(a) => {
+                if !seen.insert(a) {
+                    d.problem(&ip.path, format!("static IP {a} is listed twice"));
+                }
+                static_ips.push(a);
+            }
+            Err(_) => d.problem(&ip.path, format!("'{text}' is not an IPv4 address")),
+        }
+    }
+    if let Some(n) = instances {
+        if items.len() > n as usize {
+            d.problem(
+                &f.child("static_ips"),
+                format!(
+                    "{} static IPs for {n} instance{}: give at most one per instance",
+                    items.len(),
+                    if n == 1 { "" } else { "s" }
+                ),
+            );
+        }
+    }
+    let default = d.str_list(&f, "default");
+    for (i, v) in default.iter().enumerate() {
+        if !NETWORK_DEFAULTS.contains(&v.as_str()) {
+            let hint = yaml::did_you_mean(v, NETWORK_DEFAULTS);
+            d.problem(
+                &yaml::index_path(&f.child("default"), i),
+                format!("unknown default '{v}' (expected dns, gateway or addressable){hint}"),
+            );
+        }
+    }
+    Some(NetworkRef {
+        name: name?,
+        static_ips,
+        default,
+    })
+}
+
+fn variable(d: &mut Decoder, it: &Item) -> Option<VariableDef> {
+    let f = d.map(it.node, &it.path, &["name", "type"], &["options"])?;
+    let name = d.str(&f, "name");
+    let kind = d.str(&f, "type");
+    if let Some(k) = &kind {
+        if !VARIABLE_TYPES.contains(&k.as_str()) {
+            let hint = yaml::did_you_mean(k, VARIABLE_TYPES);
+            d.problem(
+                &f.child("type"),
+                format!("unknown variable type '{k}' (expected password, certificate, ssh or rsa){hint}"),
+            );
+        }
+    }
+    let options = d.json_object(&f, "options");
+    Some(VariableDef {
+        name: name?,
+        kind: kind?,
+        options,
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests_support {
+    //! A quickstart-like manifest, valid against `cloud_config::default_local()`.
+
+    pub(crate) const QUICKSTART: &str = "\
+name: zookeeper
+releases:
+- name: zookeeper
+  version: latest
+  path: ../releases/zookeeper
+stemcells:
+- alias: default
+  os: ubuntu-jammy
+  version: '1.0'
+update:
+  canaries: 1
+  max_in_flight: 25%
+  canary_watch_time: 1000-30000
+  update_watch_time: 5000
+instance_groups:
+- name: zookeeper
+  azs: [z1]
+  instances: 3
+  jobs:
+  - name: zookeeper
+    release: zookeeper
+    properties:
+      zookeeper: {port: 2181}
+    consumes:
+      peers: {from: zk}
+  vm_type: default
+  stemcell: default
+  persistent_disk: 1024
+  networks:
+  - name: default
+    static_ips: [127.77.0.10, 127.77.0.11, 127.77.0.12]
+- name: smoke-tests
+  azs: [z1]
+  lifecycle: errand
+  instances: 1
+  jobs:
+  - name: smoke-tests
+    release: zookeeper
+  vm_type: default
+  stemcell: default
+  persistent_disk_type: default
+  networks:
+  - name: default
+  update:
+    max_in_flight: 1
+    vm_strategy: create-swap-delete
+variables:
+- name: admin_password
+  type: password
+tags:
+  team: data
+  cost: 12
+";
+
+    pub(crate) fn quickstart() -> String {
+        QUICKSTART.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const QUICKSTART: &str = tests_support::QUICKSTART;
+
+    fn parse(text: &str) -> Result<Manifest, Problems> {
+        parse_manifest("m.yml", text, Path::new("/deploy"))
+    }
+
+    fn messages(p: &Problems) -> Vec<String> {
+        p.0.iter().map(|p| p.to_string()).collect()
+    }
+
+    #[test]
+    fn manifest_quickstart_parses_to_exact_values() {
+        let m = parse(QUICKSTART).expect("valid");
+        assert_eq!(m.name, "zookeeper");
+        assert_eq!(
+            m.releases,
+            vec![ReleaseRef {
+                name: "zookeeper".into(),
+                version: "latest".into(),
+                path: Some(PathBuf::from("/deploy/../releases/zookeeper")),
+            }]
+        );
+        assert_eq!(
+            m.stemcells,
+            vec![StemcellRef {
+                alias: "default".into(),
+                os: Some("ubuntu-jammy".into()),
+                name: None,
+                version: "1.0".into(),
+            }]
+        );
+        assert_eq!(
+            m.update,
+            UpdatePolicy {
+                canaries: 1,
+                max_in_flight: MaxInFlight::Percent(25),
+                canary_watch_time: WatchTime {
+                    min_ms: 1000,
+                    max_ms: 30000
+                },
+                update_watch_time: WatchTime {
+                    min_ms: 5000,
+                    max_ms: 5000
+                },
+                serial: true,
+                vm_strategy: VmStrategy::DeleteCreate,
+            }
+        );
+        assert_eq!(m.instance_groups.len(), 2);
+        let zk = &m.instance_groups[0];
+        assert_eq!(
+            *zk,
+            InstanceGroup {
+                name: "zookeeper".into(),
+                azs: vec!["z1".into()],
+                instances: 3,
+                jobs: vec![JobRef {
+                    name: "zookeeper".into(),
+                    release: "zookeeper".into(),
+                    properties: json!({"zookeeper": {"port": 2181}}),
+                    consumes: BTreeMap::from([("peers".to_string(), json!({"from": "zk"}))]),
+                    provides: BTreeMap::new(),
+                    custom_provider_definitions: vec![],
+                }],
+                vm_type: "default".into(),
+                vm_extensions: vec![],
+                stemcell: "default".into(),
+                persistent_disk: Some(PersistentDisk::SizeMb(1024)),
+                networks: vec![NetworkRef {
+                    name: "default".into(),
+                    static_ips: vec![
+                        Ipv4Addr::new(127, 77, 0, 10),
+                        Ipv4Addr::new(127, 77, 0, 11),
+                        Ipv4Addr::new(127, 77, 0, 12)
+                    ],
+                    default: vec![],
+                }],
+                lifecycle: Lifecycle::Service,
+                properties: json!({}),
+                env: json!({}),
+                update: None,
+                migrated_from: vec![],
+            }
+        );
+        let smoke = &m.instance_groups[1];
+        assert_eq!(smoke.lifecycle, Lifecycle::Errand);
+        assert_eq!(
+            smoke.persistent_disk,
+            Some(PersistentDisk::Type("default".into()))
+        );
+        let eff = m.update_for(smoke);
+        assert_eq!(eff.max_in_flight, MaxInFlight::Count(1));
+        assert_eq!(eff.vm_strategy, VmStrategy::CreateSwapDelete);
+        assert_eq!(eff.canaries, 1);
+        assert_eq!(
+            m.variables,
+            vec![VariableDef {
+                name: "admin_password".into(),
+                kind: "password".into(),
+                options: json!({}),
+            }]
+        );
+        assert_eq!(m.tags.get("cost").map(String::as_str), Some("12"));
+        assert_eq!(m.features, json!({}));
+        assert_eq!(m.raw["instance_groups"][0]["instances"], 3);
+        assert_eq!(
+            m.source
+                .line("instance_groups[0].networks[0].static_ips[1]"),
+            Some(31)
+        );
+    }
+
+    #[test]
+    fn manifest_unknown_key_gets_did_you_mean_with_line() {
+        let text = QUICKSTART.replace("  instances: 3\n", "  instnces: 3\n");
+        let e = parse(&text).expect_err("invalid");
+        let msgs = messages(&e);
+        assert_eq!(
+            msgs,
+            vec![
+                "m.yml:18: instance_groups[0].instnces: unknown key 'instnces' (did you mean 'instances'?)",
+                "m.yml:16: instance_groups[0].instances: missing required key 'instances'",
+            ],
+        );
+    }
+
+    #[test]
+    fn manifest_reports_every_problem_with_path_and_line() {
+        let text = "\
+name: broken
+properties: {a: 1}
+releases:
+- name: zookeeper
+stemcells:
+- alias: default
+  os: ubuntu-jammy
+update:
+  canaries: -1
+  max_in_flight: 0%
+  canary_watch_time: 30000-1000
+  update_watch_time: 5000
+instance_groups:
+- name: zk
+  instances: 1
+  jobs:
+  - name: zookeeper
+    release: zookeepr
+  vm_type: default
+  stemcell: ubuntu
+  networks:
+  - name: default
+    static_ips: [10.0.0.1, 10.0.0.300]
+- name: zk
+  instances: 1
+  jobs: []
+  vm_type: default
+  stemcell: default
+  persistent_disk: 10
+  persistent_disk_type: big
+  networks: [{name: default}]
+";
+        let e = parse(text).expect_err("invalid");
+        let got: Vec<(String, Option<usize>)> =
+            e.0.iter().map(|p| (p.path.clone(), p.line)).collect();
+        let want: Vec<(&str, usize)> = vec![
+            ("properties", 2),
+            ("update.canaries", 9),
+            ("update.max_in_flight", 10),
+            ("update.canary_watch_time", 11),
+            ("instance_groups[0].stemcell", 20),
+            ("instance_groups[0].jobs[0].release", 18),
+            ("instance_groups[0].networks[0].static_ips[1]", 23),
+            // More static IPs than instances.
+            ("instance_groups[0].networks[0].static_ips", 23),
+            ("instance_groups[1].persistent_disk_type", 30),
+            ("instance_groups[1].name", 24),
+        ];
+        let want: Vec<(String, Option<usize>)> = want
+            .into_iter()
+            .map(|(p, l)| (p.to_string(), Some(l)))
+            .collect();
+        assert_eq!(got, want, "{}", e);
+        let msgs = messages(&e);
+        assert!(
+            msgs[0].contains("v1 global properties are not supported; put properties under jobs")
+        );
+        assert!(msgs[5].contains(
+            "release 'zookeepr' is not declared in 'releases' (did you mean 'zookeeper'?)"
+        ));
+        assert!(msgs[6].contains("'10.0.0.300' is not an IPv4 address"));
+    }
+
+    #[test]
+    fn manifest_bad_yaml_reports_a_line() {
+        let e = parse("name: x\nupdate:\n  canaries: [1\n  max: 2\n").expect_err("bad");
+        assert_eq!(e.0.len(), 1);
+        assert!(e.0[0].line.is_some());
+        assert_eq!(e.0[0].file, "m.yml");
+    }
+
+    #[test]
+    fn manifest_update_is_required_and_so_are_its_fields() {
+        let e = parse("name: x\n").expect_err("no update");
+        assert_eq!(
+            messages(&e),
+            vec!["m.yml: update: missing required key 'update'"]
+        );
+        let e = parse("name: x\nupdate: {canaries: 1}\n").expect_err("partial update");
+        let paths: Vec<&str> = e.0.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "update.max_in_flight",
+                "update.canary_watch_time",
+                "update.update_watch_time"
+            ]
+        );
+    }
+
+    #[test]
+    fn manifest_max_in_flight_and_watch_time_forms() {
+        assert_eq!("3".parse(), Ok(MaxInFlight::Count(3)));
+        assert_eq!("50%".parse(), Ok(MaxInFlight::Percent(50)));
+        assert!("-1".parse::<MaxInFlight>().is_err());
+        assert!("101%".parse::<MaxInFlight>().is_err());
+        assert_eq!(MaxInFlight::Percent(25).resolve(10), 3);
+        assert_eq!(MaxInFlight::Percent(1).resolve(0), 1);
+        assert_eq!(MaxInFlight::Count(5).resolve(2), 2);
+        assert_eq!(
+            "1000 - 2000".parse(),
+            Ok(WatchTime {
+                min_ms: 1000,
+                max_ms: 2000
+            })
+        );
+        assert!("-5".parse::<WatchTime>().is_err());
+        assert!("abc".parse::<WatchTime>().is_err());
+    }
+}

@@ -1,0 +1,442 @@
+//! Operator operations, one function each, as the CLI calls them: deploy,
+//! delete a deployment, list instances, upload releases and cloud-configs.
+//! Each one strings the pure stages (parse, validate, resolve, plan)
+//! together with the executor, and reports through a [`Report`] sink.
+//!
+//! This module must not print or read the terminal: the CLI does that
+//! through [`Report`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use bosun_agent::client::wait_for_agent;
+use bosun_agent::protocol::{AgentState, ProcessState};
+use bosun_cpi::{Cpi, StemcellSpec, AGENT_PORT};
+
+use crate::cloud_config::{self, CloudConfig};
+use crate::desired::{self, ResolveError};
+use crate::executor::{futures_join_all, Cpis, ExecError, ExecOptions, ExecSummary, Executor, Progress};
+use crate::manifest::{self, Manifest};
+use crate::planner::{self, Actual, Plan, PlanError};
+use crate::problems::Problems;
+use crate::release::{self, ReleaseError};
+use crate::state::{
+    DeploymentRecord, InstanceRecord, ReleaseRecord, StateError, StemcellRecord, Store,
+};
+
+/// An operation failure.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Problems(#[from] Problems),
+    #[error("{0}")]
+    Resolve(#[from] ResolveError),
+    #[error("{0}")]
+    Plan(#[from] PlanError),
+    #[error("{0}")]
+    Exec(#[from] ExecError),
+    #[error("{0}")]
+    State(#[from] StateError),
+    #[error("{0}")]
+    Release(#[from] ReleaseError),
+    #[error("deployment '{0}' does not exist")]
+    NoDeployment(String),
+    #[error("deploy cancelled")]
+    Cancelled,
+    #[error("registering the local stemcell: {0}")]
+    Stemcell(String),
+}
+
+/// What the CLI shows the operator.
+pub trait Report: Progress {
+    /// A one-off notice.
+    fn notice(&self, msg: &str);
+    /// Show the plan and ask whether to go on (answer true when
+    /// non-interactive).
+    fn confirm(&self, plan: &Plan) -> bool;
+}
+
+/// The director: the store and the CPIs.
+pub struct Director {
+    pub store: Arc<Store>,
+    pub cpis: Cpis,
+    pub opts: ExecOptions,
+}
+
+/// Options of `deploy`.
+#[derive(Clone, Debug, Default)]
+pub struct DeployOptions {
+    pub dry_run: bool,
+}
+
+/// What a deploy did.
+#[derive(Debug)]
+pub struct DeployOutcome {
+    pub plan: Plan,
+    pub summary: Option<ExecSummary>,
+    pub elapsed: Duration,
+}
+
+/// One row of `instances`.
+#[derive(Clone, Debug, Serialize)]
+pub struct InstanceInfo {
+    /// `group/id`
+    pub instance: String,
+    pub group: String,
+    pub id: String,
+    pub index: u32,
+    pub bootstrap: bool,
+    /// `running`, `failing`, `stopped`, `unresponsive`, or `missing` (no VM).
+    pub process_state: String,
+    pub ips: Vec<String>,
+    pub az: String,
+    pub vm_cid: Option<String>,
+    pub persistent_disk_cids: Vec<String>,
+    pub processes: Vec<ProcessInfo>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ProcessInfo {
+    pub job: String,
+    pub name: String,
+    pub state: String,
+    pub uptime_secs: Option<u64>,
+}
+
+fn read(path: &Path) -> Result<String, OpError> {
+    std::fs::read_to_string(path).map_err(|source| OpError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The built-in stemcell of the local CPI: the host itself.
+pub const LOCAL_STEMCELL_OS: &str = "local";
+
+impl Director {
+    pub fn executor(&self, progress: Arc<dyn Progress>) -> Executor {
+        Executor {
+            store: self.store.clone(),
+            cpis: self.cpis.clone(),
+            progress,
+            opts: self.opts.clone(),
+        }
+    }
+
+    /// The cloud-config in force: the uploaded one, else the built-in
+    /// default for the local CPI (said once per command).
+    pub fn cloud_config(&self, report: &dyn Report) -> Result<CloudConfig, OpError> {
+        match self.store.cloud_config()? {
+            Some((id, text)) => Ok(cloud_config::parse_cloud_config(
+                &format!("cloud-config #{id}"),
+                &text,
+            )?),
+            None => {
+                report.notice(
+                    "No cloud-config uploaded: using the built-in local one (az z1, network default 127.77.0.0/24, vm_type and disk_type default).",
+                );
+                Ok(cloud_config::default_local())
+            }
+        }
+    }
+
+    pub fn update_cloud_config(&self, path: &Path) -> Result<i64, OpError> {
+        let text = read(path)?;
+        cloud_config::parse_cloud_config(&path.display().to_string(), &text)?;
+        Ok(self.store.save_cloud_config(&text)?)
+    }
+
+    /// Make sure the local CPI's host stemcell is registered.
+    pub async fn ensure_local_stemcell(&self) -> Result<(), OpError> {
+        let Ok(cpi) = self.cpis.get("local") else {
+            return Ok(());
+        };
+        if self
+            .store
+            .stemcells()?
+            .iter()
+            .any(|s| s.cpi == "local" && s.os == LOCAL_STEMCELL_OS)
+        {
+            return Ok(());
+        }
+        let spec = StemcellSpec {
+            name: "bosun-local-host".into(),
+            os: LOCAL_STEMCELL_OS.into(),
+            version: "1".into(),
+            image_path: None,
+            cloud_properties: serde_json::json!({}),
+        };
+        let cid = cpi
+            .create_stemcell(&spec)
+            .await
+            .map_err(|e| OpError::Stemcell(e.to_string()))?;
+        self.store.save_stemcell(&StemcellRecord {
+            name: spec.name,
+            os: spec.os,
+            version: spec.version,
+            cpi: "local".into(),
+            cid: cid.0,
+        })?;
+        Ok(())
+    }
+
+    /// Read a release (directory or tarball) and upload it. Returns the
+    /// record and whether it was new.
+    pub fn upload_release(&self, path: &Path, version: Option<&str>) -> Result<(ReleaseRecord, bool), OpError> {
+        let rel = release::read_release(path, version)?;
+        let new = self.store.save_release(&rel)?;
+        let rec = self
+            .store
+            .release(&rel.manifest.name, &rel.manifest.version)?
+            .ok_or_else(|| OpError::Stemcell("release vanished after upload".into()))?;
+        Ok((rec, new))
+    }
+
+    /// Parse, validate, upload `path:` releases, resolve and plan.
+    pub async fn plan_deploy(
+        &self,
+        manifest_path: &Path,
+        report: &dyn Report,
+    ) -> Result<(Manifest, String, Plan), OpError> {
+        let text = read(manifest_path)?;
+        let base = manifest_path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let manifest =
+            manifest::parse_manifest(&manifest_path.display().to_string(), &text, &base)?;
+        let cc = self.cloud_config(report)?;
+        cloud_config::validate_manifest(&manifest, &cc)?;
+        self.ensure_local_stemcell().await?;
+
+        // Releases: local paths are created and uploaded; others must exist.
+        let mut releases = BTreeMap::new();
+        let mut problems = Problems::default();
+        for (i, r) in manifest.releases.iter().enumerate() {
+            let found = match &r.path {
+                Some(p) => {
+                    let version = (r.version != "latest").then_some(r.version.as_str());
+                    match self.upload_release(p, version) {
+                        Ok((rec, new)) => {
+                            if new {
+                                report.notice(&format!(
+                                    "Uploaded release {}/{} from {}",
+                                    rec.name(),
+                                    rec.version(),
+                                    p.display()
+                                ));
+                            }
+                            Some(rec)
+                        }
+                        Err(e) => {
+                            problems.push(manifest.source.problem(
+                                format!("releases[{i}].path"),
+                                format!("release '{}': {e}", r.name),
+                            ));
+                            None
+                        }
+                    }
+                }
+                None => self.store.release(&r.name, &r.version)?,
+            };
+            match found {
+                Some(rec) if rec.name() == r.name => {
+                    releases.insert(r.name.clone(), rec);
+                }
+                Some(rec) => problems.push(manifest.source.problem(
+                    format!("releases[{i}].name"),
+                    format!(
+                        "the release at this path is named '{}', not '{}'",
+                        rec.name(),
+                        r.name
+                    ),
+                )),
+                // Not uploaded: `desired::resolve` reports it with the rest.
+                None => {}
+            }
+        }
+        problems.into_result()?;
+
+        let stemcells = self.store.stemcells()?;
+        let desired = desired::resolve(&manifest, &cc, &releases, &stemcells)?;
+
+        let mine = self.store.instances(&manifest.name)?;
+        let reserved_ips = self
+            .store
+            .all_instances()?
+            .into_iter()
+            .filter(|i| i.deployment != manifest.name)
+            .flat_map(|i| {
+                i.networks
+                    .into_iter()
+                    .filter_map(|(n, s)| s.ip.parse().ok().map(|ip| (n, ip)))
+            })
+            .collect();
+        let mut compiled = BTreeSet::new();
+        for p in &desired.packages {
+            if self.store.compiled_package(&p.fingerprint, &p.stemcell)?.is_some() {
+                compiled.insert((p.fingerprint.clone(), p.stemcell.clone()));
+            }
+        }
+        let actual = Actual {
+            instances: mine,
+            reserved_ips,
+            compiled,
+        };
+        let plan = planner::plan(&desired, &actual, &mut || {
+            uuid::Uuid::new_v4().to_string()
+        })?;
+        Ok((manifest, text, plan))
+    }
+
+    /// `deploy`: plan, confirm, execute.
+    pub async fn deploy(
+        &self,
+        manifest_path: &Path,
+        opts: &DeployOptions,
+        report: Arc<dyn Report>,
+    ) -> Result<DeployOutcome, OpError> {
+        let started = Instant::now();
+        let (manifest, text, plan) = self.plan_deploy(manifest_path, report.as_ref()).await?;
+        if opts.dry_run || plan.is_empty() {
+            return Ok(DeployOutcome {
+                plan,
+                summary: None,
+                elapsed: started.elapsed(),
+            });
+        }
+        if !report.confirm(&plan) {
+            return Err(OpError::Cancelled);
+        }
+        let _lock = self.store.lock_deployment(&manifest.name)?;
+        self.store.save_deployment(&DeploymentRecord {
+            name: manifest.name.clone(),
+            manifest: text,
+            releases: manifest
+                .releases
+                .iter()
+                .map(|r| r.name.clone())
+                .collect(),
+            stemcells: manifest
+                .stemcells
+                .iter()
+                .map(|s| s.alias.clone())
+                .collect(),
+            updated_at: crate::state::now(),
+        })?;
+        let progress: Arc<dyn Progress> = Arc::new(ReportProgress(report.clone()));
+        let summary = self.executor(progress).execute(&plan).await?;
+        Ok(DeployOutcome {
+            plan,
+            summary: Some(summary),
+            elapsed: started.elapsed(),
+        })
+    }
+
+    /// `delete-deployment`.
+    pub async fn delete_deployment(
+        &self,
+        name: &str,
+        report: Arc<dyn Report>,
+    ) -> Result<usize, OpError> {
+        if self.store.deployment(name)?.is_none() && self.store.instances(name)?.is_empty() {
+            return Err(OpError::NoDeployment(name.to_string()));
+        }
+        let _lock = self.store.lock_deployment(name)?;
+        let progress: Arc<dyn Progress> = Arc::new(ReportProgress(report));
+        Ok(self.executor(progress).delete_deployment(name).await?)
+    }
+
+    /// `instances`: recorded instances with their live state from the agents.
+    pub async fn instances(&self, name: &str) -> Result<Vec<InstanceInfo>, OpError> {
+        if self.store.deployment(name)?.is_none() && self.store.instances(name)?.is_empty() {
+            return Err(OpError::NoDeployment(name.to_string()));
+        }
+        let recs = self.store.instances(name)?;
+        let futs = recs.iter().map(|r| self.live_state(r));
+        let states = futures_join_all(futs).await;
+        Ok(recs
+            .iter()
+            .zip(states)
+            .map(|(r, st)| instance_info(r, st))
+            .collect())
+    }
+
+    async fn live_state(&self, r: &InstanceRecord) -> Option<AgentState> {
+        let vm = r.vm.as_ref()?;
+        let addr = format!("{}:{AGENT_PORT}", vm.address).parse().ok()?;
+        let client = wait_for_agent(
+            addr,
+            self.store.director_key(),
+            &vm.host_public_key,
+            Duration::from_secs(3),
+        )
+        .await
+        .ok()?;
+        client.get_state().await.ok()
+    }
+
+    /// The CPI of a name, for callers that need one directly.
+    pub fn cpi(&self, name: &str) -> Result<Arc<dyn Cpi>, OpError> {
+        Ok(self.cpis.get(name)?)
+    }
+}
+
+fn instance_info(r: &InstanceRecord, st: Option<AgentState>) -> InstanceInfo {
+    let process_state = match (&r.vm, &st) {
+        (None, _) => "missing".to_string(),
+        (Some(_), None) => "unresponsive".to_string(),
+        (Some(_), Some(s)) => match s.job_state {
+            ProcessState::Running => "running",
+            ProcessState::Failing => "failing",
+            ProcessState::Stopped => "stopped",
+        }
+        .to_string(),
+    };
+    let processes = st
+        .map(|s| {
+            s.jobs
+                .iter()
+                .flat_map(|j| {
+                    j.processes.iter().map(move |p| ProcessInfo {
+                        job: j.name.clone(),
+                        name: p.name.clone(),
+                        state: format!("{:?}", p.state).to_lowercase(),
+                        uptime_secs: p.uptime_secs,
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    InstanceInfo {
+        instance: format!("{}/{}", r.group, r.id),
+        group: r.group.clone(),
+        id: r.id.clone(),
+        index: r.index,
+        bootstrap: r.bootstrap,
+        process_state,
+        ips: r.networks.values().map(|n| n.ip.clone()).collect(),
+        az: r.az.clone(),
+        vm_cid: r.vm.as_ref().map(|v| v.cid.clone()),
+        persistent_disk_cids: r.disk.iter().map(|d| d.cid.clone()).collect(),
+        processes,
+    }
+}
+
+struct ReportProgress(Arc<dyn Report>);
+
+impl Progress for ReportProgress {
+    fn stage(&self, subject: &str, stage: &str) {
+        self.0.stage(subject, stage);
+    }
+}

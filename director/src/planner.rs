@@ -1,0 +1,792 @@
+//! The planner: desired state + what the director recorded → a [`Plan`]
+//! value that makes every choice (instance ids, AZs, IPs, which VM to
+//! recreate, which disk to keep, what each agent gets).
+//!
+//! Pure: no IO, no clock; ids come from the caller's generator. The executor
+//! carries a plan out without deciding anything. Planning again after a
+//! successful execution yields an empty plan (the fixed-point property).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::Ipv4Addr;
+
+use serde::Serialize;
+use serde_json::{json, Value as Json};
+use sha2::{Digest, Sha256};
+
+use bosun_agent::protocol::{ApplySpec, PackageRef, RenderedJob};
+use bosun_cpi::NetworkSettings;
+
+use crate::cloud_config::Network;
+use crate::desired::{merge_json, stemcell_key, DesiredGroup, DesiredState, NeededPackage};
+use crate::ipam;
+use crate::manifest::{Lifecycle, UpdatePolicy};
+use crate::state::{AppliedRecord, InstanceRecord};
+use crate::templates::{InstanceContext, LinkContext, LinkInstance, NameOnly, SpecContext, TemplateError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("planning {group}: network '{network}' has no free IP left in az {az}")]
+    NoFreeIp {
+        group: String,
+        network: String,
+        az: String,
+    },
+    #[error("planning {group}: no subnet of network '{network}' serves az {az}")]
+    NoSubnet {
+        group: String,
+        network: String,
+        az: String,
+    },
+    #[error("planning {group}: no stemcell for the {cpi} CPI of az {az}")]
+    NoStemcell { group: String, cpi: String, az: String },
+    #[error("planning {group}: instance group has no azs")]
+    NoAz { group: String },
+    #[error("rendering templates for {instance}: {source}")]
+    Template {
+        instance: String,
+        #[source]
+        source: TemplateError,
+    },
+    #[error("planning {instance}: changing the persistent disk of an existing instance ({from_mb} MB to {to_mb} MB, or its type) is not supported yet; the disk was left as it is")]
+    DiskChange {
+        instance: String,
+        from_mb: u64,
+        to_mb: u64,
+    },
+}
+
+/// What exists, as far as planning needs it.
+#[derive(Clone, Debug, Default)]
+pub struct Actual {
+    /// This deployment's instances.
+    pub instances: Vec<InstanceRecord>,
+    /// IPs reserved by other deployments, by network name.
+    pub reserved_ips: BTreeSet<(String, Ipv4Addr)>,
+    /// Compiled packages: (fingerprint, stemcell key).
+    pub compiled: BTreeSet<(String, String)>,
+}
+
+/// The plan.
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    pub deployment: String,
+    /// Packages to compile, dependencies first.
+    pub compile: Vec<CompileStep>,
+    /// Where compilation VMs go (present when `compile` is not empty).
+    pub compilation: Option<CompilationPlan>,
+    /// Instances that go away.
+    pub deletes: Vec<InstanceRecord>,
+    pub groups: Vec<GroupPlan>,
+}
+
+/// Compilation workers: one VM per entry of `workers`, each with its networks.
+#[derive(Clone, Debug, Serialize)]
+pub struct CompilationPlan {
+    pub cpi: String,
+    pub az: String,
+    pub cloud_properties: Json,
+    /// Stemcell cid by stemcell key.
+    pub stemcells: BTreeMap<String, String>,
+    pub workers: Vec<BTreeMap<String, NetworkSettings>>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CompileStep {
+    pub name: String,
+    pub fingerprint: String,
+    pub release: String,
+    pub source_sha256: String,
+    pub dependencies: Vec<String>,
+    pub stemcell: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct GroupPlan {
+    pub name: String,
+    #[serde(skip)]
+    pub update: UpdatePolicy,
+    pub instances: Vec<InstancePlan>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Change {
+    None,
+    Create,
+    Recreate,
+    Update,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct InstancePlan {
+    /// The instance as it will be recorded: id, index, az, IPs; `vm`,
+    /// `disk`, `applied` as they are now (the executor updates them).
+    pub record: InstanceRecord,
+    pub change: Change,
+    pub reasons: Vec<String>,
+    pub vm: VmAction,
+    pub disk: DiskAction,
+    /// The spec the agent gets; package `sha256` is filled in from the
+    /// compiled packages by the executor.
+    pub spec: ApplySpec,
+    pub applied: AppliedRecord,
+    /// Stemcell key (`os/version`) the packages are compiled for.
+    pub stemcell: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub enum VmAction {
+    Keep,
+    Create(VmCreate),
+    /// Delete the current VM, then create this one.
+    Recreate(VmCreate),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct VmCreate {
+    pub cpi: String,
+    pub stemcell_cid: String,
+    pub cloud_properties: Json,
+    pub networks: BTreeMap<String, NetworkSettings>,
+    pub env: Json,
+    pub vm_digest: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub enum DiskAction {
+    None,
+    Keep,
+    Create {
+        cpi: String,
+        size_mb: u64,
+        cloud_properties: Json,
+        digest: String,
+    },
+    /// The instance keeps running without a disk; the old one is orphaned.
+    Orphan,
+}
+
+impl Plan {
+    /// Nothing to compile, create, change or delete.
+    pub fn is_empty(&self) -> bool {
+        self.compile.is_empty()
+            && self.deletes.is_empty()
+            && self
+                .groups
+                .iter()
+                .all(|g| g.instances.iter().all(|i| i.change == Change::None))
+    }
+
+    /// Instances that change.
+    pub fn changing(&self) -> impl Iterator<Item = &InstancePlan> {
+        self.groups
+            .iter()
+            .flat_map(|g| g.instances.iter())
+            .filter(|i| i.change != Change::None)
+    }
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_empty() {
+            return writeln!(f, "Deployment '{}': no changes", self.deployment);
+        }
+        writeln!(f, "Deployment '{}':", self.deployment)?;
+        for c in &self.compile {
+            writeln!(f, "  compile   {} ({}) on {}", c.name, short(&c.fingerprint), c.stemcell)?;
+        }
+        for d in &self.deletes {
+            writeln!(f, "  delete    {}/{} ({})", d.group, d.id, d.index)?;
+        }
+        for g in &self.groups {
+            for i in &g.instances {
+                let what = match i.change {
+                    Change::None => continue,
+                    Change::Create => "create",
+                    Change::Recreate => "recreate",
+                    Change::Update => "update",
+                };
+                let ips: Vec<&str> = i.record.networks.values().map(|n| n.ip.as_str()).collect();
+                write!(
+                    f,
+                    "  {what:<9} {}/{} ({}) az={} ip={}",
+                    i.record.group,
+                    i.record.id,
+                    i.record.index,
+                    i.record.az,
+                    ips.join(",")
+                )?;
+                if !i.reasons.is_empty() {
+                    write!(f, ": {}", i.reasons.join("; "))?;
+                }
+                writeln!(f)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn short(s: &str) -> &str {
+    &s[..s.len().min(12)]
+}
+
+/// A sha256 over a value's JSON.
+pub fn digest<T: Serialize>(v: &T) -> String {
+    let bytes = serde_json::to_vec(v).unwrap_or_default();
+    hex::encode(Sha256::digest(&bytes))
+}
+
+/// Plan `desired` against `actual`. `new_id` supplies ids for new instances.
+pub fn plan(
+    desired: &DesiredState,
+    actual: &Actual,
+    new_id: &mut dyn FnMut() -> String,
+) -> Result<Plan, PlanError> {
+    // Pass 1: identities, AZs and IPs of every instance of every group.
+    let mut used: BTreeSet<(String, Ipv4Addr)> = actual.reserved_ips.clone();
+    let mut placed: Vec<(usize, Vec<InstanceRecord>)> = Vec::new();
+    let mut deletes = Vec::new();
+    let wanted_groups: BTreeSet<&str> = desired
+        .groups
+        .iter()
+        .filter(|g| g.lifecycle == Lifecycle::Service)
+        .map(|g| g.name.as_str())
+        .collect();
+    for rec in &actual.instances {
+        let keep = wanted_groups.contains(rec.group.as_str())
+            && desired
+                .groups
+                .iter()
+                .any(|g| g.name == rec.group && rec.index < g.instances);
+        if !keep {
+            deletes.push(rec.clone());
+        }
+    }
+    // IPs of kept instances stay reserved while new ones are chosen.
+    for (gi, g) in desired.groups.iter().enumerate() {
+        if g.lifecycle != Lifecycle::Service {
+            continue;
+        }
+        let existing: BTreeMap<u32, &InstanceRecord> = actual
+            .instances
+            .iter()
+            .filter(|r| r.group == g.name && r.index < g.instances)
+            .map(|r| (r.index, r))
+            .collect();
+        let mut recs = Vec::new();
+        for index in 0..g.instances {
+            let az = choose_az(g, index, existing.get(&index).map(|r| r.az.as_str()))?;
+            let rec = match existing.get(&index) {
+                Some(r) => {
+                    let mut r = (*r).clone();
+                    r.az = az;
+                    r.bootstrap = index == 0;
+                    r
+                }
+                None => InstanceRecord {
+                    id: new_id(),
+                    deployment: desired.deployment.clone(),
+                    group: g.name.clone(),
+                    index,
+                    az,
+                    bootstrap: index == 0,
+                    networks: BTreeMap::new(),
+                    vm: None,
+                    pending_vm_token: None,
+                    disk: None,
+                    applied: None,
+                },
+            };
+            recs.push(rec);
+        }
+        assign_ips(g, &mut recs, &mut used)?;
+        placed.push((gi, recs));
+    }
+
+    // Pass 2: render, compare, decide.
+    let addresses: BTreeMap<String, Vec<LinkInstance>> = placed
+        .iter()
+        .map(|(gi, recs)| {
+            let g = &desired.groups[*gi];
+            (
+                g.name.clone(),
+                recs.iter()
+                    .map(|r| LinkInstance {
+                        name: g.name.clone(),
+                        id: r.id.clone(),
+                        index: r.index,
+                        az: r.az.clone(),
+                        address: primary_ip(&r.networks),
+                        bootstrap: r.bootstrap,
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
+
+    let mut groups = Vec::new();
+    for (gi, recs) in placed {
+        let g = &desired.groups[gi];
+        let mut instances = Vec::new();
+        for rec in recs {
+            instances.push(plan_instance(desired, g, rec, &addresses)?);
+        }
+        groups.push(GroupPlan {
+            name: g.name.clone(),
+            update: g.update.clone(),
+            instances,
+        });
+    }
+
+    let compile = compile_steps(&desired.packages, &actual.compiled);
+    let compilation = if compile.is_empty() {
+        None
+    } else {
+        Some(compilation_plan(desired, compile.len(), &mut used)?)
+    };
+    Ok(Plan {
+        deployment: desired.deployment.clone(),
+        compile,
+        compilation,
+        deletes,
+        groups,
+    })
+}
+
+fn choose_az(g: &DesiredGroup, index: u32, current: Option<&str>) -> Result<String, PlanError> {
+    if let Some(c) = current {
+        if g.azs.iter().any(|a| a == c) {
+            return Ok(c.to_string());
+        }
+    }
+    if g.azs.is_empty() {
+        return Err(PlanError::NoAz {
+            group: g.name.clone(),
+        });
+    }
+    Ok(g.azs[index as usize % g.azs.len()].clone())
+}
+
+fn network_settings(
+    dn_name: &str,
+    network: &Network,
+    az: &str,
+    ip: Ipv4Addr,
+    default: &[String],
+) -> Option<NetworkSettings> {
+    let subnet = ipam::subnet_for_ip(network, ip).or_else(|| ipam::subnet_for_az(network, az))?;
+    let _ = dn_name;
+    Some(NetworkSettings {
+        kind: network.kind,
+        ip: ip.to_string(),
+        netmask: ipam::netmask(subnet).to_string(),
+        range: subnet.range.to_string(),
+        gateway: subnet.gateway.map(|g| g.to_string()),
+        dns: subnet.dns.clone(),
+        default: default.to_vec(),
+        cloud_properties: if subnet.cloud_properties.is_null() {
+            json!({})
+        } else {
+            subnet.cloud_properties.clone()
+        },
+    })
+}
+
+fn assign_ips(
+    g: &DesiredGroup,
+    recs: &mut [InstanceRecord],
+    used: &mut BTreeSet<(String, Ipv4Addr)>,
+) -> Result<(), PlanError> {
+    let single = g.networks.len() == 1;
+    for dn in &g.networks {
+        let default: Vec<String> = if !dn.default.is_empty() {
+            dn.default.clone()
+        } else if single || g.networks.first().map(|f| &f.name) == Some(&dn.name) {
+            vec!["dns".into(), "gateway".into()]
+        } else {
+            vec![]
+        };
+        // Which current assignments stay valid.
+        let mut chosen: Vec<Option<Ipv4Addr>> = recs
+            .iter()
+            .map(|r| {
+                let ip: Ipv4Addr = r.networks.get(&dn.name)?.ip.parse().ok()?;
+                let valid = if dn.static_ips.is_empty() {
+                    ipam::subnet_for_az(&dn.network, &r.az)
+                        .is_some_and(|s| s.range.contains(&ip) && !ipam::is_static(s, ip))
+                        && ipam::dynamic_pool(ipam::subnet_for_az(&dn.network, &r.az)?)
+                            .any(|a| a == ip)
+                } else {
+                    dn.static_ips.contains(&ip)
+                };
+                (valid && !used.contains(&(dn.name.clone(), ip))).then_some(ip)
+            })
+            .collect();
+        for ip in chosen.iter().flatten() {
+            used.insert((dn.name.clone(), *ip));
+        }
+        for (i, r) in recs.iter_mut().enumerate() {
+            let ip = match chosen[i] {
+                Some(ip) => ip,
+                None if !dn.static_ips.is_empty() => {
+                    match dn
+                        .static_ips
+                        .iter()
+                        .find(|ip| !used.contains(&(dn.name.clone(), **ip)))
+                    {
+                        Some(ip) => *ip,
+                        None => {
+                            return Err(PlanError::NoFreeIp {
+                                group: g.name.clone(),
+                                network: dn.name.clone(),
+                                az: r.az.clone(),
+                            })
+                        }
+                    }
+                }
+                None => {
+                    let taken: BTreeSet<Ipv4Addr> = used
+                        .iter()
+                        .filter(|(n, _)| n == &dn.name)
+                        .map(|(_, ip)| *ip)
+                        .collect();
+                    if ipam::subnet_for_az(&dn.network, &r.az).is_none() {
+                        return Err(PlanError::NoSubnet {
+                            group: g.name.clone(),
+                            network: dn.name.clone(),
+                            az: r.az.clone(),
+                        });
+                    }
+                    ipam::allocate_dynamic(&dn.network, &r.az, &taken).ok_or_else(|| {
+                        PlanError::NoFreeIp {
+                            group: g.name.clone(),
+                            network: dn.name.clone(),
+                            az: r.az.clone(),
+                        }
+                    })?
+                }
+            };
+            chosen[i] = Some(ip);
+            used.insert((dn.name.clone(), ip));
+            let settings = network_settings(&dn.name, &dn.network, &r.az, ip, &default).ok_or_else(
+                || PlanError::NoSubnet {
+                    group: g.name.clone(),
+                    network: dn.name.clone(),
+                    az: r.az.clone(),
+                },
+            )?;
+            r.networks.insert(dn.name.clone(), settings);
+        }
+    }
+    // Networks the group no longer uses are released.
+    let names: BTreeSet<&str> = g.networks.iter().map(|n| n.name.as_str()).collect();
+    for r in recs.iter_mut() {
+        r.networks.retain(|k, _| names.contains(k.as_str()));
+    }
+    Ok(())
+}
+
+/// The address of an instance: its default-gateway network's IP.
+pub fn primary_ip(networks: &BTreeMap<String, NetworkSettings>) -> String {
+    networks
+        .values()
+        .find(|n| n.default.iter().any(|d| d == "gateway"))
+        .or_else(|| networks.values().next())
+        .map(|n| n.ip.clone())
+        .unwrap_or_default()
+}
+
+fn plan_instance(
+    desired: &DesiredState,
+    g: &DesiredGroup,
+    rec: InstanceRecord,
+    addresses: &BTreeMap<String, Vec<LinkInstance>>,
+) -> Result<InstancePlan, PlanError> {
+    let name = format!("{}/{}", g.name, rec.id);
+    let (cpi, az_props) = g
+        .az_config
+        .get(&rec.az)
+        .cloned()
+        .unwrap_or_else(|| ("local".to_string(), json!({})));
+    let stemcell = g.stemcells.get(&cpi).ok_or_else(|| PlanError::NoStemcell {
+        group: g.name.clone(),
+        cpi: cpi.clone(),
+        az: rec.az.clone(),
+    })?;
+    let mut cloud_properties = if az_props.is_null() { json!({}) } else { az_props };
+    merge_json(&mut cloud_properties, &g.cloud_properties);
+    let vm_digest = digest(&json!({
+        "cpi": cpi,
+        "stemcell": stemcell.cid,
+        "cloud_properties": cloud_properties,
+        "networks": rec.networks,
+        "env": g.env,
+    }));
+    let vm_create = VmCreate {
+        cpi: cpi.clone(),
+        stemcell_cid: stemcell.cid.clone(),
+        cloud_properties,
+        networks: rec.networks.clone(),
+        env: g.env.clone(),
+        vm_digest: vm_digest.clone(),
+    };
+
+    let mut reasons = Vec::new();
+    let vm = match &rec.vm {
+        None => VmAction::Create(vm_create),
+        Some(v) if v.vm_digest != vm_digest => {
+            reasons.push(vm_change_reason(&rec, v, stemcell, &cpi));
+            VmAction::Recreate(vm_create)
+        }
+        Some(_) => VmAction::Keep,
+    };
+
+    let disk = match (&g.disk, &rec.disk) {
+        (None, None) => DiskAction::None,
+        (None, Some(_)) => {
+            reasons.push("persistent disk removed (orphaned)".into());
+            DiskAction::Orphan
+        }
+        (Some(d), existing) => {
+            let d_digest = digest(&json!({"size_mb": d.size_mb, "cloud_properties": d.cloud_properties}));
+            match existing {
+                Some(e) if e.digest == d_digest => DiskAction::Keep,
+                Some(e) => {
+                    return Err(PlanError::DiskChange {
+                        instance: name,
+                        from_mb: e.size_mb,
+                        to_mb: d.size_mb,
+                    })
+                }
+                None => {
+                    if rec.vm.is_some() {
+                        reasons.push(format!("persistent disk {} MB added", d.size_mb));
+                    }
+                    DiskAction::Create {
+                        cpi: cpi.clone(),
+                        size_mb: d.size_mb,
+                        cloud_properties: d.cloud_properties.clone(),
+                        digest: d_digest,
+                    }
+                }
+            }
+        }
+    };
+
+    // Render every job for this instance.
+    let address = primary_ip(&rec.networks);
+    let networks_json = serde_json::to_value(&rec.networks).unwrap_or(Json::Null);
+    let mut jobs = Vec::new();
+    let mut job_digests = BTreeMap::new();
+    for j in &g.jobs {
+        let mut links = BTreeMap::new();
+        for (lname, src) in &j.consumes {
+            let instances = addresses.get(&src.group).cloned().unwrap_or_default();
+            links.insert(
+                lname.clone(),
+                LinkContext {
+                    address: instances.first().map(|i| i.address.clone()).unwrap_or_default(),
+                    instances,
+                    properties: src.properties.clone(),
+                },
+            );
+        }
+        let ctx = InstanceContext {
+            spec: SpecContext {
+                deployment: desired.deployment.clone(),
+                name: g.name.clone(),
+                id: rec.id.clone(),
+                index: rec.index,
+                az: rec.az.clone(),
+                address: address.clone(),
+                ip: address.clone(),
+                bootstrap: rec.bootstrap,
+                networks: networks_json.clone(),
+                job: NameOnly {
+                    name: j.name.clone(),
+                },
+                release: NameOnly {
+                    name: j.release.clone(),
+                },
+            },
+            properties: j.properties.clone(),
+            defaults: j.defaults.clone(),
+            links,
+        };
+        let files = j.templates.render(&ctx).map_err(|source| PlanError::Template {
+            instance: name.clone(),
+            source,
+        })?;
+        let d = digest(&json!({"fingerprint": j.fingerprint, "files": files}));
+        job_digests.insert(j.name.clone(), d.clone());
+        jobs.push(RenderedJob {
+            name: j.name.clone(),
+            digest: d,
+            files,
+        });
+    }
+    let package_fingerprints: BTreeMap<String, String> = g.packages.iter().cloned().collect();
+    let packages: Vec<PackageRef> = g
+        .packages
+        .iter()
+        .map(|(n, f)| PackageRef {
+            name: n.clone(),
+            fingerprint: f.clone(),
+            sha256: String::new(),
+        })
+        .collect();
+    let spec = ApplySpec {
+        generation: 0,
+        deployment: desired.deployment.clone(),
+        instance_group: g.name.clone(),
+        id: rec.id.clone(),
+        index: rec.index,
+        az: rec.az.clone(),
+        bootstrap: rec.bootstrap,
+        address,
+        networks: rec.networks.clone(),
+        packages,
+        jobs,
+    };
+    let spec_digest = digest(&json!({
+        "jobs": job_digests,
+        "packages": package_fingerprints,
+        "networks": rec.networks,
+        "bootstrap": rec.bootstrap,
+        "stemcell": stemcell_key(stemcell),
+    }));
+    let applied = AppliedRecord {
+        digest: spec_digest.clone(),
+        job_digests: job_digests.clone(),
+        package_fingerprints: package_fingerprints.clone(),
+    };
+
+    let mut change = match (&vm, &rec.applied) {
+        (VmAction::Create(_), _) if rec.vm.is_none() => Change::Create,
+        (VmAction::Recreate(_), _) => Change::Recreate,
+        _ => Change::None,
+    };
+    if change == Change::Create && rec.applied.is_some() {
+        reasons.push("VM is missing".into());
+    }
+    match &rec.applied {
+        Some(a) if a.digest == spec_digest => {}
+        Some(a) => {
+            for (jn, d) in &job_digests {
+                match a.job_digests.get(jn) {
+                    None => reasons.push(format!("job {jn} added")),
+                    Some(old) if old != d => reasons.push(format!("job {jn} changed")),
+                    _ => {}
+                }
+            }
+            for jn in a.job_digests.keys() {
+                if !job_digests.contains_key(jn) {
+                    reasons.push(format!("job {jn} removed"));
+                }
+            }
+            for (pn, f) in &package_fingerprints {
+                if a.package_fingerprints.get(pn) != Some(f) {
+                    reasons.push(format!("package {pn} changed"));
+                }
+            }
+            if reasons.is_empty() {
+                reasons.push("network or bootstrap changed".into());
+            }
+            if change == Change::None {
+                change = Change::Update;
+            }
+        }
+        None => {
+            if change == Change::None {
+                change = Change::Update;
+                reasons.push("never applied".into());
+            }
+        }
+    }
+    if change == Change::None && matches!(disk, DiskAction::Create { .. } | DiskAction::Orphan) {
+        change = Change::Update;
+    }
+    Ok(InstancePlan {
+        record: rec,
+        change,
+        reasons,
+        vm,
+        disk,
+        spec,
+        applied,
+        stemcell: stemcell_key(stemcell),
+    })
+}
+
+fn vm_change_reason(
+    rec: &InstanceRecord,
+    v: &crate::state::VmRecord,
+    stemcell: &crate::state::StemcellRecord,
+    cpi: &str,
+) -> String {
+    if v.cpi != cpi {
+        return format!("CPI changed ({} -> {cpi})", v.cpi);
+    }
+    if primary_ip(&rec.networks) != v.address {
+        return format!("address changed ({} -> {})", v.address, primary_ip(&rec.networks));
+    }
+    format!(
+        "VM configuration changed (stemcell {}/{}, vm_type, networks or env)",
+        stemcell.os, stemcell.version
+    )
+}
+
+fn compilation_plan(
+    desired: &DesiredState,
+    steps: usize,
+    used: &mut BTreeSet<(String, Ipv4Addr)>,
+) -> Result<CompilationPlan, PlanError> {
+    let c = &desired.compilation;
+    let n = (c.workers as usize).min(steps).max(1);
+    let mut workers = Vec::new();
+    for _ in 0..n {
+        let taken: BTreeSet<Ipv4Addr> = used
+            .iter()
+            .filter(|(net, _)| net == &c.network.name)
+            .map(|(_, ip)| *ip)
+            .collect();
+        let no_ip = || PlanError::NoFreeIp {
+            group: "compilation".into(),
+            network: c.network.name.clone(),
+            az: c.az.clone(),
+        };
+        let ip = ipam::allocate_dynamic(&c.network, &c.az, &taken).ok_or_else(no_ip)?;
+        used.insert((c.network.name.clone(), ip));
+        let defaults = vec!["dns".to_string(), "gateway".to_string()];
+        let settings =
+            network_settings(&c.network.name, &c.network, &c.az, ip, &defaults).ok_or_else(no_ip)?;
+        workers.push([(c.network.name.clone(), settings)].into_iter().collect());
+    }
+    Ok(CompilationPlan {
+        cpi: c.cpi.clone(),
+        az: c.az.clone(),
+        cloud_properties: c.cloud_properties.clone(),
+        stemcells: c.stemcells.clone(),
+        workers,
+    })
+}
+
+fn compile_steps(
+    packages: &[NeededPackage],
+    compiled: &BTreeSet<(String, String)>,
+) -> Vec<CompileStep> {
+    // `packages` is already deps-first per group; keep that order.
+    packages
+        .iter()
+        .filter(|p| !compiled.contains(&(p.fingerprint.clone(), p.stemcell.clone())))
+        .map(|p| CompileStep {
+            name: p.name.clone(),
+            fingerprint: p.fingerprint.clone(),
+            release: p.release.clone(),
+            source_sha256: p.source_sha256.clone(),
+            dependencies: p.dependencies.clone(),
+            stemcell: p.stemcell.clone(),
+        })
+        .collect()
+}

@@ -1,0 +1,353 @@
+//! BOSH-layout releases: reading a release directory (`jobs/`, `packages/`,
+//! `src/`, `blobs/`, `config/final.yml`), writing and reading release
+//! tarballs (`release.MF`, `jobs/<name>.tgz`, `packages/<name>.tgz`), job and
+//! package spec parsing, content fingerprints and deterministic archives.
+//!
+//! This module owns the release *format* only. It must not keep state (no
+//! state store, no blob store, no caches), must not compile packages or run
+//! `packaging` scripts, and must not render templates: it hands out parsed
+//! specs, template sources and byte-identical archives to the modules that
+//! do (`compiler`, `templates`, `desired`).
+//!
+//! Determinism: the same source gives the same fingerprints, the same dev
+//! version and byte-identical archives (entries sorted, mtime 0, uid/gid 0,
+//! modes 0644/0755, gzip header mtime 0).
+//!
+//! Differences from BOSH (on purpose): fingerprints are SHA-256 (64 hex), not
+//! SHA-1; vendored packages (`spec.lock` without `spec`) are not supported;
+//! a dev release's `commit_hash` is `unknown` (bosun runs no git commands).
+
+mod archive;
+mod dir;
+mod spec;
+mod tarball;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::problems::Problem;
+
+pub use dir::read_release_dir;
+pub use spec::{parse_job_spec, parse_package_spec};
+pub use tarball::{read_tarball, write_tarball};
+
+/// A job's `spec` file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Template source (under `templates/`) -> destination (under the job dir).
+    #[serde(default)]
+    pub templates: BTreeMap<String, String>,
+    #[serde(default)]
+    pub packages: Vec<String>,
+    #[serde(default)]
+    pub properties: BTreeMap<String, PropertyDef>,
+    #[serde(default)]
+    pub consumes: Vec<LinkDef>,
+    #[serde(default)]
+    pub provides: Vec<LinkDef>,
+}
+
+/// One property declared in a job spec.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PropertyDef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub example: Option<serde_json::Value>,
+}
+
+/// One entry of a job spec's `consumes` or `provides`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LinkDef {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub link_type: String,
+    #[serde(default)]
+    pub optional: bool,
+    /// Properties exported through the link (provides) or expected (consumes).
+    #[serde(default)]
+    pub properties: Vec<String>,
+}
+
+/// A package's `spec` file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PackageSpec {
+    pub name: String,
+    #[serde(default)]
+    pub dependencies: Vec<String>,
+    /// Globs over `src/` then `blobs/`. For a package read from a tarball,
+    /// the literal paths of the files in its archive.
+    #[serde(default)]
+    pub files: Vec<String>,
+    #[serde(default)]
+    pub excluded_files: Vec<String>,
+}
+
+/// A job of a release, with its sources and archive.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Job {
+    pub spec: JobSpec,
+    pub fingerprint: String,
+    /// Template source name -> content.
+    pub templates: BTreeMap<String, String>,
+    /// The `monit` file, if the job has one (bosun supervises from `bpm.yml`).
+    pub monit: Option<String>,
+    /// Deterministic tgz: `job.MF` (the spec text), `monit`, `templates/<src>`.
+    pub archive: Vec<u8>,
+    /// Hex sha256 of `archive`.
+    pub sha256: String,
+}
+
+/// A package of a release, with its source archive.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Package {
+    pub spec: PackageSpec,
+    pub fingerprint: String,
+    /// Deterministic tgz: `packaging` at the top and the selected files at
+    /// their paths relative to `src/` or `blobs/`.
+    pub archive: Vec<u8>,
+    /// Hex sha256 of `archive`.
+    pub sha256: String,
+}
+
+/// `release.MF`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReleaseManifest {
+    pub name: String,
+    pub version: String,
+    pub commit_hash: String,
+    pub uncommitted_changes: bool,
+    pub jobs: Vec<JobEntry>,
+    pub packages: Vec<PackageEntry>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobEntry {
+    pub name: String,
+    pub version: String,
+    pub fingerprint: String,
+    pub sha256: String,
+    #[serde(default)]
+    pub packages: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PackageEntry {
+    pub name: String,
+    pub version: String,
+    pub fingerprint: String,
+    pub sha256: String,
+    #[serde(default)]
+    pub dependencies: Vec<String>,
+}
+
+/// A whole release: manifest, jobs and packages (both sorted by name).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Release {
+    pub manifest: ReleaseManifest,
+    pub jobs: Vec<Job>,
+    pub packages: Vec<Package>,
+}
+
+/// What went wrong, for callers that want to branch on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReleaseErrorKind {
+    /// A file could not be read or written.
+    Io,
+    /// A file is not valid YAML or does not have the expected shape.
+    Syntax,
+    /// The release is inconsistent (missing dependency, cycle, glob matching
+    /// nothing, missing template, unknown package, ...).
+    Invalid,
+    /// A tarball's content does not match its recorded sha256 / fingerprint.
+    Integrity,
+}
+
+/// A problem with a release, naming the release (directory or tarball), the
+/// file inside it and, when known, the line.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ReleaseError {
+    pub kind: ReleaseErrorKind,
+    /// The release directory or tarball as given (empty when parsing a lone spec).
+    pub release: String,
+    /// The file inside the release (e.g. `packages/kv-server/spec`).
+    pub file: String,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ReleaseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.release.is_empty() {
+            write!(f, "release {}: ", self.release)?;
+        }
+        if !self.file.is_empty() {
+            write!(f, "{}", self.file)?;
+            if let Some(line) = self.line {
+                write!(f, ":{line}")?;
+            }
+            write!(f, ": ")?;
+        }
+        write!(f, "{}", self.message)
+    }
+}
+
+impl ReleaseError {
+    pub(crate) fn new(
+        kind: ReleaseErrorKind,
+        file: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        ReleaseError {
+            kind,
+            release: String::new(),
+            file: file.into(),
+            line: None,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn invalid(file: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::new(ReleaseErrorKind::Invalid, file, message)
+    }
+
+    pub(crate) fn io(file: impl Into<String>, err: impl fmt::Display) -> Self {
+        Self::new(ReleaseErrorKind::Io, file, err.to_string())
+    }
+
+    pub(crate) fn integrity(file: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::new(ReleaseErrorKind::Integrity, file, message)
+    }
+
+    pub(crate) fn at_line(mut self, line: Option<usize>) -> Self {
+        self.line = line;
+        self
+    }
+
+    /// Attach the release directory or tarball, unless one is already set.
+    pub(crate) fn in_release(mut self, release: &Path) -> Self {
+        if self.release.is_empty() {
+            self.release = release.display().to_string();
+        }
+        self
+    }
+
+    /// As an input [`Problem`] (file = release + file inside it).
+    pub fn to_problem(&self) -> Problem {
+        let file = match (self.release.is_empty(), self.file.is_empty()) {
+            (true, _) => self.file.clone(),
+            (false, true) => self.release.clone(),
+            (false, false) => format!("{}/{}", self.release, self.file),
+        };
+        Problem {
+            file,
+            path: String::new(),
+            line: self.line,
+            message: self.message.clone(),
+        }
+    }
+}
+
+impl Release {
+    pub fn job(&self, name: &str) -> Option<&Job> {
+        self.jobs.iter().find(|j| j.spec.name == name)
+    }
+
+    pub fn package(&self, name: &str) -> Option<&Package> {
+        self.packages.iter().find(|p| p.spec.name == name)
+    }
+
+    /// Packages in dependency order (dependencies first; ties by name).
+    pub fn packages_in_order(&self) -> Vec<&Package> {
+        let mut by_name: BTreeMap<&str, &Package> = BTreeMap::new();
+        for p in &self.packages {
+            by_name.insert(p.spec.name.as_str(), p);
+        }
+        let mut done = BTreeSet::new();
+        let mut out = Vec::new();
+        for name in by_name.keys() {
+            visit_in_order(name, &by_name, &mut done, &mut out);
+        }
+        out
+    }
+
+    /// The named packages plus their transitive dependencies, dependencies
+    /// first. An unknown name (or dependency) is an error.
+    pub fn package_closure(&self, names: &[String]) -> Result<Vec<&Package>, ReleaseError> {
+        let mut wanted: BTreeSet<&str> = BTreeSet::new();
+        let mut stack: Vec<(&str, Option<&str>)> =
+            names.iter().map(|n| (n.as_str(), None)).collect();
+        while let Some((name, needed_by)) = stack.pop() {
+            let Some(pkg) = self.package(name) else {
+                let message = match needed_by {
+                    Some(by) => format!("package '{by}' depends on unknown package '{name}'"),
+                    None => format!("no package named '{name}' in the release"),
+                };
+                return Err(ReleaseError {
+                    kind: ReleaseErrorKind::Invalid,
+                    release: format!("{}/{}", self.manifest.name, self.manifest.version),
+                    file: String::new(),
+                    line: None,
+                    message,
+                });
+            };
+            if wanted.insert(pkg.spec.name.as_str()) {
+                for d in &pkg.spec.dependencies {
+                    stack.push((d.as_str(), Some(pkg.spec.name.as_str())));
+                }
+            }
+        }
+        Ok(self
+            .packages_in_order()
+            .into_iter()
+            .filter(|p| wanted.contains(p.spec.name.as_str()))
+            .collect())
+    }
+}
+
+/// Depth-first, dependencies first. Cycles (rejected when reading) are cut.
+fn visit_in_order<'a>(
+    name: &str,
+    by_name: &BTreeMap<&str, &'a Package>,
+    done: &mut BTreeSet<String>,
+    out: &mut Vec<&'a Package>,
+) {
+    if !done.insert(name.to_string()) {
+        return;
+    }
+    let Some(pkg) = by_name.get(name) else { return };
+    let mut deps: Vec<&str> = pkg.spec.dependencies.iter().map(String::as_str).collect();
+    deps.sort_unstable();
+    for d in deps {
+        visit_in_order(d, by_name, done, out);
+    }
+    out.push(pkg);
+}
+
+/// Directory or tarball, by looking at `path`. `version` applies to
+/// directories only: a tarball carries its own version in `release.MF`.
+pub fn read_release(path: &Path, version: Option<&str>) -> Result<Release, ReleaseError> {
+    if path.is_dir() {
+        read_release_dir(path, version)
+    } else if path.is_file() {
+        read_tarball(path)
+    } else {
+        Err(ReleaseError::new(
+            ReleaseErrorKind::Io,
+            "",
+            "no such release directory or tarball",
+        )
+        .in_release(path))
+    }
+}

@@ -1,0 +1,804 @@
+//! The director's state store: one SQLite database plus a content-addressed
+//! blob directory under the state dir, the director's identity (id and SSH
+//! key), and per-deployment locks.
+//!
+//! Layout of the state dir:
+//! ```text
+//! state.db            SQLite (releases, stemcells, compiled packages,
+//!                     cloud-configs, deployments, instances, orphaned disks, events)
+//! blobs/<sha256>      job and package archives, compiled packages
+//! director_ed25519    the director's SSH key (mode 0600)
+//! locks/<name>.lock   deployment locks (flock: released when the holder dies)
+//! ```
+//! Records that change together are stored as one JSON document per row, so
+//! every write is a single statement. This module must not call CPIs or
+//! agents, and must not decide anything: it stores what it is told.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use bosun_agent::blobs::BlobStore;
+use bosun_agent::keys::{load_or_create_private_key, KeyPair};
+use bosun_cpi::NetworkSettings;
+
+use crate::release::{JobSpec, PackageSpec, Release, ReleaseManifest};
+
+/// A state store failure, naming the operation.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("opening state in {dir}: {source}")]
+    Open {
+        dir: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("{op}: {source}")]
+    Db {
+        op: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("{op}: {source}")]
+    Json {
+        op: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{op}: {source}")]
+    Io {
+        op: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{op}: {source}")]
+    Blob {
+        op: String,
+        #[source]
+        source: bosun_agent::blobs::BlobError,
+    },
+    #[error("deployment '{deployment}' is locked by another bosun process ({holder}); wait for it to finish")]
+    Locked { deployment: String, holder: String },
+}
+
+type Result<T> = std::result::Result<T, StateError>;
+
+fn db<T>(op: impl Into<String>, r: rusqlite::Result<T>) -> Result<T> {
+    r.map_err(|source| StateError::Db {
+        op: op.into(),
+        source,
+    })
+}
+
+fn to_json<T: Serialize>(op: &str, v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|source| StateError::Json {
+        op: op.to_string(),
+        source,
+    })
+}
+
+fn from_json<T: DeserializeOwned>(op: &str, s: &str) -> Result<T> {
+    serde_json::from_str(s).map_err(|source| StateError::Json {
+        op: op.to_string(),
+        source,
+    })
+}
+
+/// Seconds since the epoch.
+pub fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// An uploaded release, without its archives (they are blobs).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReleaseRecord {
+    pub manifest: ReleaseManifest,
+    pub jobs: Vec<JobRecord>,
+    pub packages: Vec<PackageRecord>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub spec: JobSpec,
+    pub fingerprint: String,
+    pub templates: BTreeMap<String, String>,
+    pub sha256: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PackageRecord {
+    pub spec: PackageSpec,
+    pub fingerprint: String,
+    /// Blob of the source archive (`packaging` + files).
+    pub sha256: String,
+}
+
+impl ReleaseRecord {
+    pub fn name(&self) -> &str {
+        &self.manifest.name
+    }
+    pub fn version(&self) -> &str {
+        &self.manifest.version
+    }
+    pub fn job(&self, name: &str) -> Option<&JobRecord> {
+        self.jobs.iter().find(|j| j.spec.name == name)
+    }
+    pub fn package(&self, name: &str) -> Option<&PackageRecord> {
+        self.packages.iter().find(|p| p.spec.name == name)
+    }
+}
+
+/// A stemcell known to a CPI.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StemcellRecord {
+    pub name: String,
+    pub os: String,
+    pub version: String,
+    pub cpi: String,
+    pub cid: String,
+}
+
+/// A package compiled for a stemcell.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompiledPackage {
+    pub name: String,
+    pub fingerprint: String,
+    /// `os/version` of the stemcell it was compiled on.
+    pub stemcell: String,
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// A deployment as last deployed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeploymentRecord {
+    pub name: String,
+    /// The manifest text as given (after interpolation).
+    pub manifest: String,
+    pub releases: Vec<String>,
+    pub stemcells: Vec<String>,
+    pub updated_at: i64,
+}
+
+/// What the director recorded about one instance.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    pub id: String,
+    pub deployment: String,
+    pub group: String,
+    pub index: u32,
+    pub az: String,
+    pub bootstrap: bool,
+    /// IPs reserved for it, by network name.
+    pub networks: BTreeMap<String, NetworkSettings>,
+    pub vm: Option<VmRecord>,
+    /// Set before `create_vm` is called, cleared once its cid is recorded:
+    /// a crash in between leaves a VM that carries this token in its tags.
+    pub pending_vm_token: Option<String>,
+    pub disk: Option<DiskRecord>,
+    pub applied: Option<AppliedRecord>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub cid: String,
+    pub cpi: String,
+    pub agent_id: String,
+    /// The agent's pinned SSH host key (OpenSSH public key).
+    pub host_public_key: String,
+    /// Address the director dials.
+    pub address: String,
+    /// Digest of what the VM was created from (stemcell, cloud properties, networks).
+    pub vm_digest: String,
+    /// Last spec generation sent to this VM's agent.
+    pub generation: u64,
+    pub created_at: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DiskRecord {
+    pub cid: String,
+    pub cpi: String,
+    pub size_mb: u64,
+    /// Digest of size and cloud properties.
+    pub digest: String,
+    pub attached: bool,
+}
+
+/// The spec last applied and seen running.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AppliedRecord {
+    pub digest: String,
+    /// Digest per job, to say which job changed.
+    pub job_digests: BTreeMap<String, String>,
+    pub package_fingerprints: BTreeMap<String, String>,
+}
+
+/// A persistent disk no instance owns any more (kept until deleted).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OrphanDisk {
+    pub cid: String,
+    pub cpi: String,
+    pub size_mb: u64,
+    pub deployment: String,
+    pub instance: String,
+    pub orphaned_at: i64,
+}
+
+/// One thing that happened, for `bosun events`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub time: i64,
+    pub deployment: Option<String>,
+    pub instance: Option<String>,
+    pub action: String,
+    pub object: String,
+    pub result: String,
+}
+
+/// The store. Cheap to share (`Arc`).
+pub struct Store {
+    dir: PathBuf,
+    conn: Mutex<Connection>,
+    blobs: BlobStore,
+    key: KeyPair,
+    director_id: String,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS releases (name TEXT NOT NULL, version TEXT NOT NULL, record TEXT NOT NULL,
+  uploaded_at INTEGER NOT NULL, PRIMARY KEY (name, version));
+CREATE TABLE IF NOT EXISTS stemcells (cpi TEXT NOT NULL, cid TEXT NOT NULL, record TEXT NOT NULL,
+  uploaded_at INTEGER NOT NULL, PRIMARY KEY (cpi, cid));
+CREATE TABLE IF NOT EXISTS compiled_packages (fingerprint TEXT NOT NULL, stemcell TEXT NOT NULL,
+  record TEXT NOT NULL, PRIMARY KEY (fingerprint, stemcell));
+CREATE TABLE IF NOT EXISTS cloud_configs (id INTEGER PRIMARY KEY AUTOINCREMENT, text TEXT NOT NULL,
+  created_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS deployments (name TEXT PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS instances (id TEXT PRIMARY KEY, deployment TEXT NOT NULL, record TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS instances_by_deployment ON instances (deployment);
+CREATE TABLE IF NOT EXISTS orphan_disks (cid TEXT PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY AUTOINCREMENT, deployment TEXT, record TEXT NOT NULL);
+";
+
+impl Store {
+    /// Open (creating if needed) the state in `dir`.
+    pub fn open(dir: &Path) -> Result<Arc<Store>> {
+        let open_err = |e: Box<dyn std::error::Error + Send + Sync>| StateError::Open {
+            dir: dir.to_path_buf(),
+            source: e,
+        };
+        std::fs::create_dir_all(dir.join("locks")).map_err(|e| open_err(Box::new(e)))?;
+        let conn = Connection::open(dir.join("state.db")).map_err(|e| open_err(Box::new(e)))?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))
+            .map_err(|e| open_err(Box::new(e)))?;
+        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;")
+            .map_err(|e| open_err(Box::new(e)))?;
+        conn.execute_batch(SCHEMA)
+            .map_err(|e| open_err(Box::new(e)))?;
+        let blobs = BlobStore::open(dir.join("blobs")).map_err(|e| open_err(Box::new(e)))?;
+        let key = load_or_create_private_key(&dir.join("director_ed25519"))
+            .map_err(|e| open_err(Box::new(e)))?;
+        let director_id: Option<String> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'director_id'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(|e| open_err(Box::new(e)))?;
+        let director_id = match director_id {
+            Some(id) => id,
+            None => {
+                let id = format!("bosun-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('director_id', ?1)",
+                    params![id],
+                )
+                .map_err(|e| open_err(Box::new(e)))?;
+                id
+            }
+        };
+        Ok(Arc::new(Store {
+            dir: dir.to_path_buf(),
+            conn: Mutex::new(conn),
+            blobs,
+            key,
+            director_id,
+        }))
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        match self.conn.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    pub fn blobs(&self) -> &BlobStore {
+        &self.blobs
+    }
+    pub fn director_key(&self) -> &KeyPair {
+        &self.key
+    }
+    pub fn director_id(&self) -> &str {
+        &self.director_id
+    }
+
+    pub fn get_meta(&self, key: &str) -> Result<Option<String>> {
+        db(
+            format!("reading setting {key}"),
+            self.conn()
+                .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {
+                    r.get(0)
+                })
+                .optional(),
+        )
+    }
+
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+        db(
+            format!("writing setting {key}"),
+            self.conn().execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                params![key, value],
+            ),
+        )
+        .map(|_| ())
+    }
+
+    // ---- releases ----
+
+    /// Store a release's archives as blobs and record it. Returns false when
+    /// that name/version was already uploaded with the same content.
+    pub fn save_release(&self, release: &Release) -> Result<bool> {
+        let op = format!(
+            "uploading release {}/{}",
+            release.manifest.name, release.manifest.version
+        );
+        if let Some(existing) = self.release(&release.manifest.name, &release.manifest.version)? {
+            if existing.manifest == release.manifest {
+                return Ok(false);
+            }
+        }
+        let blob = |data: &[u8]| {
+            self.blobs.put_bytes(data).map_err(|source| StateError::Blob {
+                op: op.clone(),
+                source,
+            })
+        };
+        let mut jobs = Vec::new();
+        for j in &release.jobs {
+            let sha256 = blob(&j.archive)?;
+            jobs.push(JobRecord {
+                spec: j.spec.clone(),
+                fingerprint: j.fingerprint.clone(),
+                templates: j.templates.clone(),
+                sha256,
+            });
+        }
+        let mut packages = Vec::new();
+        for p in &release.packages {
+            let sha256 = blob(&p.archive)?;
+            packages.push(PackageRecord {
+                spec: p.spec.clone(),
+                fingerprint: p.fingerprint.clone(),
+                sha256,
+            });
+        }
+        let rec = ReleaseRecord {
+            manifest: release.manifest.clone(),
+            jobs,
+            packages,
+        };
+        let json = to_json(&op, &rec)?;
+        db(
+            op,
+            self.conn().execute(
+                "INSERT INTO releases (name, version, record, uploaded_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(name, version) DO UPDATE SET record = excluded.record, uploaded_at = excluded.uploaded_at",
+                params![rec.name(), rec.version(), json, now()],
+            ),
+        )?;
+        Ok(true)
+    }
+
+    /// A release by name and version (`latest`: the last uploaded).
+    pub fn release(&self, name: &str, version: &str) -> Result<Option<ReleaseRecord>> {
+        let op = format!("reading release {name}/{version}");
+        let conn = self.conn();
+        let row: Option<String> = if version == "latest" {
+            db(
+                &op,
+                conn.query_row(
+                    "SELECT record FROM releases WHERE name = ?1 ORDER BY uploaded_at DESC, rowid DESC LIMIT 1",
+                    params![name],
+                    |r| r.get(0),
+                )
+                .optional(),
+            )?
+        } else {
+            db(
+                &op,
+                conn.query_row(
+                    "SELECT record FROM releases WHERE name = ?1 AND version = ?2",
+                    params![name, version],
+                    |r| r.get(0),
+                )
+                .optional(),
+            )?
+        };
+        row.map(|s| from_json(&op, &s)).transpose()
+    }
+
+    /// Every release: (name, version, uploaded_at).
+    pub fn releases(&self) -> Result<Vec<(String, String, i64)>> {
+        let conn = self.conn();
+        let mut stmt = db(
+            "listing releases",
+            conn.prepare(
+                "SELECT name, version, uploaded_at FROM releases ORDER BY name, uploaded_at",
+            ),
+        )?;
+        let rows = db(
+            "listing releases",
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))),
+        )?;
+        db("listing releases", rows.collect())
+    }
+
+    // ---- stemcells ----
+
+    pub fn save_stemcell(&self, rec: &StemcellRecord) -> Result<()> {
+        let op = format!("recording stemcell {}/{}", rec.os, rec.version);
+        let json = to_json(&op, rec)?;
+        db(
+            op,
+            self.conn().execute(
+                "INSERT INTO stemcells (cpi, cid, record, uploaded_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(cpi, cid) DO UPDATE SET record = excluded.record",
+                params![rec.cpi, rec.cid, json, now()],
+            ),
+        )
+        .map(|_| ())
+    }
+
+    pub fn stemcells(&self) -> Result<Vec<StemcellRecord>> {
+        self.query_records(
+            "listing stemcells",
+            "SELECT record FROM stemcells ORDER BY uploaded_at",
+            [],
+        )
+    }
+
+    // ---- compiled packages ----
+
+    pub fn compiled_package(
+        &self,
+        fingerprint: &str,
+        stemcell: &str,
+    ) -> Result<Option<CompiledPackage>> {
+        let op = format!("reading compiled package {fingerprint}");
+        let row: Option<String> = db(
+            &op,
+            self.conn()
+                .query_row(
+                    "SELECT record FROM compiled_packages WHERE fingerprint = ?1 AND stemcell = ?2",
+                    params![fingerprint, stemcell],
+                    |r| r.get(0),
+                )
+                .optional(),
+        )?;
+        match row {
+            Some(s) => {
+                let c: CompiledPackage = from_json(&op, &s)?;
+                // A record whose blob vanished is no cache hit.
+                Ok(self.blobs.has(&c.sha256).then_some(c))
+            }
+            None => Ok(None),
+        }
+    }
+
+    pub fn save_compiled_package(&self, c: &CompiledPackage) -> Result<()> {
+        let op = format!("recording compiled package {}", c.name);
+        let json = to_json(&op, c)?;
+        db(
+            op,
+            self.conn().execute(
+                "INSERT INTO compiled_packages (fingerprint, stemcell, record) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(fingerprint, stemcell) DO UPDATE SET record = excluded.record",
+                params![c.fingerprint, c.stemcell, json],
+            ),
+        )
+        .map(|_| ())
+    }
+
+    // ---- cloud config ----
+
+    pub fn save_cloud_config(&self, text: &str) -> Result<i64> {
+        let conn = self.conn();
+        db(
+            "saving cloud-config",
+            conn.execute(
+                "INSERT INTO cloud_configs (text, created_at) VALUES (?1, ?2)",
+                params![text, now()],
+            ),
+        )?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    /// The latest cloud-config: (id, text).
+    pub fn cloud_config(&self) -> Result<Option<(i64, String)>> {
+        db(
+            "reading cloud-config",
+            self.conn()
+                .query_row(
+                    "SELECT id, text FROM cloud_configs ORDER BY id DESC LIMIT 1",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional(),
+        )
+    }
+
+    // ---- deployments ----
+
+    pub fn save_deployment(&self, rec: &DeploymentRecord) -> Result<()> {
+        let op = format!("recording deployment {}", rec.name);
+        let json = to_json(&op, rec)?;
+        db(
+            op,
+            self.conn().execute(
+                "INSERT INTO deployments (name, record) VALUES (?1, ?2)
+                 ON CONFLICT(name) DO UPDATE SET record = excluded.record",
+                params![rec.name, json],
+            ),
+        )
+        .map(|_| ())
+    }
+
+    pub fn deployment(&self, name: &str) -> Result<Option<DeploymentRecord>> {
+        let mut v = self.query_records(
+            &format!("reading deployment {name}"),
+            "SELECT record FROM deployments WHERE name = ?1",
+            params![name],
+        )?;
+        Ok(v.pop())
+    }
+
+    pub fn deployments(&self) -> Result<Vec<DeploymentRecord>> {
+        self.query_records(
+            "listing deployments",
+            "SELECT record FROM deployments ORDER BY name",
+            [],
+        )
+    }
+
+    pub fn delete_deployment_record(&self, name: &str) -> Result<()> {
+        db(
+            format!("deleting deployment {name}"),
+            self.conn()
+                .execute("DELETE FROM deployments WHERE name = ?1", params![name]),
+        )
+        .map(|_| ())
+    }
+
+    // ---- instances ----
+
+    pub fn instances(&self, deployment: &str) -> Result<Vec<InstanceRecord>> {
+        let mut v: Vec<InstanceRecord> = self.query_records(
+            &format!("reading instances of {deployment}"),
+            "SELECT record FROM instances WHERE deployment = ?1",
+            params![deployment],
+        )?;
+        v.sort_by(|a, b| (&a.group, a.index).cmp(&(&b.group, b.index)));
+        Ok(v)
+    }
+
+    /// Every instance of every deployment (for IP reservations).
+    pub fn all_instances(&self) -> Result<Vec<InstanceRecord>> {
+        self.query_records(
+            "reading all instances",
+            "SELECT record FROM instances",
+            [],
+        )
+    }
+
+    pub fn save_instance(&self, rec: &InstanceRecord) -> Result<()> {
+        let op = format!("recording instance {}/{}", rec.group, rec.id);
+        let json = to_json(&op, rec)?;
+        db(
+            op,
+            self.conn().execute(
+                "INSERT INTO instances (id, deployment, record) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(id) DO UPDATE SET record = excluded.record",
+                params![rec.id, rec.deployment, json],
+            ),
+        )
+        .map(|_| ())
+    }
+
+    pub fn delete_instance(&self, id: &str) -> Result<()> {
+        db(
+            format!("deleting instance {id}"),
+            self.conn()
+                .execute("DELETE FROM instances WHERE id = ?1", params![id]),
+        )
+        .map(|_| ())
+    }
+
+    // ---- orphaned disks ----
+
+    pub fn save_orphan_disk(&self, d: &OrphanDisk) -> Result<()> {
+        let op = format!("recording orphaned disk {}", d.cid);
+        let json = to_json(&op, d)?;
+        db(
+            op,
+            self.conn().execute(
+                "INSERT INTO orphan_disks (cid, record) VALUES (?1, ?2)
+                 ON CONFLICT(cid) DO UPDATE SET record = excluded.record",
+                params![d.cid, json],
+            ),
+        )
+        .map(|_| ())
+    }
+
+    pub fn orphan_disks(&self) -> Result<Vec<OrphanDisk>> {
+        self.query_records(
+            "listing orphaned disks",
+            "SELECT record FROM orphan_disks ORDER BY cid",
+            [],
+        )
+    }
+
+    // ---- events ----
+
+    pub fn add_event(&self, e: &Event) -> Result<()> {
+        let json = to_json("recording event", e)?;
+        db(
+            "recording event",
+            self.conn().execute(
+                "INSERT INTO events (deployment, record) VALUES (?1, ?2)",
+                params![e.deployment, json],
+            ),
+        )
+        .map(|_| ())
+    }
+
+    pub fn events(&self, deployment: Option<&str>) -> Result<Vec<Event>> {
+        match deployment {
+            Some(d) => self.query_records(
+                "listing events",
+                "SELECT record FROM events WHERE deployment = ?1 ORDER BY id",
+                params![d],
+            ),
+            None => self.query_records("listing events", "SELECT record FROM events ORDER BY id", []),
+        }
+    }
+
+    fn query_records<T: DeserializeOwned, P: rusqlite::Params>(
+        &self,
+        op: &str,
+        sql: &str,
+        p: P,
+    ) -> Result<Vec<T>> {
+        let conn = self.conn();
+        let mut stmt = db(op, conn.prepare(sql))?;
+        let rows = db(op, stmt.query_map(p, |r| r.get::<_, String>(0)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(from_json(op, &db(op, row)?)?);
+        }
+        Ok(out)
+    }
+
+    // ---- locks ----
+
+    /// Take the deployment's lock, or fail at once naming the holder. The
+    /// lock is an flock, so a holder that dies releases it.
+    pub fn lock_deployment(&self, name: &str) -> Result<DeploymentLock> {
+        let path = self.dir.join("locks").join(format!("{name}.lock"));
+        let io = |source| StateError::Io {
+            op: format!("locking deployment {name}"),
+            source,
+        };
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io)?;
+        // SAFETY: flock on a file descriptor we own; no memory is touched.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            return Err(StateError::Locked {
+                deployment: name.to_string(),
+                holder: holder.trim().to_string(),
+            });
+        }
+        file.set_len(0).map_err(io)?;
+        writeln!(file, "pid {} since {}", std::process::id(), now()).map_err(io)?;
+        Ok(DeploymentLock { _file: file })
+    }
+}
+
+/// Held while a deployment changes; dropping it releases the lock.
+pub struct DeploymentLock {
+    _file: File,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(id: &str, index: u32) -> InstanceRecord {
+        InstanceRecord {
+            id: id.into(),
+            deployment: "d".into(),
+            group: "kv".into(),
+            index,
+            az: "z1".into(),
+            bootstrap: index == 0,
+            networks: BTreeMap::new(),
+            vm: None,
+            pending_vm_token: None,
+            disk: None,
+            applied: None,
+        }
+    }
+
+    #[test]
+    fn instances_round_trip_and_identity_persists() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let id = s.director_id().to_string();
+        s.save_instance(&instance("b", 1)).unwrap();
+        s.save_instance(&instance("a", 0)).unwrap();
+        let got = s.instances("d").unwrap();
+        assert_eq!(got.iter().map(|i| i.index).collect::<Vec<_>>(), vec![0, 1]);
+        s.delete_instance("a").unwrap();
+        assert_eq!(s.instances("d").unwrap().len(), 1);
+        let key = s.director_key().public_openssh.clone();
+        drop(s);
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.director_id(), id);
+        assert_eq!(s.director_key().public_openssh, key);
+    }
+
+    #[test]
+    fn second_lock_fails_with_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let lock = s.lock_deployment("q").unwrap();
+        let err = s.lock_deployment("q").err().unwrap().to_string();
+        assert!(err.contains("locked by another bosun process (pid"), "{err}");
+        drop(lock);
+        assert!(s.lock_deployment("q").is_ok());
+    }
+
+    #[test]
+    fn cloud_config_latest_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        assert!(s.cloud_config().unwrap().is_none());
+        s.save_cloud_config("a: 1").unwrap();
+        let id = s.save_cloud_config("a: 2").unwrap();
+        assert_eq!(s.cloud_config().unwrap(), Some((id, "a: 2".to_string())));
+    }
+}

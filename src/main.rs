@@ -1,0 +1,403 @@
+//! `bosun`: the command line. Parses arguments, wires the CPI backends into
+//! the director, prints. Everything else lives in the libraries:
+//! `bosun-director` (operations), `bosun-agent` (the agent, run by
+//! `bosun agent`), `bosun-cpi-*` (backends).
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+use bosun_cpi_local::{LocalCpi, LocalCpiConfig};
+use bosun_director::executor::{Cpis, ExecOptions, Progress};
+use bosun_director::ops::{DeployOptions, Director, InstanceInfo, Report};
+use bosun_director::planner::Plan;
+use bosun_director::state::Store;
+
+#[derive(Parser)]
+#[command(name = "bosun", version, about = "Deploy and keep alive distributed systems, the BOSH way")]
+struct Cli {
+    /// Where the director keeps its state.
+    #[arg(long, global = true, env = "BOSUN_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Deployment name.
+    #[arg(short = 'd', long = "deployment", global = true, env = "BOSUN_DEPLOYMENT")]
+    deployment: Option<String>,
+    /// Non-interactive: do not ask for confirmation.
+    #[arg(short = 'n', long = "non-interactive", global = true)]
+    non_interactive: bool,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Deploy a manifest: plan the changes, confirm, converge.
+    Deploy {
+        manifest: PathBuf,
+        /// Print the plan and stop.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// List deployments.
+    Deployments,
+    /// List the instances of a deployment (-d) with their live state.
+    Instances {
+        /// Show each process.
+        #[arg(long)]
+        ps: bool,
+    },
+    /// Delete a deployment (-d): VMs deleted, persistent disks orphaned.
+    DeleteDeployment,
+    /// Build a release tarball from a BOSH-layout release directory.
+    CreateRelease {
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Where to write the tarball (default: <name>-<version>.tgz).
+        #[arg(long)]
+        tarball: Option<PathBuf>,
+        /// Release version (default: 0+dev.<content digest>).
+        #[arg(long)]
+        version: Option<String>,
+    },
+    /// Upload a release (directory or tarball).
+    UploadRelease {
+        path: PathBuf,
+        #[arg(long)]
+        version: Option<String>,
+    },
+    /// List uploaded releases.
+    Releases,
+    /// List uploaded stemcells.
+    Stemcells,
+    /// Print the cloud-config in force.
+    CloudConfig,
+    /// Upload a cloud-config.
+    UpdateCloudConfig { file: PathBuf },
+    /// Run the agent of a VM (started by CPIs, not by operators).
+    #[command(hide = true)]
+    Agent {
+        #[arg(long)]
+        settings: PathBuf,
+        /// Local CPI: enter a VM namespace with this directory at /var/vcap.
+        #[arg(long)]
+        vm_root: Option<PathBuf>,
+    },
+}
+
+fn default_state_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(d).join("bosun");
+    }
+    if let Some(h) = std::env::var_os("HOME") {
+        return PathBuf::from(h).join(".local/share/bosun");
+    }
+    PathBuf::from(".bosun-state")
+}
+
+fn main() {
+    let cli = Cli::parse();
+    // The agent enters its VM namespace before any thread exists.
+    if let Command::Agent {
+        vm_root: Some(root),
+        ..
+    } = &cli.command
+    {
+        if let Err(e) = bosun_cpi_local::enter_vm_namespace(root) {
+            eprintln!("bosun agent: {e}");
+            std::process::exit(1);
+        }
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bosun: starting the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn init_logging(agent: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BOSUN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(if agent { "info" } else { "warn" }));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn run(cli: Cli) -> Result<i32> {
+    if let Command::Agent { settings, .. } = &cli.command {
+        init_logging(true);
+        bosun_agent::agent::run_from_settings_file(settings)
+            .await
+            .context("running the agent")?;
+        return Ok(0);
+    }
+    init_logging(false);
+    let state_dir = cli.state_dir.clone().unwrap_or_else(default_state_dir);
+    let store = Store::open(&state_dir)?;
+    let director = director(store.clone())?;
+    let printer = Arc::new(Printer::new(cli.non_interactive));
+    match cli.command {
+        Command::Agent { .. } => Ok(0),
+        Command::Deploy { manifest, dry_run } => {
+            let started = Instant::now();
+            let outcome = director
+                .deploy(&manifest, &DeployOptions { dry_run }, printer.clone())
+                .await?;
+            if dry_run {
+                print!("{}", outcome.plan);
+                return Ok(0);
+            }
+            match outcome.summary {
+                None => println!(
+                    "Deployment '{}': no changes ({:.2}s)",
+                    outcome.plan.deployment,
+                    started.elapsed().as_secs_f64()
+                ),
+                Some(s) => println!(
+                    "Deployed '{}' in {:.1}s: {} compiled, {} created, {} updated, {} deleted",
+                    outcome.plan.deployment,
+                    started.elapsed().as_secs_f64(),
+                    s.compiled,
+                    s.created,
+                    s.updated,
+                    s.deleted
+                ),
+            }
+            Ok(0)
+        }
+        Command::Deployments => {
+            let deps = store.deployments()?;
+            if cli.json {
+                let v: Vec<_> = deps
+                    .iter()
+                    .map(|d| {
+                        serde_json::json!({"name": d.name, "releases": d.releases, "stemcells": d.stemcells})
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{:<24} {:<10} releases", "name", "instances");
+                for d in deps {
+                    let n = store.instances(&d.name)?.len();
+                    println!("{:<24} {:<10} {}", d.name, n, d.releases.join(", "));
+                }
+            }
+            Ok(0)
+        }
+        Command::Instances { ps } => {
+            let name = need_deployment(&cli.deployment)?;
+            let list = director.instances(&name).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print_instances(&list, ps);
+            }
+            Ok(0)
+        }
+        Command::DeleteDeployment => {
+            let name = need_deployment(&cli.deployment)?;
+            if !cli.non_interactive && !ask(&format!("Delete deployment '{name}'?")) {
+                bail!("cancelled");
+            }
+            let started = Instant::now();
+            let n = director.delete_deployment(&name, printer.clone()).await?;
+            println!(
+                "Deleted deployment '{name}' ({n} instances) in {:.1}s; persistent disks are kept as orphaned disks",
+                started.elapsed().as_secs_f64()
+            );
+            Ok(0)
+        }
+        Command::CreateRelease {
+            dir,
+            tarball,
+            version,
+        } => {
+            let rel = bosun_director::release::read_release_dir(&dir, version.as_deref())?;
+            let out = tarball.unwrap_or_else(|| {
+                PathBuf::from(format!("{}-{}.tgz", rel.manifest.name, rel.manifest.version))
+            });
+            bosun_director::release::write_tarball(&rel, &out)?;
+            println!(
+                "Created release {}/{} ({} jobs, {} packages) at {}",
+                rel.manifest.name,
+                rel.manifest.version,
+                rel.jobs.len(),
+                rel.packages.len(),
+                out.display()
+            );
+            Ok(0)
+        }
+        Command::UploadRelease { path, version } => {
+            let (rec, new) = director.upload_release(&path, version.as_deref())?;
+            println!(
+                "{} release {}/{}",
+                if new { "Uploaded" } else { "Already uploaded:" },
+                rec.name(),
+                rec.version()
+            );
+            Ok(0)
+        }
+        Command::Releases => {
+            let rels = store.releases()?;
+            if cli.json {
+                let v: Vec<_> = rels
+                    .iter()
+                    .map(|(n, v, _)| serde_json::json!({"name": n, "version": v}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{:<24} version", "name");
+                for (n, v, _) in rels {
+                    println!("{n:<24} {v}");
+                }
+            }
+            Ok(0)
+        }
+        Command::Stemcells => {
+            director.ensure_local_stemcell().await?;
+            let list = store.stemcells()?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!("{:<24} {:<16} {:<10} {:<8} cid", "name", "os", "version", "cpi");
+                for s in list {
+                    println!(
+                        "{:<24} {:<16} {:<10} {:<8} {}",
+                        s.name, s.os, s.version, s.cpi, s.cid
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Command::CloudConfig => {
+            match store.cloud_config()? {
+                Some((_, text)) => print!("{text}"),
+                None => println!("# No cloud-config uploaded; the built-in local default is in force."),
+            }
+            Ok(0)
+        }
+        Command::UpdateCloudConfig { file } => {
+            let id = director.update_cloud_config(&file)?;
+            println!("Updated cloud-config (#{id})");
+            Ok(0)
+        }
+    }
+}
+
+fn director(store: Arc<Store>) -> Result<Director> {
+    let exe = std::env::current_exe().context("finding the bosun executable")?;
+    let local = LocalCpi::new(LocalCpiConfig {
+        root: store.dir().join("local-cpi"),
+        agent_command: vec![exe.display().to_string(), "agent".into()],
+    })?;
+    let mut cpis = Cpis::new();
+    cpis.insert("local", Arc::new(local));
+    let mut opts = ExecOptions::default();
+    if let Some(secs) = std::env::var("BOSUN_AGENT_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    {
+        opts.agent_timeout = Duration::from_secs(secs);
+    }
+    Ok(Director { store, cpis, opts })
+}
+
+fn need_deployment(d: &Option<String>) -> Result<String> {
+    d.clone()
+        .context("this command needs a deployment: pass -d NAME (or set BOSUN_DEPLOYMENT)")
+}
+
+fn ask(question: &str) -> bool {
+    if !std::io::stdin().is_terminal() {
+        eprintln!("{question} (not a terminal: pass -n to proceed without asking)");
+        return false;
+    }
+    print!("{question} [yN] ");
+    let _ = std::io::stdout().flush();
+    let mut line = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut line);
+    matches!(line.trim(), "y" | "Y" | "yes")
+}
+
+fn print_instances(list: &[InstanceInfo], ps: bool) {
+    println!(
+        "{:<46} {:<13} {:<4} {:<16} {:<42}",
+        "instance", "process_state", "az", "ips", "vm_cid"
+    );
+    for i in list {
+        println!(
+            "{:<46} {:<13} {:<4} {:<16} {:<42}",
+            format!("{}{}", i.instance, if i.bootstrap { "*" } else { "" }),
+            i.process_state,
+            i.az,
+            i.ips.join(","),
+            i.vm_cid.clone().unwrap_or_else(|| "-".into())
+        );
+        if ps {
+            for p in &i.processes {
+                println!(
+                    "  {:<44} {:<13} uptime {}s",
+                    format!("{}/{}", p.job, p.name),
+                    p.state,
+                    p.uptime_secs.unwrap_or(0)
+                );
+            }
+        }
+    }
+    println!("\n{} instances", list.len());
+}
+
+/// Prints progress lines and asks for confirmation.
+struct Printer {
+    started: Instant,
+    non_interactive: bool,
+}
+
+impl Printer {
+    fn new(non_interactive: bool) -> Printer {
+        Printer {
+            started: Instant::now(),
+            non_interactive,
+        }
+    }
+}
+
+impl Progress for Printer {
+    fn stage(&self, subject: &str, stage: &str) {
+        println!(
+            "{:>7.2}s  {subject:<48} {stage}",
+            self.started.elapsed().as_secs_f64()
+        );
+    }
+}
+
+impl Report for Printer {
+    fn notice(&self, msg: &str) {
+        println!("{msg}");
+    }
+
+    fn confirm(&self, plan: &Plan) -> bool {
+        print!("{plan}");
+        if self.non_interactive {
+            return true;
+        }
+        ask("Continue?")
+    }
+}
