@@ -20,9 +20,9 @@ use crate::templates::{JobTemplates, TemplateError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
-    #[error("{0}")]
+    #[error(transparent)]
     Problems(#[from] Problems),
-    #[error("{0}")]
+    #[error(transparent)]
     Template(#[from] TemplateError),
 }
 

@@ -52,7 +52,7 @@ pub enum ExecError {
         #[source]
         source: ClientError,
     },
-    #[error("{0}")]
+    #[error(transparent)]
     State(#[from] StateError),
     #[error("no CPI named '{0}' is configured (cloud-config azs name their cpi: local, docker, aws)")]
     UnknownCpi(String),
@@ -745,14 +745,17 @@ impl Executor {
             .await?;
         let generation = rec.vm.as_ref().map(|v| v.generation + 1).unwrap_or(1);
         spec.generation = generation;
-        client.apply(&spec).await.map_err(|source| ExecError::Agent {
-            what: format!("applying spec to {name}"),
-            source,
-        })?;
+        // Until the new spec is seen running, what runs there is unknown:
+        // a failed update must be planned again.
+        rec.applied = None;
         if let Some(vm) = rec.vm.as_mut() {
             vm.generation = generation;
         }
         self.store.save_instance(&rec)?;
+        client.apply(&spec).await.map_err(|source| ExecError::Agent {
+            what: format!("applying spec to {name}"),
+            source,
+        })?;
 
         self.progress.stage(&name, "starting");
         client.start().await.map_err(|source| ExecError::Agent {

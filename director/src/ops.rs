@@ -37,17 +37,17 @@ pub enum OpError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{0}")]
+    #[error(transparent)]
     Problems(#[from] Problems),
-    #[error("{0}")]
+    #[error(transparent)]
     Resolve(#[from] ResolveError),
-    #[error("{0}")]
+    #[error(transparent)]
     Plan(#[from] PlanError),
-    #[error("{0}")]
+    #[error(transparent)]
     Exec(#[from] ExecError),
-    #[error("{0}")]
+    #[error(transparent)]
     State(#[from] StateError),
-    #[error("{0}")]
+    #[error(transparent)]
     Release(#[from] ReleaseError),
     #[error("deployment '{0}' does not exist")]
     NoDeployment(String),
@@ -216,12 +216,15 @@ impl Director {
         let manifest =
             manifest::parse_manifest(&manifest_path.display().to_string(), &text, &base)?;
         let cc = self.cloud_config(report)?;
-        cloud_config::validate_manifest(&manifest, &cc)?;
+        // Every problem at once: cloud-config checks, releases, jobs, links.
+        let mut problems = match cloud_config::validate_manifest(&manifest, &cc) {
+            Ok(()) => Problems::default(),
+            Err(p) => p,
+        };
         self.ensure_local_stemcell().await?;
 
         // Releases: local paths are created and uploaded; others must exist.
         let mut releases = BTreeMap::new();
-        let mut problems = Problems::default();
         for (i, r) in manifest.releases.iter().enumerate() {
             let found = match &r.path {
                 Some(p) => {
@@ -265,10 +268,19 @@ impl Director {
                 None => {}
             }
         }
-        problems.into_result()?;
-
         let stemcells = self.store.stemcells()?;
-        let desired = desired::resolve(&manifest, &cc, &releases, &stemcells)?;
+        let desired = match desired::resolve(&manifest, &cc, &releases, &stemcells) {
+            Ok(d) => d,
+            Err(ResolveError::Problems(more)) => {
+                problems.extend(more);
+                problems.0.sort_by_key(|p| p.line.unwrap_or(0));
+                problems.0.dedup();
+                return Err(problems.into());
+            }
+            Err(e) if problems.is_empty() => return Err(e.into()),
+            Err(_) => return Err(problems.into()),
+        };
+        problems.into_result()?;
 
         let mine = self.store.instances(&manifest.name)?;
         let reserved_ips = self

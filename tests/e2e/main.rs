@@ -1,0 +1,10 @@
+//! End-to-end tests of the `bosun` binary on the local CPI: real agents in
+//! their own namespaces, real compilation, real job processes on loopback.
+//! One test binary (faster to link); each test gets its own state dir and
+//! its own loopback subnet so tests can run in parallel.
+
+mod support;
+
+mod cpi_conformance;
+mod deploy;
+mod manifests;

@@ -1,0 +1,114 @@
+//! Broken manifests fail before anything is created, naming file, path and line.
+
+use crate::support::{text, Env};
+
+const GOOD: &str = r#"name: e2e
+releases:
+- name: kv
+  version: latest
+  path: {release}
+stemcells:
+- alias: default
+  os: local
+  version: latest
+update:
+  canaries: 1
+  max_in_flight: 1
+  canary_watch_time: 1000
+  update_watch_time: 1000
+instance_groups:
+- name: kv
+  instances: 2
+  azs: [z1]
+  vm_type: default
+  stemcell: default
+  networks:
+  - name: default
+    static_ips: [127.104.0.10, 127.104.0.11]
+  jobs:
+  - name: kv
+    release: kv
+"#;
+
+fn fails_with(env: &Env, name: &str, body: &str, expected: &[&str]) {
+    let m = env.manifest(name, body);
+    let out = env.bosun(&["deploy", m.to_str().unwrap(), "-n"]);
+    assert!(!out.status.success(), "{name} should fail: {}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for e in expected {
+        assert!(err.contains(e), "{name}: expected {e:?} in:\n{err}");
+    }
+    assert_eq!(env.vm_dirs(), 0, "{name}: nothing may be created");
+}
+
+#[test]
+fn broken_manifests_fail_before_anything_is_created() {
+    let env = Env::new(104);
+    fails_with(
+        &env,
+        "yaml.yml",
+        "name: e2e\nreleases:\n  - name: kv\n   version: 1\n",
+        &["yaml.yml:4", "invalid YAML"],
+    );
+    fails_with(
+        &env,
+        "unknown-key.yml",
+        &GOOD.replace("  instances: 2\n", "  instances: 2\n  instnces: 2\n"),
+        &[
+            "unknown-key.yml:18: instance_groups[0].instnces",
+            "did you mean 'instances'",
+        ],
+    );
+    fails_with(
+        &env,
+        "static-ip.yml",
+        &GOOD.replace("127.104.0.11]", "10.1.0.9]"),
+        &[
+            "static-ip.yml:23: instance_groups[0].networks[0].static_ips[1]",
+            "10.1.0.9",
+        ],
+    );
+    fails_with(
+        &env,
+        "unknown-job.yml",
+        &GOOD.replace("  - name: kv\n    release: kv", "  - name: kvz\n    release: kv"),
+        &["unknown-job.yml:25: instance_groups[0].jobs[0].name", "no job 'kvz'"],
+    );
+    fails_with(
+        &env,
+        "missing-release.yml",
+        &GOOD
+            .replace("  path: {release}\n", "")
+            .replace("- name: kv\n  version", "- name: other\n  version")
+            .replace("release: kv", "release: other"),
+        &[
+            "missing-release.yml:3: releases[0]",
+            "release 'other' version 'latest' is not uploaded",
+        ],
+    );
+    // All at once: three problems in one file are reported together.
+    fails_with(
+        &env,
+        "several.yml",
+        &GOOD
+            .replace("127.104.0.11]", "10.1.0.9]")
+            .replace("  - name: kv\n    release: kv", "  - name: kvz\n    release: kv"),
+        &[
+            "2 problems found",
+            "several.yml:23: instance_groups[0].networks[0].static_ips[1]",
+            "several.yml:25: instance_groups[0].jobs[0].name",
+        ],
+    );
+}
+
+#[test]
+fn dry_run_prints_the_plan_and_creates_nothing() {
+    let env = Env::new(105);
+    let m = env.manifest("m.yml", &GOOD.replace("127.104.", "127.105."));
+    let out = env.bosun(&["deploy", m.to_str().unwrap(), "--dry-run"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let plan = String::from_utf8_lossy(&out.stdout);
+    assert!(plan.contains("compile   kv-common"), "{plan}");
+    assert!(plan.contains("ip=127.105.0.10") && plan.contains("ip=127.105.0.11"), "{plan}");
+    assert_eq!(env.vm_dirs(), 0);
+}

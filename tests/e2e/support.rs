@@ -1,0 +1,138 @@
+//! Helpers: run the binary, make a cloud-config with a private subnet, talk HTTP.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+pub const BOSUN: &str = env!("CARGO_BIN_EXE_bosun");
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A state dir plus a cloud-config on its own 127.<octet>.0.0/24 subnet.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub octet: u8,
+}
+
+impl Env {
+    pub fn new(octet: u8) -> Env {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let env = Env { dir, octet };
+        let cc = env.path("cloud-config.yml");
+        std::fs::write(
+            &cc,
+            format!(
+                "azs:\n- name: z1\nnetworks:\n- name: default\n  type: manual\n  subnets:\n  - range: 127.{o}.0.0/24\n    gateway: 127.{o}.0.1\n    static: [127.{o}.0.2 - 127.{o}.0.50]\n    azs: [z1]\nvm_types:\n- name: default\ndisk_types:\n- name: default\n  disk_size: 1024\ncompilation:\n  workers: 2\n  az: z1\n  network: default\n",
+                o = octet
+            ),
+        )
+        .expect("write cloud-config");
+        let out = env.bosun(&["update-cloud-config", cc.to_str().expect("utf8")]);
+        assert!(out.status.success(), "{}", text(&out));
+        env
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn bosun(&self, args: &[&str]) -> Output {
+        Command::new(BOSUN)
+            .arg("--state-dir")
+            .arg(self.state())
+            .args(args)
+            .env("BOSUN_AGENT_TIMEOUT", "30")
+            .output()
+            .expect("run bosun")
+    }
+
+    /// Write a manifest (with `{release}` replaced by the kv release path).
+    pub fn manifest(&self, name: &str, body: &str) -> PathBuf {
+        let p = self.path(name);
+        let body = body.replace("{release}", repo().join("releases/kv").to_str().expect("utf8"));
+        std::fs::write(&p, body).expect("write manifest");
+        p
+    }
+
+    pub fn instances(&self, deployment: &str) -> Vec<serde_json::Value> {
+        let out = self.bosun(&["-d", deployment, "instances", "--json"]);
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .expect("instances --json is JSON")
+            .as_array()
+            .expect("an array")
+            .clone()
+    }
+
+    /// Processes whose command line mentions this env's state dir.
+    pub fn processes(&self) -> Vec<String> {
+        let needle = self.state().display().to_string();
+        let mut found = Vec::new();
+        for e in std::fs::read_dir("/proc").expect("proc").flatten() {
+            let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+                continue;
+            };
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(&needle) {
+                found.push(cmd);
+            }
+        }
+        found
+    }
+
+    pub fn vm_dirs(&self) -> usize {
+        std::fs::read_dir(self.state().join("local-cpi/vms"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // Leave nothing running, whatever the test did.
+        for d in ["quickstart", "canary", "e2e"] {
+            let _ = self.bosun(&["-d", d, "delete-deployment", "-n"]);
+        }
+    }
+}
+
+pub fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A plain HTTP/1.0 request; returns (status, body).
+pub fn http(method: &str, addr: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    Ok((status, body))
+}
+
+pub fn exists(p: &Path) -> bool {
+    p.exists()
+}
