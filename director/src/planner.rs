@@ -343,6 +343,14 @@ pub fn plan(
     let compilation = if compile.is_empty() {
         None
     } else {
+        // Compilation runs before deletes: their IPs are still in use.
+        for d in &deletes {
+            for (net, n) in &d.networks {
+                if let Ok(ip) = n.ip.parse() {
+                    used.insert((net.clone(), ip));
+                }
+            }
+        }
         Some(compilation_plan(desired, compile.len(), &mut used)?)
     };
     Ok(Plan {
@@ -413,10 +421,11 @@ fn assign_ips(
             .map(|r| {
                 let ip: Ipv4Addr = r.networks.get(&dn.name)?.ip.parse().ok()?;
                 let valid = if dn.static_ips.is_empty() {
-                    ipam::subnet_for_az(&dn.network, &r.az)
-                        .is_some_and(|s| s.range.contains(&ip) && !ipam::is_static(s, ip))
-                        && ipam::dynamic_pool(ipam::subnet_for_az(&dn.network, &r.az)?)
-                            .any(|a| a == ip)
+                    // Still in a dynamic pool of a subnet serving its az.
+                    ipam::subnet_for_ip(&dn.network, ip).is_some_and(|s| {
+                        (s.azs.is_empty() || s.azs.contains(&r.az))
+                            && ipam::dynamic_pool(s).any(|a| a == ip)
+                    })
                 } else {
                     dn.static_ips.contains(&ip)
                 };
@@ -789,4 +798,211 @@ fn compile_steps(
             stemcell: p.stemcell.clone(),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cloud_config::default_local;
+    use crate::desired::resolve;
+    use crate::manifest::parse_manifest;
+    use crate::release::read_release_dir;
+    use crate::state::{DiskRecord, JobRecord, PackageRecord, ReleaseRecord, StemcellRecord, VmRecord};
+    use bosun_agent::blobs::sha256_hex;
+    use std::path::Path;
+
+    fn kv_release() -> ReleaseRecord {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../releases/kv");
+        let r = read_release_dir(&dir, None).unwrap();
+        ReleaseRecord {
+            manifest: r.manifest.clone(),
+            jobs: r
+                .jobs
+                .iter()
+                .map(|j| JobRecord {
+                    spec: j.spec.clone(),
+                    fingerprint: j.fingerprint.clone(),
+                    templates: j.templates.clone(),
+                    sha256: sha256_hex(&j.archive),
+                })
+                .collect(),
+            packages: r
+                .packages
+                .iter()
+                .map(|p| PackageRecord {
+                    spec: p.spec.clone(),
+                    fingerprint: p.fingerprint.clone(),
+                    sha256: sha256_hex(&p.archive),
+                })
+                .collect(),
+        }
+    }
+
+    fn manifest(instances: u32, port: u32, disk: u32, static_ips: &[&str]) -> String {
+        let ips = if static_ips.is_empty() {
+            String::new()
+        } else {
+            format!("    static_ips: [{}]\n", static_ips.join(", "))
+        };
+        format!(
+            "name: fp\nreleases:\n- name: kv\n  version: latest\nstemcells:\n- alias: default\n  os: local\n  version: latest\nupdate:\n  canaries: 1\n  max_in_flight: 2\n  canary_watch_time: 1000\n  update_watch_time: 1000\ninstance_groups:\n- name: kv\n  instances: {instances}\n  azs: [z1]\n  vm_type: default\n  stemcell: default\n  persistent_disk: {disk}\n  networks:\n  - name: default\n{ips}  jobs:\n  - name: kv\n    release: kv\n    properties:\n      kv:\n        port: {port}\n"
+        )
+    }
+
+    fn desired(text: &str) -> DesiredState {
+        let m = parse_manifest("m.yml", text, Path::new(".")).unwrap();
+        let releases = [("kv".to_string(), kv_release())].into_iter().collect();
+        let stemcells = vec![StemcellRecord {
+            name: "host".into(),
+            os: "local".into(),
+            version: "1".into(),
+            cpi: "local".into(),
+            cid: "sc-1".into(),
+        }];
+        resolve(&m, &default_local(), &releases, &stemcells).unwrap()
+    }
+
+    /// What the executor records when a plan succeeds.
+    fn execute(plan: &Plan, actual: &mut Actual) {
+        for c in &plan.compile {
+            actual.compiled.insert((c.fingerprint.clone(), c.stemcell.clone()));
+        }
+        actual
+            .instances
+            .retain(|r| !plan.deletes.iter().any(|d| d.id == r.id));
+        for g in &plan.groups {
+            for ip in &g.instances {
+                if ip.change == Change::None {
+                    continue;
+                }
+                let mut rec = ip.record.clone();
+                if let VmAction::Create(v) | VmAction::Recreate(v) = &ip.vm {
+                    rec.vm = Some(VmRecord {
+                        cid: format!("vm-{}", rec.id),
+                        cpi: v.cpi.clone(),
+                        agent_id: "a".into(),
+                        host_public_key: "k".into(),
+                        address: primary_ip(&v.networks),
+                        vm_digest: v.vm_digest.clone(),
+                        generation: 1,
+                        created_at: 0,
+                    });
+                }
+                match &ip.disk {
+                    DiskAction::Create { cpi, size_mb, digest, .. } => {
+                        rec.disk = Some(DiskRecord {
+                            cid: format!("disk-{}", rec.id),
+                            cpi: cpi.clone(),
+                            size_mb: *size_mb,
+                            digest: digest.clone(),
+                            attached: true,
+                        })
+                    }
+                    DiskAction::Orphan => rec.disk = None,
+                    _ => {}
+                }
+                rec.applied = Some(ip.applied.clone());
+                actual.instances.retain(|r| r.id != rec.id);
+                actual.instances.push(rec);
+            }
+        }
+    }
+
+    fn ids() -> impl FnMut() -> String {
+        let mut n = 0;
+        move || {
+            n += 1;
+            format!("id-{n}")
+        }
+    }
+
+    #[test]
+    fn planning_after_execution_is_a_fixed_point() {
+        // A sequence of manifests, each executed and then planned again.
+        let steps = [
+            manifest(3, 8080, 1024, &[]),
+            manifest(3, 8081, 1024, &[]),
+            manifest(5, 8081, 1024, &[]),
+            manifest(2, 8081, 1024, &[]),
+            manifest(2, 8081, 1024, &["127.77.0.10", "127.77.0.11"]),
+            manifest(4, 9000, 1024, &[]),
+        ];
+        let mut actual = Actual::default();
+        let mut new_id = ids();
+        for (i, text) in steps.iter().enumerate() {
+            let d = desired(text);
+            let p = plan(&d, &actual, &mut new_id).unwrap();
+            assert!(!p.is_empty(), "step {i} should change something");
+            execute(&p, &mut actual);
+            let again = plan(&d, &actual, &mut new_id).unwrap();
+            assert!(again.is_empty(), "step {i} is not a fixed point:\n{again}");
+            // Invariants: one record per index, distinct IPs.
+            let mut ips: Vec<String> = actual
+                .instances
+                .iter()
+                .map(|r| primary_ip(&r.networks))
+                .collect();
+            let n = ips.len();
+            ips.sort();
+            ips.dedup();
+            assert_eq!(ips.len(), n, "step {i}: duplicate IPs");
+        }
+    }
+
+    #[test]
+    fn first_plan_compiles_in_dependency_order_and_creates_everything() {
+        let d = desired(&manifest(3, 8080, 1024, &[]));
+        let p = plan(&d, &Actual::default(), &mut ids()).unwrap();
+        let names: Vec<&str> = p.compile.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, vec!["kv-common", "kv-server"]);
+        let cp = p.compilation.as_ref().unwrap();
+        assert!(!cp.workers.is_empty());
+        let inst = &p.groups[0].instances;
+        assert_eq!(inst.len(), 3);
+        assert!(inst.iter().all(|i| i.change == Change::Create));
+        assert!(inst[0].record.bootstrap && !inst[1].record.bootstrap);
+        // Every peer is listed in the rendered config except the instance itself.
+        let cfg = inst[1].spec.jobs[0]
+            .files
+            .iter()
+            .find(|f| f.path == "config/config.json")
+            .unwrap();
+        let own = primary_ip(&inst[1].record.networks);
+        assert!(!cfg.content.contains(&format!("\"{own}:8080\"")), "{}", cfg.content);
+        for other in [&inst[0], &inst[2]] {
+            assert!(cfg.content.contains(&primary_ip(&other.record.networks)));
+        }
+    }
+
+    #[test]
+    fn existing_instances_keep_ids_and_ips_on_update() {
+        let mut actual = Actual::default();
+        let mut new_id = ids();
+        let p = plan(&desired(&manifest(3, 8080, 1024, &[])), &actual, &mut new_id).unwrap();
+        execute(&p, &mut actual);
+        let before: Vec<(String, String)> = actual
+            .instances
+            .iter()
+            .map(|r| (r.id.clone(), primary_ip(&r.networks)))
+            .collect();
+        let p = plan(&desired(&manifest(3, 8081, 1024, &[])), &actual, &mut new_id).unwrap();
+        assert!(p.compile.is_empty());
+        for i in p.changing() {
+            assert_eq!(i.change, Change::Update);
+            assert!(matches!(i.vm, VmAction::Keep));
+            assert_eq!(i.reasons, vec!["job kv changed".to_string()]);
+            assert!(before.contains(&(i.record.id.clone(), primary_ip(&i.record.networks))));
+        }
+    }
+
+    #[test]
+    fn other_deployments_ips_are_not_reused() {
+        let mut actual = Actual::default();
+        actual
+            .reserved_ips
+            .insert(("default".into(), "127.77.0.101".parse().unwrap()));
+        let p = plan(&desired(&manifest(1, 8080, 0, &[])), &actual, &mut ids()).unwrap();
+        assert_eq!(primary_ip(&p.groups[0].instances[0].record.networks), "127.77.0.102");
+        assert!(matches!(p.groups[0].instances[0].disk, DiskAction::None));
+    }
 }
