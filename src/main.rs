@@ -18,13 +18,22 @@ use bosun_director::planner::Plan;
 use bosun_director::state::Store;
 
 #[derive(Parser)]
-#[command(name = "bosun", version, about = "Deploy and keep alive distributed systems, the BOSH way")]
+#[command(
+    name = "bosun",
+    version,
+    about = "Deploy and keep alive distributed systems, the BOSH way"
+)]
 struct Cli {
     /// Where the director keeps its state.
     #[arg(long, global = true, env = "BOSUN_STATE_DIR")]
     state_dir: Option<PathBuf>,
     /// Deployment name.
-    #[arg(short = 'd', long = "deployment", global = true, env = "BOSUN_DEPLOYMENT")]
+    #[arg(
+        short = 'd',
+        long = "deployment",
+        global = true,
+        env = "BOSUN_DEPLOYMENT"
+    )]
     deployment: Option<String>,
     /// Non-interactive: do not ask for confirmation.
     #[arg(short = 'n', long = "non-interactive", global = true)]
@@ -114,7 +123,10 @@ fn main() {
             std::process::exit(1);
         }
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("bosun: starting the runtime: {e}");
@@ -132,8 +144,9 @@ fn main() {
 }
 
 fn init_logging(agent: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BOSUN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(if agent { "info" } else { "warn" }));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BOSUN_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(if agent { "info" } else { "warn" })
+    });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -231,7 +244,10 @@ async fn run(cli: Cli) -> Result<i32> {
         } => {
             let rel = bosun_director::release::read_release_dir(&dir, version.as_deref())?;
             let out = tarball.unwrap_or_else(|| {
-                PathBuf::from(format!("{}-{}.tgz", rel.manifest.name, rel.manifest.version))
+                PathBuf::from(format!(
+                    "{}-{}.tgz",
+                    rel.manifest.name, rel.manifest.version
+                ))
             });
             bosun_director::release::write_tarball(&rel, &out)?;
             println!(
@@ -276,7 +292,10 @@ async fn run(cli: Cli) -> Result<i32> {
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                println!("{:<24} {:<16} {:<10} {:<8} cid", "name", "os", "version", "cpi");
+                println!(
+                    "{:<24} {:<16} {:<10} {:<8} cid",
+                    "name", "os", "version", "cpi"
+                );
                 for s in list {
                     println!(
                         "{:<24} {:<16} {:<10} {:<8} {}",
@@ -289,7 +308,9 @@ async fn run(cli: Cli) -> Result<i32> {
         Command::CloudConfig => {
             match store.cloud_config()? {
                 Some((_, text)) => print!("{text}"),
-                None => println!("# No cloud-config uploaded; the built-in local default is in force."),
+                None => {
+                    println!("# No cloud-config uploaded; the built-in local default is in force.")
+                }
             }
             Ok(0)
         }

@@ -47,7 +47,11 @@ pub async fn compile(exec: &Executor, plan: &Plan) -> Result<usize, ExecError> {
             let subject = format!("compilation/{i}");
             // Which stemcell: all steps of one plan share the compilation CPI;
             // pick the cid for the first step's stemcell key.
-            let key = plan.compile.first().map(|s| s.stemcell.clone()).unwrap_or_default();
+            let key = plan
+                .compile
+                .first()
+                .map(|s| s.stemcell.clone())
+                .unwrap_or_default();
             let stemcell = cp.stemcells.get(&key).cloned().ok_or_else(|| {
                 ExecError::Compile(format!(
                     "no stemcell {key} on the {} CPI for compilation",
@@ -87,7 +91,9 @@ pub async fn compile(exec: &Executor, plan: &Plan) -> Result<usize, ExecError> {
             };
             let result = match &vm.client {
                 Some(client) => run_worker(exec, &subject, client, &queue, &notify).await,
-                None => Err(ExecError::Compile(format!("{subject}: agent did not answer"))),
+                None => Err(ExecError::Compile(format!(
+                    "{subject}: agent did not answer"
+                ))),
             };
             if let Err(e) = &result {
                 queue.lock().await.failed.get_or_insert(e.to_string());
@@ -173,7 +179,12 @@ async fn compile_one(
     client: &AgentClient,
     step: &CompileStep,
 ) -> Result<(), ExecError> {
-    let agent_err = |what: String| move |source| ExecError::Agent { what, source };
+    let agent_err = |what: String| {
+        move |source| ExecError::Agent {
+            what,
+            source: Box::new(source),
+        }
+    };
     let mut deps = Vec::new();
     for d in &step.dependencies {
         let c = exec
@@ -230,13 +241,16 @@ async fn compile_one(
             )),
             None => ExecError::Agent {
                 what: format!("compiling package {} on {subject}", step.name),
-                source: e,
+                source: Box::new(e),
             },
         })?;
     let data = client
         .get_blob(&result.sha256)
         .await
-        .map_err(agent_err(format!("fetching compiled {} from {subject}", step.name)))?;
+        .map_err(agent_err(format!(
+            "fetching compiled {} from {subject}",
+            step.name
+        )))?;
     exec.store
         .blobs()
         .put_verified(&result.sha256, &data)

@@ -245,10 +245,9 @@ fn compilation_target(cloud: &CloudConfig) -> Result<CompilationTarget, Problems
     if let Some(vt) = &c.vm_type {
         match cloud.vm_types.iter().find(|v| &v.name == vt) {
             Some(v) => merge_json(&mut cloud_properties, &v.cloud_properties),
-            None => problems.push(src.problem(
-                "compilation.vm_type",
-                format!("unknown vm_type '{vt}'"),
-            )),
+            None => {
+                problems.push(src.problem("compilation.vm_type", format!("unknown vm_type '{vt}'")))
+            }
         }
     }
     problems.into_result()?;
@@ -330,14 +329,16 @@ fn resolve_group(
             size_mb: *mb,
             cloud_properties: json!({}),
         }),
-        Some(PersistentDisk::Type(t)) => cloud
-            .disk_types
-            .iter()
-            .find(|d| &d.name == t)
-            .map(|d| DiskConfig {
-                size_mb: d.disk_size,
-                cloud_properties: d.cloud_properties.clone(),
-            }),
+        Some(PersistentDisk::Type(t)) => {
+            cloud
+                .disk_types
+                .iter()
+                .find(|d| &d.name == t)
+                .map(|d| DiskConfig {
+                    size_mb: d.disk_size,
+                    cloud_properties: d.cloud_properties.clone(),
+                })
+        }
     };
 
     let networks = g
@@ -429,7 +430,7 @@ fn resolve_group(
         instances: g.instances,
         azs: g.azs.clone(),
         update: manifest.update.with_override(g.update.as_ref()),
-        lifecycle: g.lifecycle.clone(),
+        lifecycle: g.lifecycle,
         networks,
         cloud_properties,
         env: g.env.clone(),
@@ -455,7 +456,10 @@ fn package_closure(rel: &ReleaseRecord, names: &[String]) -> Result<Vec<(String,
             return Ok(());
         }
         if stack.iter().any(|s| s == name) {
-            return Err(format!("package dependency cycle: {} -> {name}", stack.join(" -> ")));
+            return Err(format!(
+                "package dependency cycle: {} -> {name}",
+                stack.join(" -> ")
+            ));
         }
         let p = rel
             .package(name)
@@ -512,9 +516,12 @@ fn resolve_links(
                     .to_string();
                 let mut properties = json!({});
                 for prop in &pdef.properties {
-                    let v = get_path(&dj_props, prop)
-                        .cloned()
-                        .or_else(|| job.spec.properties.get(prop).and_then(|d| d.default.clone()));
+                    let v = get_path(&dj_props, prop).cloned().or_else(|| {
+                        job.spec
+                            .properties
+                            .get(prop)
+                            .and_then(|d| d.default.clone())
+                    });
                     if let Some(v) = v {
                         set_path(&mut properties, prop, v);
                     }

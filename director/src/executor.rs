@@ -28,11 +28,13 @@ use bosun_agent::protocol::{
     UnmountDiskParams,
 };
 use bosun_cpi::{
-    AgentSettings, CreateDiskRequest, CreateVmRequest, Cpi, CpiError, DiskCid, Metadata,
+    AgentSettings, Cpi, CpiError, CreateDiskRequest, CreateVmRequest, DiskCid, Metadata,
     NetworkSettings, StemcellCid, VmCid, AGENT_PORT,
 };
 
-use crate::planner::{primary_ip, Change, DiskAction, GroupPlan, InstancePlan, Plan, VmAction, VmCreate};
+use crate::planner::{
+    primary_ip, Change, DiskAction, GroupPlan, InstancePlan, Plan, VmAction, VmCreate,
+};
 use crate::state::{
     now, DiskRecord, Event, InstanceRecord, OrphanDisk, StateError, Store, VmRecord,
 };
@@ -44,17 +46,19 @@ pub enum ExecError {
     Cpi {
         what: String,
         #[source]
-        source: CpiError,
+        source: Box<CpiError>,
     },
     #[error("{what}: {source}")]
     Agent {
         what: String,
         #[source]
-        source: ClientError,
+        source: Box<ClientError>,
     },
     #[error(transparent)]
     State(#[from] StateError),
-    #[error("no CPI named '{0}' is configured (cloud-config azs name their cpi: local, docker, aws)")]
+    #[error(
+        "no CPI named '{0}' is configured (cloud-config azs name their cpi: local, docker, aws)"
+    )]
     UnknownCpi(String),
     #[error("{0}")]
     Failed(String),
@@ -163,7 +167,14 @@ pub struct NewVm {
 }
 
 impl Executor {
-    fn event(&self, deployment: &str, instance: Option<&str>, action: &str, object: &str, result: &str) {
+    fn event(
+        &self,
+        deployment: &str,
+        instance: Option<&str>,
+        action: &str,
+        object: &str,
+        result: &str,
+    ) {
         let _ = self.store.add_event(&Event {
             time: now(),
             deployment: Some(deployment.to_string()),
@@ -256,8 +267,11 @@ impl Executor {
         g: &GroupPlan,
         created: Arc<tokio::sync::Mutex<BTreeMap<String, InstanceRecord>>>,
     ) -> Result<usize, ExecError> {
-        let changing: Vec<&InstancePlan> =
-            g.instances.iter().filter(|i| i.change != Change::None).collect();
+        let changing: Vec<&InstancePlan> = g
+            .instances
+            .iter()
+            .filter(|i| i.change != Change::None)
+            .collect();
         if changing.is_empty() {
             return Ok(0);
         }
@@ -270,8 +284,8 @@ impl Executor {
         let (canary, rest) = changing.split_at(canaries);
         let failed = Arc::new(AtomicBool::new(false));
         for (batch, watch, label) in [
-            (canary, g.update.canary_watch_time.clone(), "canary"),
-            (rest, g.update.update_watch_time.clone(), ""),
+            (canary, g.update.canary_watch_time, "canary"),
+            (rest, g.update.update_watch_time, ""),
         ] {
             if batch.is_empty() {
                 continue;
@@ -286,7 +300,6 @@ impl Executor {
                 let sem = sem.clone();
                 let failed = failed.clone();
                 let created = created.clone();
-                let watch = watch.clone();
                 async move {
                     let _permit = sem.acquire().await;
                     if failed.load(Ordering::SeqCst) {
@@ -305,7 +318,13 @@ impl Executor {
                         Err(e) => {
                             failed.store(true, Ordering::SeqCst);
                             self.progress.stage(&name, &format!("failed: {e}"));
-                            self.event(deployment, Some(&name), "update", "instance", &format!("error: {e}"));
+                            self.event(
+                                deployment,
+                                Some(&name),
+                                "update",
+                                "instance",
+                                &format!("error: {e}"),
+                            );
                         }
                     }
                     r.map(|_| true)
@@ -375,7 +394,7 @@ impl Executor {
         self.progress.stage(subject, "creating VM");
         let cid = cpi.create_vm(&req).await.map_err(|source| ExecError::Cpi {
             what: format!("creating VM for {subject}"),
-            source,
+            source: Box::new(source),
         })?;
         let mut vm = NewVm {
             cid,
@@ -468,13 +487,23 @@ impl Executor {
             *rec = r;
         }
         let vm = vm?;
-        self.event(&rec.deployment, Some(&name), "create", &format!("vm {}", vm.cid), "ok");
+        self.event(
+            &rec.deployment,
+            Some(&name),
+            "create",
+            &format!("vm {}", vm.cid),
+            "ok",
+        );
         vm.client
             .ok_or_else(|| ExecError::Failed(format!("agent for {name} did not answer")))
     }
 
     /// For a new instance: VM, disk, attach and mount.
-    async fn prepare_vm(&self, ip: &InstancePlan, rec: &mut InstanceRecord) -> Result<(), ExecError> {
+    async fn prepare_vm(
+        &self,
+        ip: &InstancePlan,
+        rec: &mut InstanceRecord,
+    ) -> Result<(), ExecError> {
         let vc = match &ip.vm {
             VmAction::Create(vc) | VmAction::Recreate(vc) => vc,
             VmAction::Keep => return Ok(()),
@@ -513,7 +542,7 @@ impl Executor {
                     .await
                     .map_err(|source| ExecError::Cpi {
                         what: format!("creating disk for {name}"),
-                        source,
+                        source: Box::new(source),
                     })?;
                 rec.disk = Some(DiskRecord {
                     cid: cid.0.clone(),
@@ -523,12 +552,20 @@ impl Executor {
                     attached: false,
                 });
                 self.store.save_instance(rec)?;
-                self.event(&rec.deployment, Some(&name), "create", &format!("disk {cid}"), "ok");
+                self.event(
+                    &rec.deployment,
+                    Some(&name),
+                    "create",
+                    &format!("disk {cid}"),
+                    "ok",
+                );
             }
         }
         if matches!(ip.disk, DiskAction::Orphan) {
             if let Some(d) = &rec.disk {
-                let _ = client.unmount_disk(&UnmountDiskParams { cid: d.cid.clone() }).await;
+                let _ = client
+                    .unmount_disk(&UnmountDiskParams { cid: d.cid.clone() })
+                    .await;
             }
             self.detach_disk(rec).await?;
             self.orphan_disk(rec).await?;
@@ -545,7 +582,7 @@ impl Executor {
                     .await
                     .map_err(|source| ExecError::Cpi {
                         what: format!("attaching disk {} to {name}", d.cid),
-                        source,
+                        source: Box::new(source),
                     })?;
                 if let Some(dr) = rec.disk.as_mut() {
                     dr.attached = true;
@@ -562,7 +599,7 @@ impl Executor {
                     .await
                     .map_err(|source| ExecError::Agent {
                         what: format!("mounting disk {} on {name}", d.cid),
-                        source,
+                        source: Box::new(source),
                     })?;
             }
         }
@@ -585,7 +622,7 @@ impl Executor {
             Err(source) => {
                 return Err(ExecError::Cpi {
                     what: format!("detaching disk {} from {}", d.cid, instance_name(rec)),
-                    source,
+                    source: Box::new(source),
                 })
             }
         }
@@ -624,12 +661,22 @@ impl Executor {
         let addr = format!("{}:{AGENT_PORT}", vm.address)
             .parse()
             .map_err(|_| ClientError::Protocol(format!("bad VM address {}", vm.address)))?;
-        wait_for_agent(addr, self.store.director_key(), &vm.host_public_key, timeout).await
+        wait_for_agent(
+            addr,
+            self.store.director_key(),
+            &vm.host_public_key,
+            timeout,
+        )
+        .await
     }
 
     /// Stop an instance's VM and delete it (drain and stop when its agent
     /// answers; the disk is detached and kept).
-    pub async fn teardown_vm(&self, rec: &mut InstanceRecord, kind: DrainKind) -> Result<(), ExecError> {
+    pub async fn teardown_vm(
+        &self,
+        rec: &mut InstanceRecord,
+        kind: DrainKind,
+    ) -> Result<(), ExecError> {
         let Some(vm) = rec.vm.clone() else {
             return Ok(());
         };
@@ -648,7 +695,9 @@ impl Executor {
                 self.progress.stage(&name, "stopping");
                 let _ = client.stop().await;
                 if let Some(d) = &rec.disk {
-                    let _ = client.unmount_disk(&UnmountDiskParams { cid: d.cid.clone() }).await;
+                    let _ = client
+                        .unmount_disk(&UnmountDiskParams { cid: d.cid.clone() })
+                        .await;
                 }
             }
         }
@@ -658,12 +707,18 @@ impl Executor {
             .await
             .map_err(|source| ExecError::Cpi {
                 what: format!("deleting VM {} of {name}", vm.cid),
-                source,
+                source: Box::new(source),
             })?;
         rec.vm = None;
         rec.applied = None;
         self.store.save_instance(rec)?;
-        self.event(&rec.deployment, Some(&name), "delete", &format!("vm {}", vm.cid), "ok");
+        self.event(
+            &rec.deployment,
+            Some(&name),
+            "delete",
+            &format!("vm {}", vm.cid),
+            "ok",
+        );
         Ok(())
     }
 
@@ -714,7 +769,7 @@ impl Executor {
                     .await
                     .map_err(|source| ExecError::Agent {
                         what: format!("reaching the agent of {name} on {}", vm.cid),
-                        source,
+                        source: Box::new(source),
                     })?;
                 if rec.applied.is_some() {
                     self.progress.stage(&name, "draining");
@@ -726,12 +781,12 @@ impl Executor {
                         .await
                         .map_err(|source| ExecError::Agent {
                             what: format!("draining {name}"),
-                            source,
+                            source: Box::new(source),
                         })?;
                     self.progress.stage(&name, "stopping");
                     client.stop().await.map_err(|source| ExecError::Agent {
                         what: format!("stopping {name}"),
-                        source,
+                        source: Box::new(source),
                     })?;
                 }
                 self.ensure_disk(ip, &mut rec, &client).await?;
@@ -739,7 +794,14 @@ impl Executor {
             }
         };
 
-        self.progress.stage(&name, if label == "canary" { "updating (canary)" } else { "updating" });
+        self.progress.stage(
+            &name,
+            if label == "canary" {
+                "updating (canary)"
+            } else {
+                "updating"
+            },
+        );
         let mut spec = ip.spec.clone();
         self.fill_packages(&mut spec, &name, &rec, ip.stemcell.clone(), &client)
             .await?;
@@ -752,15 +814,18 @@ impl Executor {
             vm.generation = generation;
         }
         self.store.save_instance(&rec)?;
-        client.apply(&spec).await.map_err(|source| ExecError::Agent {
-            what: format!("applying spec to {name}"),
-            source,
-        })?;
+        client
+            .apply(&spec)
+            .await
+            .map_err(|source| ExecError::Agent {
+                what: format!("applying spec to {name}"),
+                source: Box::new(source),
+            })?;
 
         self.progress.stage(&name, "starting");
         client.start().await.map_err(|source| ExecError::Agent {
             what: format!("starting {name}"),
-            source,
+            source: Box::new(source),
         })?;
         self.watch(&client, &name, watch).await?;
         let scripts = client
@@ -771,7 +836,7 @@ impl Executor {
             .await
             .map_err(|source| ExecError::Agent {
                 what: format!("running post-start on {name}"),
-                source,
+                source: Box::new(source),
             })?;
         if let Some(bad) = scripts.results.iter().find(|r| r.exit_code != 0) {
             return Err(ExecError::Failed(format!(
@@ -814,30 +879,42 @@ impl Executor {
             .await
             .map_err(|source| ExecError::Agent {
                 what: format!("listing blobs on {name}"),
-                source,
+                source: Box::new(source),
             })?;
         for sha in missing {
-            let data = self.store.blobs().read(&sha).map_err(|e| {
-                ExecError::Failed(format!("reading blob {sha} for {name}: {e}"))
-            })?;
-            client.put_blob(&sha, &data).await.map_err(|source| ExecError::Agent {
-                what: format!("sending package blob {sha} to {name}"),
-                source,
-            })?;
+            let data =
+                self.store.blobs().read(&sha).map_err(|e| {
+                    ExecError::Failed(format!("reading blob {sha} for {name}: {e}"))
+                })?;
+            client
+                .put_blob(&sha, &data)
+                .await
+                .map_err(|source| ExecError::Agent {
+                    what: format!("sending package blob {sha} to {name}"),
+                    source: Box::new(source),
+                })?;
         }
         Ok(())
     }
 
     /// Poll the agent until every job runs: first check after `min_ms`,
     /// then until `max_ms`.
-    async fn watch(&self, client: &AgentClient, name: &str, (min_ms, max_ms): (u64, u64)) -> Result<(), ExecError> {
+    async fn watch(
+        &self,
+        client: &AgentClient,
+        name: &str,
+        (min_ms, max_ms): (u64, u64),
+    ) -> Result<(), ExecError> {
         let start = Instant::now();
         tokio::time::sleep(Duration::from_millis(min_ms.min(max_ms))).await;
         loop {
-            let state = client.get_state().await.map_err(|source| ExecError::Agent {
-                what: format!("reading the state of {name}"),
-                source,
-            })?;
+            let state = client
+                .get_state()
+                .await
+                .map_err(|source| ExecError::Agent {
+                    what: format!("reading the state of {name}"),
+                    source: Box::new(source),
+                })?;
             if state.job_state == ProcessState::Running {
                 return Ok(());
             }
@@ -849,13 +926,19 @@ impl Executor {
                         j.processes
                             .iter()
                             .filter(|p| p.state != ProcessState::Running)
-                            .map(move |p| format!("{}/{} {:?}", j.name, p.name, p.state).to_lowercase())
+                            .map(move |p| {
+                                format!("{}/{} {:?}", j.name, p.name, p.state).to_lowercase()
+                            })
                     })
                     .collect();
                 return Err(ExecError::Failed(format!(
                     "{name} is not running after {} ms ({}); see its logs under /var/vcap/sys/log",
                     max_ms,
-                    if bad.is_empty() { "no processes".to_string() } else { bad.join(", ") }
+                    if bad.is_empty() {
+                        "no processes".to_string()
+                    } else {
+                        bad.join(", ")
+                    }
                 )));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

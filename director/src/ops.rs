@@ -19,7 +19,9 @@ use bosun_cpi::{Cpi, StemcellSpec, AGENT_PORT};
 
 use crate::cloud_config::{self, CloudConfig};
 use crate::desired::{self, ResolveError};
-use crate::executor::{futures_join_all, Cpis, ExecError, ExecOptions, ExecSummary, Executor, Progress};
+use crate::executor::{
+    futures_join_all, Cpis, ExecError, ExecOptions, ExecSummary, Executor, Progress,
+};
 use crate::manifest::{self, Manifest};
 use crate::planner::{self, Actual, Plan, PlanError};
 use crate::problems::Problems;
@@ -192,7 +194,11 @@ impl Director {
 
     /// Read a release (directory or tarball) and upload it. Returns the
     /// record and whether it was new.
-    pub fn upload_release(&self, path: &Path, version: Option<&str>) -> Result<(ReleaseRecord, bool), OpError> {
+    pub fn upload_release(
+        &self,
+        path: &Path,
+        version: Option<&str>,
+    ) -> Result<(ReleaseRecord, bool), OpError> {
         let rel = release::read_release(path, version)?;
         let new = self.store.save_release(&rel)?;
         let rec = self
@@ -296,7 +302,11 @@ impl Director {
             .collect();
         let mut compiled = BTreeSet::new();
         for p in &desired.packages {
-            if self.store.compiled_package(&p.fingerprint, &p.stemcell)?.is_some() {
+            if self
+                .store
+                .compiled_package(&p.fingerprint, &p.stemcell)?
+                .is_some()
+            {
                 compiled.insert((p.fingerprint.clone(), p.stemcell.clone()));
             }
         }
@@ -305,9 +315,7 @@ impl Director {
             reserved_ips,
             compiled,
         };
-        let plan = planner::plan(&desired, &actual, &mut || {
-            uuid::Uuid::new_v4().to_string()
-        })?;
+        let plan = planner::plan(&desired, &actual, &mut || uuid::Uuid::new_v4().to_string())?;
         Ok((manifest, text, plan))
     }
 
@@ -334,16 +342,8 @@ impl Director {
         self.store.save_deployment(&DeploymentRecord {
             name: manifest.name.clone(),
             manifest: text,
-            releases: manifest
-                .releases
-                .iter()
-                .map(|r| r.name.clone())
-                .collect(),
-            stemcells: manifest
-                .stemcells
-                .iter()
-                .map(|s| s.alias.clone())
-                .collect(),
+            releases: manifest.releases.iter().map(|r| r.name.clone()).collect(),
+            stemcells: manifest.stemcells.iter().map(|s| s.alias.clone()).collect(),
             updated_at: crate::state::now(),
         })?;
         let progress: Arc<dyn Progress> = Arc::new(ReportProgress(report.clone()));

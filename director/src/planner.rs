@@ -22,7 +22,9 @@ use crate::desired::{merge_json, stemcell_key, DesiredGroup, DesiredState, Neede
 use crate::ipam;
 use crate::manifest::{Lifecycle, UpdatePolicy};
 use crate::state::{AppliedRecord, InstanceRecord};
-use crate::templates::{InstanceContext, LinkContext, LinkInstance, NameOnly, SpecContext, TemplateError};
+use crate::templates::{
+    InstanceContext, LinkContext, LinkInstance, NameOnly, SpecContext, TemplateError,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
@@ -39,7 +41,11 @@ pub enum PlanError {
         az: String,
     },
     #[error("planning {group}: no stemcell for the {cpi} CPI of az {az}")]
-    NoStemcell { group: String, cpi: String, az: String },
+    NoStemcell {
+        group: String,
+        cpi: String,
+        az: String,
+    },
     #[error("planning {group}: instance group has no azs")]
     NoAz { group: String },
     #[error("rendering templates for {instance}: {source}")]
@@ -194,7 +200,13 @@ impl fmt::Display for Plan {
         }
         writeln!(f, "Deployment '{}':", self.deployment)?;
         for c in &self.compile {
-            writeln!(f, "  compile   {} ({}) on {}", c.name, short(&c.fingerprint), c.stemcell)?;
+            writeln!(
+                f,
+                "  compile   {} ({}) on {}",
+                c.name,
+                short(&c.fingerprint),
+                c.stemcell
+            )?;
         }
         for d in &self.deletes {
             writeln!(f, "  delete    {}/{} ({})", d.group, d.id, d.index)?;
@@ -478,13 +490,12 @@ fn assign_ips(
             };
             chosen[i] = Some(ip);
             used.insert((dn.name.clone(), ip));
-            let settings = network_settings(&dn.name, &dn.network, &r.az, ip, &default).ok_or_else(
-                || PlanError::NoSubnet {
+            let settings = network_settings(&dn.name, &dn.network, &r.az, ip, &default)
+                .ok_or_else(|| PlanError::NoSubnet {
                     group: g.name.clone(),
                     network: dn.name.clone(),
                     az: r.az.clone(),
-                },
-            )?;
+                })?;
             r.networks.insert(dn.name.clone(), settings);
         }
     }
@@ -523,7 +534,11 @@ fn plan_instance(
         cpi: cpi.clone(),
         az: rec.az.clone(),
     })?;
-    let mut cloud_properties = if az_props.is_null() { json!({}) } else { az_props };
+    let mut cloud_properties = if az_props.is_null() {
+        json!({})
+    } else {
+        az_props
+    };
     merge_json(&mut cloud_properties, &g.cloud_properties);
     let vm_digest = digest(&json!({
         "cpi": cpi,
@@ -558,7 +573,8 @@ fn plan_instance(
             DiskAction::Orphan
         }
         (Some(d), existing) => {
-            let d_digest = digest(&json!({"size_mb": d.size_mb, "cloud_properties": d.cloud_properties}));
+            let d_digest =
+                digest(&json!({"size_mb": d.size_mb, "cloud_properties": d.cloud_properties}));
             match existing {
                 Some(e) if e.digest == d_digest => DiskAction::Keep,
                 Some(e) => {
@@ -595,7 +611,10 @@ fn plan_instance(
             links.insert(
                 lname.clone(),
                 LinkContext {
-                    address: instances.first().map(|i| i.address.clone()).unwrap_or_default(),
+                    address: instances
+                        .first()
+                        .map(|i| i.address.clone())
+                        .unwrap_or_default(),
                     instances,
                     properties: src.properties.clone(),
                 },
@@ -623,10 +642,13 @@ fn plan_instance(
             defaults: j.defaults.clone(),
             links,
         };
-        let files = j.templates.render(&ctx).map_err(|source| PlanError::Template {
-            instance: name.clone(),
-            source,
-        })?;
+        let files = j
+            .templates
+            .render(&ctx)
+            .map_err(|source| PlanError::Template {
+                instance: name.clone(),
+                source,
+            })?;
         let d = digest(&json!({"fingerprint": j.fingerprint, "files": files}));
         job_digests.insert(j.name.clone(), d.clone());
         jobs.push(RenderedJob {
@@ -738,7 +760,11 @@ fn vm_change_reason(
         return format!("CPI changed ({} -> {cpi})", v.cpi);
     }
     if primary_ip(&rec.networks) != v.address {
-        return format!("address changed ({} -> {})", v.address, primary_ip(&rec.networks));
+        return format!(
+            "address changed ({} -> {})",
+            v.address,
+            primary_ip(&rec.networks)
+        );
     }
     format!(
         "VM configuration changed (stemcell {}/{}, vm_type, networks or env)",
@@ -768,8 +794,8 @@ fn compilation_plan(
         let ip = ipam::allocate_dynamic(&c.network, &c.az, &taken).ok_or_else(no_ip)?;
         used.insert((c.network.name.clone(), ip));
         let defaults = vec!["dns".to_string(), "gateway".to_string()];
-        let settings =
-            network_settings(&c.network.name, &c.network, &c.az, ip, &defaults).ok_or_else(no_ip)?;
+        let settings = network_settings(&c.network.name, &c.network, &c.az, ip, &defaults)
+            .ok_or_else(no_ip)?;
         workers.push([(c.network.name.clone(), settings)].into_iter().collect());
     }
     Ok(CompilationPlan {
@@ -807,7 +833,9 @@ mod tests {
     use crate::desired::resolve;
     use crate::manifest::parse_manifest;
     use crate::release::read_release_dir;
-    use crate::state::{DiskRecord, JobRecord, PackageRecord, ReleaseRecord, StemcellRecord, VmRecord};
+    use crate::state::{
+        DiskRecord, JobRecord, PackageRecord, ReleaseRecord, StemcellRecord, VmRecord,
+    };
     use bosun_agent::blobs::sha256_hex;
     use std::path::Path;
 
@@ -865,7 +893,9 @@ mod tests {
     /// What the executor records when a plan succeeds.
     fn execute(plan: &Plan, actual: &mut Actual) {
         for c in &plan.compile {
-            actual.compiled.insert((c.fingerprint.clone(), c.stemcell.clone()));
+            actual
+                .compiled
+                .insert((c.fingerprint.clone(), c.stemcell.clone()));
         }
         actual
             .instances
@@ -889,7 +919,12 @@ mod tests {
                     });
                 }
                 match &ip.disk {
-                    DiskAction::Create { cpi, size_mb, digest, .. } => {
+                    DiskAction::Create {
+                        cpi,
+                        size_mb,
+                        digest,
+                        ..
+                    } => {
                         rec.disk = Some(DiskRecord {
                             cid: format!("disk-{}", rec.id),
                             cpi: cpi.clone(),
@@ -968,7 +1003,11 @@ mod tests {
             .find(|f| f.path == "config/config.json")
             .unwrap();
         let own = primary_ip(&inst[1].record.networks);
-        assert!(!cfg.content.contains(&format!("\"{own}:8080\"")), "{}", cfg.content);
+        assert!(
+            !cfg.content.contains(&format!("\"{own}:8080\"")),
+            "{}",
+            cfg.content
+        );
         for other in [&inst[0], &inst[2]] {
             assert!(cfg.content.contains(&primary_ip(&other.record.networks)));
         }
@@ -978,14 +1017,24 @@ mod tests {
     fn existing_instances_keep_ids_and_ips_on_update() {
         let mut actual = Actual::default();
         let mut new_id = ids();
-        let p = plan(&desired(&manifest(3, 8080, 1024, &[])), &actual, &mut new_id).unwrap();
+        let p = plan(
+            &desired(&manifest(3, 8080, 1024, &[])),
+            &actual,
+            &mut new_id,
+        )
+        .unwrap();
         execute(&p, &mut actual);
         let before: Vec<(String, String)> = actual
             .instances
             .iter()
             .map(|r| (r.id.clone(), primary_ip(&r.networks)))
             .collect();
-        let p = plan(&desired(&manifest(3, 8081, 1024, &[])), &actual, &mut new_id).unwrap();
+        let p = plan(
+            &desired(&manifest(3, 8081, 1024, &[])),
+            &actual,
+            &mut new_id,
+        )
+        .unwrap();
         assert!(p.compile.is_empty());
         for i in p.changing() {
             assert_eq!(i.change, Change::Update);
@@ -1002,7 +1051,10 @@ mod tests {
             .reserved_ips
             .insert(("default".into(), "127.77.0.101".parse().unwrap()));
         let p = plan(&desired(&manifest(1, 8080, 0, &[])), &actual, &mut ids()).unwrap();
-        assert_eq!(primary_ip(&p.groups[0].instances[0].record.networks), "127.77.0.102");
+        assert_eq!(
+            primary_ip(&p.groups[0].instances[0].record.networks),
+            "127.77.0.102"
+        );
         assert!(matches!(p.groups[0].instances[0].disk, DiskAction::None));
     }
 }

@@ -120,10 +120,16 @@ mod tests {
         let mut s = SourceMap::new("m.yml");
         s.lines.insert("instance_groups[0]".into(), 7);
         s.lines.insert("instance_groups[0].networks".into(), 9);
-        assert_eq!(s.line("instance_groups[0].networks[0].static_ips[1]"), Some(9));
+        assert_eq!(
+            s.line("instance_groups[0].networks[0].static_ips[1]"),
+            Some(9)
+        );
         assert_eq!(s.line("instance_groups[0].name"), Some(7));
         assert_eq!(s.line("name"), None);
         let p = s.problem("instance_groups[0].networks[0]", "bad");
-        assert_eq!(p.to_string(), "m.yml:9: instance_groups[0].networks[0]: bad");
+        assert_eq!(
+            p.to_string(),
+            "m.yml:9: instance_groups[0].networks[0]: bad"
+        );
     }
 }

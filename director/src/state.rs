@@ -291,9 +291,11 @@ impl Store {
         let key = load_or_create_private_key(&dir.join("director_ed25519"))
             .map_err(|e| open_err(Box::new(e)))?;
         let director_id: Option<String> = conn
-            .query_row("SELECT value FROM meta WHERE key = 'director_id'", [], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'director_id'",
+                [],
+                |r| r.get(0),
+            )
             .optional()
             .map_err(|e| open_err(Box::new(e)))?;
         let director_id = match director_id {
@@ -375,10 +377,12 @@ impl Store {
             }
         }
         let blob = |data: &[u8]| {
-            self.blobs.put_bytes(data).map_err(|source| StateError::Blob {
-                op: op.clone(),
-                source,
-            })
+            self.blobs
+                .put_bytes(data)
+                .map_err(|source| StateError::Blob {
+                    op: op.clone(),
+                    source,
+                })
         };
         let mut jobs = Vec::new();
         for j in &release.jobs {
@@ -610,11 +614,7 @@ impl Store {
 
     /// Every instance of every deployment (for IP reservations).
     pub fn all_instances(&self) -> Result<Vec<InstanceRecord>> {
-        self.query_records(
-            "reading all instances",
-            "SELECT record FROM instances",
-            [],
-        )
+        self.query_records("reading all instances", "SELECT record FROM instances", [])
     }
 
     pub fn save_instance(&self, rec: &InstanceRecord) -> Result<()> {
@@ -685,7 +685,11 @@ impl Store {
                 "SELECT record FROM events WHERE deployment = ?1 ORDER BY id",
                 params![d],
             ),
-            None => self.query_records("listing events", "SELECT record FROM events ORDER BY id", []),
+            None => self.query_records(
+                "listing events",
+                "SELECT record FROM events ORDER BY id",
+                [],
+            ),
         }
     }
 
@@ -787,7 +791,10 @@ mod tests {
         let s = Store::open(dir.path()).unwrap();
         let lock = s.lock_deployment("q").unwrap();
         let err = s.lock_deployment("q").err().unwrap().to_string();
-        assert!(err.contains("locked by another bosun process (pid"), "{err}");
+        assert!(
+            err.contains("locked by another bosun process (pid"),
+            "{err}"
+        );
         drop(lock);
         assert!(s.lock_deployment("q").is_ok());
     }

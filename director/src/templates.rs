@@ -239,16 +239,19 @@ fn register_helpers(tera: &mut Tera) {
     };
     tera.register_function("has_p", has_p);
     tera.register_function("if_p", has_p);
-    tera.register_function("link", |kwargs: Kwargs, state: &State| -> TeraResult<Value> {
-        let name: String = kwargs.must_get("name")?;
-        let ctx = hidden(state)?;
-        match ctx["links"].get(&name) {
-            Some(l) => Ok(Value::from_serializable(l)),
-            None => Err(tera::Error::message(format!(
-                "link '{name}' is not consumed by this job or was not resolved"
-            ))),
-        }
-    });
+    tera.register_function(
+        "link",
+        |kwargs: Kwargs, state: &State| -> TeraResult<Value> {
+            let name: String = kwargs.must_get("name")?;
+            let ctx = hidden(state)?;
+            match ctx["links"].get(&name) {
+                Some(l) => Ok(Value::from_serializable(l)),
+                None => Err(tera::Error::message(format!(
+                    "link '{name}' is not consumed by this job or was not resolved"
+                ))),
+            }
+        },
+    );
     let has_link = |kwargs: Kwargs, state: &State| -> TeraResult<bool> {
         let name: String = kwargs.must_get("name")?;
         Ok(hidden(state)?["links"].get(&name).is_some())
@@ -262,10 +265,14 @@ fn register_helpers(tera: &mut Tera) {
     tera.register_filter("json", json);
     tera.register_filter("to_json", json);
     tera.register_filter("json_encode", json);
-    tera.register_filter("yaml", |v: Value, _: Kwargs, _: &State| -> TeraResult<Value> {
-        let y = serde_yaml_ng::to_string(&v).map_err(|e| tera::Error::message(e.to_string()))?;
-        Ok(Value::safe_string(y.trim_end()))
-    });
+    tera.register_filter(
+        "yaml",
+        |v: Value, _: Kwargs, _: &State| -> TeraResult<Value> {
+            let y =
+                serde_yaml_ng::to_string(&v).map_err(|e| tera::Error::message(e.to_string()))?;
+            Ok(Value::safe_string(y.trim_end()))
+        },
+    );
 }
 
 const POSITIONAL_FNS: [&str; 6] = ["p", "if_p", "has_p", "link", "if_link", "has_link"];
@@ -491,7 +498,10 @@ mod tests {
         ]);
         let files = j.render(&ctx()).unwrap();
         assert_eq!(files.len(), 2);
-        let cfg = files.iter().find(|f| f.path == "config/config.json").unwrap();
+        let cfg = files
+            .iter()
+            .find(|f| f.path == "config/config.json")
+            .unwrap();
         assert_eq!(
             cfg.content,
             "{\"port\": 9000, \"t\": 5, \"f\": \"x\", \"n\": \"a<b\",\n\"peers\": [\"10.0.0.3:9000\"], \"has\": true/false/false}"
@@ -515,7 +525,10 @@ mod tests {
         let mut t = BTreeMap::new();
         t.insert("cfg".to_string(), "config/cfg".to_string());
         let mut s = BTreeMap::new();
-        s.insert("cfg".to_string(), "x\n{{ link(\"other\").address }}\n".to_string());
+        s.insert(
+            "cfg".to_string(),
+            "x\n{{ link(\"other\").address }}\n".to_string(),
+        );
         let err = JobTemplates::new("kv", &t, &s, &["peers".to_string()])
             .err()
             .unwrap()
@@ -526,7 +539,10 @@ mod tests {
         t.insert("bad".to_string(), "config/bad".to_string());
         let mut s = BTreeMap::new();
         s.insert("bad".to_string(), "ok\n\n{% if %}\n".to_string());
-        let err = JobTemplates::new("kv", &t, &s, &[]).err().unwrap().to_string();
+        let err = JobTemplates::new("kv", &t, &s, &[])
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("job kv: template bad line 3"), "{err}");
     }
 }

@@ -78,9 +78,7 @@ fn quickstart_lifecycle() {
     let ips = running_ips(&env, "quickstart");
     let list = env.instances("quickstart");
     let by_index = |i: u64| {
-        list.iter()
-            .find(|x| x["index"] == i)
-            .unwrap()["ips"][0]
+        list.iter().find(|x| x["index"] == i).unwrap()["ips"][0]
             .as_str()
             .unwrap()
             .to_string()
@@ -119,12 +117,20 @@ fn quickstart_lifecycle() {
     assert!(second_running < third_stop, "max_in_flight 1:\n{log}");
     assert_eq!(running_ips(&env, "quickstart"), ips, "IPs kept");
     let (code, body) = http("GET", &format!("{}:8081", by_index(1)), "/kv/answer", "").unwrap();
-    assert_eq!((code, body.as_str()), (200, "42"), "data survives the update");
+    assert_eq!(
+        (code, body.as_str()),
+        (200, "42"),
+        "data survives the update"
+    );
 
     // 5. Delete: no agent or job process, no VM directory.
     let out = env.bosun(&["-d", "quickstart", "delete-deployment", "-n"]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(env.processes().is_empty(), "left running: {:?}", env.processes());
+    assert!(
+        env.processes().is_empty(),
+        "left running: {:?}",
+        env.processes()
+    );
     assert_eq!(env.vm_dirs(), 0);
     let out = env.bosun(&["deployments"]);
     assert!(!String::from_utf8_lossy(&out.stdout).contains("quickstart"));
@@ -143,10 +149,16 @@ fn failing_canary_leaves_the_rest_untouched() {
     let out = env.bosun(&["deploy", bad.to_str().unwrap(), "-n"]);
     assert!(!out.status.success(), "{}", text(&out));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("canary of instance group 'kv' failed"), "{err}");
+    assert!(
+        err.contains("canary of instance group 'kv' failed"),
+        "{err}"
+    );
     assert!(err.contains("is not running after 2000 ms"), "{err}");
     let log = String::from_utf8_lossy(&out.stdout);
-    assert!(!log.contains("(1)      stopping") && !log.contains("(2)      stopping"), "{log}");
+    assert!(
+        !log.contains("(1)      stopping") && !log.contains("(2)      stopping"),
+        "{log}"
+    );
 
     // Instances 1 and 2 still serve on the old port with the same VM.
     let after = env.instances("canary");
@@ -156,7 +168,10 @@ fn failing_canary_leaves_the_rest_untouched() {
         assert_eq!(a["vm_cid"], b["vm_cid"]);
         assert_eq!(a["process_state"], "running");
         let ip = a["ips"][0].as_str().unwrap();
-        assert_eq!(http("GET", &format!("{ip}:8080"), "/health", "").unwrap().0, 200);
+        assert_eq!(
+            http("GET", &format!("{ip}:8080"), "/health", "").unwrap().0,
+            200
+        );
     }
     // Fixing the manifest converges again.
     let out = env.bosun(&["deploy", good.to_str().unwrap(), "-n"]);

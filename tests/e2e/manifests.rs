@@ -71,8 +71,14 @@ fn broken_manifests_fail_before_anything_is_created() {
     fails_with(
         &env,
         "unknown-job.yml",
-        &GOOD.replace("  - name: kv\n    release: kv", "  - name: kvz\n    release: kv"),
-        &["unknown-job.yml:25: instance_groups[0].jobs[0].name", "no job 'kvz'"],
+        &GOOD.replace(
+            "  - name: kv\n    release: kv",
+            "  - name: kvz\n    release: kv",
+        ),
+        &[
+            "unknown-job.yml:25: instance_groups[0].jobs[0].name",
+            "no job 'kvz'",
+        ],
     );
     fails_with(
         &env,
@@ -90,9 +96,10 @@ fn broken_manifests_fail_before_anything_is_created() {
     fails_with(
         &env,
         "several.yml",
-        &GOOD
-            .replace("127.104.0.11]", "10.1.0.9]")
-            .replace("  - name: kv\n    release: kv", "  - name: kvz\n    release: kv"),
+        &GOOD.replace("127.104.0.11]", "10.1.0.9]").replace(
+            "  - name: kv\n    release: kv",
+            "  - name: kvz\n    release: kv",
+        ),
         &[
             "2 problems found",
             "several.yml:23: instance_groups[0].networks[0].static_ips[1]",
@@ -109,6 +116,9 @@ fn dry_run_prints_the_plan_and_creates_nothing() {
     assert!(out.status.success(), "{}", text(&out));
     let plan = String::from_utf8_lossy(&out.stdout);
     assert!(plan.contains("compile   kv-common"), "{plan}");
-    assert!(plan.contains("ip=127.105.0.10") && plan.contains("ip=127.105.0.11"), "{plan}");
+    assert!(
+        plan.contains("ip=127.105.0.10") && plan.contains("ip=127.105.0.11"),
+        "{plan}"
+    );
     assert_eq!(env.vm_dirs(), 0);
 }

@@ -2,7 +2,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -15,13 +15,12 @@ pub fn repo() -> PathBuf {
 /// A state dir plus a cloud-config on its own 127.<octet>.0.0/24 subnet.
 pub struct Env {
     pub dir: tempfile::TempDir,
-    pub octet: u8,
 }
 
 impl Env {
     pub fn new(octet: u8) -> Env {
         let dir = tempfile::tempdir().expect("tempdir");
-        let env = Env { dir, octet };
+        let env = Env { dir };
         let cc = env.path("cloud-config.yml");
         std::fs::write(
             &cc,
@@ -57,7 +56,10 @@ impl Env {
     /// Write a manifest (with `{release}` replaced by the kv release path).
     pub fn manifest(&self, name: &str, body: &str) -> PathBuf {
         let p = self.path(name);
-        let body = body.replace("{release}", repo().join("releases/kv").to_str().expect("utf8"));
+        let body = body.replace(
+            "{release}",
+            repo().join("releases/kv").to_str().expect("utf8"),
+        );
         std::fs::write(&p, body).expect("write manifest");
         p
     }
@@ -131,8 +133,4 @@ pub fn http(method: &str, addr: &str, path: &str, body: &str) -> std::io::Result
         .unwrap_or(0);
     let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
     Ok((status, body))
-}
-
-pub fn exists(p: &Path) -> bool {
-    p.exists()
 }
