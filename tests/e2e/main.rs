@@ -8,3 +8,4 @@ mod support;
 mod cpi_conformance;
 mod deploy;
 mod manifests;
+mod releases;
