@@ -107,7 +107,7 @@ pub struct LinkSource {
 }
 
 /// A package to have compiled for a stemcell.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 pub struct NeededPackage {
     pub name: String,
     pub fingerprint: String,

@@ -97,15 +97,8 @@ pub struct CompilationPlan {
     pub workers: Vec<BTreeMap<String, NetworkSettings>>,
 }
 
-#[derive(Clone, Debug, Serialize)]
-pub struct CompileStep {
-    pub name: String,
-    pub fingerprint: String,
-    pub release: String,
-    pub source_sha256: String,
-    pub dependencies: Vec<String>,
-    pub stemcell: String,
-}
+/// A package to compile: the desired state's own description of it.
+pub type CompileStep = NeededPackage;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct GroupPlan {
@@ -296,19 +289,7 @@ pub fn plan(
                     r.bootstrap = index == 0;
                     r
                 }
-                None => InstanceRecord {
-                    id: new_id(),
-                    deployment: desired.deployment.clone(),
-                    group: g.name.clone(),
-                    index,
-                    az,
-                    bootstrap: index == 0,
-                    networks: BTreeMap::new(),
-                    vm: None,
-                    pending_vm_token: None,
-                    disk: None,
-                    applied: None,
-                },
+                None => InstanceRecord::new(new_id(), &desired.deployment, &g.name, index, &az),
             };
             recs.push(rec);
         }
@@ -815,14 +796,7 @@ fn compile_steps(
     packages
         .iter()
         .filter(|p| !compiled.contains(&(p.fingerprint.clone(), p.stemcell.clone())))
-        .map(|p| CompileStep {
-            name: p.name.clone(),
-            fingerprint: p.fingerprint.clone(),
-            release: p.release.clone(),
-            source_sha256: p.source_sha256.clone(),
-            dependencies: p.dependencies.clone(),
-            stemcell: p.stemcell.clone(),
-        })
+        .cloned()
         .collect()
 }
 

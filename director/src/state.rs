@@ -189,6 +189,25 @@ pub struct InstanceRecord {
     pub applied: Option<AppliedRecord>,
 }
 
+impl InstanceRecord {
+    /// A new instance: nothing created, nothing applied, no IPs yet.
+    pub fn new(id: String, deployment: &str, group: &str, index: u32, az: &str) -> InstanceRecord {
+        InstanceRecord {
+            id,
+            deployment: deployment.to_string(),
+            group: group.to_string(),
+            index,
+            az: az.to_string(),
+            bootstrap: index == 0,
+            networks: BTreeMap::new(),
+            vm: None,
+            pending_vm_token: None,
+            disk: None,
+            applied: None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VmRecord {
     pub cid: String,
@@ -752,19 +771,7 @@ mod tests {
     use super::*;
 
     fn instance(id: &str, index: u32) -> InstanceRecord {
-        InstanceRecord {
-            id: id.into(),
-            deployment: "d".into(),
-            group: "kv".into(),
-            index,
-            az: "z1".into(),
-            bootstrap: index == 0,
-            networks: BTreeMap::new(),
-            vm: None,
-            pending_vm_token: None,
-            disk: None,
-            applied: None,
-        }
+        InstanceRecord::new(id.into(), "d", "kv", index, "z1")
     }
 
     #[test]
