@@ -303,7 +303,7 @@ fn resolve_group(
                 None => problems.push(src.problem(
                     format!("{gpath}.stemcell"),
                     format!(
-                        "no stemcell {}/{} is uploaded for the {cpi} CPI (run `bosun upload-stemcell`)",
+                        "no stemcell {}/{} is known to the {cpi} CPI (the local CPI's built-in stemcell is `os: local`)",
                         sref.os.clone().or(sref.name.clone()).unwrap_or_default(),
                         sref.version
                     ),

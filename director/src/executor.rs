@@ -56,9 +56,7 @@ pub enum ExecError {
     },
     #[error(transparent)]
     State(#[from] StateError),
-    #[error(
-        "no CPI named '{0}' is configured (cloud-config azs name their cpi: local, docker, aws)"
-    )]
+    #[error("no CPI named '{0}' is configured (this build has: local)")]
     UnknownCpi(String),
     #[error("{0}")]
     Failed(String),
@@ -537,7 +535,7 @@ impl Executor {
                         size_mb: *size_mb,
                         cloud_properties: cloud_properties.clone(),
                         vm_locality: Some(VmCid(vm.cid.clone())),
-                        metadata: self.metadata(rec, ""),
+                        metadata: self.metadata(rec, &uuid::Uuid::new_v4().to_string()),
                     })
                     .await
                     .map_err(|source| ExecError::Cpi {

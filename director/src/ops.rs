@@ -208,12 +208,8 @@ impl Director {
         Ok((rec, new))
     }
 
-    /// Parse, validate, upload `path:` releases, resolve and plan.
-    pub async fn plan_deploy(
-        &self,
-        manifest_path: &Path,
-        report: &dyn Report,
-    ) -> Result<(Manifest, String, Plan), OpError> {
+    /// Read and parse a manifest file.
+    pub fn load_manifest(&self, manifest_path: &Path) -> Result<(Manifest, String), OpError> {
         let text = read(manifest_path)?;
         let base = manifest_path
             .parent()
@@ -221,9 +217,20 @@ impl Director {
             .unwrap_or_else(|| PathBuf::from("."));
         let manifest =
             manifest::parse_manifest(&manifest_path.display().to_string(), &text, &base)?;
+        Ok((manifest, text))
+    }
+
+    /// Validate, resolve releases (uploading `path:` ones when `persist`),
+    /// resolve the desired state and plan.
+    pub async fn plan_manifest(
+        &self,
+        manifest: &Manifest,
+        persist: bool,
+        report: &dyn Report,
+    ) -> Result<Plan, OpError> {
         let cc = self.cloud_config(report)?;
         // Every problem at once: cloud-config checks, releases, jobs, links.
-        let mut problems = match cloud_config::validate_manifest(&manifest, &cc) {
+        let mut problems = match cloud_config::validate_manifest(manifest, &cc) {
             Ok(()) => Problems::default(),
             Err(p) => p,
         };
@@ -235,7 +242,15 @@ impl Director {
             let found = match &r.path {
                 Some(p) => {
                     let version = (r.version != "latest").then_some(r.version.as_str());
-                    match self.upload_release(p, version) {
+                    let found = if persist {
+                        self.upload_release(p, version)
+                    } else {
+                        // A dry run stores nothing.
+                        release::read_release(p, version)
+                            .map(|rel| (ReleaseRecord::from_release(&rel), false))
+                            .map_err(OpError::from)
+                    };
+                    match found {
                         Ok((rec, new)) => {
                             if new {
                                 report.notice(&format!(
@@ -275,7 +290,7 @@ impl Director {
             }
         }
         let stemcells = self.store.stemcells()?;
-        let desired = match desired::resolve(&manifest, &cc, &releases, &stemcells) {
+        let desired = match desired::resolve(manifest, &cc, &releases, &stemcells) {
             Ok(d) => d,
             Err(ResolveError::Problems(more)) => {
                 problems.extend(more);
@@ -316,7 +331,7 @@ impl Director {
             compiled,
         };
         let plan = planner::plan(&desired, &actual, &mut || uuid::Uuid::new_v4().to_string())?;
-        Ok((manifest, text, plan))
+        Ok(plan)
     }
 
     /// `deploy`: plan, confirm, execute.
@@ -327,7 +342,16 @@ impl Director {
         report: Arc<dyn Report>,
     ) -> Result<DeployOutcome, OpError> {
         let started = Instant::now();
-        let (manifest, text, plan) = self.plan_deploy(manifest_path, report.as_ref()).await?;
+        let (manifest, text) = self.load_manifest(manifest_path)?;
+        // Plan under the lock, so the plan shown is the one carried out.
+        let _lock = if opts.dry_run {
+            None
+        } else {
+            Some(self.store.lock_deployment(&manifest.name)?)
+        };
+        let plan = self
+            .plan_manifest(&manifest, !opts.dry_run, report.as_ref())
+            .await?;
         if opts.dry_run || plan.is_empty() {
             return Ok(DeployOutcome {
                 plan,
@@ -338,7 +362,6 @@ impl Director {
         if !report.confirm(&plan) {
             return Err(OpError::Cancelled);
         }
-        let _lock = self.store.lock_deployment(&manifest.name)?;
         self.store.save_deployment(&DeploymentRecord {
             name: manifest.name.clone(),
             manifest: text,

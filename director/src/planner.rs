@@ -807,37 +807,12 @@ mod tests {
     use crate::desired::resolve;
     use crate::manifest::parse_manifest;
     use crate::release::read_release_dir;
-    use crate::state::{
-        DiskRecord, JobRecord, PackageRecord, ReleaseRecord, StemcellRecord, VmRecord,
-    };
-    use bosun_agent::blobs::sha256_hex;
+    use crate::state::{DiskRecord, ReleaseRecord, StemcellRecord, VmRecord};
     use std::path::Path;
 
     fn kv_release() -> ReleaseRecord {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../releases/kv");
-        let r = read_release_dir(&dir, None).unwrap();
-        ReleaseRecord {
-            manifest: r.manifest.clone(),
-            jobs: r
-                .jobs
-                .iter()
-                .map(|j| JobRecord {
-                    spec: j.spec.clone(),
-                    fingerprint: j.fingerprint.clone(),
-                    templates: j.templates.clone(),
-                    sha256: sha256_hex(&j.archive),
-                })
-                .collect(),
-            packages: r
-                .packages
-                .iter()
-                .map(|p| PackageRecord {
-                    spec: p.spec.clone(),
-                    fingerprint: p.fingerprint.clone(),
-                    sha256: sha256_hex(&p.archive),
-                })
-                .collect(),
-        }
+        ReleaseRecord::from_release(&read_release_dir(&dir, None).unwrap())
     }
 
     fn manifest(instances: u32, port: u32, disk: u32, static_ips: &[&str]) -> String {

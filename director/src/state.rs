@@ -64,6 +64,8 @@ pub enum StateError {
         #[source]
         source: bosun_agent::blobs::BlobError,
     },
+    #[error("release {name}/{version} is already uploaded with different content; give the new one another version")]
+    ReleaseConflict { name: String, version: String },
     #[error("deployment '{deployment}' is locked by another bosun process ({holder}); wait for it to finish")]
     Locked { deployment: String, holder: String },
 }
@@ -124,6 +126,32 @@ pub struct PackageRecord {
 }
 
 impl ReleaseRecord {
+    /// The record of a release; its archives are blobs named by sha256.
+    pub fn from_release(r: &Release) -> ReleaseRecord {
+        ReleaseRecord {
+            manifest: r.manifest.clone(),
+            jobs: r
+                .jobs
+                .iter()
+                .map(|j| JobRecord {
+                    spec: j.spec.clone(),
+                    fingerprint: j.fingerprint.clone(),
+                    templates: j.templates.clone(),
+                    sha256: j.sha256.clone(),
+                })
+                .collect(),
+            packages: r
+                .packages
+                .iter()
+                .map(|p| PackageRecord {
+                    spec: p.spec.clone(),
+                    fingerprint: p.fingerprint.clone(),
+                    sha256: p.sha256.clone(),
+                })
+                .collect(),
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.manifest.name
     }
@@ -384,49 +412,34 @@ impl Store {
     // ---- releases ----
 
     /// Store a release's archives as blobs and record it. Returns false when
-    /// that name/version was already uploaded with the same content.
+    /// that name/version was already uploaded with the same content; a
+    /// different content under the same name/version is refused.
     pub fn save_release(&self, release: &Release) -> Result<bool> {
-        let op = format!(
-            "uploading release {}/{}",
-            release.manifest.name, release.manifest.version
-        );
-        if let Some(existing) = self.release(&release.manifest.name, &release.manifest.version)? {
+        let (name, version) = (&release.manifest.name, &release.manifest.version);
+        let op = format!("uploading release {name}/{version}");
+        if let Some(existing) = self.release(name, version)? {
             if existing.manifest == release.manifest {
                 return Ok(false);
             }
+            return Err(StateError::ReleaseConflict {
+                name: name.clone(),
+                version: version.clone(),
+            });
         }
-        let blob = |data: &[u8]| {
+        let archives = release
+            .jobs
+            .iter()
+            .map(|j| (&j.sha256, &j.archive))
+            .chain(release.packages.iter().map(|p| (&p.sha256, &p.archive)));
+        for (sha, data) in archives {
             self.blobs
-                .put_bytes(data)
+                .put_verified(sha, data)
                 .map_err(|source| StateError::Blob {
                     op: op.clone(),
                     source,
-                })
-        };
-        let mut jobs = Vec::new();
-        for j in &release.jobs {
-            let sha256 = blob(&j.archive)?;
-            jobs.push(JobRecord {
-                spec: j.spec.clone(),
-                fingerprint: j.fingerprint.clone(),
-                templates: j.templates.clone(),
-                sha256,
-            });
+                })?;
         }
-        let mut packages = Vec::new();
-        for p in &release.packages {
-            let sha256 = blob(&p.archive)?;
-            packages.push(PackageRecord {
-                spec: p.spec.clone(),
-                fingerprint: p.fingerprint.clone(),
-                sha256,
-            });
-        }
-        let rec = ReleaseRecord {
-            manifest: release.manifest.clone(),
-            jobs,
-            packages,
-        };
+        let rec = ReleaseRecord::from_release(release);
         let json = to_json(&op, &rec)?;
         db(
             op,

@@ -32,16 +32,29 @@ fn create_release_is_deterministic_and_uploads() {
     let b = env.path("b.tgz");
     let kv = repo().join("releases/kv");
     for out in [&a, &b] {
-        let o = env.bosun(&["create-release", kv.to_str().unwrap(), "--tarball", out.to_str().unwrap()]);
+        let o = env.bosun(&[
+            "create-release",
+            kv.to_str().unwrap(),
+            "--tarball",
+            out.to_str().unwrap(),
+        ]);
         assert!(o.status.success(), "{}", text(&o));
         assert!(String::from_utf8_lossy(&o.stdout).contains("Created release kv/0+dev."));
     }
-    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap(), "same source, same tarball");
+    assert_eq!(
+        std::fs::read(&a).unwrap(),
+        std::fs::read(&b).unwrap(),
+        "same source, same tarball"
+    );
     let o = env.bosun(&["upload-release", a.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("Uploaded release kv/0+dev."));
     let o = env.bosun(&["upload-release", kv.to_str().unwrap()]);
-    assert!(String::from_utf8_lossy(&o.stdout).contains("Already uploaded"), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("Already uploaded"),
+        "{}",
+        text(&o)
+    );
     let o = env.bosun(&["releases", "--json"]);
     let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
@@ -55,7 +68,11 @@ fn compile_failure_names_the_package_and_shows_its_output_then_the_cache_holds()
     copy_dir(&repo().join("releases/kv"), &rel);
     let packaging = rel.join("packages/kv-common/packaging");
     let good = std::fs::read_to_string(&packaging).unwrap();
-    std::fs::write(&packaging, "echo 'checking the frobnicator'\necho 'frobnicator missing' >&2\nexit 3\n").unwrap();
+    std::fs::write(
+        &packaging,
+        "echo 'checking the frobnicator'\necho 'frobnicator missing' >&2\nexit 3\n",
+    )
+    .unwrap();
 
     let m = env.manifest("m.yml", &manifest("e2e", &rel, 107));
     let o = env.bosun(&["deploy", m.to_str().unwrap(), "-n"]);
@@ -63,7 +80,11 @@ fn compile_failure_names_the_package_and_shows_its_output_then_the_cache_holds()
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("compiling package kv-common"), "{err}");
     assert!(err.contains("frobnicator missing"), "{err}");
-    assert_eq!(env.vm_dirs(), 0, "compilation VMs are deleted after a failure");
+    assert_eq!(
+        env.vm_dirs(),
+        0,
+        "compilation VMs are deleted after a failure"
+    );
 
     std::fs::write(&packaging, good).unwrap();
     let o = env.bosun(&["deploy", m.to_str().unwrap(), "-n"]);

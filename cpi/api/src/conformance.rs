@@ -13,11 +13,14 @@ use crate::{
     StemcellSpec, VmCid,
 };
 
+/// Builds the create_vm request for the n-th test VM given the stemcell cid.
+pub type VmRequestFn = dyn Fn(usize, &StemcellCid) -> CreateVmRequest + Send + Sync;
+
 /// What a backend's test supplies.
 pub struct Fixture {
     pub stemcell: StemcellSpec,
     /// Builds the create_vm request for the n-th test VM (distinct IPs, settings, metadata with a unique `token`).
-    pub vm_request: Box<dyn Fn(usize, &StemcellCid) -> CreateVmRequest + Send + Sync>,
+    pub vm_request: Box<VmRequestFn>,
     pub disk_size_mb: u64,
 }
 

@@ -238,6 +238,16 @@ fn remove_file_if_exists(path: &Path) -> Result<()> {
     }
 }
 
+/// A mount point at or below `path`, as this process sees the mounts.
+fn mount_point_under(path: &Path) -> Option<String> {
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let base = path.to_string_lossy().to_string();
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| m.replace("\\040", " "))
+        .find(|m| m == &base || m.starts_with(&format!("{base}/")))
+}
+
 /// Removes a directory tree: renamed aside first so it disappears at once.
 fn remove_dir_atomic(path: &Path) -> Result<()> {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
@@ -246,6 +256,14 @@ fn remove_dir_atomic(path: &Path) -> Result<()> {
             path.display()
         )));
     };
+    // Never recurse into a mounted persistent disk: that would delete its data.
+    if let Some(mount) = mount_point_under(path) {
+        return Err(LocalCpiError::Internal(format!(
+            "refusing to remove {}: {} is mounted inside it (a persistent disk?); unmount it first",
+            path.display(),
+            mount
+        )));
+    }
     let trash = dir.join(format!(
         ".deleting-{}-{}",
         name.to_string_lossy(),
@@ -572,13 +590,16 @@ impl Inner {
         }
     }
 
-    /// What the agent's command line contains (its `--vm-root`), and nothing else's does.
+    /// What the agent's command line contains (`--vm-root <vm>/vcap`, NUL-separated
+    /// as in /proc/<pid>/cmdline), and nothing else's does (not even a host
+    /// process that merely names a file of the VM).
     fn vm_marker(&self, cid: &VmCid) -> String {
-        self.vcap_dir(cid).to_string_lossy().into_owned()
+        format!("--vm-root\0{}\0", self.vcap_dir(cid).to_string_lossy())
     }
 
-    /// SIGKILLs the agent (its process group too, and anything else running
-    /// with this VM's root on its command line) and waits until it is gone.
+    /// SIGKILLs the agent (its process group too, and any other process
+    /// started with this VM's `--vm-root`) and waits until it is gone; its
+    /// PID namespace, and so every job, dies with it.
     fn kill_agent(&self, cid: &VmCid) -> Result<()> {
         let marker = self.vm_marker(cid);
         let deadline = Instant::now() + KILL_TIMEOUT;
@@ -973,13 +994,27 @@ impl bosun_cpi::Cpi for LocalCpi {
 
 /// The namespace's PID 1, for the parent's signal forwarder.
 static CHILD_PID: AtomicI32 = AtomicI32::new(0);
+/// How many terminating signals the parent has forwarded.
+static SIGNALS_FORWARDED: AtomicI32 = AtomicI32::new(0);
+/// How long PID 1 of a VM namespace gets to exit after a forwarded signal
+/// before it is SIGKILLed (PID 1 ignores signals it has no handler for).
+pub const SIGNAL_GRACE_SECS: u32 = 30;
 
+/// Forwards the signal to the namespace's PID 1; escalates to SIGKILL on a
+/// second signal or when the grace period (SIGALRM) runs out.
 extern "C" fn forward_signal(sig: libc::c_int) {
     let pid = CHILD_PID.load(Ordering::SeqCst);
-    if pid > 0 {
-        // SAFETY: kill(2) is async-signal-safe.
-        unsafe {
+    if pid <= 0 {
+        return;
+    }
+    let forwarded = SIGNALS_FORWARDED.fetch_add(1, Ordering::SeqCst);
+    // SAFETY: kill(2) and alarm(2) are async-signal-safe.
+    unsafe {
+        if sig == libc::SIGALRM || forwarded > 0 {
+            libc::kill(pid, libc::SIGKILL);
+        } else {
             libc::kill(pid, sig);
+            libc::alarm(SIGNAL_GRACE_SECS);
         }
     }
 }
@@ -1015,6 +1050,9 @@ fn write_proc_file(path: &str, content: &str, step: &'static str) -> Result<()> 
 /// makes mounts private, bind-mounts DIR at /var/vcap (as root, create /var/vcap on the host if missing;
 /// not root and missing: error saying `sudo mkdir /var/vcap` once), mounts a new proc at /proc,
 /// and returns Ok(()) so the caller runs the agent. Errors name the step and the missing capability.
+///
+/// PID 1 ignores signals it installs no handler for, so the parent escalates
+/// to SIGKILL on a second terminating signal or [`SIGNAL_GRACE_SECS`] after the first.
 pub fn enter_vm_namespace(vm_dir: &Path) -> Result<(), LocalCpiError> {
     let vm_dir = fs::canonicalize(vm_dir).map_err(|source| LocalCpiError::Namespace {
         step: "resolving the VM root",
@@ -1178,8 +1216,9 @@ pub fn enter_vm_namespace(vm_dir: &Path) -> Result<(), LocalCpiError> {
     Ok(())
 }
 
-/// The namespace parent: forwards SIGTERM/SIGINT to `child`, waits for it and
-/// exits with its status (128 + signal when it was killed).
+/// The namespace parent: forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT to `child`
+/// (SIGKILL on a second signal or after [`SIGNAL_GRACE_SECS`]), waits for it
+/// and exits with its status (128 + signal when it was killed).
 fn wait_and_exit(child: libc::pid_t) -> ! {
     CHILD_PID.store(child, Ordering::SeqCst);
     // SAFETY: installing an async-signal-safe handler with a zeroed, then filled, sigaction.
@@ -1188,7 +1227,13 @@ fn wait_and_exit(child: libc::pid_t) -> ! {
         sa.sa_sigaction = forward_signal as *const () as libc::sighandler_t;
         sa.sa_flags = libc::SA_RESTART;
         libc::sigemptyset(&mut sa.sa_mask);
-        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT] {
+        for sig in [
+            libc::SIGTERM,
+            libc::SIGINT,
+            libc::SIGHUP,
+            libc::SIGQUIT,
+            libc::SIGALRM,
+        ] {
             libc::sigaction(sig, &sa, std::ptr::null_mut());
         }
     }
@@ -1220,6 +1265,45 @@ fn wait_and_exit(child: libc::pid_t) -> ! {
 mod tests {
     use super::*;
     use bosun_cpi::{AgentSettings, Cpi};
+
+    #[test]
+    fn removing_a_dir_never_recurses_into_a_mounted_disk() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI runs as root: this test needs root to bind-mount"
+            );
+            eprintln!("skipped: needs root to bind-mount (not in CI)");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let disk = t.path().join("disk");
+        let vm = t.path().join("vm");
+        fs::create_dir_all(&disk).unwrap();
+        fs::create_dir_all(vm.join("store")).unwrap();
+        fs::write(disk.join("precious"), "data").unwrap();
+        let c = |p: &Path| std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+        let (src, dst) = (c(&disk), c(&vm.join("store")));
+        // SAFETY: valid NUL-terminated paths; a bind mount of our own temp dir.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                dst.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0, "bind mount: {}", io::Error::last_os_error());
+        let err = remove_dir_atomic(&vm).unwrap_err().to_string();
+        // SAFETY: unmounting the mount made above.
+        unsafe { libc::umount2(dst.as_ptr(), libc::MNT_DETACH) };
+        assert!(err.contains("is mounted inside it"), "{err}");
+        assert_eq!(fs::read_to_string(disk.join("precious")).unwrap(), "data");
+        remove_dir_atomic(&vm).unwrap();
+        assert!(!vm.exists());
+    }
 
     fn cpi(dir: &Path) -> LocalCpi {
         LocalCpi::new(LocalCpiConfig {

@@ -226,6 +226,31 @@ async fn vms_are_isolated_namespaces_that_die_whole() {
         std::thread::sleep(Duration::from_millis(20));
     }
 
+    // SIGTERM reaches the namespace's PID 1 (which ignores it here); a second one kills it.
+    let pid: i32 = std::fs::read_to_string(cpi.vm_dir(&vms[1]).join("pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: plain kill(2).
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        cpi.has_vm(&vms[1]).await.unwrap(),
+        "one SIGTERM killed a VM whose PID 1 ignores it"
+    );
+    // SAFETY: plain kill(2).
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while cpi.has_vm(&vms[1]).await.unwrap() {
+        assert!(
+            Instant::now() < deadline,
+            "has_vm still true after a second SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(processes_with(&cpi.vm_dir(&vms[1]).to_string_lossy()).is_empty());
+
     // Deleting kills every process of the VM, jobs included.
     for vm in &vms {
         cpi.delete_vm(vm).await.unwrap();

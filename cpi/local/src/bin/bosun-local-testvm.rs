@@ -68,7 +68,7 @@ fn main() {
     });
 
     let exe = std::env::current_exe().unwrap_or_else(|e| fail(format!("current_exe: {e}")));
-    let job = Command::new(exe)
+    let mut job = Command::new(exe)
         .arg("--job")
         .arg(&vm_root)
         .stdin(Stdio::null())
@@ -85,5 +85,7 @@ fn main() {
     std::fs::write(tmp, ready.to_string())
         .and_then(|()| std::fs::rename(tmp, "/var/vcap/data/testvm-ready.json"))
         .unwrap_or_else(|e| fail(format!("writing /var/vcap/data/testvm-ready.json: {e}")));
+    // The job sleeps forever; reap it should it ever exit, then keep running.
+    let _ = job.wait();
     sleep_forever();
 }
