@@ -735,15 +735,9 @@ impl Executor {
         rec.bootstrap = ip.record.bootstrap;
         rec.networks = ip.record.networks.clone();
 
-        if let VmAction::Recreate(_) = &ip.vm {
-            if rec
-                .vm
-                .as_ref()
-                .is_some_and(|v| Some(&v.vm_digest) != vm_digest(&ip.vm))
-            {
-                self.progress.stage(&name, "recreating");
-                self.teardown_vm(&mut rec, DrainKind::Update).await?;
-            }
+        if matches!(ip.vm, VmAction::Recreate(_)) && rec.vm.is_some() {
+            self.progress.stage(&name, "recreating");
+            self.teardown_vm(&mut rec, DrainKind::Update).await?;
         }
 
         let client = match &rec.vm {
@@ -967,13 +961,6 @@ impl Executor {
         self.store.delete_deployment_record(name)?;
         self.event(name, None, "delete", "deployment", "ok");
         Ok(n)
-    }
-}
-
-fn vm_digest(a: &VmAction) -> Option<&String> {
-    match a {
-        VmAction::Create(v) | VmAction::Recreate(v) => Some(&v.vm_digest),
-        VmAction::Keep => None,
     }
 }
 

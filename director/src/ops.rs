@@ -325,10 +325,12 @@ impl Director {
                 compiled.insert((p.fingerprint.clone(), p.stemcell.clone()));
             }
         }
+        let missing_vms = self.missing_vms(&mine).await;
         let actual = Actual {
             instances: mine,
             reserved_ips,
             compiled,
+            missing_vms,
         };
         let plan = planner::plan(&desired, &actual, &mut || uuid::Uuid::new_v4().to_string())?;
         Ok(plan)
@@ -405,6 +407,22 @@ impl Director {
             .zip(states)
             .map(|(r, st)| instance_info(r, st))
             .collect())
+    }
+
+    /// Recorded VMs their CPI says are gone. A CPI that cannot answer
+    /// counts the VM as present (the update then reports the agent).
+    async fn missing_vms(&self, instances: &[InstanceRecord]) -> BTreeSet<String> {
+        let futs = instances
+            .iter()
+            .filter_map(|r| r.vm.as_ref())
+            .map(|vm| async move {
+                let cpi = self.cpis.get(&vm.cpi).ok()?;
+                match cpi.has_vm(&bosun_cpi::VmCid(vm.cid.clone())).await {
+                    Ok(false) => Some(vm.cid.clone()),
+                    _ => None,
+                }
+            });
+        futures_join_all(futs).await.into_iter().flatten().collect()
     }
 
     async fn live_state(&self, r: &InstanceRecord) -> Option<AgentState> {

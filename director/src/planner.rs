@@ -71,6 +71,8 @@ pub struct Actual {
     pub reserved_ips: BTreeSet<(String, Ipv4Addr)>,
     /// Compiled packages: (fingerprint, stemcell key).
     pub compiled: BTreeSet<(String, String)>,
+    /// Recorded VMs the CPI says no longer exist (cids).
+    pub missing_vms: BTreeSet<String>,
 }
 
 /// The plan.
@@ -323,7 +325,11 @@ pub fn plan(
         let g = &desired.groups[gi];
         let mut instances = Vec::new();
         for rec in recs {
-            instances.push(plan_instance(desired, g, rec, &addresses)?);
+            let missing = rec
+                .vm
+                .as_ref()
+                .is_some_and(|v| actual.missing_vms.contains(&v.cid));
+            instances.push(plan_instance(desired, g, rec, &addresses, missing)?);
         }
         groups.push(GroupPlan {
             name: g.name.clone(),
@@ -503,6 +509,7 @@ fn plan_instance(
     g: &DesiredGroup,
     rec: InstanceRecord,
     addresses: &BTreeMap<String, Vec<LinkInstance>>,
+    vm_missing: bool,
 ) -> Result<InstancePlan, PlanError> {
     let name = format!("{}/{}", g.name, rec.id);
     let (cpi, az_props) = g
@@ -540,6 +547,10 @@ fn plan_instance(
     let mut reasons = Vec::new();
     let vm = match &rec.vm {
         None => VmAction::Create(vm_create),
+        Some(_) if vm_missing => {
+            reasons.push("VM is missing (the CPI no longer has it)".into());
+            VmAction::Recreate(vm_create)
+        }
         Some(v) if v.vm_digest != vm_digest => {
             reasons.push(vm_change_reason(&rec, v, stemcell, &cpi));
             VmAction::Recreate(vm_create)
@@ -991,6 +1002,31 @@ mod tests {
             assert_eq!(i.reasons, vec!["job kv changed".to_string()]);
             assert!(before.contains(&(i.record.id.clone(), primary_ip(&i.record.networks))));
         }
+    }
+
+    #[test]
+    fn a_missing_vm_is_recreated_with_its_ip_and_disk() {
+        let mut actual = Actual::default();
+        let mut new_id = ids();
+        let d = desired(&manifest(2, 8080, 1024, &[]));
+        execute(&plan(&d, &actual, &mut new_id).unwrap(), &mut actual);
+        let lost = actual.instances[1].clone();
+        actual
+            .missing_vms
+            .insert(lost.vm.as_ref().unwrap().cid.clone());
+        let p = plan(&d, &actual, &mut new_id).unwrap();
+        let changing: Vec<&InstancePlan> = p.changing().collect();
+        assert_eq!(changing.len(), 1);
+        let i = changing[0];
+        assert_eq!(i.record.id, lost.id);
+        assert_eq!(i.change, Change::Recreate);
+        assert!(matches!(i.vm, VmAction::Recreate(_)));
+        assert_eq!(i.disk, DiskAction::Keep);
+        assert_eq!(primary_ip(&i.record.networks), primary_ip(&lost.networks));
+        assert_eq!(
+            i.reasons,
+            vec!["VM is missing (the CPI no longer has it)".to_string()]
+        );
     }
 
     #[test]

@@ -178,3 +178,61 @@ fn failing_canary_leaves_the_rest_untouched() {
     assert!(out.status.success(), "{}", text(&out));
     running_ips(&env, "canary");
 }
+
+#[test]
+fn a_lost_vm_comes_back_on_redeploy_with_its_ip_and_disk() {
+    let env = Env::new(108);
+    let m = env.manifest("m.yml", &kv_manifest("quickstart", 8080, "300-30000"));
+    let m = m.to_str().unwrap();
+    let out = env.bosun(&["deploy", m, "-n"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let before = env.instances("quickstart");
+    let lost = before.iter().find(|x| x["index"] == 1).unwrap().clone();
+    let ip = lost["ips"][0].as_str().unwrap().to_string();
+    let (code, _) = http("PUT", &format!("{ip}:8080"), "/kv/kept", "yes").unwrap();
+    assert!(code == 201 || code == 204);
+
+    // The VM dies: its agent and every process in it.
+    let cid = lost["vm_cid"].as_str().unwrap();
+    let pid: i32 = std::fs::read_to_string(env.state().join("local-cpi/vms").join(cid).join("pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let during = env.instances("quickstart");
+    let i1 = during.iter().find(|x| x["index"] == 1).unwrap();
+    assert_eq!(i1["process_state"], "unresponsive", "{i1}");
+
+    let out = env.bosun(&["deploy", m, "-n"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(log.contains("VM is missing"), "{log}");
+    assert_eq!(
+        log.matches("recreate ").count(),
+        1,
+        "only the lost instance:\n{log}"
+    );
+
+    let after = env.instances("quickstart");
+    let back = after.iter().find(|x| x["index"] == 1).unwrap();
+    assert_eq!(back["process_state"], "running");
+    assert_eq!(back["ips"], lost["ips"], "same IP");
+    assert_eq!(
+        back["persistent_disk_cids"], lost["persistent_disk_cids"],
+        "same disk"
+    );
+    assert_ne!(back["vm_cid"], lost["vm_cid"], "a new VM");
+    for idx in [0u64, 2] {
+        let b = before.iter().find(|x| x["index"] == idx).unwrap();
+        let a = after.iter().find(|x| x["index"] == idx).unwrap();
+        assert_eq!(a["vm_cid"], b["vm_cid"], "others untouched");
+    }
+    let (code, body) = http("GET", &format!("{ip}:8080"), "/kv/kept", "").unwrap();
+    assert_eq!((code, body.as_str()), (200, "yes"));
+}
