@@ -201,7 +201,8 @@ async fn run(cli: Cli) -> Result<i32> {
                 let v: Vec<_> = deps
                     .iter()
                     .map(|d| {
-                        serde_json::json!({"name": d.name, "releases": d.releases, "stemcells": d.stemcells})
+                        let instances = store.instances(&d.name).map(|i| i.len()).unwrap_or(0);
+                        serde_json::json!({"name": d.name, "instances": instances, "releases": d.releases, "stemcells": d.stemcells})
                     })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
