@@ -16,6 +16,7 @@
 //! - [`planner`]: desired + recorded state -> a `Plan` value (no IO).
 //! - [`executor`]: carries out a plan, one attempt, recording each step.
 //! - [`compiler`]: package compilation on compilation VMs.
+//! - [`stemcell`]: building and reading stemcell tarballs.
 //! - [`ops`]: the operator operations (deploy, delete, instances, uploads).
 //!
 //! The director must see CPIs only through `bosun_cpi::Cpi`, and agents only
@@ -33,5 +34,6 @@ pub mod planner;
 pub mod problems;
 pub mod release;
 pub mod state;
+pub mod stemcell;
 pub mod templates;
 pub mod yaml;
