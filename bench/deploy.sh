@@ -46,7 +46,7 @@ releases:
   path: $PWD/releases/kv
 stemcells:
 - alias: default
-  os: local
+  os: $host_os
   version: latest
 update:
   canaries: 1
@@ -68,6 +68,7 @@ instance_groups:
 M
 }
 
+host_os=$(. /etc/os-release && echo "$ID-$VERSION_CODENAME")
 now() { date +%s.%N; }
 secs() { python3 -c "print(f'{$2 - $1:.2f}')"; }
 

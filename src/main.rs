@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+use bosun_cpi_docker::{DockerCpi, DockerCpiConfig};
 use bosun_cpi_local::{LocalCpi, LocalCpiConfig};
 use bosun_director::executor::{Cpis, ExecOptions, Progress};
 use bosun_director::ops::{DeployOptions, Director, InstanceInfo, Report};
@@ -85,6 +86,26 @@ enum Command {
     Releases,
     /// List uploaded stemcells.
     Stemcells,
+    /// Build a stemcell tarball for the Docker CPI from a debootstrap rootfs
+    /// with this bosun executable as its agent (needs root and debootstrap).
+    BuildStemcell {
+        #[arg(long, default_value = "debian-bookworm")]
+        os: String,
+        /// Extra Debian packages, comma separated.
+        #[arg(long, value_delimiter = ',')]
+        include: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        version: Option<String>,
+        /// Where debootstrapped base root filesystems are cached.
+        #[arg(long)]
+        cache: Option<PathBuf>,
+        #[arg(long, default_value = "http://deb.debian.org/debian")]
+        mirror: String,
+    },
+    /// Upload a stemcell tarball to the CPIs that take its format.
+    UploadStemcell { path: PathBuf },
     /// Print the cloud-config in force.
     CloudConfig,
     /// Upload a cloud-config.
@@ -164,7 +185,8 @@ async fn run(cli: Cli) -> Result<i32> {
     init_logging(false);
     let state_dir = cli.state_dir.clone().unwrap_or_else(default_state_dir);
     let store = Store::open(&state_dir)?;
-    let director = director(store.clone())?;
+    let needs_docker = matches!(cli.command, Command::UploadStemcell { .. });
+    let director = director(store.clone(), needs_docker).await?;
     let printer = Arc::new(Printer::new(cli.non_interactive));
     match cli.command {
         Command::Agent { .. } => Ok(0),
@@ -306,6 +328,50 @@ async fn run(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
+        Command::BuildStemcell {
+            os,
+            include,
+            out,
+            version,
+            cache,
+            mirror,
+        } => {
+            let started = Instant::now();
+            let opts = bosun_director::stemcell::BuildOptions {
+                os,
+                include,
+                out: out.clone(),
+                agent_binary: std::env::current_exe().context("finding the bosun executable")?,
+                cache_dir: Some(cache.unwrap_or_else(|| default_cache_dir().join("rootfs"))),
+                version,
+                mirror,
+            };
+            let m =
+                bosun_director::stemcell::build_stemcell(&opts, &mut |line| println!("{line}"))?;
+            println!(
+                "Built stemcell {}/{} ({}) at {} in {:.1}s",
+                m.name,
+                m.version,
+                m.operating_system,
+                out.display(),
+                started.elapsed().as_secs_f64()
+            );
+            Ok(0)
+        }
+        Command::UploadStemcell { path } => {
+            for (rec, new) in director.upload_stemcell(&path).await? {
+                println!(
+                    "{} stemcell {}/{} ({}) to the {} CPI: {}",
+                    if new { "Uploaded" } else { "Already uploaded:" },
+                    rec.name,
+                    rec.version,
+                    rec.os,
+                    rec.cpi,
+                    rec.cid
+                );
+            }
+            Ok(0)
+        }
         Command::CloudConfig => {
             match store.cloud_config()? {
                 Some((_, text)) => print!("{text}"),
@@ -323,7 +389,9 @@ async fn run(cli: Cli) -> Result<i32> {
     }
 }
 
-fn director(store: Arc<Store>) -> Result<Director> {
+/// The CPIs: local always; Docker when the cloud-config names it, when
+/// stemcells were uploaded to it, or when the command needs it.
+async fn director(store: Arc<Store>, needs_docker: bool) -> Result<Director> {
     let exe = std::env::current_exe().context("finding the bosun executable")?;
     let local = LocalCpi::new(LocalCpiConfig {
         root: store.dir().join("local-cpi"),
@@ -331,6 +399,29 @@ fn director(store: Arc<Store>) -> Result<Director> {
     })?;
     let mut cpis = Cpis::new();
     cpis.insert("local", Arc::new(local));
+    let cloud_wants_docker = match store.cloud_config()? {
+        Some((id, text)) => {
+            bosun_director::cloud_config::parse_cloud_config(&format!("cloud-config #{id}"), &text)
+                .map(|cc| cc.azs.iter().any(|a| a.cpi == "docker"))
+                .unwrap_or(false)
+        }
+        None => false,
+    };
+    let has_docker_stemcells = store.stemcells()?.iter().any(|s| s.cpi == "docker");
+    if needs_docker || cloud_wants_docker || has_docker_stemcells {
+        let config = DockerCpiConfig {
+            root: store.dir().join("docker-cpi"),
+            socket: None,
+            prefix: "bosun".into(),
+        };
+        match DockerCpi::connect(config).await {
+            Ok(docker) => cpis.insert("docker", Arc::new(docker)),
+            Err(e) if needs_docker || cloud_wants_docker => {
+                return Err(anyhow::Error::new(e).context("the docker CPI is needed"))
+            }
+            Err(e) => eprintln!("warning: the docker CPI is unavailable: {e}"),
+        }
+    }
     let mut opts = ExecOptions::default();
     if let Some(secs) = std::env::var("BOSUN_AGENT_TIMEOUT")
         .ok()
@@ -339,6 +430,16 @@ fn director(store: Arc<Store>) -> Result<Director> {
         opts.agent_timeout = Duration::from_secs(secs);
     }
     Ok(Director { store, cpis, opts })
+}
+
+fn default_cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(d).join("bosun");
+    }
+    if let Some(h) = std::env::var_os("HOME") {
+        return PathBuf::from(h).join(".cache/bosun");
+    }
+    std::env::temp_dir().join("bosun-cache")
 }
 
 fn need_deployment(d: &Option<String>) -> Result<String> {

@@ -77,6 +77,9 @@ struct DiskRecord {
 
 /// The action handler. Mutating actions are serialized; `ping` and
 /// `get_state` answer while one runs.
+/// The persistent disk mount point on a VM.
+const VCAP_STORE: &str = "/var/vcap/store";
+
 pub struct Agent {
     settings: AgentSettings,
     root: PathBuf,
@@ -749,6 +752,12 @@ impl Agent {
         let _g = self.ops.lock().await;
         let op = format!("mounting disk {} from {}", p.cid, p.hint.path);
         let store = self.root.join("store");
+        // A CPI that mounts the disk itself (Docker volumes) hints the mount
+        // point: nothing to mount, only to record.
+        let premounted = Path::new(&p.hint.path) == store || p.hint.path == VCAP_STORE;
+        if premounted {
+            return self.record_disk(&op, &p.cid, &p.hint.path);
+        }
         let mounted = is_mount_point(&store);
         match self.disk_record() {
             Some(rec) if mounted && rec.cid == p.cid => return Ok(()),
@@ -788,14 +797,18 @@ impl Agent {
                 failure("io", format!("{op}: bind mount failed: {e}{hint}"))
             })?;
         }
+        self.record_disk(&op, &p.cid, &p.hint.path)
+    }
+
+    fn record_disk(&self, op: &str, cid: &str, path: &str) -> Result<(), ActionFailure> {
         let rec = DiskRecord {
-            cid: p.cid.clone(),
-            path: p.hint.path.clone(),
+            cid: cid.to_string(),
+            path: path.to_string(),
         };
         let bytes = serde_json::to_vec(&rec).map_err(|e| failure("io", format!("{op}: {e}")))?;
         write_atomic(&self.disk_record_path(), &bytes, 0o644)
             .map_err(io_fail(format!("{op}: recording mount")))?;
-        tracing::info!(cid = %p.cid, "mounted persistent disk");
+        tracing::info!(cid = %cid, "mounted persistent disk");
         Ok(())
     }
 
@@ -814,7 +827,10 @@ impl Agent {
             }
             Some(_) => {}
         }
-        if is_mount_point(&store) {
+        let premounted = self
+            .disk_record()
+            .is_some_and(|r| Path::new(&r.path) == store || r.path == VCAP_STORE);
+        if is_mount_point(&store) && !premounted {
             let c = cpath(&store).map_err(io_fail(&op))?;
             // SAFETY: umount2 with a valid NUL-terminated path.
             let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
@@ -2089,6 +2105,30 @@ mod tests {
         assert_eq!(tail.lines().count(), 40);
         assert!(tail.starts_with("line62"), "{tail}");
         assert!(tail.ends_with("oops"), "{tail}");
+    }
+
+    #[tokio::test]
+    async fn a_disk_the_cpi_mounted_is_only_recorded() {
+        let fx = fixture();
+        let store = fx.root.join("store").display().to_string();
+        fx.agent
+            .mount_disk(MountDiskParams {
+                cid: "vol-1".into(),
+                hint: DiskHint { path: store },
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            fx.agent.get_state().await.persistent_disk.as_deref(),
+            Some("vol-1")
+        );
+        fx.agent
+            .unmount_disk(UnmountDiskParams {
+                cid: "vol-1".into(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(fx.agent.get_state().await.persistent_disk, None);
     }
 
     #[tokio::test]

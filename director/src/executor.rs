@@ -507,18 +507,18 @@ impl Executor {
             VmAction::Keep => return Ok(()),
         };
         let client = self.create_instance_vm(rec, vc).await?;
-        self.ensure_disk(ip, rec, &client).await
+        self.ensure_disk(ip, rec, client).await.map(|_| ())
     }
 
     async fn ensure_disk(
         &self,
         ip: &InstancePlan,
         rec: &mut InstanceRecord,
-        client: &AgentClient,
-    ) -> Result<(), ExecError> {
+        client: AgentClient,
+    ) -> Result<AgentClient, ExecError> {
         let name = instance_name(rec);
         let Some(vm) = rec.vm.clone() else {
-            return Ok(());
+            return Ok(client);
         };
         if let DiskAction::Create {
             cpi,
@@ -567,7 +567,7 @@ impl Executor {
             }
             self.detach_disk(rec).await?;
             self.orphan_disk(rec).await?;
-            return Ok(());
+            return Ok(client);
         }
         if let Some(d) = rec.disk.clone() {
             let c = self.cpis.get(&d.cpi)?;
@@ -589,6 +589,15 @@ impl Executor {
                 Some(hint)
             };
             if let Some(hint) = hint {
+                // Attaching may have restarted the VM (Docker recreates the
+                // container to add a volume): talk to its agent afresh.
+                let client =
+                    self.connect(&vm, self.opts.agent_timeout)
+                        .await
+                        .map_err(|source| ExecError::Agent {
+                            what: format!("reaching the agent of {name} after attaching its disk"),
+                            source: Box::new(source),
+                        })?;
                 client
                     .mount_disk(&MountDiskParams {
                         cid: d.cid.clone(),
@@ -599,9 +608,10 @@ impl Executor {
                         what: format!("mounting disk {} on {name}", d.cid),
                         source: Box::new(source),
                     })?;
+                return Ok(client);
             }
         }
-        Ok(())
+        Ok(client)
     }
 
     async fn detach_disk(&self, rec: &mut InstanceRecord) -> Result<(), ExecError> {
@@ -751,8 +761,7 @@ impl Executor {
                     }
                 };
                 let client = self.create_instance_vm(&mut rec, &vc).await?;
-                self.ensure_disk(ip, &mut rec, &client).await?;
-                client
+                self.ensure_disk(ip, &mut rec, client).await?
             }
             Some(vm) => {
                 let vm = vm.clone();
@@ -781,8 +790,7 @@ impl Executor {
                         source: Box::new(source),
                     })?;
                 }
-                self.ensure_disk(ip, &mut rec, &client).await?;
-                client
+                self.ensure_disk(ip, &mut rec, client).await?
             }
         };
 

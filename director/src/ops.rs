@@ -55,7 +55,7 @@ pub enum OpError {
     NoDeployment(String),
     #[error("deploy cancelled")]
     Cancelled,
-    #[error("registering the local stemcell: {0}")]
+    #[error("{0}")]
     Stemcell(String),
 }
 
@@ -122,8 +122,26 @@ fn read(path: &Path) -> Result<String, OpError> {
     })
 }
 
-/// The built-in stemcell of the local CPI: the host itself.
-pub const LOCAL_STEMCELL_OS: &str = "local";
+/// The operating system of this host as stemcells name it
+/// (`<ID>-<VERSION_CODENAME>` from /etc/os-release, e.g. `debian-bookworm`):
+/// the `os` of the local CPI's built-in stemcell, which is the host itself.
+pub fn host_os() -> String {
+    let text = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
+    let field = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .map(|v| v.trim_matches('"').to_string())
+            .filter(|v| !v.is_empty())
+    };
+    match (
+        field("ID"),
+        field("VERSION_CODENAME").or_else(|| field("VERSION_ID")),
+    ) {
+        (Some(id), Some(v)) => format!("{id}-{v}"),
+        (Some(id), None) => id,
+        _ => "linux".to_string(),
+    }
+}
 
 impl Director {
     pub fn executor(&self, progress: Arc<dyn Progress>) -> Executor {
@@ -163,17 +181,12 @@ impl Director {
         let Ok(cpi) = self.cpis.get("local") else {
             return Ok(());
         };
-        if self
-            .store
-            .stemcells()?
-            .iter()
-            .any(|s| s.cpi == "local" && s.os == LOCAL_STEMCELL_OS)
-        {
+        if self.store.stemcells()?.iter().any(|s| s.cpi == "local") {
             return Ok(());
         }
         let spec = StemcellSpec {
             name: "bosun-local-host".into(),
-            os: LOCAL_STEMCELL_OS.into(),
+            os: host_os(),
             version: "1".into(),
             image_path: None,
             cloud_properties: serde_json::json!({}),
@@ -181,7 +194,7 @@ impl Director {
         let cid = cpi
             .create_stemcell(&spec)
             .await
-            .map_err(|e| OpError::Stemcell(e.to_string()))?;
+            .map_err(|e| OpError::Stemcell(format!("registering the local stemcell: {e}")))?;
         self.store.save_stemcell(&StemcellRecord {
             name: spec.name,
             os: spec.os,
@@ -190,6 +203,62 @@ impl Director {
             cid: cid.0,
         })?;
         Ok(())
+    }
+
+    /// Upload a stemcell tarball to every configured CPI that takes its
+    /// format. Returns the records (existing ones included).
+    pub async fn upload_stemcell(
+        &self,
+        path: &Path,
+    ) -> Result<Vec<(StemcellRecord, bool)>, OpError> {
+        let opened = crate::stemcell::open_stemcell(path)
+            .map_err(|e| OpError::Stemcell(format!("reading stemcell {}: {e}", path.display())))?;
+        let m = &opened.manifest;
+        let existing = self.store.stemcells()?;
+        let mut out = Vec::new();
+        for name in self.cpis.names().map(str::to_string).collect::<Vec<_>>() {
+            let cpi = self.cpis.get(&name)?;
+            let info = cpi.info().await.map_err(|e| {
+                OpError::Stemcell(format!("asking the {name} CPI for its formats: {e}"))
+            })?;
+            if !info
+                .stemcell_formats
+                .iter()
+                .any(|f| m.stemcell_formats.contains(f))
+            {
+                continue;
+            }
+            if let Some(rec) = existing
+                .iter()
+                .find(|s| s.cpi == name && s.name == m.name && s.version == m.version)
+            {
+                out.push((rec.clone(), false));
+                continue;
+            }
+            let cid = cpi.create_stemcell(&opened.spec()).await.map_err(|e| {
+                OpError::Stemcell(format!(
+                    "uploading stemcell {}/{} to the {name} CPI: {e}",
+                    m.name, m.version
+                ))
+            })?;
+            let rec = StemcellRecord {
+                name: m.name.clone(),
+                os: m.operating_system.clone(),
+                version: m.version.clone(),
+                cpi: name.clone(),
+                cid: cid.0,
+            };
+            self.store.save_stemcell(&rec)?;
+            out.push((rec, true));
+        }
+        if out.is_empty() {
+            return Err(OpError::Stemcell(format!(
+                "no configured CPI takes stemcell format {} (configured: {}); the docker CPI is configured when Docker is reachable",
+                m.stemcell_formats.join(", "),
+                self.cpis.names().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        Ok(out)
     }
 
     /// Read a release (directory or tarball) and upload it. Returns the

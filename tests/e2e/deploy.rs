@@ -12,7 +12,7 @@ releases:
   path: {{release}}
 stemcells:
 - alias: default
-  os: local
+  os: {{os}}
   version: latest
 update:
   canaries: 1

@@ -7,5 +7,6 @@ mod support;
 
 mod cpi_conformance;
 mod deploy;
+mod docker;
 mod manifests;
 mod releases;

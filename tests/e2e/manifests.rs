@@ -9,7 +9,7 @@ releases:
   path: {release}
 stemcells:
 - alias: default
-  os: local
+  os: {os}
   version: latest
 update:
   canaries: 1

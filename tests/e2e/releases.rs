@@ -19,7 +19,7 @@ fn copy_dir(from: &Path, to: &Path) {
 
 fn manifest(name: &str, release: &Path, octet: u8) -> String {
     format!(
-        "name: {name}\nreleases:\n- name: kv\n  version: latest\n  path: {}\nstemcells:\n- alias: default\n  os: local\n  version: latest\nupdate:\n  canaries: 1\n  max_in_flight: 2\n  canary_watch_time: 300-30000\n  update_watch_time: 300-30000\ninstance_groups:\n- name: kv\n  instances: 1\n  azs: [z1]\n  vm_type: default\n  stemcell: default\n  networks:\n  - name: default\n    static_ips: [127.{octet}.0.{}]\n  jobs:\n  - name: kv\n    release: kv\n",
+        "name: {name}\nreleases:\n- name: kv\n  version: latest\n  path: {}\nstemcells:\n- alias: default\n  os: {{os}}\n  version: latest\nupdate:\n  canaries: 1\n  max_in_flight: 2\n  canary_watch_time: 300-30000\n  update_watch_time: 300-30000\ninstance_groups:\n- name: kv\n  instances: 1\n  azs: [z1]\n  vm_type: default\n  stemcell: default\n  networks:\n  - name: default\n    static_ips: [127.{octet}.0.{}]\n  jobs:\n  - name: kv\n    release: kv\n",
         release.display(),
         if name == "e2e" { 10 } else { 11 }
     )

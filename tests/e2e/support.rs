@@ -53,7 +53,8 @@ impl Env {
             .expect("run bosun")
     }
 
-    /// Write a manifest (with `{release}` replaced by the kv release path).
+    /// Write a manifest (`{release}`: the kv release path; `{os}`: this host's
+    /// os, the local stemcell's).
     pub fn manifest(&self, name: &str, body: &str) -> PathBuf {
         let p = self.path(name);
         let body = body.replace(

@@ -1,0 +1,154 @@
+//! The quickstart on the Docker CPI: containers from a built stemcell.
+//! Needs Docker and `BOSUN_TEST_STEMCELL` (scripts/test builds it once per
+//! run). Without them the test fails when `CI` is set, and says it skipped
+//! otherwise.
+
+use std::process::Command;
+
+use crate::support::{http, repo, text, Env};
+
+fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("docker CLI");
+    assert!(out.status.success(), "docker {args:?}: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// The stemcell to use, or None (skip) outside CI.
+fn stemcell() -> Option<String> {
+    match std::env::var("BOSUN_TEST_STEMCELL") {
+        Ok(p) if std::path::Path::new(&p).is_file() => Some(p),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("BOSUN_TEST_STEMCELL is not set to a stemcell tarball: run scripts/test, which builds it (Docker tests must run in CI)")
+        }
+        _ => {
+            eprintln!("skipped: BOSUN_TEST_STEMCELL is not set (scripts/test builds the stemcell)");
+            None
+        }
+    }
+}
+
+#[test]
+fn quickstart_on_docker() {
+    let Some(stemcell) = stemcell() else { return };
+    let env = Env::new(109);
+    let net = "e2e-docker";
+    let cc = env.path("cc-docker.yml");
+    std::fs::write(
+        &cc,
+        format!(
+            "azs:\n- name: z1\n  cpi: docker\nnetworks:\n- name: {net}\n  type: manual\n  subnets:\n  - range: 10.244.109.0/24\n    gateway: 10.244.109.1\n    static: [10.244.109.2 - 10.244.109.50]\n    azs: [z1]\nvm_types:\n- name: default\ndisk_types:\n- name: default\n  disk_size: 1024\ncompilation:\n  workers: 2\n  az: z1\n  network: {net}\n"
+        ),
+    )
+    .unwrap();
+    let out = env.bosun(&["update-cloud-config", cc.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = env.bosun(&["upload-stemcell", &stemcell]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("to the docker CPI"),
+        "{}",
+        text(&out)
+    );
+
+    let quickstart = std::fs::read_to_string(repo().join("manifests/quickstart.yml")).unwrap();
+    let manifest = quickstart
+        .replace("../releases/kv", "{release}")
+        .replace("  - name: default\n", &format!("  - name: {net}\n"));
+    let m = env.manifest("quickstart-docker.yml", &manifest);
+    let out = env.bosun(&["deploy", m.to_str().unwrap(), "-n"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // 1. Three containers, each running, each with its own IP on the network.
+    let list = env.instances("quickstart");
+    assert_eq!(list.len(), 3);
+    let mut ips = Vec::new();
+    for i in &list {
+        assert_eq!(i["process_state"], "running", "{i}");
+        let cid = i["vm_cid"].as_str().unwrap();
+        let ip = docker(&[
+            "inspect",
+            "-f",
+            &format!("{{{{(index .NetworkSettings.Networks \"bosun-{net}\").IPAddress}}}}"),
+            cid,
+        ]);
+        assert_eq!(
+            ip.trim(),
+            i["ips"][0].as_str().unwrap(),
+            "container IP is the planned one"
+        );
+        ips.push(ip.trim().to_string());
+        // 2. The job runs inside the container.
+        let top = docker(&["top", cid]);
+        assert!(top.contains("server.py"), "{top}");
+    }
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), 3);
+
+    // 2. A key written on one instance is read from another.
+    let by_index =
+        |list: &[serde_json::Value], i: u64| list.iter().find(|x| x["index"] == i).unwrap().clone();
+    let i0 = by_index(&list, 0);
+    let i2 = by_index(&list, 2);
+    let a0 = format!("{}:8080", i0["ips"][0].as_str().unwrap());
+    let a2 = format!("{}:8080", i2["ips"][0].as_str().unwrap());
+    let (code, _) = http("PUT", &a0, "/kv/where", "docker").unwrap();
+    assert!(code == 201 || code == 204);
+    assert_eq!(
+        http("GET", &a2, "/kv/where", "").unwrap(),
+        (200, "docker".to_string())
+    );
+
+    // 3. `docker rm -f` of one instance: a redeploy brings it back with the same IP and data.
+    docker(&["rm", "-f", i2["vm_cid"].as_str().unwrap()]);
+    let out = env.bosun(&["deploy", m.to_str().unwrap(), "-n"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("VM is missing"),
+        "{}",
+        text(&out)
+    );
+    let after = env.instances("quickstart");
+    let back = by_index(&after, 2);
+    assert_eq!(back["process_state"], "running");
+    assert_eq!(back["ips"], i2["ips"]);
+    assert_eq!(back["persistent_disk_cids"], i2["persistent_disk_cids"]);
+    assert_eq!(
+        http("GET", &a2, "/kv/where", "").unwrap(),
+        (200, "docker".to_string())
+    );
+
+    // A no-op redeploy changes nothing.
+    let out = env.bosun(&["deploy", m.to_str().unwrap(), "-n"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("no changes"),
+        "{}",
+        text(&out)
+    );
+
+    // 4. delete-deployment removes every container and the network; volumes stay as orphans.
+    let disks: Vec<String> = after
+        .iter()
+        .map(|i| i["persistent_disk_cids"][0].as_str().unwrap().to_string())
+        .collect();
+    let out = env.bosun(&["-d", "quickstart", "delete-deployment", "-n"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let left = docker(&["ps", "-aq", "--filter", "label=bosun.deployment=quickstart"]);
+    assert!(left.trim().is_empty(), "containers left: {left}");
+    let nets = docker(&[
+        "network",
+        "ls",
+        "-q",
+        "--filter",
+        &format!("name=bosun-{net}"),
+    ]);
+    assert!(nets.trim().is_empty(), "network left: {nets}");
+    let vols = docker(&["volume", "ls", "-q"]);
+    for d in &disks {
+        assert!(vols.lines().any(|v| v == d), "orphaned volume {d} kept");
+        docker(&["volume", "rm", d]);
+    }
+}
