@@ -151,4 +151,15 @@ fn quickstart_on_docker() {
         assert!(vols.lines().any(|v| v == d), "orphaned volume {d} kept");
         docker(&["volume", "rm", d]);
     }
+    // The stemcell image this test imported.
+    let out = env.bosun(&["stemcells", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for s in list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["cpi"] == "docker")
+    {
+        docker(&["rmi", "-f", s["cid"].as_str().unwrap()]);
+    }
 }
