@@ -57,10 +57,12 @@ impl Env {
     /// os, the local stemcell's).
     pub fn manifest(&self, name: &str, body: &str) -> PathBuf {
         let p = self.path(name);
-        let body = body.replace(
-            "{release}",
-            repo().join("releases/kv").to_str().expect("utf8"),
-        );
+        let body = body
+            .replace(
+                "{release}",
+                repo().join("releases/kv").to_str().expect("utf8"),
+            )
+            .replace("{os}", &bosun_director::ops::host_os());
         std::fs::write(&p, body).expect("write manifest");
         p
     }
