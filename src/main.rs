@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+use bosun_cpi_aws::{AwsCpi, AwsCpiConfig};
 use bosun_cpi_docker::{DockerCpi, DockerCpiConfig};
 use bosun_cpi_local::{LocalCpi, LocalCpiConfig};
 use bosun_director::executor::{Cpis, ExecOptions, Progress};
@@ -399,14 +400,41 @@ async fn director(store: Arc<Store>, needs_docker: bool) -> Result<Director> {
     })?;
     let mut cpis = Cpis::new();
     cpis.insert("local", Arc::new(local));
-    let cloud_wants_docker = match store.cloud_config()? {
+    let cc = match store.cloud_config()? {
         Some((id, text)) => {
             bosun_director::cloud_config::parse_cloud_config(&format!("cloud-config #{id}"), &text)
-                .map(|cc| cc.azs.iter().any(|a| a.cpi == "docker"))
-                .unwrap_or(false)
+                .ok()
         }
-        None => false,
+        None => None,
     };
+    let cloud_wants_docker = cc
+        .as_ref()
+        .is_some_and(|cc| cc.azs.iter().any(|a| a.cpi == "docker"));
+    // CPIs the cloud-config declares under `cpis`.
+    for c in cc.iter().flat_map(|cc| cc.cpis.iter()) {
+        match c.kind.as_str() {
+            "aws" => {
+                let config = AwsCpiConfig::from_properties(&c.properties)
+                    .with_context(|| format!("configuring CPI '{}' (type aws)", c.name))?;
+                let aws = AwsCpi::new(config)
+                    .await
+                    .with_context(|| format!("starting CPI '{}' (type aws)", c.name))?;
+                cpis.insert(&c.name, Arc::new(aws));
+            }
+            "docker" => {
+                let config = DockerCpiConfig {
+                    root: store.dir().join(format!("docker-cpi-{}", c.name)),
+                    socket: c.properties["socket"].as_str().map(str::to_string),
+                    prefix: c.properties["prefix"].as_str().unwrap_or("bosun").to_string(),
+                };
+                let docker = DockerCpi::connect(config)
+                    .await
+                    .with_context(|| format!("starting CPI '{}' (type docker)", c.name))?;
+                cpis.insert(&c.name, Arc::new(docker));
+            }
+            other => bail!("CPI '{}' has an unknown type '{other}'", c.name),
+        }
+    }
     let has_docker_stemcells = store.stemcells()?.iter().any(|s| s.cpi == "docker");
     if needs_docker || cloud_wants_docker || has_docker_stemcells {
         let config = DockerCpiConfig {

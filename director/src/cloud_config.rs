@@ -24,6 +24,8 @@ use crate::yaml::{self, Decoder, Fields, Item, Node};
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct CloudConfig {
+    /// Configured CPIs besides the built-in `local` and `docker`.
+    pub cpis: Vec<CpiConfig>,
     pub azs: Vec<Az>,
     pub networks: Vec<Network>,
     pub vm_types: Vec<VmType>,
@@ -36,6 +38,21 @@ pub struct CloudConfig {
     /// The whole document as JSON.
     pub raw: serde_json::Value,
 }
+
+/// A CPI an az can name: `cpis: [{name, type, properties}]` (BOSH keeps these
+/// in a separate cpi-config; bosun keeps them in the cloud-config).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CpiConfig {
+    pub name: String,
+    /// `aws` or `docker`.
+    pub kind: String,
+    pub properties: serde_json::Value,
+}
+
+/// CPI names every director knows without configuration.
+pub const BUILTIN_CPIS: &[&str] = &["local", "docker"];
+/// CPI types a `cpis` entry may have.
+pub const CPI_TYPES: &[&str] = &["aws", "docker"];
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Az {
@@ -201,7 +218,14 @@ impl CloudConfig {
     }
 }
 
-const TOP_KEYS: &[&str] = &["azs", "networks", "vm_types", "vm_extensions", "disk_types"];
+const TOP_KEYS: &[&str] = &[
+    "azs",
+    "networks",
+    "vm_types",
+    "vm_extensions",
+    "disk_types",
+    "cpis",
+];
 const SUBNET_KEYS: &[&str] = &[
     "gateway",
     "reserved",
@@ -253,6 +277,34 @@ fn unique_names(d: &mut Decoder, what: &str, names: &[(String, String)]) {
 fn decode(d: &mut Decoder, root: &Node) -> Option<CloudConfig> {
     let f = d.map(root, "", &["compilation"], TOP_KEYS)?;
 
+    let mut cpis = Vec::new();
+    let mut cpi_paths = Vec::new();
+    for it in d.opt_seq(&f, "cpis") {
+        let Some(cf) = d.map(it.node, &it.path, &["name", "type"], &["properties"]) else {
+            continue;
+        };
+        let (name, kind) = (d.str(&cf, "name"), d.str(&cf, "type"));
+        let properties = d.json_object(&cf, "properties");
+        if let (Some(name), Some(kind)) = (name, kind) {
+            if !CPI_TYPES.contains(&kind.as_str()) {
+                d.problem(
+                    &yaml::child_path(&it.path, "type"),
+                    format!(
+                        "unknown CPI type '{kind}' (known: {})",
+                        CPI_TYPES.join(", ")
+                    ),
+                );
+            }
+            cpi_paths.push((name.clone(), it.path.clone()));
+            cpis.push(CpiConfig {
+                name,
+                kind,
+                properties,
+            });
+        }
+    }
+    unique_names(d, "cpi", &cpi_paths);
+
     let mut azs = Vec::new();
     let mut az_paths = Vec::new();
     for it in d.opt_seq(&f, "azs") {
@@ -261,6 +313,15 @@ fn decode(d: &mut Decoder, root: &Node) -> Option<CloudConfig> {
         };
         let name = d.str(&af, "name");
         let cpi = d.opt_str(&af, "cpi").unwrap_or_else(|| "local".into());
+        if !BUILTIN_CPIS.contains(&cpi.as_str()) && !cpis.iter().any(|c| c.name == cpi) {
+            d.problem(
+                &yaml::child_path(&it.path, "cpi"),
+                format!(
+                    "unknown CPI '{cpi}' (built in: {}; others are declared under `cpis`)",
+                    BUILTIN_CPIS.join(", ")
+                ),
+            );
+        }
         let cloud_properties = d.json_object(&af, "cloud_properties");
         if let Some(name) = name {
             az_paths.push((name.clone(), it.path.clone()));
@@ -318,6 +379,7 @@ fn decode(d: &mut Decoder, root: &Node) -> Option<CloudConfig> {
     };
 
     Some(CloudConfig {
+        cpis,
         azs,
         networks,
         vm_types: vm_types.into_iter().map(|(v, _)| v).collect(),
@@ -706,6 +768,7 @@ pub fn default_local() -> CloudConfig {
         },
     });
     CloudConfig {
+        cpis: Vec::new(),
         azs: vec![Az {
             name: "z1".into(),
             cpi: "local".into(),
@@ -1107,5 +1170,30 @@ compilation: {workers: 1, az: z2, network: m, vm_type: b}
         assert!(e.0[3]
             .message
             .contains("already used at instance_groups[0].networks[0].static_ips[0]"));
+    }
+
+    #[test]
+    fn cpis_are_declared_and_azs_must_name_a_known_one() {
+        let text = "cpis:\n- name: ec2\n  type: aws\n  properties: {region: us-east-1}\nazs:\n- name: z1\n  cpi: ec2\n- name: z2\n  cpi: docker\n- name: z3\n  cpi: gce\nnetworks: []\ncompilation: {workers: 1, az: z1, network: n}\n";
+        let e = parse_cloud_config("cc.yml", text).unwrap_err();
+        let unknown: Vec<_> =
+            e.0.iter()
+                .filter(|p| p.message.contains("unknown CPI"))
+                .collect();
+        assert_eq!(unknown.len(), 1, "{e}");
+        assert_eq!(unknown[0].path, "azs[2].cpi");
+        assert_eq!(unknown[0].line, Some(11));
+        let ok = text.replace("  cpi: gce\n", "");
+        let cc = parse_cloud_config("cc.yml", &ok).err();
+        // Only the compilation network is wrong now; the cpis parsed.
+        assert!(cc.is_none_or(|e| e.0.iter().all(|p| !p.message.contains("CPI"))));
+        let bad_type = "cpis:\n- name: x\n  type: vsphere\nazs: []\nnetworks: []\ncompilation: {workers: 1, az: z1, network: n}\n";
+        let e = parse_cloud_config("cc.yml", bad_type).unwrap_err();
+        assert!(
+            e.0.iter()
+                .any(|p| p.path == "cpis[0].type"
+                    && p.message.contains("unknown CPI type 'vsphere'")),
+            "{e}"
+        );
     }
 }

@@ -5,6 +5,7 @@
 
 mod support;
 
+mod aws;
 mod cpi_conformance;
 mod deploy;
 mod docker;
