@@ -425,7 +425,10 @@ async fn director(store: Arc<Store>, needs_docker: bool) -> Result<Director> {
                 let config = DockerCpiConfig {
                     root: store.dir().join(format!("docker-cpi-{}", c.name)),
                     socket: c.properties["socket"].as_str().map(str::to_string),
-                    prefix: c.properties["prefix"].as_str().unwrap_or("bosun").to_string(),
+                    prefix: c.properties["prefix"]
+                        .as_str()
+                        .unwrap_or("bosun")
+                        .to_string(),
                 };
                 let docker = DockerCpi::connect(config)
                     .await

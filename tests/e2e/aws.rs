@@ -16,7 +16,9 @@ fn endpoint() -> Option<String> {
             panic!("BOSUN_TEST_MOTO_ENDPOINT is not set: run scripts/test, which starts moto_server (AWS tests must run in CI)")
         }
         _ => {
-            eprintln!("skipped: BOSUN_TEST_MOTO_ENDPOINT is not set (scripts/test starts moto_server)");
+            eprintln!(
+                "skipped: BOSUN_TEST_MOTO_ENDPOINT is not set (scripts/test starts moto_server)"
+            );
             None
         }
     }
@@ -27,7 +29,10 @@ fn ec2(endpoint: &str, action: &str, params: &[(&str, &str)]) -> String {
     let addr = endpoint.trim_start_matches("http://").trim_end_matches('/');
     let mut body = format!("Action={action}&Version=2016-11-15");
     for (k, v) in params {
-        body.push_str(&format!("&{k}={}", v.replace('/', "%2F").replace(':', "%3A")));
+        body.push_str(&format!(
+            "&{k}={}",
+            v.replace('/', "%2F").replace(':', "%3A")
+        ));
     }
     let headers = [
         ("Content-Type", "application/x-www-form-urlencoded"),
@@ -43,7 +48,10 @@ fn ec2(endpoint: &str, action: &str, params: &[(&str, &str)]) -> String {
 
 fn first_tag(xml: &str, tag: &str) -> String {
     let open = format!("<{tag}>");
-    let start = xml.find(&open).unwrap_or_else(|| panic!("no <{tag}> in {xml}")) + open.len();
+    let start = xml
+        .find(&open)
+        .unwrap_or_else(|| panic!("no <{tag}> in {xml}"))
+        + open.len();
     let end = xml[start..].find('<').unwrap() + start;
     xml[start..end].to_string()
 }
@@ -99,12 +107,19 @@ fn deploy_to_the_emulator_fails_clearly_and_delete_leaves_nothing() {
     let Some(endpoint) = endpoint() else { return };
     let env = Env::new(110);
 
-    let vpc = first_tag(&ec2(&endpoint, "CreateVpc", &[("CidrBlock", "127.89.0.0/16")]), "vpcId");
+    let vpc = first_tag(
+        &ec2(&endpoint, "CreateVpc", &[("CidrBlock", "127.89.0.0/16")]),
+        "vpcId",
+    );
     let subnet = first_tag(
         &ec2(
             &endpoint,
             "CreateSubnet",
-            &[("VpcId", &vpc), ("CidrBlock", "127.89.1.0/24"), ("AvailabilityZone", "us-east-1a")],
+            &[
+                ("VpcId", &vpc),
+                ("CidrBlock", "127.89.1.0/24"),
+                ("AvailabilityZone", "us-east-1a"),
+            ],
         ),
         "subnetId",
     );
@@ -123,7 +138,11 @@ fn deploy_to_the_emulator_fails_clearly_and_delete_leaves_nothing() {
     let stemcell = light_stemcell(&env, &ami);
     let out = env.bosun(&["upload-stemcell", stemcell.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("to the aws CPI: {ami}")), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("to the aws CPI: {ami}")),
+        "{}",
+        text(&out)
+    );
 
     let release = noop_release(&env);
     let manifest = format!(
@@ -141,9 +160,15 @@ fn deploy_to_the_emulator_fails_clearly_and_delete_leaves_nothing() {
         .unwrap();
     assert!(!out.status.success(), "{}", text(&out));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("agent for kv/") && err.contains("on i-"), "{err}");
+    assert!(
+        err.contains("agent for kv/") && err.contains("on i-"),
+        "{err}"
+    );
     assert!(err.contains("did not answer within 3 s"), "{err}");
-    assert!(started.elapsed() < std::time::Duration::from_secs(60), "failed fast enough");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "failed fast enough"
+    );
 
     // State is consistent: both instances are recorded with their EC2 instance.
     let list = env.instances("awsdep");
@@ -155,10 +180,16 @@ fn deploy_to_the_emulator_fails_clearly_and_delete_leaves_nothing() {
     let described = ec2(
         &endpoint,
         "DescribeInstances",
-        &[("Filter.1.Name", "tag:deployment"), ("Filter.1.Value.1", "awsdep")],
+        &[
+            ("Filter.1.Name", "tag:deployment"),
+            ("Filter.1.Value.1", "awsdep"),
+        ],
     );
     for i in &list {
-        assert!(described.contains(i["vm_cid"].as_str().unwrap()), "tagged: {described}");
+        assert!(
+            described.contains(i["vm_cid"].as_str().unwrap()),
+            "tagged: {described}"
+        );
     }
 
     // delete-deployment terminates every instance and leaves no volume.
@@ -167,7 +198,10 @@ fn deploy_to_the_emulator_fails_clearly_and_delete_leaves_nothing() {
     let after = ec2(
         &endpoint,
         "DescribeInstances",
-        &[("Filter.1.Name", "tag:deployment"), ("Filter.1.Value.1", "awsdep")],
+        &[
+            ("Filter.1.Name", "tag:deployment"),
+            ("Filter.1.Value.1", "awsdep"),
+        ],
     );
     for i in &list {
         let id = i["vm_cid"].as_str().unwrap();
@@ -178,7 +212,10 @@ fn deploy_to_the_emulator_fails_clearly_and_delete_leaves_nothing() {
     let volumes = ec2(
         &endpoint,
         "DescribeVolumes",
-        &[("Filter.1.Name", "tag:deployment"), ("Filter.1.Value.1", "awsdep")],
+        &[
+            ("Filter.1.Name", "tag:deployment"),
+            ("Filter.1.Value.1", "awsdep"),
+        ],
     );
     assert!(!volumes.contains("<volumeId>"), "volumes left: {volumes}");
 }
