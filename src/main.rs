@@ -186,8 +186,9 @@ async fn run(cli: Cli) -> Result<i32> {
     init_logging(false);
     let state_dir = cli.state_dir.clone().unwrap_or_else(default_state_dir);
     let store = Store::open(&state_dir)?;
-    let needs_docker = matches!(cli.command, Command::UploadStemcell { .. });
-    let director = director(store.clone(), needs_docker).await?;
+    // upload-stemcell offers the stemcell to Docker when it is reachable.
+    let try_docker = matches!(cli.command, Command::UploadStemcell { .. });
+    let director = director(store.clone(), try_docker).await?;
     let printer = Arc::new(Printer::new(cli.non_interactive));
     match cli.command {
         Command::Agent { .. } => Ok(0),
@@ -390,9 +391,10 @@ async fn run(cli: Cli) -> Result<i32> {
     }
 }
 
-/// The CPIs: local always; Docker when the cloud-config names it, when
-/// stemcells were uploaded to it, or when the command needs it.
-async fn director(store: Arc<Store>, needs_docker: bool) -> Result<Director> {
+/// The CPIs: local always; those the cloud-config declares under `cpis`;
+/// Docker when the cloud-config names it (then it must be reachable), when
+/// stemcells were uploaded to it, or when the command offers it a stemcell.
+async fn director(store: Arc<Store>, try_docker: bool) -> Result<Director> {
     let exe = std::env::current_exe().context("finding the bosun executable")?;
     let local = LocalCpi::new(LocalCpiConfig {
         root: store.dir().join("local-cpi"),
@@ -439,7 +441,7 @@ async fn director(store: Arc<Store>, needs_docker: bool) -> Result<Director> {
         }
     }
     let has_docker_stemcells = store.stemcells()?.iter().any(|s| s.cpi == "docker");
-    if needs_docker || cloud_wants_docker || has_docker_stemcells {
+    if try_docker || cloud_wants_docker || has_docker_stemcells {
         let config = DockerCpiConfig {
             root: store.dir().join("docker-cpi"),
             socket: None,
@@ -447,7 +449,7 @@ async fn director(store: Arc<Store>, needs_docker: bool) -> Result<Director> {
         };
         match DockerCpi::connect(config).await {
             Ok(docker) => cpis.insert("docker", Arc::new(docker)),
-            Err(e) if needs_docker || cloud_wants_docker => {
+            Err(e) if cloud_wants_docker => {
                 return Err(anyhow::Error::new(e).context("the docker CPI is needed"))
             }
             Err(e) => eprintln!("warning: the docker CPI is unavailable: {e}"),

@@ -286,6 +286,12 @@ fn decode(d: &mut Decoder, root: &Node) -> Option<CloudConfig> {
         let (name, kind) = (d.str(&cf, "name"), d.str(&cf, "type"));
         let properties = d.json_object(&cf, "properties");
         if let (Some(name), Some(kind)) = (name, kind) {
+            if BUILTIN_CPIS.contains(&name.as_str()) {
+                d.problem(
+                    &yaml::child_path(&it.path, "name"),
+                    format!("'{name}' is a built-in CPI; give this one another name"),
+                );
+            }
             if !CPI_TYPES.contains(&kind.as_str()) {
                 d.problem(
                     &yaml::child_path(&it.path, "type"),
@@ -1187,6 +1193,13 @@ compilation: {workers: 1, az: z2, network: m, vm_type: b}
         let cc = parse_cloud_config("cc.yml", &ok).err();
         // Only the compilation network is wrong now; the cpis parsed.
         assert!(cc.is_none_or(|e| e.0.iter().all(|p| !p.message.contains("CPI"))));
+        let shadow = "cpis:\n- name: docker\n  type: docker\nazs: []\nnetworks: []\ncompilation: {workers: 1, az: z1, network: n}\n";
+        let e = parse_cloud_config("cc.yml", shadow).unwrap_err();
+        assert!(
+            e.0.iter()
+                .any(|p| p.path == "cpis[0].name" && p.message.contains("built-in CPI")),
+            "{e}"
+        );
         let bad_type = "cpis:\n- name: x\n  type: vsphere\nazs: []\nnetworks: []\ncompilation: {workers: 1, az: z1, network: n}\n";
         let e = parse_cloud_config("cc.yml", bad_type).unwrap_err();
         assert!(

@@ -303,7 +303,7 @@ fn resolve_group(
                 None => problems.push(src.problem(
                     format!("{gpath}.stemcell"),
                     format!(
-                        "no stemcell {}/{} is known to the {cpi} CPI (the local CPI's built-in stemcell is `os: local`)",
+                        "no stemcell {}/{} is known to the {cpi} CPI (the local CPI's stemcell has the host's os; others come from `bosun upload-stemcell`)",
                         sref.os.clone().or(sref.name.clone()).unwrap_or_default(),
                         sref.version
                     ),

@@ -413,9 +413,10 @@ impl Executor {
         .await
         .map_err(|e| {
             ExecError::Failed(format!(
-                "agent for {subject} on {} did not answer within {} s: {e}",
+                "agent for {subject} on {} did not answer within {} s (waited {:.1} s): {e}",
                 vm.cid,
-                started.elapsed().as_secs()
+                self.opts.agent_timeout.as_secs(),
+                started.elapsed().as_secs_f64()
             ))
         })?;
         vm.client = Some(client);
