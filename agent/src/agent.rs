@@ -489,7 +489,8 @@ impl Agent {
                 continue;
             }
             let ctx = self.script_ctx();
-            set.spawn(drain_job(ctx, job.name, dir, p.kind, deadline));
+            let changed = p.changed_jobs.contains(&job.name);
+            set.spawn(drain_job(ctx, job.name, dir, p.kind, changed, deadline));
         }
         let mut first_err = None;
         while let Some(r) = set.join_next().await {
@@ -1117,9 +1118,11 @@ async fn drain_job(
     job: String,
     dir: PathBuf,
     kind: DrainKind,
+    changed: bool,
     deadline: Instant,
 ) -> Result<(), ActionFailure> {
     let first = match kind {
+        DrainKind::Update if changed => "job_changed",
         DrainKind::Update => "job_unchanged",
         DrainKind::Shutdown => "job_shutdown",
     };
@@ -2132,6 +2135,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn drain_says_whether_the_job_changes() {
+        let fx = fixture();
+        let j = job(
+            "kv",
+            vec![file(
+                "bin/drain",
+                "#!/bin/sh\necho \"$1\" >> \"$HOME/drain-args\"\necho 0\n",
+            )],
+        );
+        fx.agent.apply(spec(1, vec![], vec![j])).await.unwrap();
+        for changed in [vec!["kv".to_string()], vec![]] {
+            fx.agent
+                .drain(DrainParams {
+                    kind: DrainKind::Update,
+                    timeout_secs: 10,
+                    changed_jobs: changed,
+                })
+                .await
+                .unwrap();
+        }
+        let args = fs::read_to_string(fx.root.join("drain-args")).unwrap();
+        assert_eq!(args, "job_changed\njob_unchanged\n");
+    }
+
+    #[tokio::test]
     async fn drain_static_and_dynamic() {
         let fx = fixture();
         let stat = job(
@@ -2145,6 +2173,7 @@ mod tests {
             .drain(DrainParams {
                 kind: DrainKind::Update,
                 timeout_secs: 10,
+                changed_jobs: vec![],
             })
             .await
             .unwrap();
@@ -2167,6 +2196,7 @@ mod tests {
             .drain(DrainParams {
                 kind: DrainKind::Shutdown,
                 timeout_secs: 10,
+                changed_jobs: vec![],
             })
             .await
             .unwrap();
@@ -2182,6 +2212,7 @@ mod tests {
             .drain(DrainParams {
                 kind: DrainKind::Update,
                 timeout_secs: 1,
+                changed_jobs: vec![],
             })
             .await
             .unwrap();

@@ -212,6 +212,10 @@ pub struct DrainParams {
     pub kind: DrainKind,
     /// Upper bound for the whole drain, seconds.
     pub timeout_secs: u64,
+    /// On an update: the jobs whose spec changes (their drain gets
+    /// `job_changed`, the others `job_unchanged`, as in BOSH).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changed_jobs: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -343,6 +347,7 @@ mod tests {
             action: Action::Drain(DrainParams {
                 kind: DrainKind::Update,
                 timeout_secs: 30,
+                changed_jobs: vec![],
             }),
         };
         let v = serde_json::to_value(&req).unwrap();

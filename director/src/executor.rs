@@ -36,7 +36,7 @@ use crate::planner::{
     primary_ip, Change, DiskAction, GroupPlan, InstancePlan, Plan, VmAction, VmCreate,
 };
 use crate::state::{
-    now, DiskRecord, Event, InstanceRecord, OrphanDisk, StateError, Store, VmRecord,
+    now, AppliedRecord, DiskRecord, Event, InstanceRecord, OrphanDisk, StateError, Store, VmRecord,
 };
 
 /// An execution failure, naming the instance and the step.
@@ -699,6 +699,7 @@ impl Executor {
                     .drain(&DrainParams {
                         kind,
                         timeout_secs: self.opts.drain_timeout_secs,
+                        changed_jobs: vec![],
                     })
                     .await;
                 self.progress.stage(&name, "stopping");
@@ -779,6 +780,7 @@ impl Executor {
                         .drain(&DrainParams {
                             kind: DrainKind::Update,
                             timeout_secs: self.opts.drain_timeout_secs,
+                            changed_jobs: changed_jobs(rec.applied.as_ref(), &ip.applied),
                         })
                         .await
                         .map_err(|source| ExecError::Agent {
@@ -971,6 +973,15 @@ impl Executor {
         self.event(name, None, "delete", "deployment", "ok");
         Ok(n)
     }
+}
+
+/// Jobs whose digest differs between what is applied and what comes.
+fn changed_jobs(old: Option<&AppliedRecord>, new: &AppliedRecord) -> Vec<String> {
+    new.job_digests
+        .iter()
+        .filter(|(job, d)| old.and_then(|o| o.job_digests.get(*job)) != Some(*d))
+        .map(|(job, _)| job.clone())
+        .collect()
 }
 
 /// Run futures concurrently, results in order.
