@@ -10,6 +10,7 @@
 //!   director's public key, its own SSH host key, networks, disks). A backend
 //!   delivers it unchanged (a file for local/docker, user-data for AWS).
 //! - [`conformance`]: a suite generic over `Cpi`.
+//! - [`records`]: atomic JSON record files for backends' own bookkeeping.
 //!
 //! This crate must not know about manifests, deployments or the agent
 //! protocol: it speaks only of stemcells, VMs, disks and metadata. It must not
@@ -24,6 +25,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 pub mod conformance;
+pub mod records;
 
 /// The TCP port every agent listens on for the director's SSH sessions
 /// (BOSH's agent uses 6868 too).

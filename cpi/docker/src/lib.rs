@@ -35,8 +35,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -54,6 +53,7 @@ use bollard::query_parameters::{
     RestartContainerOptions, StopContainerOptions, UploadToContainerOptions,
 };
 use bollard::Docker;
+use bosun_cpi::records;
 use bosun_cpi::{
     AgentSettings, CpiError, CpiInfo, CpiResult, CreateDiskRequest, CreateVmRequest, DiskCid,
     DiskHint, Metadata, NetworkKind, NetworkSettings, SnapshotCid, StemcellCid, StemcellSpec,
@@ -147,6 +147,19 @@ pub enum DockerCpiError {
         method: &'static str,
         reason: String,
     },
+}
+
+impl From<records::RecordError> for DockerCpiError {
+    fn from(e: records::RecordError) -> Self {
+        match e {
+            records::RecordError::Io { op, path, source } => DockerCpiError::Io {
+                op: op.into(),
+                path,
+                source,
+            },
+            records::RecordError::Json { path, source } => DockerCpiError::Json { path, source },
+        }
+    }
 }
 
 /// The HTTP status of a Docker error response, if it is one.
@@ -522,62 +535,16 @@ pub struct SnapshotRecord {
     pub metadata: Metadata,
 }
 
-/// Writes `bytes` to `path` atomically (temporary file in the same directory, then rename).
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| DockerCpiError::Invalid(format!("{} has no parent", path.display())))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", uuid::Uuid::new_v4()));
-    let result = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io_err("creating", &tmp))?;
-        f.write_all(bytes).map_err(io_err("writing", &tmp))?;
-        f.sync_all().map_err(io_err("syncing", &tmp))?;
-        fs::rename(&tmp, path).map_err(io_err("renaming into place", path))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
-}
-
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let mut bytes = serde_json::to_vec_pretty(value).map_err(|source| DockerCpiError::Json {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    bytes.push(b'\n');
-    write_atomic(path, &bytes)
+    Ok(records::write_json(path, value, 0o600)?)
 }
 
-/// Reads a JSON record; `Ok(None)` when the file does not exist.
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
-    let bytes = match fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err("reading", path)(e)),
-    };
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|source| DockerCpiError::Json {
-            path: path.to_path_buf(),
-            source,
-        })
+    Ok(records::read_json(path)?)
 }
 
 fn remove_file_if_exists(path: &Path) -> Result<()> {
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err("removing", path)(e)),
-        _ => Ok(()),
-    }
+    Ok(records::remove_file_if_exists(path)?)
 }
 
 /// Reads a file as a stream of chunks (for image imports).

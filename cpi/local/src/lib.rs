@@ -28,7 +28,7 @@
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
@@ -39,6 +39,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use bosun_cpi::records;
 use bosun_cpi::{
     CpiError, CpiInfo, CpiResult, CreateDiskRequest, CreateVmRequest, DiskCid, DiskHint, Metadata,
     SnapshotCid, StemcellCid, StemcellSpec, VmCid,
@@ -106,6 +107,19 @@ pub enum LocalCpiError {
     },
     #[error("local CPI: internal error: {0}")]
     Internal(String),
+}
+
+impl From<records::RecordError> for LocalCpiError {
+    fn from(e: records::RecordError) -> Self {
+        match e {
+            records::RecordError::Io { op, path, source } => LocalCpiError::Io {
+                op,
+                path,
+                source,
+            },
+            records::RecordError::Json { path, source } => LocalCpiError::Json { path, source },
+        }
+    }
 }
 
 impl From<LocalCpiError> for CpiError {
@@ -180,62 +194,20 @@ fn valid_cid(cid: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
-/// Writes `bytes` to `path` atomically (temporary file in the same directory, then rename).
 fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| LocalCpiError::Internal(format!("{} has no parent", path.display())))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", uuid::Uuid::new_v4()));
-    let result = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(io_err("creating", &tmp))?;
-        f.write_all(bytes).map_err(io_err("writing", &tmp))?;
-        f.sync_all().map_err(io_err("syncing", &tmp))?;
-        fs::rename(&tmp, path).map_err(io_err("renaming into place", path))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    Ok(records::write_atomic(path, bytes, mode)?)
 }
 
 fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T, mode: u32) -> Result<()> {
-    let mut bytes = serde_json::to_vec_pretty(value).map_err(|source| LocalCpiError::Json {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    bytes.push(b'\n');
-    write_atomic(path, &bytes, mode)
+    Ok(records::write_json(path, value, mode)?)
 }
 
-/// Reads a JSON record; `Ok(None)` when the file does not exist.
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
-    let bytes = match fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err("reading", path)(e)),
-    };
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|source| LocalCpiError::Json {
-            path: path.to_path_buf(),
-            source,
-        })
+    Ok(records::read_json(path)?)
 }
 
 fn remove_file_if_exists(path: &Path) -> Result<()> {
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err("removing", path)(e)),
-        _ => Ok(()),
-    }
+    Ok(records::remove_file_if_exists(path)?)
 }
 
 /// A mount point at or below `path`, as this process sees the mounts.
