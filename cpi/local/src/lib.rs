@@ -112,11 +112,7 @@ pub enum LocalCpiError {
 impl From<records::RecordError> for LocalCpiError {
     fn from(e: records::RecordError) -> Self {
         match e {
-            records::RecordError::Io { op, path, source } => LocalCpiError::Io {
-                op,
-                path,
-                source,
-            },
+            records::RecordError::Io { op, path, source } => LocalCpiError::Io { op, path, source },
             records::RecordError::Json { path, source } => LocalCpiError::Json { path, source },
         }
     }
