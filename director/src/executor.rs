@@ -70,12 +70,6 @@ pub trait Progress: Send + Sync {
     fn stage(&self, subject: &str, stage: &str);
 }
 
-/// A progress sink that drops everything.
-pub struct NoProgress;
-impl Progress for NoProgress {
-    fn stage(&self, _: &str, _: &str) {}
-}
-
 /// The CPIs this director drives, by name.
 #[derive(Clone, Default)]
 pub struct Cpis {
@@ -309,7 +303,7 @@ impl Executor {
                     };
                     let name = instance_name(&rec);
                     let r = self
-                        .update_instance(deployment, ip, rec, (watch.min_ms, watch.max_ms), label)
+                        .update_instance(ip, rec, (watch.min_ms, watch.max_ms), label)
                         .await;
                     match &r {
                         Ok(()) => self.event(deployment, Some(&name), "update", "instance", "ok"),
@@ -734,14 +728,12 @@ impl Executor {
 
     async fn update_instance(
         &self,
-        deployment: &str,
         ip: &InstancePlan,
         mut rec: InstanceRecord,
         watch: (u64, u64),
         label: &str,
     ) -> Result<(), ExecError> {
         let name = instance_name(&rec);
-        let _ = deployment;
         // Keep the planned identity (az, IPs, bootstrap) on the record.
         rec.az = ip.record.az.clone();
         rec.bootstrap = ip.record.bootstrap;
@@ -806,7 +798,7 @@ impl Executor {
             },
         );
         let mut spec = ip.spec.clone();
-        self.fill_packages(&mut spec, &name, &rec, ip.stemcell.clone(), &client)
+        self.fill_packages(&mut spec, &name, &ip.stemcell, &client)
             .await?;
         let generation = rec.vm.as_ref().map(|v| v.generation + 1).unwrap_or(1);
         spec.generation = generation;
@@ -858,12 +850,9 @@ impl Executor {
         &self,
         spec: &mut ApplySpec,
         name: &str,
-        rec: &InstanceRecord,
-        stemcell: String,
+        stemcell_key: &str,
         client: &AgentClient,
     ) -> Result<(), ExecError> {
-        let stemcell_key = &stemcell;
-        let _ = rec;
         for p in spec.packages.iter_mut() {
             let c = self
                 .store

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use bosun_agent::client::wait_for_agent;
 use bosun_agent::protocol::{AgentState, ProcessState};
-use bosun_cpi::{Cpi, StemcellSpec, AGENT_PORT};
+use bosun_cpi::{StemcellSpec, AGENT_PORT};
 
 use crate::cloud_config::{self, CloudConfig};
 use crate::desired::{self, ResolveError};
@@ -506,11 +506,6 @@ impl Director {
         .await
         .ok()?;
         client.get_state().await.ok()
-    }
-
-    /// The CPI of a name, for callers that need one directly.
-    pub fn cpi(&self, name: &str) -> Result<Arc<dyn Cpi>, OpError> {
-        Ok(self.cpis.get(name)?)
     }
 }
 

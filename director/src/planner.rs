@@ -376,14 +376,12 @@ fn choose_az(g: &DesiredGroup, index: u32, current: Option<&str>) -> Result<Stri
 }
 
 fn network_settings(
-    dn_name: &str,
     network: &Network,
     az: &str,
     ip: Ipv4Addr,
     default: &[String],
 ) -> Option<NetworkSettings> {
     let subnet = ipam::subnet_for_ip(network, ip).or_else(|| ipam::subnet_for_az(network, az))?;
-    let _ = dn_name;
     Some(NetworkSettings {
         kind: network.kind,
         ip: ip.to_string(),
@@ -477,12 +475,13 @@ fn assign_ips(
             };
             chosen[i] = Some(ip);
             used.insert((dn.name.clone(), ip));
-            let settings = network_settings(&dn.name, &dn.network, &r.az, ip, &default)
-                .ok_or_else(|| PlanError::NoSubnet {
+            let settings = network_settings(&dn.network, &r.az, ip, &default).ok_or_else(|| {
+                PlanError::NoSubnet {
                     group: g.name.clone(),
                     network: dn.name.clone(),
                     az: r.az.clone(),
-                })?;
+                }
+            })?;
             r.networks.insert(dn.name.clone(), settings);
         }
     }
@@ -786,8 +785,7 @@ fn compilation_plan(
         let ip = ipam::allocate_dynamic(&c.network, &c.az, &taken).ok_or_else(no_ip)?;
         used.insert((c.network.name.clone(), ip));
         let defaults = vec!["dns".to_string(), "gateway".to_string()];
-        let settings = network_settings(&c.network.name, &c.network, &c.az, ip, &defaults)
-            .ok_or_else(no_ip)?;
+        let settings = network_settings(&c.network, &c.az, ip, &defaults).ok_or_else(no_ip)?;
         workers.push([(c.network.name.clone(), settings)].into_iter().collect());
     }
     Ok(CompilationPlan {

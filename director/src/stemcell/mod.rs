@@ -307,6 +307,12 @@ pub fn build_stemcell(
         .map_err(io_err("creating work directory in", &out_dir))?;
 
     // 1. The base root filesystem, from the cache or from debootstrap.
+    let spec = rootfs::DebootstrapSpec {
+        os: &opts.os,
+        suite,
+        mirror,
+        packages: &packages,
+    };
     let base = match &opts.cache_dir {
         Some(cache) => {
             let path = base_cache_path(cache, &opts.os, mirror, &packages);
@@ -314,24 +320,12 @@ pub fn build_stemcell(
                 log(&format!("using cached base rootfs {}", path.display()));
             } else {
                 fs::create_dir_all(cache).map_err(io_err("creating cache directory", cache))?;
-                let spec = rootfs::DebootstrapSpec {
-                    os: &opts.os,
-                    suite,
-                    mirror,
-                    packages: &packages,
-                };
                 rootfs::debootstrap_base(&spec, work.path(), &path, log)?;
             }
             path
         }
         None => {
             let path = work.path().join("base.tar.gz");
-            let spec = rootfs::DebootstrapSpec {
-                os: &opts.os,
-                suite,
-                mirror,
-                packages: &packages,
-            };
             rootfs::debootstrap_base(&spec, work.path(), &path, log)?;
             path
         }
