@@ -14,7 +14,9 @@ use clap::{Parser, Subcommand};
 use bosun_cpi_aws::{AwsCpi, AwsCpiConfig};
 use bosun_cpi_docker::{DockerCpi, DockerCpiConfig};
 use bosun_cpi_local::{LocalCpi, LocalCpiConfig};
+use bosun_director::cloudcheck::{CheckProblem, Resolution, Scan};
 use bosun_director::executor::{Cpis, ExecOptions, Progress};
+use bosun_director::monitor::Monitor;
 use bosun_director::ops::{DeployOptions, Director, InstanceInfo, Report};
 use bosun_director::planner::Plan;
 use bosun_director::state::Store;
@@ -66,6 +68,31 @@ enum Command {
     },
     /// Delete a deployment (-d): VMs deleted, persistent disks orphaned.
     DeleteDeployment,
+    /// Watch deployments (one with -d, else all) and repair them: restart
+    /// failing jobs, recreate lost or silent VMs, alert. Runs until stopped.
+    Monitor {
+        /// Stop after this many seconds.
+        #[arg(long)]
+        duration: Option<f64>,
+    },
+    /// Find problems of a deployment (-d) and resolve them.
+    CloudCheck {
+        /// Only list the problems (exit code 1 when there are any).
+        #[arg(long)]
+        report: bool,
+        /// Apply each problem's default resolution.
+        #[arg(long)]
+        auto: bool,
+        /// Resolve problem ID with RESOLUTION (repeatable), e.g. `--resolution 2=delete-vm`.
+        #[arg(long = "resolution", value_name = "ID=RESOLUTION")]
+        resolutions: Vec<String>,
+    },
+    /// List events: what was seen, what was done, with what result.
+    Events {
+        /// Only events of this instance (`group/id`).
+        #[arg(long)]
+        instance: Option<String>,
+    },
     /// Build a release tarball from a BOSH-layout release directory.
     CreateRelease {
         #[arg(default_value = ".")]
@@ -260,6 +287,138 @@ async fn run(cli: Cli) -> Result<i32> {
                 "Deleted deployment '{name}' ({n} instances) in {:.1}s; persistent disks are kept as orphaned disks",
                 started.elapsed().as_secs_f64()
             );
+            Ok(0)
+        }
+        Command::Monitor { duration } => {
+            let monitor = Monitor::new(
+                store.clone(),
+                director.cpis.clone(),
+                director.opts.clone(),
+                printer.clone(),
+                cli.deployment.clone(),
+            );
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            let mut after = store
+                .events(cli.deployment.as_deref(), 0)?
+                .last()
+                .map(|e| e.id)
+                .unwrap_or(0);
+            let task = tokio::spawn(monitor.run(stop_rx));
+            let deadline = duration.map(|d| Instant::now() + Duration::from_secs_f64(d.max(0.0)));
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .context("listening for SIGTERM")?;
+            println!(
+                "Monitoring {} (Ctrl-C to stop)",
+                cli.deployment
+                    .as_deref()
+                    .map(|d| format!("deployment '{d}'"))
+                    .unwrap_or_else(|| "every deployment".into())
+            );
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    _ = tokio::signal::ctrl_c() => break,
+                    _ = term.recv() => break,
+                }
+                for e in store.events(cli.deployment.as_deref(), after)? {
+                    after = e.id;
+                    print_event(&e, cli.json)?;
+                }
+                if task.is_finished() || deadline.is_some_and(|d| Instant::now() >= d) {
+                    break;
+                }
+            }
+            let _ = stop_tx.send(true);
+            task.await.context("the monitor task")??;
+            Ok(0)
+        }
+        Command::CloudCheck {
+            report,
+            auto,
+            resolutions,
+        } => {
+            let name = need_deployment(&cli.deployment)?;
+            if store.deployment(&name)?.is_none() && store.instances(&name)?.is_empty() {
+                bail!("deployment '{name}' does not exist");
+            }
+            let _lock = store.lock_deployment(&name)?;
+            let exec = director.executor_as(printer.clone(), "cloud-check");
+            let scan = exec.cloud_check_scan(&name).await?;
+            let mut chosen: Vec<(usize, Resolution)> = Vec::new();
+            for r in &resolutions {
+                let (id, res) = r
+                    .split_once('=')
+                    .and_then(|(i, r)| {
+                        Some((
+                            i.trim().parse::<usize>().ok()?,
+                            Resolution::from_name(r.trim())?,
+                        ))
+                    })
+                    .with_context(|| {
+                        format!("--resolution {r}: expected ID=RESOLUTION, e.g. 1=recreate")
+                    })?;
+                chosen.push((id, res));
+            }
+            if cli.json && (report || (!auto && chosen.is_empty())) {
+                println!("{}", serde_json::to_string_pretty(&scan)?);
+            } else {
+                print_scan(&name, &scan);
+            }
+            if scan.problems.is_empty() {
+                return Ok(0);
+            }
+            if report {
+                return Ok(1);
+            }
+            if auto {
+                chosen = scan
+                    .problems
+                    .iter()
+                    .map(|p| (p.id, p.resolutions[0]))
+                    .collect();
+            } else if chosen.is_empty() {
+                if cli.non_interactive || !std::io::stdin().is_terminal() {
+                    bail!("not resolving anything: pass --auto, --resolution ID=RESOLUTION, or run on a terminal to choose");
+                }
+                for p in &scan.problems {
+                    chosen.push((p.id, choose(p)?));
+                }
+            }
+            let mut failed = 0;
+            for (id, res) in chosen {
+                let Some(p) = scan.problems.iter().find(|p| p.id == id) else {
+                    bail!("there is no problem {id} (found {})", scan.problems.len());
+                };
+                match exec.cloud_check_resolve(&name, p, res).await {
+                    Ok(msg) => println!("  {id}: {}: {msg}", res.name()),
+                    Err(e) => {
+                        failed += 1;
+                        println!("  {id}: {}: failed: {e}", res.name());
+                    }
+                }
+            }
+            Ok(if failed > 0 { 1 } else { 0 })
+        }
+        Command::Events { instance } => {
+            let events: Vec<_> = store
+                .events(cli.deployment.as_deref(), 0)?
+                .into_iter()
+                .filter(|e| {
+                    instance.as_ref().is_none_or(|i| {
+                        e.instance
+                            .as_deref()
+                            .is_some_and(|x| x.starts_with(i.as_str()))
+                    })
+                })
+                .collect();
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&events)?);
+            } else {
+                for e in &events {
+                    print_event(e, false)?;
+                }
+            }
             Ok(0)
         }
         Command::CreateRelease {
@@ -490,6 +649,105 @@ fn ask(question: &str) -> bool {
     let mut line = String::new();
     let _ = std::io::stdin().lock().read_line(&mut line);
     matches!(line.trim(), "y" | "Y" | "yes")
+}
+
+/// A UTC time with milliseconds, from ms since the epoch.
+fn fmt_time(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (proleptic Gregorian).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        sod / 3600,
+        sod % 3600 / 60,
+        sod % 60,
+        ms.rem_euclid(1000)
+    )
+}
+
+fn print_event(e: &bosun_director::state::Event, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(e)?);
+        return Ok(());
+    }
+    let mut line = format!(
+        "#{:<5} {} {:<11} {}",
+        e.id,
+        fmt_time(e.time_ms),
+        e.source,
+        e.instance
+            .as_deref()
+            .or(e.deployment.as_deref())
+            .unwrap_or("-")
+    );
+    if !e.seen.is_empty() {
+        line.push_str(&format!("  seen: {}", e.seen));
+    }
+    line.push_str(&format!(
+        "  did: {} {}  -> {}",
+        e.action, e.object, e.result
+    ));
+    println!("{line}");
+    Ok(())
+}
+
+fn print_scan(name: &str, scan: &Scan) {
+    for n in &scan.notes {
+        println!("note: {n}");
+    }
+    if scan.problems.is_empty() {
+        println!("Deployment '{name}': no problems found");
+        return;
+    }
+    println!("Deployment '{name}': {} problems", scan.problems.len());
+    for p in &scan.problems {
+        println!(
+            "  {:>3}  {:<18} {}",
+            p.id,
+            format!("{:?}", p.kind),
+            p.description
+        );
+        let opts: Vec<&str> = p.resolutions.iter().map(|r| r.name()).collect();
+        println!(
+            "       resolutions: {} (default {})",
+            opts.join(", "),
+            opts[0]
+        );
+    }
+}
+
+fn choose(p: &CheckProblem) -> Result<Resolution> {
+    println!("Problem {}: {}", p.id, p.description);
+    for (i, r) in p.resolutions.iter().enumerate() {
+        println!(
+            "  {}. {}{}",
+            i + 1,
+            r.describe(),
+            if i == 0 { " (default)" } else { "" }
+        );
+    }
+    print!("Choose [1]: ");
+    let _ = std::io::stdout().flush();
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    let n = match line.trim() {
+        "" => 1,
+        t => t
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=p.resolutions.len()).contains(n))
+            .with_context(|| format!("'{t}' is not one of 1..{}", p.resolutions.len()))?,
+    };
+    Ok(p.resolutions[n - 1])
 }
 
 fn print_instances(list: &[InstanceInfo], ps: bool) {

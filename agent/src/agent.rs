@@ -30,8 +30,8 @@ use crate::blobs::BlobStore;
 use crate::protocol::{
     Action, ActionFailure, AgentState, ApplySpec, BpmConfig, CompileRequest, CompileResult,
     DrainKind, DrainParams, DrainResult, FetchLogsParams, FetchLogsResult, JobStatus,
-    MountDiskParams, PingResult, ProcessState, RenderedJob, RunScriptParams, ScriptResult,
-    ScriptResults, UnmountDiskParams, Vitals, PROTOCOL_VERSION,
+    MountDiskParams, PingResult, ProcessState, RenderedJob, RestartJobsParams, RunScriptParams,
+    ScriptResult, ScriptResults, UnmountDiskParams, Vitals, PROTOCOL_VERSION,
 };
 use crate::server::{self, ActionHandler};
 use crate::supervisor::{self, Supervisor, DEFAULT_PATH};
@@ -471,6 +471,34 @@ impl Agent {
         }
     }
 
+    /// `restart_jobs`: stop and start again the processes of these jobs (all
+    /// applied jobs when none are named), without pre-start.
+    pub async fn restart_jobs(&self, p: RestartJobsParams) -> Result<(), ActionFailure> {
+        let _g = self.ops.lock().await;
+        let Some(spec) = self.applied_spec() else {
+            return Err(failure("invalid", "restarting jobs: no spec is applied"));
+        };
+        for j in &p.jobs {
+            if !spec.jobs.iter().any(|x| &x.name == j) {
+                return Err(failure(
+                    "invalid",
+                    format!("restarting job {j}: no such job is applied"),
+                ));
+            }
+        }
+        {
+            let mut started = lock(&self.started);
+            if p.jobs.is_empty() {
+                started.clear();
+            } else {
+                for j in &p.jobs {
+                    started.remove(j);
+                }
+            }
+        }
+        self.start_locked(false).await
+    }
+
     /// Stops every job process (used on SIGTERM).
     pub async fn shutdown(&self) {
         self.supervisor.stop_all().await;
@@ -888,6 +916,7 @@ impl ActionHandler for Agent {
             Action::Apply(spec) => self.apply(spec).await.map(|()| serde_json::Value::Null),
             Action::Start => self.start().await.map(|()| serde_json::Value::Null),
             Action::Stop => self.stop().await.map(|()| serde_json::Value::Null),
+            Action::RestartJobs(p) => self.restart_jobs(p).await.map(|()| serde_json::Value::Null),
             Action::Drain(p) => to_json(&self.drain(p).await?),
             Action::RunScript(p) => to_json(&self.run_script(p).await?),
             Action::CompilePackage(r) => to_json(&self.compile_package(r).await?),

@@ -22,7 +22,7 @@ use crate::keys::{parse_public_key, same_key, KeyError, KeyPair};
 use crate::protocol::{
     self, Action, ActionFailure, AgentState, ApplySpec, CompileRequest, CompileResult, DrainParams,
     DrainResult, FetchLogsParams, FetchLogsResult, MissingBlobsParams, MountDiskParams, PingResult,
-    RpcRequest, RpcResponse, RunScriptParams, ScriptResults, UnmountDiskParams,
+    RestartJobsParams, RpcRequest, RpcResponse, RunScriptParams, ScriptResults, UnmountDiskParams,
 };
 
 /// SSH user name the director logs in as (the agent ignores it).
@@ -403,6 +403,16 @@ impl AgentClient {
 
     pub async fn start(&self) -> Result<(), ClientError> {
         self.call_unit(&Action::Start, Duration::from_secs(300))
+            .await
+    }
+
+    /// `get_state` that gives up after `timeout` (the health monitor's heartbeat).
+    pub async fn get_state_within(&self, timeout: Duration) -> Result<AgentState, ClientError> {
+        self.call_typed(&Action::GetState, timeout).await
+    }
+
+    pub async fn restart_jobs(&self, p: &RestartJobsParams) -> Result<(), ClientError> {
+        self.call_unit(&Action::RestartJobs(p.clone()), Duration::from_secs(300))
             .await
     }
 

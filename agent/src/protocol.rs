@@ -72,6 +72,10 @@ pub enum Action {
     Start,
     /// Stop every process (SIGTERM, then SIGKILL after its shutdown timeout). -> `null`
     Stop,
+    /// Stop and start again every process of the named jobs (without
+    /// pre-start), resetting their restart backoff; the health monitor's
+    /// second step when a job stays failing. -> `null`
+    RestartJobs(RestartJobsParams),
     /// Run each job's `bin/drain` and wait as it asks. -> [`DrainResult`]
     Drain(DrainParams),
     /// Run `bin/<script>` of every applied job that has it (e.g. `post-start`,
@@ -222,6 +226,12 @@ pub struct DrainParams {
 pub struct DrainResult {
     /// Seconds spent draining.
     pub waited_secs: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestartJobsParams {
+    /// Job names; every applied job when empty.
+    pub jobs: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

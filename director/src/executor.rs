@@ -36,7 +36,8 @@ use crate::planner::{
     primary_ip, Change, DiskAction, GroupPlan, InstancePlan, Plan, VmAction, VmCreate,
 };
 use crate::state::{
-    now, AppliedRecord, DiskRecord, Event, InstanceRecord, OrphanDisk, StateError, Store, VmRecord,
+    now, AppliedRecord, DeployedSpec, DiskRecord, Event, InstanceRecord, OrphanDisk, StateError,
+    Store, VmRecord,
 };
 
 /// An execution failure, naming the instance and the step.
@@ -136,6 +137,8 @@ pub struct Executor {
     pub cpis: Cpis,
     pub progress: Arc<dyn Progress>,
     pub opts: ExecOptions,
+    /// Who drives it, as events name it (`deploy`, `monitor`, `cloud-check`).
+    pub source: String,
 }
 
 /// The display name of an instance: `group/id (index)`.
@@ -159,7 +162,7 @@ pub struct NewVm {
 }
 
 impl Executor {
-    fn event(
+    pub(crate) fn event(
         &self,
         deployment: &str,
         instance: Option<&str>,
@@ -167,14 +170,11 @@ impl Executor {
         object: &str,
         result: &str,
     ) {
-        let _ = self.store.add_event(&Event {
-            time: now(),
-            deployment: Some(deployment.to_string()),
-            instance: instance.map(str::to_string),
-            action: action.to_string(),
-            object: object.to_string(),
-            result: result.to_string(),
-        });
+        let _ = self.store.add_event(
+            &Event::new(&self.source, deployment, instance)
+                .did(action, object)
+                .result(result),
+        );
     }
 
     /// Carry out a plan.
@@ -388,6 +388,7 @@ impl Executor {
             what: format!("creating VM for {subject}"),
             source: Box::new(source),
         })?;
+        failpoint("after-create-vm");
         let mut vm = NewVm {
             cid,
             agent_id,
@@ -505,7 +506,7 @@ impl Executor {
         self.ensure_disk(ip, rec, client).await.map(|_| ())
     }
 
-    async fn ensure_disk(
+    pub(crate) async fn ensure_disk(
         &self,
         ip: &InstancePlan,
         rec: &mut InstanceRecord,
@@ -581,6 +582,13 @@ impl Executor {
                     dr.attached = true;
                 }
                 self.store.save_instance(rec)?;
+                self.event(
+                    &rec.deployment,
+                    Some(&name),
+                    "attach",
+                    &format!("disk {} to vm {}", d.cid, vm.cid),
+                    "ok",
+                );
                 Some(hint)
             };
             if let Some(hint) = hint {
@@ -609,7 +617,7 @@ impl Executor {
         Ok(client)
     }
 
-    async fn detach_disk(&self, rec: &mut InstanceRecord) -> Result<(), ExecError> {
+    pub(crate) async fn detach_disk(&self, rec: &mut InstanceRecord) -> Result<(), ExecError> {
         let (Some(vm), Some(d)) = (rec.vm.clone(), rec.disk.clone()) else {
             return Ok(());
         };
@@ -660,7 +668,11 @@ impl Executor {
     }
 
     /// Connect to the agent of an existing VM.
-    async fn connect(&self, vm: &VmRecord, timeout: Duration) -> Result<AgentClient, ClientError> {
+    pub(crate) async fn connect(
+        &self,
+        vm: &VmRecord,
+        timeout: Duration,
+    ) -> Result<AgentClient, ClientError> {
         let addr = format!("{}:{AGENT_PORT}", vm.address)
             .parse()
             .map_err(|_| ClientError::Protocol(format!("bad VM address {}", vm.address)))?;
@@ -726,7 +738,10 @@ impl Executor {
         Ok(())
     }
 
-    async fn update_instance(
+    /// Bring one instance to its planned state: recreate or create its VM
+    /// as planned, drain and stop what runs, attach and mount its disk,
+    /// apply the spec, start, watch, run post-start. Records the result.
+    pub(crate) async fn update_instance(
         &self,
         ip: &InstancePlan,
         mut rec: InstanceRecord,
@@ -840,6 +855,12 @@ impl Executor {
             )));
         }
         rec.applied = Some(ip.applied.clone());
+        rec.deployed = Some(DeployedSpec {
+            vm: ip.vm_target.clone(),
+            spec,
+            applied: ip.applied.clone(),
+            stemcell: ip.stemcell.clone(),
+        });
         self.store.save_instance(&rec)?;
         self.progress.stage(&name, "running");
         Ok(())
@@ -961,6 +982,16 @@ impl Executor {
         self.store.delete_deployment_record(name)?;
         self.event(name, None, "delete", "deployment", "ok");
         Ok(n)
+    }
+}
+
+/// Test hook: when `BOSUN_FAILPOINT` names this point, the process dies on
+/// the spot, as a director killed there would (the crash-recovery tests use
+/// it to leave a VM the state does not know).
+fn failpoint(name: &str) {
+    if std::env::var("BOSUN_FAILPOINT").is_ok_and(|v| v == name) {
+        eprintln!("failpoint {name}: aborting");
+        std::process::abort();
     }
 }
 

@@ -17,6 +17,9 @@
 //! - [`executor`]: carries out a plan, one attempt, recording each step.
 //! - [`compiler`]: package compilation on compilation VMs.
 //! - [`stemcell`]: building and reading stemcell tarballs.
+//! - [`repair`]: fencing, recreating and reattaching one instance.
+//! - [`monitor`]: the health monitor and resurrector.
+//! - [`cloudcheck`]: finding and resolving problems (`cloud-check`).
 //! - [`ops`]: the operator operations (deploy, delete, instances, uploads).
 //!
 //! The director must see CPIs only through `bosun_cpi::Cpi`, and agents only
@@ -24,15 +27,18 @@
 //! event sink the CLI supplies.
 
 pub mod cloud_config;
+pub mod cloudcheck;
 pub mod compiler;
 pub mod desired;
 pub mod executor;
 pub mod ipam;
 pub mod manifest;
+pub mod monitor;
 pub mod ops;
 pub mod planner;
 pub mod problems;
 pub mod release;
+pub mod repair;
 pub mod state;
 pub mod stemcell;
 pub mod templates;

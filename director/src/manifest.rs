@@ -27,6 +27,8 @@ pub struct Manifest {
     pub stemcells: Vec<StemcellRef>,
     pub instance_groups: Vec<InstanceGroup>,
     pub update: UpdatePolicy,
+    /// Health monitor settings for every group (`health:`; defaults when absent).
+    pub health: HealthPolicy,
     pub variables: Vec<VariableDef>,
     pub tags: BTreeMap<String, String>,
     /// `{}` when absent.
@@ -74,7 +76,146 @@ pub struct InstanceGroup {
     /// An object, `{}` when absent.
     pub env: serde_json::Value,
     pub update: Option<UpdateOverride>,
+    pub health: Option<HealthOverride>,
+    /// How a lost VM of this group is replaced; `None`: consistent when the
+    /// group has a persistent disk, available otherwise.
+    pub restart_policy: Option<RestartPolicy>,
     pub migrated_from: Vec<serde_json::Value>,
+}
+
+/// How the resurrector replaces a VM that went silent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RestartPolicy {
+    /// Fence first: the old VM is deleted and the CPI must confirm it gone
+    /// before its persistent disk moves to the replacement.
+    Consistent,
+    /// Replace at once: the old VM is deleted without waiting for the
+    /// CPI's confirmation (and the replacement proceeds if that fails).
+    Available,
+}
+
+/// The health monitor's ladder, per instance group. Durations in the
+/// manifest are seconds (`5`, `0.5`) or carry a unit (`500ms`, `2m`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct HealthPolicy {
+    /// Whether the monitor repairs at all (alerts are raised either way).
+    pub resurrection: bool,
+    /// How often each agent is asked for its state.
+    pub heartbeat_interval: std::time::Duration,
+    /// Silence after which an agent counts as unresponsive.
+    pub agent_timeout: std::time::Duration,
+    /// How long a job may stay failing (while the agent restarts its
+    /// processes) before the monitor restarts the job.
+    pub job_restart_after: std::time::Duration,
+    /// After a repair of an instance, how long before it may be repaired again.
+    pub quiet_period: std::time::Duration,
+    /// More repairs than this within `flap_window`: stop and alert.
+    pub max_repairs: u32,
+    pub flap_window: std::time::Duration,
+    /// Meltdown guard (deployment-wide, from the top-level `health`): when at
+    /// least `meltdown_min_down` instances are down and they are more than
+    /// `meltdown_percent`% of the deployment, alert instead of repairing.
+    pub meltdown_min_down: u32,
+    pub meltdown_percent: u32,
+}
+
+impl Default for HealthPolicy {
+    fn default() -> Self {
+        use std::time::Duration;
+        HealthPolicy {
+            resurrection: true,
+            heartbeat_interval: Duration::from_secs(1),
+            agent_timeout: Duration::from_secs(5),
+            job_restart_after: Duration::from_secs(10),
+            quiet_period: Duration::from_secs(10),
+            max_repairs: 3,
+            flap_window: Duration::from_secs(600),
+            meltdown_min_down: 5,
+            meltdown_percent: 20,
+        }
+    }
+}
+
+/// A group's `health:` (each set field replaces the top-level one).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct HealthOverride {
+    pub resurrection: Option<bool>,
+    pub heartbeat_interval: Option<std::time::Duration>,
+    pub agent_timeout: Option<std::time::Duration>,
+    pub job_restart_after: Option<std::time::Duration>,
+    pub quiet_period: Option<std::time::Duration>,
+    pub max_repairs: Option<u32>,
+    pub flap_window: Option<std::time::Duration>,
+    pub meltdown_min_down: Option<u32>,
+    pub meltdown_percent: Option<u32>,
+}
+
+impl HealthPolicy {
+    /// This policy with the set fields of `o` replacing its own.
+    pub fn with_override(&self, o: Option<&HealthOverride>) -> HealthPolicy {
+        let Some(o) = o else {
+            return self.clone();
+        };
+        HealthPolicy {
+            resurrection: o.resurrection.unwrap_or(self.resurrection),
+            heartbeat_interval: o.heartbeat_interval.unwrap_or(self.heartbeat_interval),
+            agent_timeout: o.agent_timeout.unwrap_or(self.agent_timeout),
+            job_restart_after: o.job_restart_after.unwrap_or(self.job_restart_after),
+            quiet_period: o.quiet_period.unwrap_or(self.quiet_period),
+            max_repairs: o.max_repairs.unwrap_or(self.max_repairs),
+            flap_window: o.flap_window.unwrap_or(self.flap_window),
+            meltdown_min_down: o.meltdown_min_down.unwrap_or(self.meltdown_min_down),
+            meltdown_percent: o.meltdown_percent.unwrap_or(self.meltdown_percent),
+        }
+    }
+}
+
+/// A duration as the manifest writes it: seconds (`5`, `0.5`) or with a
+/// unit (`500ms`, `5s`, `2m`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seconds(pub std::time::Duration);
+
+impl FromStr for Seconds {
+    type Err = ValueError;
+    fn from_str(s: &str) -> Result<Self, ValueError> {
+        let t = s.trim();
+        let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
+            (n, 0.001)
+        } else if let Some(n) = t.strip_suffix('s') {
+            (n, 1.0)
+        } else if let Some(n) = t.strip_suffix('m') {
+            (n, 60.0)
+        } else {
+            (t, 1.0)
+        };
+        match num.trim().parse::<f64>() {
+            Ok(v) if v.is_finite() && v >= 0.0 && v * scale < 1e9 => {
+                Ok(Seconds(std::time::Duration::from_secs_f64(v * scale)))
+            }
+            _ => Err(ValueError::Duration(s.to_string())),
+        }
+    }
+}
+
+impl FromStr for RestartPolicy {
+    type Err = ValueError;
+    fn from_str(s: &str) -> Result<Self, ValueError> {
+        match s {
+            "consistent" => Ok(RestartPolicy::Consistent),
+            "available" => Ok(RestartPolicy::Available),
+            _ => Err(ValueError::RestartPolicy(s.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for RestartPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RestartPolicy::Consistent => "consistent",
+            RestartPolicy::Available => "available",
+        })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -179,6 +320,12 @@ pub enum ValueError {
     VmStrategy(String),
     #[error("expected 'service' or 'errand', found '{0}'")]
     Lifecycle(String),
+    #[error("expected seconds like 5 or 0.5, or a duration like '500ms', '5s', '2m', found '{0}'")]
+    Duration(String),
+    #[error("expected 'consistent' or 'available', found '{0}'")]
+    RestartPolicy(String),
+    #[error("expected a percentage from 0 to 100, found '{0}'")]
+    Percent(String),
 }
 
 impl UpdatePolicy {
@@ -321,6 +468,20 @@ impl Manifest {
     pub fn update_for(&self, group: &InstanceGroup) -> UpdatePolicy {
         self.update.with_override(group.update.as_ref())
     }
+
+    /// The health policy for one group (top-level `health` with its override).
+    pub fn health_for(&self, group: &InstanceGroup) -> HealthPolicy {
+        self.health.with_override(group.health.as_ref())
+    }
+
+    /// The restart policy for one group: as written, else consistent for
+    /// groups with a persistent disk and available for the rest.
+    pub fn restart_policy_for(&self, group: &InstanceGroup) -> RestartPolicy {
+        group.restart_policy.unwrap_or(match group.persistent_disk {
+            Some(_) => RestartPolicy::Consistent,
+            None => RestartPolicy::Available,
+        })
+    }
 }
 
 const TOP_KEYS: &[&str] = &[
@@ -332,6 +493,7 @@ const TOP_KEYS: &[&str] = &[
     "tags",
     "addons",
     "properties",
+    "health",
 ];
 const RELEASE_KEYS: &[&str] = &["version", "path", "url", "sha1"];
 const STEMCELL_KEYS: &[&str] = &["os", "name", "version"];
@@ -352,8 +514,21 @@ const GROUP_KEYS: &[&str] = &[
     "properties",
     "env",
     "update",
+    "health",
+    "restart_policy",
     "migrated_from",
 ];
+const HEALTH_KEYS: &[&str] = &[
+    "resurrection",
+    "heartbeat_interval",
+    "agent_timeout",
+    "job_restart_after",
+    "quiet_period",
+    "max_repairs",
+    "flap_window",
+    "meltdown",
+];
+const MELTDOWN_KEYS: &[&str] = &["minimum_down", "percent"];
 const JOB_KEYS: &[&str] = &[
     "properties",
     "consumes",
@@ -436,6 +611,10 @@ fn decode(d: &mut Decoder, root: &Node, base_dir: &Path) -> Option<Manifest> {
         Some(n) => update_policy(d, n, "update"),
         None => None,
     };
+    let health = match f.get("health").filter(|n| !n.is_null()) {
+        Some(n) => HealthPolicy::default().with_override(health_override(d, n, "health").as_ref()),
+        None => HealthPolicy::default(),
+    };
 
     let mut groups: Vec<InstanceGroup> = Vec::new();
     for it in d.opt_seq(&f, "instance_groups") {
@@ -482,6 +661,7 @@ fn decode(d: &mut Decoder, root: &Node, base_dir: &Path) -> Option<Manifest> {
         stemcells,
         instance_groups: groups,
         update: update?,
+        health,
         variables,
         tags,
         features,
@@ -540,6 +720,7 @@ fn parsed<T: FromStr<Err = ValueError>>(d: &mut Decoder, f: &Fields, key: &str) 
     let path = f.child(key);
     let text = match &n.value {
         yaml::NodeValue::Int(i) => i.to_string(),
+        yaml::NodeValue::Float(x) => x.to_string(),
         yaml::NodeValue::String(s) => s.clone(),
         _ => {
             d.node_str(n, &path);
@@ -570,6 +751,37 @@ fn update_override(d: &mut Decoder, n: &Node, path: &str) -> Option<UpdateOverri
         serial: d.opt_bool(&f, "serial"),
         vm_strategy: parsed(d, &f, "vm_strategy"),
     })
+}
+
+fn health_override(d: &mut Decoder, n: &Node, path: &str) -> Option<HealthOverride> {
+    let f = d.map(n, path, &[], HEALTH_KEYS)?;
+    let dur = |d: &mut Decoder, k: &str| parsed::<Seconds>(d, &f, k).map(|s| s.0);
+    let mut o = HealthOverride {
+        resurrection: d.opt_bool(&f, "resurrection"),
+        heartbeat_interval: dur(d, "heartbeat_interval"),
+        agent_timeout: dur(d, "agent_timeout"),
+        job_restart_after: dur(d, "job_restart_after"),
+        quiet_period: dur(d, "quiet_period"),
+        max_repairs: d.opt_u32(&f, "max_repairs"),
+        flap_window: dur(d, "flap_window"),
+        ..HealthOverride::default()
+    };
+    if o.heartbeat_interval.is_some_and(|t| t.is_zero()) {
+        d.problem(&f.child("heartbeat_interval"), "must be more than 0");
+    }
+    if let Some(m) = f.get("meltdown").filter(|n| !n.is_null()) {
+        if let Some(mf) = d.map(m, &f.child("meltdown"), &[], MELTDOWN_KEYS) {
+            o.meltdown_min_down = d.opt_u32(&mf, "minimum_down");
+            o.meltdown_percent = d.opt_u32(&mf, "percent");
+            if let Some(p) = o.meltdown_percent.filter(|p| *p > 100) {
+                d.problem(
+                    &mf.child("percent"),
+                    ValueError::Percent(p.to_string()).to_string(),
+                );
+            }
+        }
+    }
+    Some(o)
 }
 
 fn update_policy(d: &mut Decoder, n: &Node, path: &str) -> Option<UpdatePolicy> {
@@ -691,6 +903,11 @@ fn instance_group(
         Some(n) => update_override(d, n, &f.child("update")),
         None => None,
     };
+    let health = match f.get("health").filter(|n| !n.is_null()) {
+        Some(n) => health_override(d, n, &f.child("health")),
+        None => None,
+    };
+    let restart_policy = parsed(d, &f, "restart_policy");
     let migrated_from = d
         .opt_seq(&f, "migrated_from")
         .into_iter()
@@ -711,6 +928,8 @@ fn instance_group(
         properties,
         env,
         update,
+        health,
+        restart_policy,
         migrated_from,
     })
 }
@@ -974,6 +1193,8 @@ mod tests {
                 properties: json!({}),
                 env: json!({}),
                 update: None,
+                health: None,
+                restart_policy: None,
                 migrated_from: vec![],
             }
         );

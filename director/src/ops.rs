@@ -145,11 +145,17 @@ pub fn host_os() -> String {
 
 impl Director {
     pub fn executor(&self, progress: Arc<dyn Progress>) -> Executor {
+        self.executor_as(progress, "deploy")
+    }
+
+    /// An executor whose events name `source` as their origin.
+    pub fn executor_as(&self, progress: Arc<dyn Progress>, source: &str) -> Executor {
         Executor {
             store: self.store.clone(),
             cpis: self.cpis.clone(),
             progress,
             opts: self.opts.clone(),
+            source: source.to_string(),
         }
     }
 

@@ -127,6 +127,9 @@ pub struct InstancePlan {
     pub change: Change,
     pub reasons: Vec<String>,
     pub vm: VmAction,
+    /// The VM this instance should run on (what `vm` creates, or what the
+    /// kept VM was created from): recorded so it can be recreated later.
+    pub vm_target: VmCreate,
     pub disk: DiskAction,
     /// The spec the agent gets; package `sha256` is filled in from the
     /// compiled packages by the executor.
@@ -144,7 +147,7 @@ pub enum VmAction {
     Recreate(VmCreate),
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct VmCreate {
     pub cpi: String,
     pub stemcell_cid: String,
@@ -542,6 +545,7 @@ fn plan_instance(
         env: g.env.clone(),
         vm_digest: vm_digest.clone(),
     };
+    let vm_target = vm_create.clone();
 
     let mut reasons = Vec::new();
     let vm = match &rec.vm {
@@ -734,6 +738,7 @@ fn plan_instance(
         change,
         reasons,
         vm,
+        vm_target,
         disk,
         spec,
         applied,

@@ -95,9 +95,14 @@ fn from_json<T: DeserializeOwned>(op: &str, s: &str) -> Result<T> {
 
 /// Seconds since the epoch.
 pub fn now() -> i64 {
+    now_ms() / 1000
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
+        .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
 
@@ -215,6 +220,21 @@ pub struct InstanceRecord {
     pub pending_vm_token: Option<String>,
     pub disk: Option<DiskRecord>,
     pub applied: Option<AppliedRecord>,
+    /// What was last deployed to this instance and seen running: enough to
+    /// recreate its VM without the manifest or the releases (the resurrector
+    /// and cloud-check use it).
+    #[serde(default)]
+    pub deployed: Option<DeployedSpec>,
+}
+
+/// The VM, spec and packages an instance last ran with.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeployedSpec {
+    pub vm: crate::planner::VmCreate,
+    pub spec: bosun_agent::protocol::ApplySpec,
+    pub applied: AppliedRecord,
+    /// Stemcell key (`os/version`) the packages are compiled for.
+    pub stemcell: String,
 }
 
 impl InstanceRecord {
@@ -232,6 +252,7 @@ impl InstanceRecord {
             pending_vm_token: None,
             disk: None,
             applied: None,
+            deployed: None,
         }
     }
 }
@@ -282,15 +303,64 @@ pub struct OrphanDisk {
     pub orphaned_at: i64,
 }
 
-/// One thing that happened, for `bosun events`.
+/// One thing that happened, for `bosun events`: what was seen, what was
+/// done about it, and how that went.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Event {
+    /// Position in the event log (assigned by the store).
+    #[serde(default)]
+    pub id: i64,
+    /// Seconds since the epoch.
     pub time: i64,
+    /// Milliseconds since the epoch (0 in events of older versions).
+    #[serde(default)]
+    pub time_ms: i64,
+    /// `deploy`, `monitor`, `cloud-check`, ...
+    #[serde(default)]
+    pub source: String,
     pub deployment: Option<String>,
     pub instance: Option<String>,
+    /// What was observed (`agent unresponsive for 5.0 s`), empty when the
+    /// event is an action the operator asked for.
+    #[serde(default)]
+    pub seen: String,
+    /// What was done (`create`, `fence`, `restart-job`, `alert`, ...).
     pub action: String,
     pub object: String,
+    /// `ok`, `error: ...`, or a note.
     pub result: String,
+}
+
+impl Event {
+    /// An event stamped now.
+    pub fn new(source: &str, deployment: &str, instance: Option<&str>) -> Event {
+        let ms = now_ms();
+        Event {
+            id: 0,
+            time: ms / 1000,
+            time_ms: ms,
+            source: source.to_string(),
+            deployment: Some(deployment.to_string()),
+            instance: instance.map(str::to_string),
+            seen: String::new(),
+            action: String::new(),
+            object: String::new(),
+            result: String::new(),
+        }
+    }
+    pub fn seen(mut self, s: impl Into<String>) -> Event {
+        self.seen = s.into();
+        self
+    }
+    pub fn did(mut self, action: &str, object: impl Into<String>) -> Event {
+        self.action = action.to_string();
+        self.object = object.into();
+        self
+    }
+    pub fn result(mut self, r: impl Into<String>) -> Event {
+        self.result = r.into();
+        self
+    }
 }
 
 /// The store. Cheap to share (`Arc`).
@@ -710,19 +780,35 @@ impl Store {
         .map(|_| ())
     }
 
-    pub fn events(&self, deployment: Option<&str>) -> Result<Vec<Event>> {
-        match deployment {
-            Some(d) => self.query_records(
-                "listing events",
-                "SELECT record FROM events WHERE deployment = ?1 ORDER BY id",
-                params![d],
+    /// Events in the order they were recorded, optionally of one deployment
+    /// and only those after event `after` (for following the log).
+    pub fn events(&self, deployment: Option<&str>, after: i64) -> Result<Vec<Event>> {
+        let op = "listing events";
+        let conn = self.conn();
+        let mut stmt = db(
+            op,
+            conn.prepare(
+                "SELECT id, record FROM events
+                 WHERE (?1 IS NULL OR deployment = ?1) AND id > ?2 ORDER BY id",
             ),
-            None => self.query_records(
-                "listing events",
-                "SELECT record FROM events ORDER BY id",
-                [],
-            ),
+        )?;
+        let rows = db(
+            op,
+            stmt.query_map(params![deployment, after], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+            }),
+        )?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, json) = db(op, row)?;
+            let mut e: Event = from_json(op, &json)?;
+            e.id = id;
+            if e.time_ms == 0 {
+                e.time_ms = e.time * 1000;
+            }
+            out.push(e);
         }
+        Ok(out)
     }
 
     fn query_records<T: DeserializeOwned, P: rusqlite::Params>(
@@ -743,9 +829,37 @@ impl Store {
 
     // ---- locks ----
 
-    /// Take the deployment's lock, or fail at once naming the holder. The
-    /// lock is an flock, so a holder that dies releases it.
+    /// Take the deployment's lock, waiting up to 3 s for a holder that is
+    /// about to let go (the health monitor holds it only for a moment
+    /// unless it repairs), then failing with an error that names the holder.
+    /// The lock is an flock, so a holder that dies releases it.
     pub fn lock_deployment(&self, name: &str) -> Result<DeploymentLock> {
+        self.lock_deployment_as(name, "", std::time::Duration::from_secs(3))
+    }
+
+    /// Try the lock once, without waiting.
+    pub fn try_lock_deployment(&self, name: &str, purpose: &str) -> Result<DeploymentLock> {
+        self.lock_deployment_as(name, purpose, std::time::Duration::ZERO)
+    }
+
+    fn lock_deployment_as(
+        &self,
+        name: &str,
+        purpose: &str,
+        wait: std::time::Duration,
+    ) -> Result<DeploymentLock> {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match self.lock_once(name, purpose) {
+                Err(StateError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn lock_once(&self, name: &str, purpose: &str) -> Result<DeploymentLock> {
         let path = self.dir.join("locks").join(format!("{name}.lock"));
         let io = |source| StateError::Io {
             op: format!("locking deployment {name}"),
@@ -769,7 +883,15 @@ impl Store {
             });
         }
         file.set_len(0).map_err(io)?;
-        writeln!(file, "pid {} since {}", std::process::id(), now()).map_err(io)?;
+        writeln!(
+            file,
+            "pid {} since {}{}{}",
+            std::process::id(),
+            now(),
+            if purpose.is_empty() { "" } else { ": " },
+            purpose
+        )
+        .map_err(io)?;
         Ok(DeploymentLock { _file: file })
     }
 }
@@ -810,7 +932,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
         let lock = s.lock_deployment("q").unwrap();
-        let err = s.lock_deployment("q").err().unwrap().to_string();
+        let err = s.try_lock_deployment("q", "").err().unwrap().to_string();
         assert!(
             err.contains("locked by another bosun process (pid"),
             "{err}"

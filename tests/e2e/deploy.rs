@@ -1,42 +1,7 @@
 //! The quickstart lifecycle: deploy, replicate, no-op redeploy, rolling
 //! update, failing canary, delete.
 
-use crate::support::{http, text, Env};
-
-fn kv_manifest(name: &str, port: u32, watch: &str) -> String {
-    format!(
-        r#"name: {name}
-releases:
-- name: kv
-  version: latest
-  path: {{release}}
-stemcells:
-- alias: default
-  os: {{os}}
-  version: latest
-update:
-  canaries: 1
-  max_in_flight: 1
-  canary_watch_time: {watch}
-  update_watch_time: {watch}
-instance_groups:
-- name: kv
-  instances: 3
-  azs: [z1]
-  vm_type: default
-  stemcell: default
-  persistent_disk_type: default
-  networks:
-  - name: default
-  jobs:
-  - name: kv
-    release: kv
-    properties:
-      kv:
-        port: {port}
-"#
-    )
-}
+use crate::support::{http, kv_manifest, text, Env};
 
 fn running_ips(env: &Env, deployment: &str) -> Vec<String> {
     let list = env.instances(deployment);

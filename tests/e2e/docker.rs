@@ -5,7 +5,7 @@
 
 use std::process::Command;
 
-use crate::support::{http, repo, text, Env};
+use crate::support::{http, repo, text, wait_until, Env};
 
 fn docker(args: &[&str]) -> String {
     let out = Command::new("docker")
@@ -120,6 +120,87 @@ fn quickstart_on_docker() {
         http("GET", &a2, "/kv/where", "").unwrap(),
         (200, "docker".to_string())
     );
+
+    // 5. The monitor on Docker: `docker rm -f` (a lost VM) and `docker
+    //    pause` (a silent agent, fenced before its volume moves).
+    let mon = env.monitor("quickstart");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let healed = |index: u64, old: &serde_json::Value| {
+        wait_until(std::time::Duration::from_secs(90), || {
+            let i = by_index(&env.instances("quickstart"), index);
+            &i["vm_cid"] != old && !i["vm_cid"].is_null() && i["process_state"] == "running"
+        })
+    };
+    let i1 = by_index(&after, 1);
+    let a1 = format!("{}:8080", i1["ips"][0].as_str().unwrap());
+    let t = std::time::Instant::now();
+    docker(&["rm", "-f", i1["vm_cid"].as_str().unwrap()]);
+    assert!(
+        healed(1, &i1["vm_cid"]),
+        "monitor did not recreate the removed container:\n{}",
+        std::fs::read_to_string(&mon.log).unwrap_or_default()
+    );
+    eprintln!(
+        "docker rm -f: recovered after {} ms",
+        t.elapsed().as_millis()
+    );
+    let now1 = by_index(&env.instances("quickstart"), 1);
+    assert_eq!(now1["ips"], i1["ips"]);
+    assert_eq!(now1["persistent_disk_cids"], i1["persistent_disk_cids"]);
+    assert_eq!(
+        http("GET", &a1, "/kv/where", "").unwrap(),
+        (200, "docker".to_string())
+    );
+
+    let i0 = by_index(&env.instances("quickstart"), 0);
+    let paused = i0["vm_cid"].as_str().unwrap().to_string();
+    let t = std::time::Instant::now();
+    docker(&["pause", &paused]);
+    assert!(
+        healed(0, &i0["vm_cid"]),
+        "monitor did not replace the paused container:\n{}",
+        std::fs::read_to_string(&mon.log).unwrap_or_default()
+    );
+    eprintln!(
+        "docker pause: recovered after {} ms",
+        t.elapsed().as_millis()
+    );
+    let gone = Command::new("docker")
+        .args(["inspect", &paused])
+        .output()
+        .unwrap();
+    assert!(
+        !gone.status.success(),
+        "the paused container was fenced (removed)"
+    );
+    let events = env.events("quickstart");
+    let at = |action: &str, result: &str, object: &str| {
+        events
+            .iter()
+            .position(|e| {
+                e["action"] == action
+                    && e["result"].as_str().unwrap().starts_with(result)
+                    && e["object"].as_str().unwrap().contains(object)
+            })
+            .unwrap_or_else(|| panic!("no event {action} {object} {result}: {events:?}"))
+    };
+    let new0 = by_index(&env.instances("quickstart"), 0)["vm_cid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        at("fence", "deleted", &paused) < at("fence", "confirmed gone", &paused)
+            && at("fence", "confirmed gone", &paused)
+                < at("attach", "ok", &format!("to vm {new0}")),
+        "fenced before the disk moved: {events:?}"
+    );
+    let a0 = format!("{}:8080", i0["ips"][0].as_str().unwrap());
+    assert_eq!(
+        http("GET", &a0, "/kv/where", "").unwrap(),
+        (200, "docker".to_string())
+    );
+    drop(mon);
+    let after = env.instances("quickstart");
 
     // A no-op redeploy changes nothing.
     let out = env.bosun(&["deploy", m.to_str().unwrap(), "-n"]);

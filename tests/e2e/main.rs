@@ -9,5 +9,6 @@ mod aws;
 mod cpi_conformance;
 mod deploy;
 mod docker;
+mod health;
 mod manifests;
 mod releases;

@@ -149,3 +149,148 @@ pub fn http_with(
     let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
     Ok((status, body))
 }
+
+/// The kv release in a 3-instance deployment with a persistent disk.
+pub fn kv_manifest(name: &str, port: u32, watch: &str) -> String {
+    format!(
+        r#"name: {name}
+releases:
+- name: kv
+  version: latest
+  path: {{release}}
+stemcells:
+- alias: default
+  os: {{os}}
+  version: latest
+update:
+  canaries: 1
+  max_in_flight: 1
+  canary_watch_time: {watch}
+  update_watch_time: {watch}
+instance_groups:
+- name: kv
+  instances: 3
+  azs: [z1]
+  vm_type: default
+  stemcell: default
+  persistent_disk_type: default
+  networks:
+  - name: default
+  jobs:
+  - name: kv
+    release: kv
+    properties:
+      kv:
+        port: {port}
+"#
+    )
+}
+
+/// Wait until `f` holds, polling every 100 ms; false on timeout.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Direct children of a process, with their command lines.
+pub fn children(pid: i32) -> Vec<(i32, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("proc").flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|x| x.parse::<i32>().ok());
+        if ppid == Some(pid) {
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            out.push((p, String::from_utf8_lossy(&cmd).replace('\0', " ")));
+        }
+    }
+    out
+}
+
+/// Every descendant of a process (children first).
+pub fn descendants(pid: i32) -> Vec<(i32, String)> {
+    let mut out = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        for c in children(p) {
+            todo.push(c.0);
+            out.push(c);
+        }
+    }
+    out
+}
+
+pub fn signal(pid: i32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill -{sig} {pid}");
+}
+
+/// A `bosun monitor` running in the background; killed when dropped.
+pub struct MonitorProc {
+    child: std::process::Child,
+    pub log: PathBuf,
+}
+
+impl Drop for MonitorProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Env {
+    /// Start `bosun -d <deployment> monitor`, its output going to a file.
+    pub fn monitor(&self, deployment: &str) -> MonitorProc {
+        let log = self.path(&format!("monitor-{deployment}.log"));
+        let file = std::fs::File::create(&log).expect("monitor log");
+        let child = Command::new(BOSUN)
+            .arg("--state-dir")
+            .arg(self.state())
+            .args(["-d", deployment, "monitor"])
+            .stdout(file.try_clone().expect("dup"))
+            .stderr(file)
+            .spawn()
+            .expect("start bosun monitor");
+        MonitorProc { child, log }
+    }
+
+    /// `events --json` of a deployment.
+    pub fn events(&self, deployment: &str) -> Vec<serde_json::Value> {
+        let out = self.bosun(&["-d", deployment, "events", "--json"]);
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .expect("events --json is JSON")
+            .as_array()
+            .expect("an array")
+            .clone()
+    }
+
+    /// The pid the local CPI recorded for a VM (its agent's launcher).
+    pub fn vm_pid(&self, cid: &str) -> i32 {
+        std::fs::read_to_string(self.state().join("local-cpi/vms").join(cid).join("pid"))
+            .expect("VM pid file")
+            .trim()
+            .parse()
+            .expect("a pid")
+    }
+}

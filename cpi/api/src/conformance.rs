@@ -1,16 +1,17 @@
 //! The conformance suite every CPI backend runs in its own tests.
 //!
 //! [`run`] drives a backend through the whole CPI contract: info, stemcell,
-//! VM and disk lifecycles, attach/detach across two VMs, not-found errors,
-//! idempotent deletes and snapshots. It never panics on CPI errors: every
+//! VM and disk lifecycles (with `find_vms` / `find_disks` by metadata),
+//! attach/detach across two VMs, not-found errors, idempotent deletes and
+//! snapshots. It never panics on CPI errors: every
 //! failed check becomes one line of the returned list, and every resource the
 //! suite created is deleted at the end, even when a check failed.
 
 use std::collections::BTreeSet;
 
 use crate::{
-    CpiError, CreateDiskRequest, CreateVmRequest, DiskCid, Metadata, SnapshotCid, StemcellCid,
-    StemcellSpec, VmCid,
+    metadata_matches, CpiError, CreateDiskRequest, CreateVmRequest, DiskCid, Metadata, SnapshotCid,
+    StemcellCid, StemcellSpec, VmCid,
 };
 
 /// Builds the create_vm request for the n-th test VM given the stemcell cid.
@@ -85,6 +86,76 @@ fn expect(cond: bool, message: impl FnOnce() -> String) -> CheckResult {
     } else {
         Err(message())
     }
+}
+
+/// A one-entry filter.
+fn filter1(key: &str, value: &str) -> Metadata {
+    Metadata::from([(key.to_string(), value.to_string())])
+}
+
+/// `a` with every entry of `b` set (what set_*_metadata does).
+fn merged(a: &Metadata, b: &Metadata) -> Metadata {
+    let mut m = a.clone();
+    m.extend(b.iter().map(|(k, v)| (k.clone(), v.clone())));
+    m
+}
+
+/// A find_vms / find_disks result: sorted by cid, no cid twice, and every
+/// entry's metadata matches the filter it was asked with.
+fn expect_well_formed<T: Ord + std::fmt::Display>(
+    what: &str,
+    filter: &Metadata,
+    found: &[(T, Metadata)],
+) -> CheckResult {
+    expect(found.windows(2).all(|w| w[0].0 < w[1].0), || {
+        let cids: Vec<String> = found.iter().map(|(c, _)| c.to_string()).collect();
+        format!("{what} is not sorted by cid (or lists a cid twice): {cids:?}")
+    })?;
+    match found.iter().find(|(_, m)| !metadata_matches(m, filter)) {
+        Some((cid, m)) => Err(format!(
+            "{what} lists {cid} whose metadata {m:?} does not match the filter"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// `found` lists exactly `cid`, with metadata containing every entry of `want`.
+fn expect_only<T: Ord + std::fmt::Display + std::fmt::Debug>(
+    what: &str,
+    found: &[(T, Metadata)],
+    cid: &T,
+    want: &Metadata,
+) -> CheckResult {
+    let cids: Vec<&T> = found.iter().map(|(c, _)| c).collect();
+    expect(cids == [cid], || {
+        format!("{what} returned {cids:?}, want exactly [{cid}]")
+    })?;
+    expect_listed(what, found, cid, want)
+}
+
+/// `found` lists `cid`, with metadata containing every entry of `want`.
+fn expect_listed<T: Ord + std::fmt::Display>(
+    what: &str,
+    found: &[(T, Metadata)],
+    cid: &T,
+    want: &Metadata,
+) -> CheckResult {
+    match found.iter().find(|(c, _)| c == cid) {
+        None => Err(format!("{what} does not list {cid}")),
+        Some((_, m)) => expect(metadata_matches(m, want), || {
+            format!("{what} lists {cid} with metadata {m:?}, want every entry of {want:?}")
+        }),
+    }
+}
+
+fn expect_not_listed<T: Ord + std::fmt::Display>(
+    what: &str,
+    found: &[(T, Metadata)],
+    cid: &T,
+) -> CheckResult {
+    expect(!found.iter().any(|(c, _)| c == cid), || {
+        format!("{what} still lists {cid}")
+    })
 }
 
 impl<'a, C: crate::Cpi + ?Sized> Suite<'a, C> {
@@ -171,14 +242,52 @@ impl<'a, C: crate::Cpi + ?Sized> Suite<'a, C> {
     }
 
     async fn create_vm(&mut self, n: usize) -> Result<VmCid, String> {
+        self.create_vm_with_metadata(n).await.map(|(cid, _)| cid)
+    }
+
+    /// Creates the n-th VM; returns its cid and the metadata it was created
+    /// with, which always has a `token` (the suite's own, suffixed, when the
+    /// fixture's request has none).
+    async fn create_vm_with_metadata(&mut self, n: usize) -> Result<(VmCid, Metadata), String> {
         let stemcell = self.stemcell().await?;
-        let req = (self.fixture.vm_request)(n, &stemcell);
+        let mut req = (self.fixture.vm_request)(n, &stemcell);
+        req.metadata
+            .entry("token".into())
+            .or_insert_with(|| format!("{}-vm-{n}", self.token));
         let cid = call(format!("create_vm(#{n})"), self.cpi.create_vm(&req).await)?;
         self.vms.push(cid.clone());
         expect(!cid.0.is_empty(), || {
             format!("create_vm(#{n}) returned an empty cid")
         })?;
-        Ok(cid)
+        Ok((cid, req.metadata))
+    }
+
+    /// Calls find_vms; returns what it says it called too (for messages).
+    async fn find_vms(
+        &self,
+        filter: &Metadata,
+        when: &str,
+    ) -> Result<(String, Vec<(VmCid, Metadata)>), String> {
+        let what = format!("find_vms({filter:?}) {when}");
+        let found = call(&what, self.cpi.find_vms(filter).await)?;
+        expect_well_formed(&what, filter, &found)?;
+        Ok((what, found))
+    }
+
+    async fn find_disks(
+        &self,
+        filter: &Metadata,
+        when: &str,
+    ) -> Result<(String, Vec<(DiskCid, Metadata)>), String> {
+        let what = format!("find_disks({filter:?}) {when}");
+        let found = call(&what, self.cpi.find_disks(filter).await)?;
+        expect_well_formed(&what, filter, &found)?;
+        Ok((what, found))
+    }
+
+    /// A token value no resource has.
+    fn nobody(&self) -> String {
+        format!("{}-nobody-{}", self.token, uuid::Uuid::new_v4())
     }
 
     async fn has_vm(&self, cid: &VmCid, want: bool, when: &str) -> CheckResult {
@@ -189,19 +298,55 @@ impl<'a, C: crate::Cpi + ?Sized> Suite<'a, C> {
     }
 
     async fn check_vm_lifecycle(&mut self) -> CheckResult {
-        let vm = self.create_vm(0).await?;
+        let (vm, created) = self.create_vm_with_metadata(0).await?;
         self.has_vm(&vm, true, "after create_vm").await?;
+        let token = created.get("token").cloned().unwrap_or_default();
+
+        // Found by its token, with the metadata it was created with.
+        let when = "after create_vm";
+        let (what, found) = self.find_vms(&filter1("token", &token), when).await?;
+        expect_only(&what, &found, &vm, &created)?;
+        let (what, found) = self.find_vms(&created, when).await?;
+        expect_only(&what, &found, &vm, &created)?;
+        let (what, found) = self.find_vms(&Metadata::new(), when).await?;
+        expect_listed(&what, &found, &vm, &created)?;
+        // Every entry of the filter must match.
+        let nobody = self.nobody();
+        let (what, found) = self.find_vms(&filter1("token", &nobody), when).await?;
+        expect(found.is_empty(), || format!("{what} returned {found:?}"))?;
+        let mut partly = filter1("token", &token);
+        partly.insert("name".into(), nobody);
+        let (what, found) = self.find_vms(&partly, when).await?;
+        expect(found.is_empty(), || format!("{what} returned {found:?}"))?;
+
         let mut meta = self.metadata("vm-lifecycle");
         meta.insert("instance".into(), "conformance/0".into());
         call(
             format!("set_vm_metadata({vm})"),
             self.cpi.set_vm_metadata(&vm, &meta).await,
         )?;
+        // Found by the metadata as last set (the suite's token replaced the
+        // request's), merged with what it was created with.
+        let when = "after set_vm_metadata";
+        let want = merged(&created, &meta);
+        let mut by_new = filter1("token", &self.token);
+        by_new.insert("instance".into(), "conformance/0".into());
+        let (what, found) = self.find_vms(&by_new, when).await?;
+        expect_only(&what, &found, &vm, &want)?;
+        if token != self.token {
+            let (what, found) = self.find_vms(&filter1("token", &token), when).await?;
+            expect_not_listed(&what, &found, &vm)?;
+        }
+
         call(format!("reboot_vm({vm})"), self.cpi.reboot_vm(&vm).await)?;
         self.has_vm(&vm, true, "after reboot_vm").await?;
         call(format!("delete_vm({vm})"), self.cpi.delete_vm(&vm).await)?;
         self.vms.retain(|c| c != &vm);
         self.has_vm(&vm, false, "after delete_vm").await?;
+        let (what, found) = self
+            .find_vms(&filter1("token", &self.token), "after delete_vm")
+            .await?;
+        expect_not_listed(&what, &found, &vm)?;
         call(
             format!("delete_vm({vm}) of a deleted VM"),
             self.cpi.delete_vm(&vm).await,
@@ -209,6 +354,17 @@ impl<'a, C: crate::Cpi + ?Sized> Suite<'a, C> {
     }
 
     async fn create_disk(&mut self, vm_locality: Option<VmCid>) -> Result<DiskCid, String> {
+        self.create_disk_with_metadata(vm_locality)
+            .await
+            .map(|(cid, _)| cid)
+    }
+
+    /// Creates a disk tagged with the suite's token; returns its cid and the
+    /// metadata it was created with.
+    async fn create_disk_with_metadata(
+        &mut self,
+        vm_locality: Option<VmCid>,
+    ) -> Result<(DiskCid, Metadata), String> {
         let req = CreateDiskRequest {
             size_mb: self.fixture.disk_size_mb,
             cloud_properties: serde_json::json!({}),
@@ -220,7 +376,7 @@ impl<'a, C: crate::Cpi + ?Sized> Suite<'a, C> {
         expect(!cid.0.is_empty(), || {
             "create_disk returned an empty cid".to_string()
         })?;
-        Ok(cid)
+        Ok((cid, req.metadata))
     }
 
     async fn has_disk(&self, cid: &DiskCid, want: bool, when: &str) -> CheckResult {
@@ -234,14 +390,36 @@ impl<'a, C: crate::Cpi + ?Sized> Suite<'a, C> {
     }
 
     async fn check_disk_lifecycle(&mut self) -> CheckResult {
-        let disk = self.create_disk(None).await?;
+        // The suite's first disk: the only one with its token.
+        let (disk, created) = self.create_disk_with_metadata(None).await?;
         self.has_disk(&disk, true, "after create_disk").await?;
+
+        let when = "after create_disk";
+        let by_token = filter1("token", &self.token);
+        let (what, found) = self.find_disks(&by_token, when).await?;
+        expect_only(&what, &found, &disk, &created)?;
+        let (what, found) = self.find_disks(&created, when).await?;
+        expect_only(&what, &found, &disk, &created)?;
+        let (what, found) = self.find_disks(&Metadata::new(), when).await?;
+        expect_listed(&what, &found, &disk, &created)?;
+        let nobody = self.nobody();
+        let (what, found) = self.find_disks(&filter1("token", &nobody), when).await?;
+        expect(found.is_empty(), || format!("{what} returned {found:?}"))?;
+        let mut partly = by_token.clone();
+        partly.insert("name".into(), nobody);
+        let (what, found) = self.find_disks(&partly, when).await?;
+        expect(found.is_empty(), || format!("{what} returned {found:?}"))?;
+
         let mut meta = self.metadata("disk-lifecycle");
         meta.insert("deployment".into(), "conformance".into());
         call(
             format!("set_disk_metadata({disk})"),
             self.cpi.set_disk_metadata(&disk, &meta).await,
         )?;
+        let mut by_new = by_token.clone();
+        by_new.insert("deployment".into(), "conformance".into());
+        let (what, found) = self.find_disks(&by_new, "after set_disk_metadata").await?;
+        expect_only(&what, &found, &disk, &merged(&created, &meta))?;
         let bigger = self.fixture.disk_size_mb.saturating_mul(2).max(1);
         call(
             format!("resize_disk({disk}, {bigger})"),
@@ -254,6 +432,8 @@ impl<'a, C: crate::Cpi + ?Sized> Suite<'a, C> {
         )?;
         self.disks.retain(|c| c != &disk);
         self.has_disk(&disk, false, "after delete_disk").await?;
+        let (what, found) = self.find_disks(&by_token, "after delete_disk").await?;
+        expect_not_listed(&what, &found, &disk)?;
         call(
             format!("delete_disk({disk}) of a deleted disk"),
             self.cpi.delete_disk(&disk).await,
@@ -349,6 +529,14 @@ impl<'a, C: crate::Cpi + ?Sized> Suite<'a, C> {
             Err(e) => return Err(format!("snapshot_disk({disk}) failed: {e}")),
         };
         self.snapshots.push(snap.clone());
+        // A snapshot (tagged like the disk) is not a disk.
+        let (what, found) = self
+            .find_disks(&filter1("token", &self.token), "after snapshot_disk")
+            .await?;
+        expect_listed(&what, &found, disk, &Metadata::new())?;
+        expect(!found.iter().any(|(c, _)| c.0 == snap.0), || {
+            format!("{what} lists snapshot {snap}")
+        })?;
         match self.cpi.delete_snapshot(&snap).await {
             Ok(()) | Err(CpiError::NotSupported { .. }) => {
                 self.snapshots.retain(|s| s != &snap);
@@ -418,6 +606,10 @@ mod tests {
         vms: BTreeSet<String>,
         disks: BTreeMap<String, Option<String>>,
         snapshots: BTreeSet<String>,
+        /// Metadata of every VM and disk, by cid.
+        metadata: BTreeMap<String, Meta>,
+        /// Metadata of deleted VMs and disks (only listed when `stale_find`).
+        deleted: BTreeMap<String, Meta>,
     }
 
     #[derive(Default)]
@@ -425,6 +617,8 @@ mod tests {
         state: Mutex<State>,
         /// Breaks get_disks (always empty) to check that failures are reported.
         broken_get_disks: bool,
+        /// Breaks find_vms / find_disks: they still list deleted resources.
+        stale_find: bool,
     }
 
     impl MemCpi {
@@ -435,6 +629,27 @@ mod tests {
             let mut s = self.st();
             s.n += 1;
             format!("{prefix}-{}", s.n)
+        }
+        fn forget(&self, cid: &str) {
+            let mut s = self.st();
+            if let Some(m) = s.metadata.remove(cid) {
+                s.deleted.insert(cid.to_string(), m);
+            }
+        }
+        fn set_metadata(&self, cid: &str, m: &Meta) {
+            let mut s = self.st();
+            let entry = s.metadata.entry(cid.to_string()).or_default();
+            entry.extend(m.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        fn find(&self, prefix: &str, filter: &Meta) -> Vec<(String, Meta)> {
+            let s = self.st();
+            let mut all: BTreeMap<String, Meta> = s.metadata.clone();
+            if self.stale_find {
+                all.extend(s.deleted.clone());
+            }
+            all.into_iter()
+                .filter(|(cid, m)| cid.starts_with(prefix) && crate::metadata_matches(m, filter))
+                .collect()
         }
     }
 
@@ -462,9 +677,11 @@ mod tests {
             }
             let cid = self.next("vm");
             self.st().vms.insert(cid.clone());
+            self.set_metadata(&cid, &req.metadata);
             Ok(VmCid(cid))
         }
         async fn delete_vm(&self, cid: &VmCid) -> CpiResult<()> {
+            self.forget(&cid.0);
             let mut s = self.st();
             s.vms.remove(&cid.0);
             for a in s.disks.values_mut() {
@@ -484,12 +701,22 @@ mod tests {
                 Err(CpiError::VmNotFound(cid.clone()))
             }
         }
-        async fn set_vm_metadata(&self, cid: &VmCid, _m: &Meta) -> CpiResult<()> {
-            self.reboot_vm(cid).await
+        async fn set_vm_metadata(&self, cid: &VmCid, m: &Meta) -> CpiResult<()> {
+            self.reboot_vm(cid).await?;
+            self.set_metadata(&cid.0, m);
+            Ok(())
         }
-        async fn create_disk(&self, _req: &CreateDiskRequest) -> CpiResult<DiskCid> {
+        async fn find_vms(&self, filter: &Meta) -> CpiResult<Vec<(VmCid, Meta)>> {
+            Ok(self
+                .find("vm-", filter)
+                .into_iter()
+                .map(|(c, m)| (VmCid(c), m))
+                .collect())
+        }
+        async fn create_disk(&self, req: &CreateDiskRequest) -> CpiResult<DiskCid> {
             let cid = self.next("disk");
             self.st().disks.insert(cid.clone(), None);
+            self.set_metadata(&cid, &req.metadata);
             Ok(DiskCid(cid))
         }
         async fn delete_disk(&self, cid: &DiskCid) -> CpiResult<()> {
@@ -498,6 +725,8 @@ mod tests {
                 return Err(CpiError::fatal(format!("{cid} attached to {vm}")));
             }
             s.disks.remove(&cid.0);
+            drop(s);
+            self.forget(&cid.0);
             Ok(())
         }
         async fn attach_disk(&self, vm: &VmCid, disk: &DiskCid) -> CpiResult<DiskHint> {
@@ -550,8 +779,17 @@ mod tests {
                 Err(CpiError::DiskNotFound(cid.clone()))
             }
         }
-        async fn set_disk_metadata(&self, cid: &DiskCid, _m: &Meta) -> CpiResult<()> {
-            self.resize_disk(cid, 0).await
+        async fn set_disk_metadata(&self, cid: &DiskCid, m: &Meta) -> CpiResult<()> {
+            self.resize_disk(cid, 0).await?;
+            self.set_metadata(&cid.0, m);
+            Ok(())
+        }
+        async fn find_disks(&self, filter: &Meta) -> CpiResult<Vec<(DiskCid, Meta)>> {
+            Ok(self
+                .find("disk-", filter)
+                .into_iter()
+                .map(|(c, m)| (DiskCid(c), m))
+                .collect())
         }
         async fn snapshot_disk(&self, _cid: &DiskCid, _m: &Meta) -> CpiResult<SnapshotCid> {
             let cid = self.next("snap");
@@ -601,6 +839,7 @@ mod tests {
         assert!(s.vms.is_empty(), "vms left: {:?}", s.vms);
         assert!(s.disks.is_empty(), "disks left: {:?}", s.disks);
         assert!(s.snapshots.is_empty(), "snapshots left: {:?}", s.snapshots);
+        assert!(s.metadata.is_empty(), "metadata left: {:?}", s.metadata);
     }
 
     #[tokio::test]
@@ -623,6 +862,54 @@ mod tests {
             "{failures:?}"
         );
         assert_empty(&cpi);
+    }
+
+    #[tokio::test]
+    async fn a_cpi_that_finds_deleted_resources_fails_by_name() {
+        let cpi = MemCpi {
+            stale_find: true,
+            ..MemCpi::default()
+        };
+        let failures = run(&cpi, &fixture()).await.unwrap_err();
+        assert_eq!(failures.len(), 2, "{failures:?}");
+        assert!(
+            failures[0].starts_with("VM lifecycle: find_vms(")
+                && failures[0].contains("after delete_vm")
+                && failures[0].contains("still lists vm-"),
+            "{failures:?}"
+        );
+        assert!(
+            failures[1].starts_with("disk lifecycle: find_disks(")
+                && failures[1].contains("after delete_disk")
+                && failures[1].contains("still lists disk-"),
+            "{failures:?}"
+        );
+        assert_empty(&cpi);
+    }
+
+    #[test]
+    fn metadata_matching() {
+        let m = Meta::from([
+            ("director".to_string(), "d".to_string()),
+            ("token".to_string(), "t".to_string()),
+        ]);
+        assert!(crate::metadata_matches(&m, &Meta::new()));
+        assert!(crate::metadata_matches(&m, &m));
+        assert!(crate::metadata_matches(
+            &m,
+            &Meta::from([("token".to_string(), "t".to_string())])
+        ));
+        assert!(!crate::metadata_matches(
+            &m,
+            &Meta::from([("token".to_string(), "x".to_string())])
+        ));
+        assert!(!crate::metadata_matches(
+            &m,
+            &Meta::from([
+                ("token".to_string(), "t".to_string()),
+                ("name".to_string(), "t".to_string()),
+            ])
+        ));
     }
 
     #[tokio::test]

@@ -73,6 +73,27 @@ cid!(
 /// `director`, `deployment`, `instance_group`, `instance`, `name`, `token`.
 pub type Metadata = BTreeMap<String, String>;
 
+/// A filter (or metadata) for messages: `director=d, token=t`, or `(anything)`
+/// when empty.
+pub fn describe_filter(filter: &Metadata) -> String {
+    if filter.is_empty() {
+        return "(anything)".to_string();
+    }
+    filter
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Whether `metadata` contains every entry of `filter` (the matching rule of
+/// [`Cpi::find_vms`] / [`Cpi::find_disks`]; an empty filter matches all).
+pub fn metadata_matches(metadata: &Metadata, filter: &Metadata) -> bool {
+    filter
+        .iter()
+        .all(|(k, v)| metadata.get(k).is_some_and(|have| have == v))
+}
+
 /// What a backend reports of itself.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CpiInfo {
@@ -250,6 +271,16 @@ pub trait Cpi: Send + Sync {
     async fn has_vm(&self, cid: &VmCid) -> CpiResult<bool>;
     async fn reboot_vm(&self, cid: &VmCid) -> CpiResult<()>;
     async fn set_vm_metadata(&self, cid: &VmCid, metadata: &Metadata) -> CpiResult<()>;
+    /// Every VM this CPI still has (not deleted) whose metadata contains every
+    /// entry of `filter` (e.g. `{"director": "<id>"}`), with its metadata as
+    /// last set (create_vm's metadata merged with later set_vm_metadata calls).
+    /// An empty filter matches every VM the CPI manages. Sorted by cid.
+    ///
+    /// The director's cloud check uses it to find orphans: VMs carrying its
+    /// tags that its state does not know (e.g. after a crash between
+    /// `create_vm` returning and the cid being recorded). A VM whose agent
+    /// died but which was not deleted is still listed.
+    async fn find_vms(&self, filter: &Metadata) -> CpiResult<Vec<(VmCid, Metadata)>>;
 
     async fn create_disk(&self, req: &CreateDiskRequest) -> CpiResult<DiskCid>;
     async fn delete_disk(&self, cid: &DiskCid) -> CpiResult<()>;
@@ -259,6 +290,10 @@ pub trait Cpi: Send + Sync {
     async fn get_disks(&self, vm: &VmCid) -> CpiResult<Vec<DiskCid>>;
     async fn resize_disk(&self, cid: &DiskCid, new_size_mb: u64) -> CpiResult<()>;
     async fn set_disk_metadata(&self, cid: &DiskCid, metadata: &Metadata) -> CpiResult<()>;
+    /// The same as [`Cpi::find_vms`] for persistent disks (create_disk's
+    /// metadata merged with set_disk_metadata), sorted by cid. Snapshots are
+    /// not disks and are never listed.
+    async fn find_disks(&self, filter: &Metadata) -> CpiResult<Vec<(DiskCid, Metadata)>>;
     async fn snapshot_disk(&self, cid: &DiskCid, metadata: &Metadata) -> CpiResult<SnapshotCid>;
     async fn delete_snapshot(&self, cid: &SnapshotCid) -> CpiResult<()>;
 }

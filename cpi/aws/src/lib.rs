@@ -15,7 +15,8 @@
 //! reads right after a create, the not-found codes (EC2 is eventually
 //! consistent). Every wait polls every `poll_interval` up to `wait_timeout`
 //! and fails naming the resource and the state it was stuck in.
-//! [`AwsCpi::find_tagged`] lists what carries a tag, to find orphans.
+//! `find_vms` / `find_disks` ([`AwsCpi::find_instances`] /
+//! [`AwsCpi::find_volumes`]) list what carries given tags, to find orphans.
 //!
 //! EC2 cannot change the user-data of a running instance, so unlike the
 //! local and docker CPIs, `attach_disk`/`detach_disk` do not rewrite the
@@ -580,6 +581,27 @@ fn tags_of(metadata: &Metadata) -> Vec<Tag> {
         .collect()
 }
 
+/// A resource's tags as metadata (a tag without a key is skipped, one
+/// without a value is empty).
+pub fn metadata_of_tags(tags: &[Tag]) -> Metadata {
+    tags.iter()
+        .filter_map(|t| Some((t.key()?.to_string(), t.value().unwrap_or("").to_string())))
+        .collect()
+}
+
+/// The EC2 filters of a metadata filter: `tag:<key>` = value, one per entry;
+/// `None` when there is none. EC2 reads `*`, `?` and `\` in filter values as
+/// wildcards and escapes, so entries with those are left to the exact
+/// comparison every caller makes on the tags it gets back.
+pub fn tag_filters(filter: &Metadata) -> Option<Vec<Filter>> {
+    let filters: Vec<Filter> = filter
+        .iter()
+        .filter(|(_, v)| !v.contains(['*', '?', '\\']))
+        .map(|(k, v)| Filter::builder().name(format!("tag:{k}")).values(v).build())
+        .collect();
+    (!filters.is_empty()).then_some(filters)
+}
+
 fn tag_spec(kind: ResourceType, tags: Vec<Tag>) -> TagSpecification {
     TagSpecification::builder()
         .resource_type(kind)
@@ -923,75 +945,104 @@ impl AwsCpi {
         .await
     }
 
-    /// Non-terminated instances and all volumes carrying tag `key=value`
-    /// (e.g. director=<id>): for orphan finding and for tests that prove
-    /// nothing leaked. Returns (instance ids, volume ids).
+    /// Non-terminated instances and volumes (not deleted) carrying tag
+    /// `key=value` (e.g. director=<id>): for tests that prove nothing leaked.
+    /// Returns (instance ids, volume ids), each sorted. See
+    /// [`AwsCpi::find_instances`] and [`AwsCpi::find_volumes`].
     pub async fn find_tagged(&self, key: &str, value: &str) -> Result<(Vec<String>, Vec<String>)> {
-        let tag = || {
-            Filter::builder()
-                .name(format!("tag:{key}"))
-                .values(value)
-                .build()
-        };
-        let mut instances = Vec::new();
+        let filter = Metadata::from([(key.to_string(), value.to_string())]);
+        let instances = self.find_instances(&filter).await?;
+        let volumes = self.find_volumes(&filter).await?;
+        Ok((
+            instances.into_iter().map(|(vm, _)| vm.0).collect(),
+            volumes.into_iter().map(|(disk, _)| disk.0).collect(),
+        ))
+    }
+
+    /// Instances (neither terminated nor shutting down) whose tags contain
+    /// every entry of `filter`, with their tags, sorted by id: one
+    /// DescribeInstances `tag:<key>` filter per entry, every page.
+    pub async fn find_instances(&self, filter: &Metadata) -> Result<Vec<(VmCid, Metadata)>> {
+        let op = format!(
+            "listing VMs tagged {}: DescribeInstances",
+            bosun_cpi::describe_filter(filter)
+        );
+        let filters = tag_filters(filter);
+        let mut found = BTreeMap::new();
         let mut token: Option<String> = None;
         loop {
             let out = self
-                .ec2(
-                    format!("DescribeInstances tag {key}={value}"),
-                    Target::None,
-                    Retry::Transient,
-                    || {
-                        self.client
-                            .describe_instances()
-                            .filters(tag())
-                            .set_next_token(token.clone())
-                            .send()
-                    },
-                )
+                .ec2(&op, Target::None, Retry::Transient, || {
+                    self.client
+                        .describe_instances()
+                        .set_filters(filters.clone())
+                        .set_next_token(token.clone())
+                        .send()
+                })
                 .await?;
-            instances.extend(
-                out.reservations()
-                    .iter()
-                    .flat_map(|r| r.instances())
-                    .filter(|i| {
-                        i.state().and_then(|s| s.name()) != Some(&InstanceStateName::Terminated)
-                    })
-                    .filter_map(|i| i.instance_id().map(str::to_string)),
-            );
-            token = out.next_token().map(str::to_string);
+            for instance in out.reservations().iter().flat_map(|r| r.instances()) {
+                let Some(id) = instance.instance_id() else {
+                    continue;
+                };
+                let metadata = metadata_of_tags(instance.tags());
+                if !is_gone(instance) && bosun_cpi::metadata_matches(&metadata, filter) {
+                    found.insert(VmCid(id.to_string()), metadata);
+                }
+            }
+            token = out
+                .next_token()
+                .filter(|t| !t.is_empty())
+                .map(str::to_string);
             if token.is_none() {
                 break;
             }
         }
-        let mut volumes = Vec::new();
+        Ok(found.into_iter().collect())
+    }
+
+    /// Volumes (neither deleting nor deleted) whose tags contain every entry
+    /// of `filter`, with their tags, sorted by id: one DescribeVolumes
+    /// `tag:<key>` filter per entry, every page.
+    pub async fn find_volumes(&self, filter: &Metadata) -> Result<Vec<(DiskCid, Metadata)>> {
+        let op = format!(
+            "listing disks tagged {}: DescribeVolumes",
+            bosun_cpi::describe_filter(filter)
+        );
+        let filters = tag_filters(filter);
+        let mut found = BTreeMap::new();
+        let mut token: Option<String> = None;
         loop {
             let out = self
-                .ec2(
-                    format!("DescribeVolumes tag {key}={value}"),
-                    Target::None,
-                    Retry::Transient,
-                    || {
-                        self.client
-                            .describe_volumes()
-                            .filters(tag())
-                            .set_next_token(token.clone())
-                            .send()
-                    },
-                )
+                .ec2(&op, Target::None, Retry::Transient, || {
+                    self.client
+                        .describe_volumes()
+                        .set_filters(filters.clone())
+                        .set_next_token(token.clone())
+                        .send()
+                })
                 .await?;
-            volumes.extend(
-                out.volumes()
-                    .iter()
-                    .filter(|v| !matches!(v.state(), Some(VolumeState::Deleted)))
-                    .filter_map(|v| v.volume_id().map(str::to_string)),
-            );
-            token = out.next_token().map(str::to_string);
+            for volume in out.volumes() {
+                let Some(id) = volume.volume_id() else {
+                    continue;
+                };
+                let gone = matches!(
+                    volume.state(),
+                    Some(VolumeState::Deleting | VolumeState::Deleted)
+                );
+                let metadata = metadata_of_tags(volume.tags());
+                if !gone && bosun_cpi::metadata_matches(&metadata, filter) {
+                    found.insert(DiskCid(id.to_string()), metadata);
+                }
+            }
+            token = out
+                .next_token()
+                .filter(|t| !t.is_empty())
+                .map(str::to_string);
             if token.is_none() {
                 break;
             }
         }
-        Ok((instances, volumes))
+        Ok(found.into_iter().collect())
     }
 
     async fn create_tags(
@@ -1644,6 +1695,10 @@ impl bosun_cpi::Cpi for AwsCpi {
             .await?)
     }
 
+    async fn find_vms(&self, filter: &Metadata) -> CpiResult<Vec<(VmCid, Metadata)>> {
+        Ok(self.find_instances(filter).await?)
+    }
+
     async fn create_disk(&self, req: &CreateDiskRequest) -> CpiResult<DiskCid> {
         Ok(self.do_create_disk(req).await?)
     }
@@ -1685,6 +1740,10 @@ impl bosun_cpi::Cpi for AwsCpi {
                 metadata,
             )
             .await?)
+    }
+
+    async fn find_disks(&self, filter: &Metadata) -> CpiResult<Vec<(DiskCid, Metadata)>> {
+        Ok(self.find_volumes(filter).await?)
     }
 
     async fn snapshot_disk(&self, cid: &DiskCid, metadata: &Metadata) -> CpiResult<SnapshotCid> {

@@ -356,3 +356,44 @@ async fn an_unreachable_endpoint_is_transient_after_bounded_retries() {
     assert!(text.contains("DescribeInstances i-1"), "{text}");
     assert!(started.elapsed() < Duration::from_secs(30));
 }
+
+#[test]
+fn metadata_filters_become_one_tag_filter_per_entry() {
+    assert!(tag_filters(&Metadata::new()).is_none());
+    let filter = Metadata::from([
+        ("director".to_string(), "d-1".to_string()),
+        ("token".to_string(), "t".to_string()),
+        // A wildcard for EC2: left to the exact comparison.
+        ("name".to_string(), "web/*".to_string()),
+    ]);
+    let filters = tag_filters(&filter).unwrap();
+    let pairs: Vec<(&str, Vec<&str>)> = filters
+        .iter()
+        .map(|f| {
+            (
+                f.name().unwrap(),
+                f.values().iter().map(String::as_str).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        pairs,
+        vec![("tag:director", vec!["d-1"]), ("tag:token", vec!["t"])]
+    );
+}
+
+#[test]
+fn tags_become_metadata() {
+    let tags = vec![
+        Tag::builder().key("director").value("d").build(),
+        Tag::builder().key("empty").build(),
+        Tag::builder().value("no key").build(),
+    ];
+    assert_eq!(
+        metadata_of_tags(&tags),
+        Metadata::from([
+            ("director".to_string(), "d".to_string()),
+            ("empty".to_string(), String::new()),
+        ])
+    );
+}

@@ -317,6 +317,19 @@ async fn a_vm_gets_its_settings_and_a_disk_goes_through_its_life() {
         .create_vm(&vm_request(&net, &director, "life", 1, &stemcell))
         .await
         .unwrap();
+    // Both found by the director's tag, with every tag as metadata.
+    let by_director = Metadata::from([("director".to_string(), director.clone())]);
+    let found = cpi.find_vms(&by_director).await.unwrap();
+    let mut both = vec![a.clone(), b.clone()];
+    both.sort();
+    assert_eq!(
+        found.iter().map(|(vm, _)| vm.clone()).collect::<Vec<_>>(),
+        both
+    );
+    let meta_a = &found.iter().find(|(vm, _)| vm == &a).unwrap().1;
+    assert_eq!(meta_a.get("token"), req.metadata.get("token"));
+    assert_eq!(meta_a.get("Name").map(String::as_str), Some("life/0"));
+    assert_eq!(meta_a.get("team").map(String::as_str), Some("bosun"));
 
     // A disk near A, attached at /dev/sdf.
     let disk = cpi

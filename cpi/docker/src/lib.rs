@@ -11,6 +11,10 @@
 //! Every object it creates carries the labels `bosun.cpi=<prefix>` and `bosun.<key>`
 //! for each metadata entry (director, deployment, instance, token, ...), so
 //! orphans can be found with `docker ps -a --filter label=bosun.cpi=<prefix>`.
+//! `find_vms` / `find_disks` do just that (containers labelled `bosun.vm`,
+//! volumes except snapshots), taking each object's metadata from its record
+//! when there is one (containers cannot be relabelled, so only the record has
+//! set_vm_metadata's tags) and from its `bosun.<key>` labels otherwise.
 //!
 //! Owns its records under its root directory (`<state-dir>/docker-cpi`), each
 //! written atomically (temporary file + rename):
@@ -33,7 +37,7 @@
 //! about manifests or deployments, and must not shell out to the `docker` CLI.
 //! It cannot pull images: there may be no registry.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -43,14 +47,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bollard::errors::Error as BollardError;
 use bollard::models::{
-    ContainerCreateBody, ContainerInspectResponse, EndpointIpamConfig, EndpointSettings,
-    HostConfig, Ipam, IpamConfig, NetworkConnectRequest, NetworkCreateRequest, NetworkingConfig,
-    VolumeCreateRequest,
+    ContainerCreateBody, ContainerInspectResponse, ContainerSummaryStateEnum, EndpointIpamConfig,
+    EndpointSettings, HostConfig, Ipam, IpamConfig, NetworkConnectRequest, NetworkCreateRequest,
+    NetworkingConfig, VolumeCreateRequest,
 };
 use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, InspectNetworkOptions, ListContainersOptions,
-    ListImagesOptions, RemoveContainerOptions, RemoveImageOptions, RemoveVolumeOptions,
-    RestartContainerOptions, StopContainerOptions, UploadToContainerOptions,
+    ListImagesOptions, ListVolumesOptions, RemoveContainerOptions, RemoveImageOptions,
+    RemoveVolumeOptions, RestartContainerOptions, StopContainerOptions, UploadToContainerOptions,
 };
 use bollard::Docker;
 use bosun_cpi::records;
@@ -75,6 +79,23 @@ pub const STEMCELL_FORMAT: &str = "docker-rootfs";
 pub const LABEL_CPI: &str = "bosun.cpi";
 /// Label on the networks this CPI manages (and may remove).
 pub const LABEL_MANAGED: &str = "bosun.managed";
+/// Label of a VM's container, valued with its cid.
+const LABEL_VM: &str = "bosun.vm";
+/// Label of a VM's container, valued with its agent id.
+const LABEL_AGENT_ID: &str = "bosun.agent_id";
+/// Label of a disk's volume, valued with its cid.
+const LABEL_DISK: &str = "bosun.disk";
+/// Label of a disk's volume, valued with its size in MB.
+const LABEL_SIZE_MB: &str = "bosun.size_mb";
+/// Label of a snapshot's volume, valued with the snapshotted disk.
+const LABEL_SNAPSHOT_OF: &str = "bosun.snapshot_of";
+/// The labels of a stemcell image (`bosun.stemcell.name`, ...), which its
+/// containers inherit: never metadata.
+const STEMCELL_LABELS_PREFIX: &str = "bosun.stemcell.";
+/// The labels of a VM container that are the CPI's, not metadata.
+const VM_OWN_LABELS: &[&str] = &[LABEL_CPI, LABEL_VM, LABEL_AGENT_ID];
+/// The labels of a disk volume that are the CPI's, not metadata.
+const DISK_OWN_LABELS: &[&str] = &[LABEL_CPI, LABEL_DISK, LABEL_SIZE_MB];
 /// Seconds a container gets between SIGTERM and SIGKILL when stopped or restarted.
 const STOP_GRACE_SECS: i32 = 5;
 /// Request timeout (an image import can be slow).
@@ -330,6 +351,17 @@ pub fn labels(prefix: &str, metadata: &Metadata) -> HashMap<String, String> {
     l
 }
 
+/// The metadata an object's labels carry: every `bosun.<key>` label as
+/// `<key>`, except the CPI's own labels named in `own` (`bosun.cpi`, ...)
+/// and the stemcell image's (`bosun.stemcell.*`, inherited by containers).
+pub fn metadata_of_labels(labels: &HashMap<String, String>, own: &[&str]) -> Metadata {
+    labels
+        .iter()
+        .filter(|(k, _)| !own.contains(&k.as_str()) && !k.starts_with(STEMCELL_LABELS_PREFIX))
+        .filter_map(|(k, v)| k.strip_prefix("bosun.").map(|k| (k.to_string(), v.clone())))
+        .collect()
+}
+
 /// One Docker network a VM is connected to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmNetwork {
@@ -430,8 +462,8 @@ pub fn container_config(
         Some(networks.remove(0))
     };
     let mut l = labels(prefix, metadata);
-    l.insert("bosun.vm".into(), cid.0.clone());
-    l.insert("bosun.agent_id".into(), req.agent_id.clone());
+    l.insert(LABEL_VM.into(), cid.0.clone());
+    l.insert(LABEL_AGENT_ID.into(), req.agent_id.clone());
     let binds: Vec<String> = disks
         .iter()
         .enumerate()
@@ -756,15 +788,10 @@ impl DockerCpi {
         if let Some(rec) = self.read_disk(cid)? {
             return Ok(rec);
         }
-        let metadata: Metadata = volume
-            .labels
-            .iter()
-            .filter(|(k, _)| k.as_str() != LABEL_CPI && k.as_str() != "bosun.size_mb")
-            .filter_map(|(k, v)| k.strip_prefix("bosun.").map(|k| (k.to_string(), v.clone())))
-            .collect();
+        let metadata = metadata_of_labels(&volume.labels, DISK_OWN_LABELS);
         let size_mb = volume
             .labels
-            .get("bosun.size_mb")
+            .get(LABEL_SIZE_MB)
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
         let rec = DiskRecord {
@@ -1179,9 +1206,9 @@ impl DockerCpi {
             message: Some(format!("bosun stemcell {}/{}", spec.name, spec.version)),
             changes: vec![
                 label(LABEL_CPI, &self.prefix),
-                label("bosun.stemcell.name", &spec.name),
-                label("bosun.stemcell.version", &spec.version),
-                label("bosun.stemcell.os", &spec.os),
+                label(&format!("{STEMCELL_LABELS_PREFIX}name"), &spec.name),
+                label(&format!("{STEMCELL_LABELS_PREFIX}version"), &spec.version),
+                label(&format!("{STEMCELL_LABELS_PREFIX}os"), &spec.os),
             ],
             ..Default::default()
         };
@@ -1342,6 +1369,109 @@ impl DockerCpi {
         Ok(())
     }
 
+    /// The `label` filter selecting this CPI's objects (plus `more`).
+    fn label_filter(&self, more: &[&str]) -> HashMap<String, Vec<String>> {
+        let mut labels = vec![format!("{LABEL_CPI}={}", self.prefix)];
+        labels.extend(more.iter().map(|l| l.to_string()));
+        HashMap::from([("label".to_string(), labels)])
+    }
+
+    /// Every VM container of this CPI (running or not, but not being
+    /// removed) whose metadata matches: the record's when there is one (it
+    /// has set_vm_metadata's tags, which a container's labels may lack),
+    /// else the container's labels (a container whose record was lost).
+    async fn do_find_vms(&self, filter: &Metadata) -> Result<Vec<(VmCid, Metadata)>> {
+        let what = format!("listing VMs tagged {}", bosun_cpi::describe_filter(filter));
+        let options = ListContainersOptions {
+            all: true,
+            filters: Some(self.label_filter(&[LABEL_VM])),
+            ..Default::default()
+        };
+        let containers = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(docker_err(
+                format!("{what}: listing containers"),
+                Target::None,
+            ))?;
+        let mut found = BTreeMap::new();
+        for container in containers {
+            if container.state == Some(ContainerSummaryStateEnum::REMOVING) {
+                continue;
+            }
+            let labels = container.labels.unwrap_or_default();
+            if labels.get(LABEL_CPI) != Some(&self.prefix) {
+                continue;
+            }
+            // Its name is its cid (`/vm-...`; link aliases have a second `/`).
+            let Some(name) = container
+                .names
+                .iter()
+                .flatten()
+                .map(|n| n.trim_start_matches('/'))
+                .find(|n| valid_cid(n, false))
+            else {
+                continue;
+            };
+            let cid = VmCid(name.to_string());
+            let metadata = match self.read_vm(&cid) {
+                Ok(Some(rec)) => rec.metadata,
+                Ok(None) => metadata_of_labels(&labels, VM_OWN_LABELS),
+                Err(e) => {
+                    tracing::warn!(vm = %cid, error = %e, "{what}: unreadable record, using the container's labels");
+                    metadata_of_labels(&labels, VM_OWN_LABELS)
+                }
+            };
+            if bosun_cpi::metadata_matches(&metadata, filter) {
+                found.insert(cid, metadata);
+            }
+        }
+        Ok(found.into_iter().collect())
+    }
+
+    /// Every disk volume of this CPI (snapshots excluded) whose metadata
+    /// matches: the record's when there is one (with set_disk_metadata's
+    /// tags), else the volume's labels.
+    async fn do_find_disks(&self, filter: &Metadata) -> Result<Vec<(DiskCid, Metadata)>> {
+        let what = format!(
+            "listing disks tagged {}",
+            bosun_cpi::describe_filter(filter)
+        );
+        let options = ListVolumesOptions {
+            filters: Some(self.label_filter(&[])),
+        };
+        let volumes = self
+            .docker
+            .list_volumes(Some(options))
+            .await
+            .map_err(docker_err(format!("{what}: listing volumes"), Target::None))?
+            .volumes
+            .unwrap_or_default();
+        let mut found = BTreeMap::new();
+        for volume in volumes {
+            if volume.labels.get(LABEL_CPI) != Some(&self.prefix)
+                || volume.labels.contains_key(LABEL_SNAPSHOT_OF)
+                || !valid_cid(&volume.name, false)
+            {
+                continue;
+            }
+            let cid = DiskCid(volume.name.clone());
+            let metadata = match self.read_disk(&cid) {
+                Ok(Some(rec)) => rec.metadata,
+                Ok(None) => metadata_of_labels(&volume.labels, DISK_OWN_LABELS),
+                Err(e) => {
+                    tracing::warn!(disk = %cid, error = %e, "{what}: unreadable record, using the volume's labels");
+                    metadata_of_labels(&volume.labels, DISK_OWN_LABELS)
+                }
+            };
+            if bosun_cpi::metadata_matches(&metadata, filter) {
+                found.insert(cid, metadata);
+            }
+        }
+        Ok(found.into_iter().collect())
+    }
+
     async fn do_reboot_vm(&self, cid: &VmCid) -> Result<()> {
         let _l = self.lock(&cid.0).await;
         if self.inspect_container(cid).await?.is_none() {
@@ -1374,8 +1504,8 @@ impl DockerCpi {
             write_json(&self.disk_file(&cid), &rec)?;
         }
         let mut l = labels(&self.prefix, &req.metadata);
-        l.insert("bosun.size_mb".into(), req.size_mb.to_string());
-        l.insert("bosun.disk".into(), cid.0.clone());
+        l.insert(LABEL_SIZE_MB.into(), req.size_mb.to_string());
+        l.insert(LABEL_DISK.into(), cid.0.clone());
         let request = VolumeCreateRequest {
             name: Some(cid.0.clone()),
             driver: Some("local".into()),
@@ -1541,7 +1671,7 @@ impl DockerCpi {
             write_json(&self.snapshot_file(&snap), &srec)?;
         }
         let mut l = labels(&self.prefix, metadata);
-        l.insert("bosun.snapshot_of".into(), cid.0.clone());
+        l.insert(LABEL_SNAPSHOT_OF.into(), cid.0.clone());
         let request = VolumeCreateRequest {
             name: Some(snap.0.clone()),
             driver: Some("local".into()),
@@ -1644,6 +1774,10 @@ impl bosun_cpi::Cpi for DockerCpi {
         Ok(())
     }
 
+    async fn find_vms(&self, filter: &Metadata) -> CpiResult<Vec<(VmCid, Metadata)>> {
+        Ok(self.do_find_vms(filter).await?)
+    }
+
     async fn create_disk(&self, req: &CreateDiskRequest) -> CpiResult<DiskCid> {
         Ok(self.do_create_disk(req).await?)
     }
@@ -1677,6 +1811,10 @@ impl bosun_cpi::Cpi for DockerCpi {
 
     async fn set_disk_metadata(&self, cid: &DiskCid, metadata: &Metadata) -> CpiResult<()> {
         Ok(self.do_set_disk_metadata(cid, metadata).await?)
+    }
+
+    async fn find_disks(&self, filter: &Metadata) -> CpiResult<Vec<(DiskCid, Metadata)>> {
+        Ok(self.do_find_disks(filter).await?)
     }
 
     async fn snapshot_disk(&self, cid: &DiskCid, metadata: &Metadata) -> CpiResult<SnapshotCid> {
@@ -1796,6 +1934,29 @@ mod tests {
         assert!(
             err.contains("a-private") && err.contains("agent-1"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn metadata_comes_back_from_labels_without_the_cpis_own() {
+        let req = request();
+        let cid = VmCid("vm-1".into());
+        let (body, _) = container_config("bosun", &cid, &req, &req.metadata, &[]).unwrap();
+        let mut container = body.labels.unwrap();
+        // As Docker lists it: with the labels of its image.
+        container.insert("bosun.stemcell.name".into(), "bosun-docker".into());
+        assert_eq!(metadata_of_labels(&container, VM_OWN_LABELS), req.metadata);
+
+        let mut volume = labels(
+            "bosun",
+            &Metadata::from([("token".to_string(), "t".to_string())]),
+        );
+        volume.insert(LABEL_SIZE_MB.into(), "64".into());
+        volume.insert(LABEL_DISK.into(), "disk-1".into());
+        volume.insert("com.example.other".into(), "x".into());
+        assert_eq!(
+            metadata_of_labels(&volume, DISK_OWN_LABELS),
+            Metadata::from([("token".to_string(), "t".to_string())])
         );
     }
 

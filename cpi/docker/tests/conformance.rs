@@ -296,14 +296,34 @@ async fn a_disk_moves_between_vms_with_its_data() {
     let subnet = "10.244.251";
 
     let stemcell = cpi.create_stemcell(&stemcell.spec).await.unwrap();
-    let a = cpi
-        .create_vm(&vm_request(subnet, "move", 0, &stemcell))
+    let req_a = vm_request(subnet, "move", 0, &stemcell);
+    let a = cpi.create_vm(&req_a).await.unwrap();
+    let req_b = vm_request(subnet, "move", 1, &stemcell);
+    let b = cpi.create_vm(&req_b).await.unwrap();
+    let by_token = |req: &CreateVmRequest| {
+        Metadata::from([("token".to_string(), req.metadata["token"].clone())])
+    };
+    // A container whose record was lost (the CPI's state wiped) is still
+    // found, with the metadata its labels carry.
+    let record_b = cpi.root().join("vms").join(format!("{}.json", b.0));
+    let aside = cpi.root().join(format!("{}.json.aside", b.0));
+    std::fs::rename(&record_b, &aside).unwrap();
+    assert_eq!(
+        cpi.find_vms(&by_token(&req_b)).await.unwrap(),
+        vec![(b.clone(), req_b.metadata.clone())]
+    );
+    std::fs::rename(&aside, &record_b).unwrap();
+    let director = Metadata::from([("director".to_string(), "docker-cpi-test".to_string())]);
+    let mut both = vec![a.clone(), b.clone()];
+    both.sort();
+    let found: Vec<_> = cpi
+        .find_vms(&director)
         .await
-        .unwrap();
-    let b = cpi
-        .create_vm(&vm_request(subnet, "move", 1, &stemcell))
-        .await
-        .unwrap();
+        .unwrap()
+        .into_iter()
+        .map(|(vm, _)| vm)
+        .collect();
+    assert_eq!(found, both);
     let (ip_a, ip_b) = (format!("{subnet}.10"), format!("{subnet}.11"));
     assert_eq!(ip_of(&a.0), ip_a);
     assert_eq!(ip_of(&b.0), ip_b);
@@ -380,7 +400,13 @@ async fn a_disk_moves_between_vms_with_its_data() {
         &stemcell.0,
     ]);
     assert!(ok && label == prefix, "stemcell image label: {label}");
-    let snap = cpi.snapshot_disk(&disk, &Metadata::new()).await.unwrap();
+    let disk_token = Metadata::from([("token".to_string(), "disk-move".to_string())]);
+    let snap = cpi.snapshot_disk(&disk, &disk_token).await.unwrap();
+    // The snapshot's volume, tagged like the disk, is not a disk.
+    assert_eq!(
+        cpi.find_disks(&disk_token).await.unwrap(),
+        vec![(disk.clone(), disk_token.clone())]
+    );
     let (ok, out) = docker(&[
         "run",
         "--rm",
@@ -402,6 +428,8 @@ async fn a_disk_moves_between_vms_with_its_data() {
     let (ok, out) = docker(&["rm", "-f", &a.0]);
     assert!(ok, "{out}");
     assert!(!cpi.has_vm(&a).await.unwrap());
+    // Nor is it found: only its record is left.
+    assert!(cpi.find_vms(&by_token(&req_a)).await.unwrap().is_empty());
     assert!(matches!(
         cpi.reboot_vm(&a).await,
         Err(CpiError::VmNotFound(_))

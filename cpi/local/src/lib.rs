@@ -135,6 +135,14 @@ impl From<LocalCpiError> for CpiError {
 
 type Result<T, E = LocalCpiError> = std::result::Result<T, E>;
 
+/// Prefixes a fatal error's message with the operation it failed in.
+fn in_context(e: CpiError, what: &str) -> CpiError {
+    match e {
+        CpiError::Fatal { message } => CpiError::fatal(format!("{what}: {message}")),
+        other => other,
+    }
+}
+
 fn io_err<'p>(op: &'static str, path: &'p Path) -> impl FnOnce(io::Error) -> LocalCpiError + 'p {
     move |source| LocalCpiError::Io {
         op,
@@ -644,6 +652,34 @@ impl Inner {
         write_json(&path, &meta, 0o644)
     }
 
+    /// Every VM directory (its agent alive or not) whose recorded metadata
+    /// matches `filter`, by cid. A directory without `meta.json` (never
+    /// written by this CPI) counts with empty metadata; one removed while
+    /// listing is skipped.
+    fn find_vms(&self, filter: &Metadata) -> Result<Vec<(VmCid, Metadata)>> {
+        let dir = self.root.join("vms");
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(io_err("listing", &dir))? {
+            let entry = entry.map_err(io_err("listing", &dir))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str().filter(|n| valid_cid(n)) else {
+                // Staging (.creating-*) and trash (.deleting-*) directories.
+                continue;
+            };
+            let cid = VmCid(name.to_string());
+            let metadata = match read_json::<VmMeta>(&self.vm_dir(&cid).join("meta.json"))? {
+                Some(meta) => meta.metadata,
+                None if self.vm_exists(&cid) => Metadata::new(),
+                None => continue,
+            };
+            if bosun_cpi::metadata_matches(&metadata, filter) {
+                out.push((cid, metadata));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
     /// Edits the `disks` map of the VM's settings.json, keeping every other field as is.
     fn update_settings_disks(
         &self,
@@ -699,6 +735,16 @@ impl Inner {
         }
         out.sort_by(|a, b| a.cid.cmp(&b.cid));
         Ok(out)
+    }
+
+    /// Every disk record whose metadata matches `filter`, by cid.
+    fn find_disks(&self, filter: &Metadata) -> Result<Vec<(DiskCid, Metadata)>> {
+        Ok(self
+            .disk_records()?
+            .into_iter()
+            .filter(|d| bosun_cpi::metadata_matches(&d.metadata, filter))
+            .map(|d| (d.cid, d.metadata))
+            .collect())
     }
 
     fn disk_hint_json(&self, cid: &DiskCid) -> serde_json::Value {
@@ -902,6 +948,14 @@ impl bosun_cpi::Cpi for LocalCpi {
             .await
     }
 
+    async fn find_vms(&self, filter: &Metadata) -> CpiResult<Vec<(VmCid, Metadata)>> {
+        let what = format!("listing VMs tagged {}", bosun_cpi::describe_filter(filter));
+        let filter = filter.clone();
+        self.blocking(move |i| i.find_vms(&filter))
+            .await
+            .map_err(|e| in_context(e, &what))
+    }
+
     async fn create_disk(&self, req: &CreateDiskRequest) -> CpiResult<DiskCid> {
         let req = req.clone();
         self.blocking(move |i| i.create_disk(&req)).await
@@ -942,6 +996,17 @@ impl bosun_cpi::Cpi for LocalCpi {
         let (cid, metadata) = (cid.clone(), metadata.clone());
         self.blocking(move |i| i.set_disk_metadata(&cid, &metadata))
             .await
+    }
+
+    async fn find_disks(&self, filter: &Metadata) -> CpiResult<Vec<(DiskCid, Metadata)>> {
+        let what = format!(
+            "listing disks tagged {}",
+            bosun_cpi::describe_filter(filter)
+        );
+        let filter = filter.clone();
+        self.blocking(move |i| i.find_disks(&filter))
+            .await
+            .map_err(|e| in_context(e, &what))
     }
 
     async fn snapshot_disk(&self, cid: &DiskCid, metadata: &Metadata) -> CpiResult<SnapshotCid> {
@@ -1526,6 +1591,100 @@ mod tests {
         assert_eq!(meta.metadata.len(), 2);
         c.detach_disk(&a, &disk).await.unwrap();
         c.delete_vm(&a).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn finds_vms_and_disks_by_metadata() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = cpi(tmp.path());
+        let tagged = |pairs: &[(&str, &str)]| -> Metadata {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        // VM directories without a running agent (dead or never started) count.
+        let a = fake_vm(&c);
+        let b = fake_vm(&c);
+        c.set_vm_metadata(&b, &tagged(&[("token", "b"), ("director", "d")]))
+            .await
+            .unwrap();
+        // A record of an older version, without metadata, is still readable.
+        let old = c.vm_dir(&a).join("meta.json");
+        let mut raw: serde_json::Value = read_json(&old).unwrap().unwrap();
+        raw.as_object_mut().unwrap().remove("metadata");
+        write_json(&old, &raw, 0o644).unwrap();
+        // Staging and trash directories are not VMs.
+        fs::create_dir_all(c.root().join("vms/.creating-vm-x")).unwrap();
+        fs::create_dir_all(c.root().join("vms/.deleting-vm-y-1")).unwrap();
+
+        let all = c.find_vms(&Metadata::new()).await.unwrap();
+        let mut want = vec![
+            (a.clone(), Metadata::new()),
+            (b.clone(), tagged(&[("token", "b"), ("director", "d")])),
+        ];
+        want.sort();
+        assert_eq!(all, want);
+        assert_eq!(
+            c.find_vms(&tagged(&[("director", "d")])).await.unwrap(),
+            vec![(b.clone(), tagged(&[("token", "b"), ("director", "d")]))]
+        );
+        assert!(c
+            .find_vms(&tagged(&[("director", "d"), ("token", "t")]))
+            .await
+            .unwrap()
+            .is_empty());
+        c.delete_vm(&b).await.unwrap();
+        assert!(c
+            .find_vms(&tagged(&[("director", "d")]))
+            .await
+            .unwrap()
+            .is_empty());
+
+        let mut disks = Vec::new();
+        for token in ["x", "y"] {
+            let req = CreateDiskRequest {
+                size_mb: 1,
+                cloud_properties: serde_json::json!({}),
+                vm_locality: None,
+                metadata: tagged(&[("token", token), ("director", "d")]),
+            };
+            disks.push(c.create_disk(&req).await.unwrap());
+        }
+        c.set_disk_metadata(&disks[1], &tagged(&[("name", "n")]))
+            .await
+            .unwrap();
+        assert_eq!(
+            c.find_disks(&tagged(&[("token", "y")])).await.unwrap(),
+            vec![(
+                disks[1].clone(),
+                tagged(&[("token", "y"), ("director", "d"), ("name", "n")])
+            )]
+        );
+        let found = c.find_disks(&tagged(&[("director", "d")])).await.unwrap();
+        let mut sorted = disks.clone();
+        sorted.sort();
+        assert_eq!(
+            found.into_iter().map(|(d, _)| d).collect::<Vec<_>>(),
+            sorted
+        );
+        // Snapshots are not disks.
+        c.snapshot_disk(&disks[0], &tagged(&[("token", "x")]))
+            .await
+            .unwrap();
+        assert_eq!(
+            c.find_disks(&tagged(&[("token", "x")]))
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        c.delete_disk(&disks[0]).await.unwrap();
+        assert!(c
+            .find_disks(&tagged(&[("token", "x")]))
+            .await
+            .unwrap()
+            .is_empty());
     }
 
     #[test]

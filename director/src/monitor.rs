@@ -1,0 +1,794 @@
+//! The health monitor and resurrector.
+//!
+//! Every `heartbeat_interval` it asks each agent of the watched deployments
+//! for its state (over a session it keeps open) and classifies the instance:
+//! running, failing (a process down or a probe failing), stopped (by the
+//! operator), unresponsive (no answer for `agent_timeout`) or missing (the
+//! CPI says the VM is gone). It then climbs a ladder, one rung per fault:
+//!
+//! 1. a crashed process is restarted by the agent itself (the monitor only
+//!    records that it happened);
+//! 2. a job failing for longer than `job_restart_after` is restarted;
+//! 3. an unresponsive or missing VM is recreated with its IPs and persistent
+//!    disk, fenced first when the group's restart policy is `consistent`;
+//! 4. a repair that fails, a job still failing after its restart, or more
+//!    than `max_repairs` repairs within `flap_window` raise an alert and the
+//!    instance is left alone until it runs again.
+//!
+//! After a repair an instance gets `quiet_period` before it may be repaired
+//! again, and when too many instances of a deployment are down at once
+//! (the meltdown guard) it alerts instead of repairing. It never repairs
+//! while someone else (a deploy) holds the deployment lock, and holds the
+//! lock itself while repairing. Everything it sees and does is an event.
+//!
+//! The monitor decides; [`crate::repair`] carries repairs out.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bosun_agent::client::AgentClient;
+use bosun_agent::protocol::{AgentState, ProcessState};
+use bosun_cpi::VmCid;
+
+use crate::executor::{futures_join_all, instance_name, Cpis, ExecOptions, Executor, Progress};
+use crate::manifest::{self, HealthPolicy, RestartPolicy};
+use crate::repair::DEFAULT_WATCH;
+use crate::state::{Event, InstanceRecord, StateError, Store};
+
+/// A monitor failure (reading state; repairs report through events).
+#[derive(Debug, thiserror::Error)]
+pub enum MonitorError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("deployment '{0}' does not exist")]
+    NoDeployment(String),
+}
+
+/// What the monitor last made of an instance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// Not looked at yet.
+    Unknown,
+    Running,
+    Failing,
+    Stopped,
+    Unresponsive,
+    Missing,
+}
+
+impl Health {
+    fn is_down(self) -> bool {
+        matches!(self, Health::Unresponsive | Health::Missing)
+    }
+}
+
+/// Per-group settings, read from the deployed manifest.
+#[derive(Clone, Debug)]
+struct GroupSettings {
+    health: HealthPolicy,
+    restart_policy: RestartPolicy,
+    watch: (u64, u64),
+}
+
+#[derive(Default)]
+struct DeploymentSettings {
+    updated_at: i64,
+    top: HealthPolicy,
+    groups: BTreeMap<String, GroupSettings>,
+    meltdown: bool,
+}
+
+struct Tracker {
+    vm_cid: Option<String>,
+    client: Option<AgentClient>,
+    last_ok: Instant,
+    health: Health,
+    failing_since: Option<Instant>,
+    job_restarted: bool,
+    /// Restart counts per `job/process`, to notice the agent restarting one.
+    restarts: BTreeMap<String, u32>,
+    repairs: Vec<Instant>,
+    last_repair: Option<Instant>,
+    repairing: bool,
+    /// Alerted: hands off until it runs again.
+    alerted: bool,
+    /// Why the last unanswered heartbeat went unanswered.
+    last_error: String,
+    /// A heartbeat went unanswered (said once per silence).
+    late: bool,
+}
+
+impl Tracker {
+    fn new(vm_cid: Option<String>) -> Tracker {
+        Tracker {
+            vm_cid,
+            client: None,
+            last_ok: Instant::now(),
+            health: Health::Unknown,
+            failing_since: None,
+            job_restarted: false,
+            restarts: BTreeMap::new(),
+            repairs: Vec::new(),
+            last_repair: None,
+            repairing: false,
+            alerted: false,
+            last_error: String::new(),
+            late: false,
+        }
+    }
+}
+
+/// What one heartbeat found.
+enum Observation {
+    State(Box<AgentState>),
+    /// The agent did not answer; `vm_exists` is the CPI's word, if it gave one.
+    Silent {
+        error: String,
+        vm_exists: Option<bool>,
+    },
+    NoVm,
+}
+
+/// A repair the monitor decided on.
+enum Repair {
+    RestartJobs(Vec<String>),
+    Recreate { fence: bool },
+}
+
+/// The health monitor. Cheap to share; [`Monitor::tick`] runs one round,
+/// [`Monitor::run`] runs rounds until told to stop.
+pub struct Monitor {
+    store: Arc<Store>,
+    cpis: Cpis,
+    opts: ExecOptions,
+    progress: Arc<dyn Progress>,
+    /// Watched deployments (`None`: every deployment).
+    only: Option<String>,
+    trackers: Mutex<BTreeMap<String, Tracker>>,
+    settings: Mutex<BTreeMap<String, DeploymentSettings>>,
+    /// One repair at a time per deployment (it holds the deployment lock).
+    repair_locks: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
+
+impl Monitor {
+    pub fn new(
+        store: Arc<Store>,
+        cpis: Cpis,
+        opts: ExecOptions,
+        progress: Arc<dyn Progress>,
+        only: Option<String>,
+    ) -> Arc<Monitor> {
+        Arc::new(Monitor {
+            store,
+            cpis,
+            opts,
+            progress,
+            only,
+            trackers: Mutex::new(BTreeMap::new()),
+            settings: Mutex::new(BTreeMap::new()),
+            repair_locks: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    fn executor(&self) -> Executor {
+        Executor {
+            store: self.store.clone(),
+            cpis: self.cpis.clone(),
+            progress: self.progress.clone(),
+            opts: self.opts.clone(),
+            source: "monitor".into(),
+        }
+    }
+
+    fn event(&self, rec: &InstanceRecord, seen: &str, action: &str, object: &str, result: &str) {
+        let _ = self.store.add_event(
+            &Event::new("monitor", &rec.deployment, Some(&instance_name(rec)))
+                .seen(seen)
+                .did(action, object)
+                .result(result),
+        );
+    }
+
+    /// The shortest heartbeat interval of the watched groups (1 s when
+    /// nothing is watched yet).
+    pub fn interval(&self) -> Duration {
+        lock(&self.settings)
+            .values()
+            .flat_map(|s| s.groups.values().map(|g| g.health.heartbeat_interval))
+            .min()
+            .unwrap_or(Duration::from_secs(1))
+            .max(Duration::from_millis(100))
+    }
+
+    /// Run rounds every heartbeat interval until `stop` turns true.
+    pub async fn run(
+        self: Arc<Self>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), MonitorError> {
+        loop {
+            let started = Instant::now();
+            self.clone().tick().await?;
+            let wait = self.interval().saturating_sub(started.elapsed());
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.changed() => return Ok(()),
+            }
+            if *stop.borrow() {
+                return Ok(());
+            }
+        }
+    }
+
+    fn deployments(&self) -> Result<Vec<String>, MonitorError> {
+        match &self.only {
+            Some(d) => {
+                if self.store.deployment(d)?.is_none() && self.store.instances(d)?.is_empty() {
+                    return Err(MonitorError::NoDeployment(d.clone()));
+                }
+                Ok(vec![d.clone()])
+            }
+            None => Ok(self
+                .store
+                .deployments()?
+                .into_iter()
+                .map(|d| d.name)
+                .collect()),
+        }
+    }
+
+    /// Read (or reuse) the settings of a deployment from its manifest.
+    fn load_settings(&self, name: &str) -> Result<(), MonitorError> {
+        let Some(rec) = self.store.deployment(name)? else {
+            return Ok(());
+        };
+        let mut all = lock(&self.settings);
+        if all
+            .get(name)
+            .is_some_and(|s| s.updated_at == rec.updated_at)
+        {
+            return Ok(());
+        }
+        let mut s = DeploymentSettings {
+            updated_at: rec.updated_at,
+            ..DeploymentSettings::default()
+        };
+        // It parsed when it was deployed; if it no longer does, defaults.
+        if let Ok(m) = manifest::parse_manifest(name, &rec.manifest, Path::new(".")) {
+            s.top = m.health.clone();
+            for g in &m.instance_groups {
+                let u = m.update_for(g);
+                s.groups.insert(
+                    g.name.clone(),
+                    GroupSettings {
+                        health: m.health_for(g),
+                        restart_policy: m.restart_policy_for(g),
+                        watch: (u.update_watch_time.min_ms, u.update_watch_time.max_ms),
+                    },
+                );
+            }
+        }
+        let meltdown = all.get(name).is_some_and(|o| o.meltdown);
+        s.meltdown = meltdown;
+        all.insert(name.to_string(), s);
+        Ok(())
+    }
+
+    fn group_settings(&self, rec: &InstanceRecord) -> GroupSettings {
+        lock(&self.settings)
+            .get(&rec.deployment)
+            .and_then(|s| s.groups.get(&rec.group).cloned())
+            .unwrap_or_else(|| GroupSettings {
+                health: HealthPolicy::default(),
+                restart_policy: if rec.disk.is_some() {
+                    RestartPolicy::Consistent
+                } else {
+                    RestartPolicy::Available
+                },
+                watch: DEFAULT_WATCH,
+            })
+    }
+
+    /// One round over every watched deployment.
+    pub async fn tick(self: Arc<Self>) -> Result<(), MonitorError> {
+        for name in self.deployments()? {
+            self.load_settings(&name)?;
+            // A deploy (or another repair) holds the lock: its instances
+            // are expected to come and go. Look again next round.
+            let busy = match self
+                .store
+                .try_lock_deployment(&name, "health monitor check")
+            {
+                Ok(lock) => {
+                    drop(lock);
+                    false
+                }
+                Err(StateError::Locked { .. }) => true,
+                Err(e) => return Err(e.into()),
+            };
+            let recs = self.store.instances(&name)?;
+            if busy && !self.repairing_in(&recs) {
+                let mut t = lock(&self.trackers);
+                for r in &recs {
+                    if let Some(tr) = t.get_mut(&r.id) {
+                        tr.last_ok = Instant::now();
+                        tr.client = None;
+                    }
+                }
+                continue;
+            }
+            self.clone().check_deployment(&name, recs).await;
+        }
+        Ok(())
+    }
+
+    fn repairing_in(&self, recs: &[InstanceRecord]) -> bool {
+        let t = lock(&self.trackers);
+        recs.iter()
+            .any(|r| t.get(&r.id).is_some_and(|tr| tr.repairing))
+    }
+
+    async fn check_deployment(self: Arc<Self>, name: &str, recs: Vec<InstanceRecord>) {
+        {
+            let ids: BTreeSet<&str> = recs.iter().map(|r| r.id.as_str()).collect();
+            let mut t = lock(&self.trackers);
+            t.retain(|id, tr| ids.contains(id.as_str()) || tr.repairing);
+            for r in &recs {
+                let cid = r.vm.as_ref().map(|v| v.cid.clone());
+                let tr = t
+                    .entry(r.id.clone())
+                    .or_insert_with(|| Tracker::new(cid.clone()));
+                if tr.vm_cid != cid && !tr.repairing {
+                    // A new VM (deployed or repaired): judge it afresh.
+                    let repairs = std::mem::take(&mut tr.repairs);
+                    let last_repair = tr.last_repair;
+                    *tr = Tracker::new(cid);
+                    tr.repairs = repairs;
+                    tr.last_repair = last_repair;
+                }
+            }
+        }
+        let watched: Vec<&InstanceRecord> = recs
+            .iter()
+            .filter(|r| !lock(&self.trackers).get(&r.id).is_some_and(|t| t.repairing))
+            .collect();
+        let futs = watched.iter().map(|r| {
+            let client = lock(&self.trackers)
+                .get_mut(&r.id)
+                .and_then(|t| t.client.take());
+            let me = self.clone();
+            async move { me.observe(r, client).await }
+        });
+        let observations = futures_join_all(futs).await;
+        let mut decisions = Vec::new();
+        for (r, (obs, client)) in watched.iter().zip(observations) {
+            if let Some(t) = lock(&self.trackers).get_mut(&r.id) {
+                t.client = client;
+            }
+            decisions.push(self.classify(r, obs));
+        }
+
+        // Meltdown guard, over the whole deployment.
+        let (down, total) = {
+            let t = lock(&self.trackers);
+            let down = recs
+                .iter()
+                .filter(|r| t.get(&r.id).is_some_and(|tr| tr.health.is_down()))
+                .count();
+            (down, recs.len())
+        };
+        let top = lock(&self.settings)
+            .get(name)
+            .map(|s| s.top.clone())
+            .unwrap_or_default();
+        let meltdown = total > 0
+            && down as u32 >= top.meltdown_min_down.max(1)
+            && down * 100 > top.meltdown_percent as usize * total;
+        let was = {
+            let mut all = lock(&self.settings);
+            let s = all.entry(name.to_string()).or_default();
+            std::mem::replace(&mut s.meltdown, meltdown)
+        };
+        if meltdown != was {
+            let e = Event::new("monitor", name, None)
+                .seen(format!("{down} of {total} instances down"))
+                .did(if meltdown { "alert" } else { "resume" }, "deployment");
+            let _ = self.store.add_event(&if meltdown {
+                e.result("meltdown: not repairing until fewer instances are down")
+            } else {
+                e.result("meltdown over: repairing again")
+            });
+        }
+
+        for (r, decision) in watched.into_iter().zip(decisions) {
+            let Some((repair, seen)) = decision else {
+                continue;
+            };
+            if meltdown && matches!(repair, Repair::Recreate { .. }) {
+                continue;
+            }
+            if let Some(t) = lock(&self.trackers).get_mut(&r.id) {
+                t.repairing = true;
+            }
+            let me = self.clone();
+            let rec = r.clone();
+            tokio::spawn(async move { me.repair(rec, repair, seen).await });
+        }
+    }
+
+    /// One heartbeat: the agent's state, or why there is none.
+    async fn observe(
+        &self,
+        r: &InstanceRecord,
+        client: Option<AgentClient>,
+    ) -> (Observation, Option<AgentClient>) {
+        let Some(vm) = &r.vm else {
+            return (Observation::NoVm, None);
+        };
+        let interval = self.group_settings(r).health.heartbeat_interval;
+        let wait = interval.max(Duration::from_secs(1));
+        // A session that just closed often means the VM died: ask the CPI
+        // first rather than spend the reconnect timeout.
+        if client.as_ref().is_some_and(|c| c.is_closed()) && self.vm_exists(vm).await == Some(false)
+        {
+            return (
+                Observation::Silent {
+                    error: "the agent's session closed".into(),
+                    vm_exists: Some(false),
+                },
+                None,
+            );
+        }
+        let client = match client.filter(|c| !c.is_closed()) {
+            Some(c) => Ok(c),
+            None => {
+                let exec = self.executor();
+                exec.connect(vm, wait).await
+            }
+        };
+        let error = match client {
+            Ok(c) => match c.get_state_within(wait).await {
+                Ok(st) => return (Observation::State(Box::new(st)), Some(c)),
+                Err(e) => e.to_string(),
+            },
+            Err(e) => e.to_string(),
+        };
+        let vm_exists = self.vm_exists(vm).await;
+        (Observation::Silent { error, vm_exists }, None)
+    }
+
+    /// The CPI's word on whether a VM exists (`None`: it did not say in time).
+    async fn vm_exists(&self, vm: &crate::state::VmRecord) -> Option<bool> {
+        let cpi = self.cpis.get(&vm.cpi).ok()?;
+        tokio::time::timeout(Duration::from_secs(5), cpi.has_vm(&VmCid(vm.cid.clone())))
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+    }
+
+    /// Update the tracker with an observation; say what to repair, if anything.
+    fn classify(&self, r: &InstanceRecord, obs: Observation) -> Option<(Repair, String)> {
+        let settings = self.group_settings(r);
+        let h = &settings.health;
+        let now = Instant::now();
+        let mut all = lock(&self.trackers);
+        let t = all.get_mut(&r.id)?;
+        let before = t.health;
+        match obs {
+            Observation::State(st) => {
+                t.last_ok = now;
+                t.late = false;
+                for j in &st.jobs {
+                    for p in &j.processes {
+                        let key = format!("{}/{}", j.name, p.name);
+                        let old = t.restarts.insert(key.clone(), p.restarts);
+                        if old.is_some_and(|o| p.restarts > o) {
+                            self.event(
+                                r,
+                                &format!("process {key} exited"),
+                                "restart-process",
+                                &key,
+                                &format!("restarted by the agent ({} restarts so far)", p.restarts),
+                            );
+                        }
+                    }
+                }
+                match st.job_state {
+                    ProcessState::Running => {
+                        t.health = Health::Running;
+                        if matches!(
+                            before,
+                            Health::Failing | Health::Unresponsive | Health::Missing
+                        ) {
+                            self.event(r, "running again", "none", "instance", "recovered");
+                        }
+                        t.failing_since = None;
+                        t.job_restarted = false;
+                        t.alerted = false;
+                        None
+                    }
+                    ProcessState::Stopped => {
+                        t.health = Health::Stopped;
+                        t.failing_since = None;
+                        None
+                    }
+                    ProcessState::Failing => {
+                        t.health = Health::Failing;
+                        let failing: Vec<String> = st
+                            .jobs
+                            .iter()
+                            .filter(|j| {
+                                j.processes.iter().any(|p| p.state == ProcessState::Failing)
+                            })
+                            .map(|j| j.name.clone())
+                            .collect();
+                        let seen = format!("job {} failing", failing.join(", "));
+                        let since = *t.failing_since.get_or_insert(now);
+                        if before != Health::Failing {
+                            self.event(
+                                r,
+                                &seen,
+                                "wait",
+                                "instance",
+                                "the agent restarts its processes",
+                            );
+                        }
+                        if t.alerted || now.duration_since(since) < h.job_restart_after {
+                            return None;
+                        }
+                        if t.job_restarted {
+                            t.alerted = true;
+                            self.event(
+                                r,
+                                &format!(
+                                    "{seen} for {} after restarting it",
+                                    secs(now.duration_since(since))
+                                ),
+                                "alert",
+                                "instance",
+                                "still failing: not repairing further until it runs again",
+                            );
+                            return None;
+                        }
+                        if !h.resurrection {
+                            return None;
+                        }
+                        t.job_restarted = true;
+                        t.failing_since = Some(now);
+                        Some((
+                            Repair::RestartJobs(failing),
+                            format!("{seen} for {}", secs(now.duration_since(since))),
+                        ))
+                    }
+                }
+            }
+            Observation::NoVm => {
+                r.deployed.as_ref()?;
+                t.health = Health::Missing;
+                let fence = settings.restart_policy == RestartPolicy::Consistent;
+                self.recreate_if_allowed(r, t, h, "no VM recorded".into(), fence, now)
+            }
+            Observation::Silent { error, vm_exists } => {
+                t.last_error = error;
+                if vm_exists == Some(false) {
+                    t.health = Health::Missing;
+                    let cid = r.vm.as_ref().map(|v| v.cid.as_str()).unwrap_or("");
+                    let seen = format!("VM {cid} is gone (the CPI no longer has it)");
+                    if before != Health::Missing {
+                        self.event(r, &seen, "detect", "instance", "missing");
+                    }
+                    let fence = settings.restart_policy == RestartPolicy::Consistent;
+                    return self.recreate_if_allowed(r, t, h, seen, fence, now);
+                }
+                let silent = now.duration_since(t.last_ok);
+                if silent < h.agent_timeout {
+                    if !matches!(before, Health::Unresponsive) && !t.late {
+                        t.late = true;
+                        self.event(
+                            r,
+                            &format!("agent did not answer a heartbeat ({})", t.last_error),
+                            "wait",
+                            "instance",
+                            &format!("unresponsive after {} of silence", secs(h.agent_timeout)),
+                        );
+                    }
+                    return None;
+                }
+                t.health = Health::Unresponsive;
+                let seen = format!("agent unresponsive for {} ({})", secs(silent), t.last_error);
+                if before != Health::Unresponsive {
+                    self.event(r, &seen, "detect", "instance", "unresponsive");
+                }
+                let fence = settings.restart_policy == RestartPolicy::Consistent;
+                self.recreate_if_allowed(r, t, h, seen, fence, now)
+            }
+        }
+    }
+
+    fn recreate_if_allowed(
+        &self,
+        r: &InstanceRecord,
+        t: &mut Tracker,
+        h: &HealthPolicy,
+        seen: String,
+        fence: bool,
+        now: Instant,
+    ) -> Option<(Repair, String)> {
+        if t.alerted || !h.resurrection {
+            return None;
+        }
+        if t.last_repair
+            .is_some_and(|l| now.duration_since(l) < h.quiet_period)
+        {
+            return None;
+        }
+        t.repairs
+            .retain(|at| now.duration_since(*at) < h.flap_window);
+        if t.repairs.len() as u32 >= h.max_repairs {
+            t.alerted = true;
+            self.event(
+                r,
+                &seen,
+                "alert",
+                "instance",
+                &format!(
+                    "flapping: {} repairs within {}; not repairing until it runs again",
+                    t.repairs.len(),
+                    secs(h.flap_window)
+                ),
+            );
+            return None;
+        }
+        Some((Repair::Recreate { fence }, seen))
+    }
+
+    fn repair_lock(&self, deployment: &str) -> Arc<tokio::sync::Mutex<()>> {
+        lock(&self.repair_locks)
+            .entry(deployment.to_string())
+            .or_default()
+            .clone()
+    }
+
+    async fn repair(self: Arc<Self>, rec: InstanceRecord, repair: Repair, seen: String) {
+        let gate = self.repair_lock(&rec.deployment);
+        let _serial = gate.lock().await;
+        let name = instance_name(&rec);
+        let outcome = self.repair_locked(&rec, &repair, &seen).await;
+        let mut all = lock(&self.trackers);
+        if let Some(t) = all.get_mut(&rec.id) {
+            t.repairing = false;
+            match &outcome {
+                Ok(true) => {
+                    if matches!(repair, Repair::Recreate { .. }) {
+                        let now = Instant::now();
+                        t.repairs.push(now);
+                        t.last_repair = Some(now);
+                    }
+                    t.last_ok = Instant::now();
+                }
+                Ok(false) => {}
+                Err(_) => t.alerted = true,
+            }
+        }
+        drop(all);
+        if let Err(e) = outcome {
+            self.event(
+                &rec,
+                &seen,
+                "alert",
+                "instance",
+                &format!("repair of {name} failed: {e}; not repairing until it runs again"),
+            );
+        }
+    }
+
+    /// Carry out one repair under the deployment lock. Ok(false): skipped
+    /// (a deploy holds the lock, or the instance changed meanwhile).
+    async fn repair_locked(
+        &self,
+        rec: &InstanceRecord,
+        repair: &Repair,
+        seen: &str,
+    ) -> Result<bool, crate::executor::ExecError> {
+        let name = instance_name(rec);
+        let _lock = match self
+            .store
+            .try_lock_deployment(&rec.deployment, &format!("health monitor repairing {name}"))
+        {
+            Ok(l) => l,
+            Err(_) => return Ok(false),
+        };
+        // Act on the instance as recorded now, and only if it is still the
+        // one that was judged.
+        let Some(current) = self
+            .store
+            .instances(&rec.deployment)?
+            .into_iter()
+            .find(|r| r.id == rec.id)
+        else {
+            return Ok(false);
+        };
+        if current.vm.as_ref().map(|v| &v.cid) != rec.vm.as_ref().map(|v| &v.cid) {
+            return Ok(false);
+        }
+        let exec = self.executor();
+        let settings = self.group_settings(&current);
+        let started = Instant::now();
+        match repair {
+            Repair::RestartJobs(jobs) => {
+                let object = format!("jobs {}", jobs.join(", "));
+                match exec
+                    .restart_jobs(
+                        &current,
+                        jobs,
+                        settings
+                            .health
+                            .heartbeat_interval
+                            .max(Duration::from_secs(2)),
+                    )
+                    .await
+                {
+                    Ok(()) => {
+                        self.event(&current, seen, "restart-job", &object, "ok");
+                        Ok(true)
+                    }
+                    Err(e) => {
+                        self.event(
+                            &current,
+                            seen,
+                            "restart-job",
+                            &object,
+                            &format!("error: {e}"),
+                        );
+                        Err(e)
+                    }
+                }
+            }
+            Repair::Recreate { fence } => {
+                let mut cur = current;
+                let policy = if *fence { "consistent" } else { "available" };
+                self.event(
+                    &cur,
+                    seen,
+                    "recreate",
+                    "instance",
+                    &format!("starting (restart_policy {policy})"),
+                );
+                exec.fence_vm(&mut cur, seen, *fence).await?;
+                let r = exec.recreate_deployed(cur.clone(), settings.watch).await;
+                let took = secs(started.elapsed());
+                match r {
+                    Ok(()) => {
+                        self.event(&cur, seen, "recreate", "instance", &format!("ok in {took}"));
+                        Ok(true)
+                    }
+                    Err(e) => {
+                        self.event(
+                            &cur,
+                            seen,
+                            "recreate",
+                            "instance",
+                            &format!("error after {took}: {e}"),
+                        );
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+
+    /// The monitor's view of each watched instance (`group/id` -> health).
+    pub fn health(&self) -> BTreeMap<String, Health> {
+        let t = lock(&self.trackers);
+        t.iter().map(|(id, tr)| (id.clone(), tr.health)).collect()
+    }
+}

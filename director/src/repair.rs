@@ -1,0 +1,222 @@
+//! Repairs of one instance, shared by the health monitor and cloud-check:
+//! fencing a VM (delete it, and for `consistent` instances wait until the
+//! CPI confirms it gone), recreating a VM from what was last deployed there
+//! (same IPs, same persistent disk), restarting failing jobs, and
+//! reattaching a persistent disk.
+//!
+//! Every step is recorded as an event before the next one starts, so the
+//! event log shows the order (fence, confirmed gone, create, attach). This
+//! module decides nothing about *whether* to repair: its callers do.
+
+use std::time::{Duration, Instant};
+
+use bosun_agent::protocol::RestartJobsParams;
+use bosun_cpi::{DiskCid, VmCid};
+
+use crate::executor::{instance_name, ExecError, Executor};
+use crate::planner::{Change, DiskAction, InstancePlan, VmAction};
+use crate::state::{Event, InstanceRecord};
+
+/// How long fencing waits for the CPI to confirm a deleted VM gone.
+const FENCE_CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Watch window (ms) of a recreated instance when the caller has none.
+pub const DEFAULT_WATCH: (u64, u64) = (0, 30_000);
+
+impl Executor {
+    fn repair_event(
+        &self,
+        rec: &InstanceRecord,
+        seen: &str,
+        action: &str,
+        object: &str,
+        result: &str,
+    ) {
+        let _ = self.store.add_event(
+            &Event::new(&self.source, &rec.deployment, Some(&instance_name(rec)))
+                .seen(seen)
+                .did(action, object)
+                .result(result),
+        );
+    }
+
+    /// Take an instance's VM out of service without its agent's help: delete
+    /// it and, when `confirm`, wait until the CPI says it no longer exists.
+    /// Only then is the persistent disk marked detached, so it can move. An
+    /// unconfirmed fence fails and leaves the disk where it is.
+    pub async fn fence_vm(
+        &self,
+        rec: &mut InstanceRecord,
+        seen: &str,
+        confirm: bool,
+    ) -> Result<(), ExecError> {
+        let Some(vm) = rec.vm.clone() else {
+            return Ok(());
+        };
+        let name = instance_name(rec);
+        let cpi = self.cpis.get(&vm.cpi)?;
+        let cid = VmCid(vm.cid.clone());
+        let object = format!("vm {}", vm.cid);
+        self.progress.stage(&name, "fencing VM");
+        match cpi.delete_vm(&cid).await {
+            Ok(()) => self.repair_event(rec, seen, "fence", &object, "deleted"),
+            Err(e) if confirm => {
+                let msg = format!(
+                    "could not delete VM {} of {name}: {e}; its persistent disk was not moved",
+                    vm.cid
+                );
+                self.repair_event(rec, seen, "fence", &object, &format!("error: {msg}"));
+                return Err(ExecError::Failed(msg));
+            }
+            Err(e) => self.repair_event(
+                rec,
+                seen,
+                "fence",
+                &object,
+                &format!("delete failed ({e}); restart_policy available: going on"),
+            ),
+        }
+        if confirm {
+            let started = Instant::now();
+            loop {
+                match cpi.has_vm(&cid).await {
+                    Ok(false) => break,
+                    Ok(true) | Err(_) if started.elapsed() < FENCE_CONFIRM_TIMEOUT => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Ok(true) | Err(_) => {
+                        let msg = format!(
+                            "VM {} of {name} still exists {} s after deleting it; its persistent disk was not moved",
+                            vm.cid,
+                            FENCE_CONFIRM_TIMEOUT.as_secs()
+                        );
+                        self.repair_event(rec, seen, "fence", &object, &format!("error: {msg}"));
+                        return Err(ExecError::Failed(msg));
+                    }
+                }
+            }
+            self.repair_event(rec, seen, "fence", &object, "confirmed gone");
+        }
+        if let Some(d) = rec.disk.clone().filter(|d| d.attached) {
+            // The CPI may keep its own record of the attachment.
+            if let Ok(c) = self.cpis.get(&d.cpi) {
+                let _ = c.detach_disk(&cid, &DiskCid(d.cid.clone())).await;
+            }
+            if let Some(dr) = rec.disk.as_mut() {
+                dr.attached = false;
+            }
+        }
+        rec.vm = None;
+        rec.applied = None;
+        self.store.save_instance(rec)?;
+        Ok(())
+    }
+
+    /// Give an instance without a VM a new one from what was last deployed
+    /// there: same IPs, its persistent disk reattached, same spec. `watch`
+    /// is the update watch window in ms.
+    pub async fn recreate_deployed(
+        &self,
+        rec: InstanceRecord,
+        watch: (u64, u64),
+    ) -> Result<(), ExecError> {
+        let name = instance_name(&rec);
+        let Some(d) = rec.deployed.clone() else {
+            return Err(ExecError::Failed(format!(
+                "{name} has no recorded deployed spec (it never ran, or was deployed by an older bosun): deploy again"
+            )));
+        };
+        if rec.vm.is_some() {
+            return Err(ExecError::Failed(format!(
+                "{name} still has a VM: fence it before recreating"
+            )));
+        }
+        let ip = InstancePlan {
+            record: rec.clone(),
+            change: Change::Recreate,
+            reasons: vec![],
+            vm: VmAction::Create(d.vm.clone()),
+            vm_target: d.vm,
+            disk: if rec.disk.is_some() {
+                DiskAction::Keep
+            } else {
+                DiskAction::None
+            },
+            spec: d.spec,
+            applied: d.applied,
+            stemcell: d.stemcell,
+        };
+        self.update_instance(&ip, rec, watch, "").await
+    }
+
+    /// Restart the named jobs of an instance through its agent.
+    pub async fn restart_jobs(
+        &self,
+        rec: &InstanceRecord,
+        jobs: &[String],
+        timeout: Duration,
+    ) -> Result<(), ExecError> {
+        let name = instance_name(rec);
+        let vm = rec
+            .vm
+            .as_ref()
+            .ok_or_else(|| ExecError::Failed(format!("{name} has no VM")))?;
+        let client = self
+            .connect(vm, timeout)
+            .await
+            .map_err(|source| ExecError::Agent {
+                what: format!("reaching the agent of {name}"),
+                source: Box::new(source),
+            })?;
+        client
+            .restart_jobs(&RestartJobsParams {
+                jobs: jobs.to_vec(),
+            })
+            .await
+            .map_err(|source| ExecError::Agent {
+                what: format!("restarting jobs {} on {name}", jobs.join(", ")),
+                source: Box::new(source),
+            })
+    }
+
+    /// Attach and mount an instance's persistent disk again on its VM
+    /// (whatever the records say), then restart its jobs so they see it.
+    pub async fn reattach_disk(&self, mut rec: InstanceRecord) -> Result<(), ExecError> {
+        let name = instance_name(&rec);
+        let (Some(vm), Some(_), Some(d)) = (rec.vm.clone(), rec.disk.clone(), rec.deployed.clone())
+        else {
+            return Err(ExecError::Failed(format!(
+                "{name} needs a VM, a disk and a deployed spec to reattach its disk"
+            )));
+        };
+        let client = self
+            .connect(&vm, self.opts.existing_agent_timeout)
+            .await
+            .map_err(|source| ExecError::Agent {
+                what: format!("reaching the agent of {name}"),
+                source: Box::new(source),
+            })?;
+        if let Some(dr) = rec.disk.as_mut() {
+            dr.attached = false;
+        }
+        let ip = InstancePlan {
+            record: rec.clone(),
+            change: Change::Update,
+            reasons: vec![],
+            vm: VmAction::Keep,
+            vm_target: d.vm,
+            disk: DiskAction::Keep,
+            spec: d.spec,
+            applied: d.applied,
+            stemcell: d.stemcell,
+        };
+        let client = self.ensure_disk(&ip, &mut rec, client).await?;
+        client
+            .restart_jobs(&RestartJobsParams { jobs: vec![] })
+            .await
+            .map_err(|source| ExecError::Agent {
+                what: format!("restarting the jobs of {name} after reattaching its disk"),
+                source: Box::new(source),
+            })
+    }
+}
