@@ -1964,6 +1964,29 @@ mod tests {
         let j = fx.agent.get_state().await.jobs.remove(0);
         assert_eq!(j.processes[0].pid, Some(pid2));
 
+        // restart_jobs: a new process, without pre-start; unknown jobs refused.
+        fs::remove_file(fx.root.join("prestart-ran")).unwrap();
+        fx.agent
+            .restart_jobs(RestartJobsParams {
+                jobs: vec!["web".into()],
+            })
+            .await
+            .unwrap();
+        let j = wait_state(&fx.agent, "web", |j| j.state == ProcessState::Running, 5).await;
+        let pid3 = j.processes[0].pid.unwrap();
+        assert_ne!(pid3, pid2);
+        assert!(!alive(pid2));
+        assert!(!fx.root.join("prestart-ran").exists(), "no pre-start");
+        let e = fx
+            .agent
+            .restart_jobs(RestartJobsParams {
+                jobs: vec!["nope".into()],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.message, "restarting job nope: no such job is applied");
+        let pid2 = pid3;
+
         fx.agent.stop().await.unwrap();
         let st = fx.agent.get_state().await;
         assert_eq!(st.job_state, ProcessState::Stopped);

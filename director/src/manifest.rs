@@ -1123,6 +1123,80 @@ mod tests {
     }
 
     #[test]
+    fn health_and_restart_policy_defaults_overrides_and_errors() {
+        use std::time::Duration;
+        let m = parse(QUICKSTART).expect("valid");
+        let zk = &m.instance_groups[0];
+        let smoke = &m.instance_groups[1];
+        assert_eq!(m.health_for(zk), HealthPolicy::default());
+        assert_eq!(m.health_for(zk).agent_timeout, Duration::from_secs(5));
+        assert_eq!(
+            m.restart_policy_for(zk),
+            RestartPolicy::Consistent,
+            "has a disk"
+        );
+        assert_eq!(
+            m.restart_policy_for(smoke),
+            RestartPolicy::Consistent,
+            "disk type"
+        );
+
+        let text = QUICKSTART
+            .replace(
+                "instance_groups:\n",
+                "health:\n  agent_timeout: 3\n  heartbeat_interval: 500ms\n  meltdown: {minimum_down: 2, percent: 50}\ninstance_groups:\n",
+            )
+            .replace(
+                "  persistent_disk: 1024\n",
+                "  persistent_disk: 1024\n  restart_policy: available\n  health: {job_restart_after: 1.5, resurrection: false}\n",
+            );
+        let m = parse(&text).expect("valid");
+        let h = m.health_for(&m.instance_groups[0]);
+        assert_eq!(
+            h.agent_timeout,
+            Duration::from_secs(3),
+            "from the top level"
+        );
+        assert_eq!(h.heartbeat_interval, Duration::from_millis(500));
+        assert_eq!(
+            h.job_restart_after,
+            Duration::from_millis(1500),
+            "group override"
+        );
+        assert!(!h.resurrection);
+        assert_eq!((h.meltdown_min_down, h.meltdown_percent), (2, 50));
+        assert_eq!(
+            m.restart_policy_for(&m.instance_groups[0]),
+            RestartPolicy::Available
+        );
+        assert!(
+            m.health_for(&m.instance_groups[1]).resurrection,
+            "other group keeps the default"
+        );
+
+        let bad = QUICKSTART.replace(
+            "  persistent_disk: 1024\n",
+            "  persistent_disk: 1024\n  restart_policy: eventual\n  health: {agent_timeout: soon, heartbeat: 1}\n",
+        );
+        let e = parse(&bad).expect_err("invalid");
+        let msgs = messages(&e);
+        assert!(
+            msgs.iter().any(|m| m.starts_with("m.yml:29: instance_groups[0].restart_policy: expected 'consistent' or 'available', found 'eventual'")),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs.iter()
+                .any(|m| m.contains("instance_groups[0].health.agent_timeout: expected seconds")),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs.iter()
+                .any(|m| m.contains("instance_groups[0].health") && m.contains("heartbeat")),
+            "unknown key named: {msgs:?}"
+        );
+    }
+
+    #[test]
     fn manifest_quickstart_parses_to_exact_values() {
         let m = parse(QUICKSTART).expect("valid");
         assert_eq!(m.name, "zookeeper");

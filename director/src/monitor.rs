@@ -792,3 +792,214 @@ impl Monitor {
         t.iter().map(|(id, tr)| (id.clone(), tr.health)).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_trait::async_trait;
+    use bosun_cpi::{
+        Cpi, CpiError, CpiInfo, CpiResult, CreateDiskRequest, CreateVmRequest, DiskCid, DiskHint,
+        Metadata, SnapshotCid, StemcellCid, StemcellSpec,
+    };
+
+    use crate::state::VmRecord;
+
+    /// A CPI whose VMs in `gone` no longer exist; the rest exist but have
+    /// no agent. Everything else is unsupported.
+    struct FakeCpi {
+        gone: BTreeSet<String>,
+    }
+
+    fn no<T>(m: &str) -> CpiResult<T> {
+        Err(CpiError::NotSupported {
+            cpi: "fake".into(),
+            method: m.into(),
+        })
+    }
+
+    #[async_trait]
+    impl Cpi for FakeCpi {
+        async fn info(&self) -> CpiResult<CpiInfo> {
+            no("info")
+        }
+        async fn create_stemcell(&self, _: &StemcellSpec) -> CpiResult<StemcellCid> {
+            no("create_stemcell")
+        }
+        async fn delete_stemcell(&self, _: &StemcellCid) -> CpiResult<()> {
+            no("delete_stemcell")
+        }
+        async fn create_vm(&self, _: &CreateVmRequest) -> CpiResult<VmCid> {
+            no("create_vm")
+        }
+        async fn delete_vm(&self, _: &VmCid) -> CpiResult<()> {
+            Ok(())
+        }
+        async fn has_vm(&self, cid: &VmCid) -> CpiResult<bool> {
+            Ok(!self.gone.contains(&cid.0))
+        }
+        async fn reboot_vm(&self, _: &VmCid) -> CpiResult<()> {
+            no("reboot_vm")
+        }
+        async fn set_vm_metadata(&self, _: &VmCid, _: &Metadata) -> CpiResult<()> {
+            no("set_vm_metadata")
+        }
+        async fn find_vms(&self, _: &Metadata) -> CpiResult<Vec<(VmCid, Metadata)>> {
+            Ok(vec![])
+        }
+        async fn create_disk(&self, _: &CreateDiskRequest) -> CpiResult<DiskCid> {
+            no("create_disk")
+        }
+        async fn delete_disk(&self, _: &DiskCid) -> CpiResult<()> {
+            no("delete_disk")
+        }
+        async fn attach_disk(&self, _: &VmCid, _: &DiskCid) -> CpiResult<DiskHint> {
+            no("attach_disk")
+        }
+        async fn detach_disk(&self, _: &VmCid, _: &DiskCid) -> CpiResult<()> {
+            no("detach_disk")
+        }
+        async fn has_disk(&self, _: &DiskCid) -> CpiResult<bool> {
+            no("has_disk")
+        }
+        async fn get_disks(&self, _: &VmCid) -> CpiResult<Vec<DiskCid>> {
+            no("get_disks")
+        }
+        async fn resize_disk(&self, _: &DiskCid, _: u64) -> CpiResult<()> {
+            no("resize_disk")
+        }
+        async fn set_disk_metadata(&self, _: &DiskCid, _: &Metadata) -> CpiResult<()> {
+            no("set_disk_metadata")
+        }
+        async fn find_disks(&self, _: &Metadata) -> CpiResult<Vec<(DiskCid, Metadata)>> {
+            Ok(vec![])
+        }
+        async fn snapshot_disk(&self, _: &DiskCid, _: &Metadata) -> CpiResult<SnapshotCid> {
+            no("snapshot_disk")
+        }
+        async fn delete_snapshot(&self, _: &SnapshotCid) -> CpiResult<()> {
+            no("delete_snapshot")
+        }
+    }
+
+    struct Quiet;
+    impl Progress for Quiet {
+        fn stage(&self, _: &str, _: &str) {}
+    }
+
+    /// `n` instances of deployment `d` on the fake CPI, VMs `vm-0`..;
+    /// nothing listens at their address, so no agent ever answers.
+    fn setup(n: usize, gone: &[&str]) -> (tempfile::TempDir, Arc<Monitor>, Arc<Store>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for i in 0..n {
+            let mut rec = InstanceRecord::new(format!("id{i}"), "d", "g", i as u32, "z1");
+            rec.vm = Some(VmRecord {
+                cid: format!("vm-{i}"),
+                cpi: "fake".into(),
+                agent_id: format!("a{i}"),
+                host_public_key: store.director_key().public_openssh.clone(),
+                address: "127.0.0.1".into(),
+                vm_digest: String::new(),
+                generation: 1,
+                created_at: 0,
+            });
+            store.save_instance(&rec).unwrap();
+        }
+        let mut cpis = Cpis::new();
+        cpis.insert(
+            "fake",
+            Arc::new(FakeCpi {
+                gone: gone.iter().map(|s| s.to_string()).collect(),
+            }),
+        );
+        let m = Monitor::new(
+            store.clone(),
+            cpis,
+            ExecOptions::default(),
+            Arc::new(Quiet),
+            Some("d".into()),
+        );
+        (dir, m, store)
+    }
+
+    async fn events_until(store: &Store, f: impl Fn(&[Event]) -> bool) -> Vec<Event> {
+        for _ in 0..100 {
+            let ev = store.events(Some("d"), 0).unwrap();
+            if f(&ev) {
+                return ev;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        store.events(Some("d"), 0).unwrap()
+    }
+
+    #[tokio::test]
+    async fn meltdown_alerts_instead_of_repairing() {
+        let (_dir, m, store) = setup(5, &["vm-0", "vm-1", "vm-2", "vm-3", "vm-4"]);
+        m.clone().tick().await.unwrap();
+        let ev = store.events(Some("d"), 0).unwrap();
+        let alert = ev
+            .iter()
+            .find(|e| e.action == "alert" && e.object == "deployment")
+            .unwrap_or_else(|| panic!("no meltdown alert in {ev:?}"));
+        assert!(alert.result.contains("meltdown"), "{alert:?}");
+        assert_eq!(alert.seen, "5 of 5 instances down");
+        assert_eq!(ev.iter().filter(|e| e.action == "detect").count(), 5);
+        assert!(
+            !ev.iter()
+                .any(|e| e.action == "recreate" || e.action == "fence"),
+            "no repair during a meltdown: {ev:?}"
+        );
+        assert!(m.health().values().all(|h| *h == Health::Missing));
+    }
+
+    #[tokio::test]
+    async fn one_fault_one_repair_then_an_alert_when_it_fails() {
+        // One of five VMs gone: below the meltdown guard, so it is repaired;
+        // the repair fails (nothing was ever deployed there): an alert, and
+        // no second attempt.
+        let (_dir, m, store) = setup(5, &["vm-3"]);
+        m.clone().tick().await.unwrap();
+        let ev = events_until(&store, |ev| ev.iter().any(|e| e.action == "alert")).await;
+        let of3: Vec<&Event> = ev
+            .iter()
+            .filter(|e| {
+                e.instance
+                    .as_deref()
+                    .is_some_and(|i| i.starts_with("g/id3"))
+            })
+            .collect();
+        let actions: Vec<(&str, &str)> = of3
+            .iter()
+            .map(|e| (e.action.as_str(), e.result.as_str()))
+            .collect();
+        assert_eq!(actions[0], ("detect", "missing"), "{actions:?}");
+        assert_eq!(actions[1].0, "recreate");
+        assert!(actions[1].1.starts_with("starting"), "{actions:?}");
+        assert_eq!(actions[2], ("fence", "deleted"), "{actions:?}");
+        assert!(
+            of3.iter()
+                .any(|e| e.action == "alert" && e.result.contains("no recorded deployed spec")),
+            "{actions:?}"
+        );
+        assert!(
+            !ev.iter().any(|e| e.object == "deployment"),
+            "no meltdown for 1 of 5"
+        );
+        // Others: silent but present, not yet past agent_timeout: no repair.
+        assert!(!ev
+            .iter()
+            .any(|e| e.action == "recreate"
+                && !e.instance.as_deref().unwrap_or("").starts_with("g/id3")));
+        m.clone().tick().await.unwrap();
+        let again = store.events(Some("d"), 0).unwrap();
+        assert_eq!(
+            again
+                .iter()
+                .filter(|e| e.action == "recreate" && e.result.starts_with("starting"))
+                .count(),
+            1,
+            "one fault, one repair"
+        );
+    }
+}

@@ -54,6 +54,27 @@ fn pos(events: &[Value], action: &str, result: &str, object: &str) -> usize {
         })
 }
 
+/// Where a path inside a local-CPI VM (under /var/vcap) is on the host,
+/// following symlinks whose targets are VM paths.
+fn host_path(env: &Env, cid: &str, vm_path: &str) -> String {
+    let vcap = env.state().join("local-cpi/vms").join(cid).join("vcap");
+    let mut host = vcap.clone();
+    let rel = vm_path
+        .strip_prefix("/var/vcap/")
+        .expect("a /var/vcap path");
+    for part in rel.split('/') {
+        host.push(part);
+        if let Ok(target) = std::fs::read_link(&host) {
+            host = match target.strip_prefix("/var/vcap") {
+                Ok(t) => vcap.join(t),
+                Err(_) if target.is_absolute() => target,
+                Err(_) => host.parent().unwrap().join(target),
+            };
+        }
+    }
+    host.display().to_string()
+}
+
 fn vm_cid_of(env: &Env, index: u64) -> Value {
     by_index(&env.instances("quickstart"), index)
 }
@@ -66,7 +87,12 @@ fn replaced_and_running(env: &Env, index: u64, old_cid: &Value) -> bool {
 #[test]
 fn the_monitor_heals_a_crashed_process_a_lost_vm_and_a_silent_agent() {
     let env = Env::new(111);
-    let m = env.manifest("m.yml", &kv_manifest("quickstart", 8080, "300-30000"));
+    // A short job_restart_after keeps case 1b quick; the rest are defaults.
+    let manifest = kv_manifest("quickstart", 8080, "300-30000").replace(
+        "instance_groups:",
+        "health:\n  job_restart_after: 2\ninstance_groups:",
+    );
+    let m = env.manifest("m.yml", &manifest);
     let out = env.bosun(&["deploy", m.to_str().unwrap(), "-n"]);
     assert!(out.status.success(), "{}", text(&out));
     let before = env.instances("quickstart");
@@ -115,6 +141,49 @@ fn the_monitor_heals_a_crashed_process_a_lost_vm_and_a_silent_agent() {
         served.as_millis()
     );
     assert_eq!(vm_cid_of(&env, 0)["vm_cid"], i0["vm_cid"], "same VM");
+
+    // 1b. The job stays failing (its program is gone): after
+    //     job_restart_after the monitor restarts the job; still failing,
+    //     it alerts and stops; once the program is back it runs again.
+    let server = server_pid(agent0).expect("kv server runs");
+    let program = host_path(
+        &env,
+        i0["vm_cid"].as_str().unwrap(),
+        "/var/vcap/packages/kv-server/lib/server.py",
+    );
+    std::fs::rename(&program, format!("{program}.off")).expect("hide server.py");
+    signal(server, "KILL");
+    let alerted = || {
+        events_of(&env, &i0).iter().any(|e| {
+            e["action"] == "alert" && e["result"].as_str().unwrap().contains("still failing")
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), alerted),
+        "no alert; monitor log:\n{}",
+        std::fs::read_to_string(&mon.log).unwrap_or_default()
+    );
+    let ev = events_of(&env, &i0);
+    let restarted = pos(&ev, "restart-job", "ok", "jobs kv");
+    let alert = pos(&ev, "alert", "still failing", "instance");
+    assert!(restarted < alert, "restart the job, then alert");
+    assert_eq!(
+        ev.iter().filter(|e| e["action"] == "restart-job").count(),
+        1,
+        "one fault, one job restart"
+    );
+    std::fs::rename(format!("{program}.off"), &program).expect("restore server.py");
+    assert!(
+        wait_until(Duration::from_secs(30), || events_of(&env, &i0)
+            .iter()
+            .skip(alert + 1)
+            .any(|e| e["result"] == "recovered")),
+        "instance 0 runs again after its program is back"
+    );
+    assert_eq!(
+        http("GET", &addr(&i0), "/kv/one", "").unwrap(),
+        (200, "1".to_string())
+    );
 
     // 2. The VM of instance 1 is lost: its agent and every process in it.
     let i1 = by_index(&before, 1);
@@ -342,4 +411,27 @@ fn cloud_check_cleans_up_after_a_director_crash_mid_deploy() {
             .any(|e| e["source"] == "cloud-check" && e["action"] == "delete-vm"),
         "cloud-check's work is in the events"
     );
+
+    // A lost VM: reported as missing, recreated by --auto with its IP and disk.
+    let lost = by_index(&list, 4);
+    let agent = env.vm_pid(lost["vm_cid"].as_str().unwrap());
+    let mut all = vec![agent];
+    all.extend(descendants(agent).into_iter().map(|(p, _)| p));
+    let _ = Command::new("kill")
+        .arg("-KILL")
+        .args(all.iter().map(|p| p.to_string()))
+        .status();
+    assert!(wait_until(Duration::from_secs(10), || {
+        let out = env.bosun(&["-d", "quickstart", "cloud-check", "--report", "--json"]);
+        serde_json::from_slice::<Value>(&out.stdout)
+            .is_ok_and(|s| s["problems"][0]["kind"] == "missing_vm")
+    }));
+    let out = env.bosun(&["-d", "quickstart", "cloud-check", "--auto"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("recreate: recreated"), "{}", text(&out));
+    let back = by_index(&env.instances("quickstart"), 4);
+    assert_eq!(back["process_state"], "running");
+    assert_eq!(back["ips"], lost["ips"]);
+    assert_eq!(back["persistent_disk_cids"], lost["persistent_disk_cids"]);
+    assert_ne!(back["vm_cid"], lost["vm_cid"]);
 }
