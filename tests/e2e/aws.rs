@@ -192,6 +192,24 @@ fn deploy_to_the_emulator_fails_clearly_and_delete_leaves_nothing() {
         );
     }
 
+    // cloud-check through the AWS CPI: both agents are unresponsive, and
+    // listing by tag (orphans) works against the EC2 API: nothing unknown.
+    let out = env.bosun(&["-d", "awsdep", "cloud-check", "--report", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let scan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let kinds: Vec<&str> = scan["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["unresponsive_agent", "unresponsive_agent"],
+        "{scan}"
+    );
+    assert_eq!(scan["notes"], serde_json::json!([]), "{scan}");
+
     // delete-deployment terminates every instance and leaves no volume.
     let out = env.bosun(&["-d", "awsdep", "delete-deployment", "-n"]);
     assert!(out.status.success(), "{}", text(&out));
