@@ -11,8 +11,10 @@
 //! - [`ipam`]: IP address management (pure).
 //! - [`release`]: BOSH-layout release directories and tarballs.
 //! - [`templates`]: Tera rendering with BOSH's template context.
+//! - [`secrets`]: encryption at rest of generated variable values.
 //! - [`state`]: the SQLite state store, blobs, the deployment lock.
 //! - [`desired`]: manifest + cloud-config + releases -> desired state.
+//! - [`diff`]: manifest line diffs shown before a deploy.
 //! - [`planner`]: desired + recorded state -> a `Plan` value (no IO).
 //! - [`executor`]: carries out a plan, one attempt, recording each step.
 //! - [`compiler`]: package compilation on compilation VMs.
@@ -30,6 +32,7 @@ pub mod cloud_config;
 pub mod cloudcheck;
 pub mod compiler;
 pub mod desired;
+pub mod diff;
 pub mod executor;
 pub mod ipam;
 pub mod manifest;
@@ -39,6 +42,7 @@ pub mod planner;
 pub mod problems;
 pub mod release;
 pub mod repair;
+pub mod secrets;
 pub mod state;
 pub mod stemcell;
 pub mod templates;
