@@ -68,6 +68,12 @@ pub enum StateError {
     ReleaseConflict { name: String, version: String },
     #[error("deployment '{deployment}' is locked by another bosun process ({holder}); wait for it to finish")]
     Locked { deployment: String, holder: String },
+    #[error("{op}: {source}")]
+    Secret {
+        op: String,
+        #[source]
+        source: crate::secrets::SecretsError,
+    },
 }
 
 type Result<T> = std::result::Result<T, StateError>;
@@ -366,6 +372,7 @@ impl Event {
 /// The store. Cheap to share (`Arc`).
 pub struct Store {
     dir: PathBuf,
+    secrets: crate::secrets::SecretBox,
     conn: Mutex<Connection>,
     blobs: BlobStore,
     key: KeyPair,
@@ -387,7 +394,24 @@ CREATE TABLE IF NOT EXISTS instances (id TEXT PRIMARY KEY, deployment TEXT NOT N
 CREATE INDEX IF NOT EXISTS instances_by_deployment ON instances (deployment);
 CREATE TABLE IF NOT EXISTS orphan_disks (cid TEXT PRIMARY KEY, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY AUTOINCREMENT, deployment TEXT, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS variables (deployment TEXT NOT NULL, name TEXT NOT NULL, record TEXT NOT NULL,
+  sealed TEXT NOT NULL, PRIMARY KEY (deployment, name));
 ";
+
+/// A generated variable of a deployment, without its value (which is kept
+/// sealed beside it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VariableRecord {
+    pub deployment: String,
+    pub name: String,
+    /// Changes whenever the value is (re)generated.
+    pub id: String,
+    /// `password`, `certificate`, `ssh`, `rsa`.
+    pub kind: String,
+    /// Digest of the definition it was generated from.
+    pub definition_digest: String,
+    pub created_at: i64,
+}
 
 impl Store {
     /// Open (creating if needed) the state in `dir`.
@@ -403,6 +427,14 @@ impl Store {
         conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;")
             .map_err(|e| open_err(Box::new(e)))?;
         conn.execute_batch(SCHEMA)
+            .map_err(|e| open_err(Box::new(e)))?;
+        // The database holds sealed secrets and VM host keys: owner only.
+        std::fs::set_permissions(
+            dir.join("state.db"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .map_err(|e| open_err(Box::new(e)))?;
+        let secrets = crate::secrets::SecretBox::open_or_create(&dir.join("secrets.key"))
             .map_err(|e| open_err(Box::new(e)))?;
         let blobs = BlobStore::open(dir.join("blobs")).map_err(|e| open_err(Box::new(e)))?;
         let key = load_or_create_private_key(&dir.join("director_ed25519"))
@@ -429,6 +461,7 @@ impl Store {
         };
         Ok(Arc::new(Store {
             dir: dir.to_path_buf(),
+            secrets,
             conn: Mutex::new(conn),
             blobs,
             key,
@@ -766,6 +799,76 @@ impl Store {
         )
     }
 
+    // ---- variables ----
+
+    /// A generated variable and its value (opened), if stored.
+    pub fn variable(
+        &self,
+        deployment: &str,
+        name: &str,
+    ) -> Result<Option<(VariableRecord, serde_json::Value)>> {
+        let op = format!("reading variable {name} of {deployment}");
+        let row: Option<(String, String)> = db(
+            &op,
+            self.conn()
+                .query_row(
+                    "SELECT record, sealed FROM variables WHERE deployment = ?1 AND name = ?2",
+                    params![deployment, name],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional(),
+        )?;
+        let Some((record, sealed)) = row else {
+            return Ok(None);
+        };
+        let rec: VariableRecord = from_json(&op, &record)?;
+        let plain = self
+            .secrets
+            .open(&sealed)
+            .map_err(|source| StateError::Secret {
+                op: op.clone(),
+                source,
+            })?;
+        let value =
+            serde_json::from_slice(&plain).map_err(|source| StateError::Json { op, source })?;
+        Ok(Some((rec, value)))
+    }
+
+    /// Store (or replace) a generated variable, its value sealed.
+    pub fn save_variable(&self, rec: &VariableRecord, value: &serde_json::Value) -> Result<()> {
+        let op = format!("storing variable {} of {}", rec.name, rec.deployment);
+        let plain = serde_json::to_vec(value).map_err(|source| StateError::Json {
+            op: op.clone(),
+            source,
+        })?;
+        let sealed = self
+            .secrets
+            .seal(&plain)
+            .map_err(|source| StateError::Secret {
+                op: op.clone(),
+                source,
+            })?;
+        let json = to_json(&op, rec)?;
+        db(
+            op,
+            self.conn().execute(
+                "INSERT INTO variables (deployment, name, record, sealed) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(deployment, name) DO UPDATE SET record = excluded.record, sealed = excluded.sealed",
+                params![rec.deployment, rec.name, json, sealed],
+            ),
+        )
+        .map(|_| ())
+    }
+
+    /// A deployment's generated variables (names and ids, never values).
+    pub fn variables(&self, deployment: &str) -> Result<Vec<VariableRecord>> {
+        self.query_records(
+            "listing variables",
+            "SELECT record FROM variables WHERE deployment = ?1 ORDER BY name",
+            params![deployment],
+        )
+    }
+
     // ---- events ----
 
     pub fn add_event(&self, e: &Event) -> Result<()> {
@@ -939,6 +1042,44 @@ mod tests {
         );
         drop(lock);
         assert!(s.lock_deployment("q").is_ok());
+    }
+
+    #[test]
+    fn variables_are_sealed_at_rest_and_listed_without_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let rec = VariableRecord {
+            deployment: "d".into(),
+            name: "admin_password".into(),
+            id: "v1".into(),
+            kind: "password".into(),
+            definition_digest: "x".into(),
+            created_at: 1,
+        };
+        s.save_variable(&rec, &serde_json::json!("s3cr3t-value"))
+            .unwrap();
+        let (got, value) = s.variable("d", "admin_password").unwrap().unwrap();
+        assert_eq!(
+            (got, value),
+            (rec.clone(), serde_json::json!("s3cr3t-value"))
+        );
+        assert_eq!(s.variables("d").unwrap(), vec![rec]);
+        assert!(s.variable("d", "other").unwrap().is_none());
+        drop(s);
+        let db = std::fs::read(dir.path().join("state.db")).unwrap();
+        let wal = std::fs::read(dir.path().join("state.db-wal")).unwrap_or_default();
+        for bytes in [db, wal] {
+            assert!(
+                !bytes.windows(12).any(|w| w == b"s3cr3t-value"),
+                "the value is not stored in clear"
+            );
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("state.db"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 
     #[test]
