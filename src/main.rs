@@ -138,6 +138,10 @@ enum Command {
     CloudConfig,
     /// Upload a cloud-config.
     UpdateCloudConfig { file: PathBuf },
+    /// Print the runtime-config in force.
+    RuntimeConfig,
+    /// Upload a runtime-config (addons for every deployment, from the next deploy on).
+    UpdateRuntimeConfig { file: PathBuf },
     /// Run the agent of a VM (started by CPIs, not by operators).
     #[command(hide = true)]
     Agent {
@@ -540,6 +544,20 @@ async fn run(cli: Cli) -> Result<i32> {
                     println!("# No cloud-config uploaded; the built-in local default is in force.")
                 }
             }
+            Ok(0)
+        }
+        Command::RuntimeConfig => {
+            match store.runtime_config()? {
+                Some((_, text, _)) => print!("{text}"),
+                None => println!("# No runtime-config uploaded."),
+            }
+            Ok(0)
+        }
+        Command::UpdateRuntimeConfig { file } => {
+            let id = director.update_runtime_config(&file)?;
+            println!(
+                "Updated runtime-config (#{id}); it applies from each deployment's next deploy"
+            );
             Ok(0)
         }
         Command::UpdateCloudConfig { file } => {

@@ -8,6 +8,7 @@
 //! - [`problems`]: input problems with file, path and line.
 //! - [`yaml`]: YAML parsed into a tree that knows each node's line.
 //! - [`manifest`], [`cloud_config`]: typed, validated operator input.
+//! - [`addons`]: the runtime-config and addon placement.
 //! - [`ipam`]: IP address management (pure).
 //! - [`release`]: BOSH-layout release directories and tarballs.
 //! - [`templates`]: Tera rendering with BOSH's template context.
@@ -28,6 +29,7 @@
 //! through `bosun_agent::client`. It never prints: progress goes to an
 //! event sink the CLI supplies.
 
+pub mod addons;
 pub mod cloud_config;
 pub mod cloudcheck;
 pub mod compiler;

@@ -31,6 +31,8 @@ pub struct Manifest {
     pub health: HealthPolicy,
     pub variables: Vec<VariableDef>,
     pub tags: BTreeMap<String, String>,
+    /// The manifest's own addons (placed like the runtime-config's).
+    pub addons: Vec<crate::addons::Addon>,
     /// `{}` when absent.
     pub features: serde_json::Value,
     /// Path -> line for this file.
@@ -654,6 +656,7 @@ fn decode(d: &mut Decoder, root: &Node, base_dir: &Path) -> Option<Manifest> {
         }
     }
     let features = d.json_object(&f, "features");
+    let addons = crate::addons::addons(d, &f, &releases);
 
     Some(Manifest {
         name: name?,
@@ -665,9 +668,20 @@ fn decode(d: &mut Decoder, root: &Node, base_dir: &Path) -> Option<Manifest> {
         variables,
         tags,
         features,
+        addons,
         source: SourceMap::default(),
         raw: root.to_json(),
     })
+}
+
+/// A `releases[]` entry (shared with the runtime-config).
+pub(crate) fn release_ref(d: &mut Decoder, it: &Item, base_dir: &Path) -> Option<ReleaseRef> {
+    release(d, it, base_dir)
+}
+
+/// A `jobs[]` entry (shared with addons).
+pub(crate) fn job_ref(d: &mut Decoder, it: &Item, releases: &[ReleaseRef]) -> Option<JobRef> {
+    job(d, it, releases)
 }
 
 fn release(d: &mut Decoder, it: &Item, base_dir: &Path) -> Option<ReleaseRef> {

@@ -176,6 +176,34 @@ impl Director {
         }
     }
 
+    /// Validate and store a runtime-config (addons for every deployment).
+    pub fn update_runtime_config(&self, path: &Path) -> Result<i64, OpError> {
+        let text = read(path)?;
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let base = std::fs::canonicalize(&base).unwrap_or(base);
+        crate::addons::parse_runtime_config(&path.display().to_string(), &text, &base)?;
+        Ok(self.store.save_runtime_config(&text, &base)?)
+    }
+
+    /// The manifest with its own addons and the runtime-config's placed.
+    fn with_addons(&self, manifest: &Manifest) -> Result<Manifest, OpError> {
+        let mut m = manifest.clone();
+        let own = std::mem::take(&mut m.addons);
+        crate::addons::apply(&mut m, &own, &[], &manifest.source)?;
+        if let Some((id, text, base)) = self.store.runtime_config()? {
+            let rc = crate::addons::parse_runtime_config(
+                &format!("runtime-config #{id}"),
+                &text,
+                &base,
+            )?;
+            crate::addons::apply(&mut m, &rc.addons, &rc.releases, &rc.source)?;
+        }
+        Ok(m)
+    }
+
     pub fn update_cloud_config(&self, path: &Path) -> Result<i64, OpError> {
         let text = read(path)?;
         cloud_config::parse_cloud_config(&path.display().to_string(), &text)?;
@@ -304,6 +332,7 @@ impl Director {
         report: &dyn Report,
     ) -> Result<Plan, OpError> {
         let cc = self.cloud_config(report)?;
+        let manifest = &self.with_addons(manifest)?;
         // Every problem at once: cloud-config checks, releases, jobs, links.
         let mut problems = match cloud_config::validate_manifest(manifest, &cc) {
             Ok(()) => Problems::default(),

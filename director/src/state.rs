@@ -394,6 +394,8 @@ CREATE TABLE IF NOT EXISTS instances (id TEXT PRIMARY KEY, deployment TEXT NOT N
 CREATE INDEX IF NOT EXISTS instances_by_deployment ON instances (deployment);
 CREATE TABLE IF NOT EXISTS orphan_disks (cid TEXT PRIMARY KEY, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY AUTOINCREMENT, deployment TEXT, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runtime_configs (id INTEGER PRIMARY KEY AUTOINCREMENT, text TEXT NOT NULL,
+  base_dir TEXT NOT NULL, created_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS variables (deployment TEXT NOT NULL, name TEXT NOT NULL, record TEXT NOT NULL,
   sealed TEXT NOT NULL, PRIMARY KEY (deployment, name));
 ";
@@ -688,6 +690,33 @@ impl Store {
                     "SELECT id, text FROM cloud_configs ORDER BY id DESC LIMIT 1",
                     [],
                     |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional(),
+        )
+    }
+
+    /// Store a runtime-config; `base_dir` resolves its release `path`s.
+    pub fn save_runtime_config(&self, text: &str, base_dir: &Path) -> Result<i64> {
+        let conn = self.conn();
+        db(
+            "saving runtime-config",
+            conn.execute(
+                "INSERT INTO runtime_configs (text, base_dir, created_at) VALUES (?1, ?2, ?3)",
+                params![text, base_dir.to_string_lossy(), now()],
+            ),
+        )?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    /// The latest runtime-config: (id, text, base dir).
+    pub fn runtime_config(&self) -> Result<Option<(i64, String, PathBuf)>> {
+        db(
+            "reading runtime-config",
+            self.conn()
+                .query_row(
+                    "SELECT id, text, base_dir FROM runtime_configs ORDER BY id DESC LIMIT 1",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?, PathBuf::from(r.get::<_, String>(2)?))),
                 )
                 .optional(),
         )

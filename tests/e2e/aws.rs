@@ -4,7 +4,6 @@
 //! cleans up completely. The VPC lives in the loopback range, so nothing
 //! outside this machine is ever dialed.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 
 use crate::support::{http_with, text, Env};
@@ -76,32 +75,6 @@ fn light_stemcell(env: &Env, ami: &str) -> std::path::PathBuf {
     out
 }
 
-/// A release whose only job runs `sleep` and needs no packages.
-fn noop_release(env: &Env) -> std::path::PathBuf {
-    let dir = env.path("noop-release");
-    let files: BTreeMap<&str, &str> = [
-        ("config/final.yml", "name: noop\n"),
-        (
-            "jobs/noop/spec",
-            "---\nname: noop\ntemplates:\n  bpm.yml: config/bpm.yml\npackages: []\nproperties: {}\n",
-        ),
-        ("jobs/noop/monit", ""),
-        (
-            "jobs/noop/templates/bpm.yml",
-            "processes:\n- name: sleep\n  executable: /bin/sleep\n  args: ['1000']\n",
-        ),
-    ]
-    .into_iter()
-    .collect();
-    for (path, content) in files {
-        let p = dir.join(path);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, content).unwrap();
-    }
-    std::fs::create_dir_all(dir.join("packages")).unwrap();
-    dir
-}
-
 #[test]
 fn deploy_to_the_emulator_fails_clearly_and_delete_leaves_nothing() {
     let Some(endpoint) = endpoint() else { return };
@@ -144,7 +117,7 @@ fn deploy_to_the_emulator_fails_clearly_and_delete_leaves_nothing() {
         text(&out)
     );
 
-    let release = noop_release(&env);
+    let release = crate::support::noop_release(&env);
     let manifest = format!(
         "name: awsdep\nreleases:\n- name: noop\n  version: latest\n  path: {}\nstemcells:\n- alias: default\n  os: test-os\n  version: latest\nupdate:\n  canaries: 1\n  max_in_flight: 2\n  canary_watch_time: 1000\n  update_watch_time: 1000\ninstance_groups:\n- name: kv\n  instances: 2\n  azs: [z1]\n  vm_type: default\n  stemcell: default\n  persistent_disk_type: default\n  networks:\n  - name: private\n  jobs:\n  - name: noop\n    release: noop\n",
         release.display()

@@ -5,6 +5,7 @@
 
 mod support;
 
+mod addons;
 mod aws;
 mod cpi_conformance;
 mod deploy;

@@ -294,3 +294,29 @@ impl Env {
             .expect("a pid")
     }
 }
+
+/// A release whose only job runs `sleep` and needs no packages.
+pub fn noop_release(env: &Env) -> std::path::PathBuf {
+    let dir = env.path("noop-release");
+    let files: std::collections::BTreeMap<&str, &str> = [
+        ("config/final.yml", "name: noop\n"),
+        (
+            "jobs/noop/spec",
+            "---\nname: noop\ntemplates:\n  bpm.yml: config/bpm.yml\npackages: []\nproperties: {}\n",
+        ),
+        ("jobs/noop/monit", ""),
+        (
+            "jobs/noop/templates/bpm.yml",
+            "processes:\n- name: sleep\n  executable: /bin/sleep\n  args: ['1000']\n",
+        ),
+    ]
+    .into_iter()
+    .collect();
+    for (path, content) in files {
+        let p = dir.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, content).unwrap();
+    }
+    std::fs::create_dir_all(dir.join("packages")).unwrap();
+    dir
+}
