@@ -15,6 +15,7 @@ use bosun_cpi_aws::{AwsCpi, AwsCpiConfig};
 use bosun_cpi_docker::{DockerCpi, DockerCpiConfig};
 use bosun_cpi_local::{LocalCpi, LocalCpiConfig};
 use bosun_director::cloudcheck::{CheckProblem, Resolution, Scan};
+use bosun_director::diff::{DiffLine, DiffTag};
 use bosun_director::executor::{Cpis, ExecOptions, Progress};
 use bosun_director::monitor::Monitor;
 use bosun_director::ops::{DeployOptions, Director, InstanceInfo, Report};
@@ -229,6 +230,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 .deploy(&manifest, &DeployOptions { dry_run }, printer.clone())
                 .await?;
             if dry_run {
+                print_diff(&outcome.diff);
                 print!("{}", outcome.plan);
                 return Ok(0);
             }
@@ -669,6 +671,33 @@ fn ask(question: &str) -> bool {
     matches!(line.trim(), "y" | "Y" | "yes")
 }
 
+/// The manifest diff, coloured on a terminal.
+fn print_diff(hunks: &[Vec<DiffLine>]) {
+    if hunks.is_empty() {
+        return;
+    }
+    let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    println!("Manifest changes:");
+    for (i, h) in hunks.iter().enumerate() {
+        if i > 0 {
+            println!("  ...");
+        }
+        for l in h {
+            let (mark, code) = match l.tag {
+                DiffTag::Same => (' ', ""),
+                DiffTag::Added => ('+', "\x1b[32m"),
+                DiffTag::Removed => ('-', "\x1b[31m"),
+            };
+            if colour && !code.is_empty() {
+                println!("{code}{mark} {}\x1b[0m", l.text);
+            } else {
+                println!("{mark} {}", l.text);
+            }
+        }
+    }
+    println!();
+}
+
 /// A UTC time with milliseconds, from ms since the epoch.
 fn fmt_time(ms: i64) -> String {
     let secs = ms.div_euclid(1000);
@@ -825,7 +854,8 @@ impl Report for Printer {
         println!("{msg}");
     }
 
-    fn confirm(&self, plan: &Plan) -> bool {
+    fn confirm(&self, diff: &[Vec<DiffLine>], plan: &Plan) -> bool {
+        print_diff(diff);
         print!("{plan}");
         if self.non_interactive {
             return true;

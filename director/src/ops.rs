@@ -19,6 +19,7 @@ use bosun_cpi::{StemcellSpec, AGENT_PORT};
 
 use crate::cloud_config::{self, CloudConfig};
 use crate::desired::{self, ResolveError};
+use crate::diff::DiffLine;
 use crate::executor::{
     futures_join_all, Cpis, ExecError, ExecOptions, ExecSummary, Executor, Progress,
 };
@@ -63,9 +64,9 @@ pub enum OpError {
 pub trait Report: Progress {
     /// A one-off notice.
     fn notice(&self, msg: &str);
-    /// Show the plan and ask whether to go on (answer true when
-    /// non-interactive).
-    fn confirm(&self, plan: &Plan) -> bool;
+    /// Show the manifest diff and the plan, and ask whether to go on
+    /// (answer true when non-interactive).
+    fn confirm(&self, diff: &[Vec<DiffLine>], plan: &Plan) -> bool;
 }
 
 /// The director: the store and the CPIs.
@@ -84,6 +85,8 @@ pub struct DeployOptions {
 /// What a deploy did.
 #[derive(Debug)]
 pub struct DeployOutcome {
+    /// The manifest against the one deployed last (placeholders, not values).
+    pub diff: Vec<Vec<DiffLine>>,
     pub plan: Plan,
     pub summary: Option<ExecSummary>,
     pub elapsed: Duration,
@@ -458,14 +461,21 @@ impl Director {
         let plan = self
             .plan_manifest(&manifest, !opts.dry_run, report.as_ref())
             .await?;
+        let deployed = self
+            .store
+            .deployment(&manifest.name)?
+            .map(|d| d.manifest)
+            .unwrap_or_default();
+        let diff = crate::diff::diff_lines(&deployed, &text, 3);
         if opts.dry_run || plan.is_empty() {
             return Ok(DeployOutcome {
+                diff,
                 plan,
                 summary: None,
                 elapsed: started.elapsed(),
             });
         }
-        if !report.confirm(&plan) {
+        if !report.confirm(&diff, &plan) {
             return Err(OpError::Cancelled);
         }
         self.store.save_deployment(&DeploymentRecord {
@@ -478,6 +488,7 @@ impl Director {
         let progress: Arc<dyn Progress> = Arc::new(ReportProgress(report.clone()));
         let summary = self.executor(progress).execute(&plan).await?;
         Ok(DeployOutcome {
+            diff,
             plan,
             summary: Some(summary),
             elapsed: started.elapsed(),

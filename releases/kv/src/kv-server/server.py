@@ -3,7 +3,9 @@
     kv-server --config /var/vcap/jobs/kv/config/config.json
 
 config.json: {"address", "port", "data_dir", "peers": ["host:port", ...],
-"replication_timeout_ms"}.
+"replication_timeout_ms", "tls": {"certificate_file", "key_file", "ca_file"}}.
+With "tls" it serves HTTPS, and talks HTTPS to its peers, verifying their
+certificates against ca_file (by chain: peers are dialed by IP).
 
 API:
   PUT  /kv/<key>     store the body durably, replicate it synchronously to
@@ -24,6 +26,7 @@ import argparse
 import http.client
 import json
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -51,10 +54,17 @@ def split_addr(addr):
     return host.strip("[]"), int(port)
 
 
+# TLS context for requests to peers (None: plain HTTP).
+PEER_TLS = None
+
+
 def request(peer, method, path, body=None, headers=None, timeout=2.0):
     """One HTTP request to a peer -> (status, body bytes). Raises on network errors."""
     host, port = split_addr(peer)
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    if PEER_TLS is not None:
+        conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=PEER_TLS)
+    else:
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         conn.request(method, path, body=body, headers=headers or {})
         resp = conn.getresponse()
@@ -302,6 +312,18 @@ def main(argv=None):
         split_addr(p)  # fail early on a malformed peer
     timeout_s = max(0.05, float(cfg.get("replication_timeout_ms", 2000)) / 1000.0)
 
+    global PEER_TLS
+    tls = cfg.get("tls") or {}
+    server_tls = None
+    if tls:
+        server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_tls.load_cert_chain(tls["certificate_file"], tls["key_file"])
+        if tls.get("ca_file"):
+            PEER_TLS = ssl.create_default_context(cafile=tls["ca_file"])
+            PEER_TLS.check_hostname = False  # peers are dialed by IP; the chain is verified
+        else:
+            PEER_TLS = ssl._create_unverified_context()
+
     store = KeyStore(cfg["data_dir"])
     log("data in %s, %d key(s); peers: %s" % (store.data_dir, len(store.keys()), ", ".join(peers) or "none"))
     catch_up(store, peers, max(timeout_s, 5.0))
@@ -312,6 +334,8 @@ def main(argv=None):
     ThreadingHTTPServer.allow_reuse_address = True
     ThreadingHTTPServer.daemon_threads = True
     server = ThreadingHTTPServer((address, port), Handler)
+    if server_tls is not None:
+        server.socket = server_tls.wrap_socket(server.socket, server_side=True)
     replicator.start()
 
     def on_term(signum, _frame):
@@ -322,7 +346,7 @@ def main(argv=None):
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    log("listening on %s:%d" % (address, port))
+    log("listening on %s:%d (%s)" % (address, port, "https" if server_tls else "http"))
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
