@@ -55,10 +55,32 @@ enum Command {
     /// Deploy a manifest: plan the changes, confirm, converge.
     Deploy {
         manifest: PathBuf,
-        /// Print the plan and stop.
+        /// Print the manifest diff and the plan, and stop.
         #[arg(long)]
         dry_run: bool,
+        #[command(flatten)]
+        vars: VarArgs,
+        /// Generate this variable anew (repeatable).
+        #[arg(long, value_name = "NAME")]
+        regenerate: Vec<String>,
     },
+    /// Apply ops files and variables to a YAML file and print it (as `bosh interpolate`).
+    Interpolate {
+        file: PathBuf,
+        #[command(flatten)]
+        vars: VarArgs,
+        /// Generate declared variables into this YAML file and keep them there.
+        #[arg(long, value_name = "FILE")]
+        vars_store: Option<PathBuf>,
+        /// Print only the value at this path (e.g. /instance_groups/name=kv/instances).
+        #[arg(long)]
+        path: Option<String>,
+        /// Fail when a variable has no value (listing all of them).
+        #[arg(long)]
+        var_errs: bool,
+    },
+    /// List the generated variables of a deployment (-d): names and ids, never values.
+    Variables,
     /// List deployments.
     Deployments,
     /// List the instances of a deployment (-d) with their live state.
@@ -154,6 +176,47 @@ enum Command {
     },
 }
 
+/// Ops files and variable sources, as `bosh interpolate` and `bosh deploy` take them.
+#[derive(clap::Args, Clone, Debug, Default)]
+struct VarArgs {
+    /// Ops file to apply (repeatable, in order).
+    #[arg(short = 'o', long = "ops-file", value_name = "FILE")]
+    ops_files: Vec<PathBuf>,
+    /// A variable: NAME=VALUE (repeatable).
+    #[arg(short = 'v', long = "var", value_name = "NAME=VALUE")]
+    vars: Vec<String>,
+    /// A YAML file of variables (repeatable; later files win).
+    #[arg(short = 'l', long = "vars-file", value_name = "FILE")]
+    vars_files: Vec<PathBuf>,
+    /// Read variables from environment variables PREFIX_name.
+    #[arg(long = "vars-env", value_name = "PREFIX")]
+    vars_env: Vec<String>,
+}
+
+impl VarArgs {
+    fn options(&self) -> Result<bosun_director::interpolate::InterpolateOptions> {
+        let read = |p: &PathBuf| {
+            std::fs::read_to_string(p)
+                .with_context(|| format!("reading {}", p.display()))
+                .map(|t| (p.display().to_string(), t))
+        };
+        let mut vars = Vec::new();
+        for v in &self.vars {
+            let (k, val) = v
+                .split_once('=')
+                .with_context(|| format!("-v {v}: expected NAME=VALUE"))?;
+            vars.push((k.to_string(), val.to_string()));
+        }
+        Ok(bosun_director::interpolate::InterpolateOptions {
+            ops_files: self.ops_files.iter().map(read).collect::<Result<_>>()?,
+            vars,
+            var_files: self.vars_files.iter().map(read).collect::<Result<_>>()?,
+            vars_env: self.vars_env.clone(),
+            ..Default::default()
+        })
+    }
+}
+
 fn default_state_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_DATA_HOME") {
         return PathBuf::from(d).join("bosun");
@@ -224,10 +287,24 @@ async fn run(cli: Cli) -> Result<i32> {
     let printer = Arc::new(Printer::new(cli.non_interactive));
     match cli.command {
         Command::Agent { .. } => Ok(0),
-        Command::Deploy { manifest, dry_run } => {
+        Command::Deploy {
+            manifest,
+            dry_run,
+            vars,
+            regenerate,
+        } => {
             let started = Instant::now();
+            let mut interpolate = vars.options()?;
+            interpolate.regenerate = regenerate;
             let outcome = director
-                .deploy(&manifest, &DeployOptions { dry_run }, printer.clone())
+                .deploy(
+                    &manifest,
+                    &DeployOptions {
+                        dry_run,
+                        interpolate,
+                    },
+                    printer.clone(),
+                )
                 .await?;
             if dry_run {
                 print_diff(&outcome.diff);
@@ -293,6 +370,41 @@ async fn run(cli: Cli) -> Result<i32> {
                 "Deleted deployment '{name}' ({n} instances) in {:.1}s; persistent disks are kept as orphaned disks",
                 started.elapsed().as_secs_f64()
             );
+            Ok(0)
+        }
+        Command::Interpolate {
+            file,
+            vars,
+            vars_store,
+            path,
+            var_errs,
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let mut opts = vars.options()?;
+            opts.vars_store = vars_store;
+            opts.path = path;
+            opts.var_errs = var_errs;
+            let out = bosun_director::interpolate::interpolate(
+                &file.display().to_string(),
+                &text,
+                &opts,
+            )?;
+            print!("{out}");
+            Ok(0)
+        }
+        Command::Variables => {
+            let name = need_deployment(&cli.deployment)?;
+            let list = store.variables(&name)?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!("{:<32} {:<12} id", "name", "type");
+                for v in &list {
+                    println!("{:<32} {:<12} {}", v.name, v.kind, v.id);
+                }
+                println!("\n{} variables", list.len());
+            }
             Ok(0)
         }
         Command::Monitor { duration } => {

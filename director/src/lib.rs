@@ -12,6 +12,7 @@
 //! - [`ipam`]: IP address management (pure).
 //! - [`release`]: BOSH-layout release directories and tarballs.
 //! - [`templates`]: Tera rendering with BOSH's template context.
+//! - [`interpolate`]: `bosh interpolate`: ops files, variables, generated values.
 //! - [`secrets`]: encryption at rest of generated variable values.
 //! - [`state`]: the SQLite state store, blobs, the deployment lock.
 //! - [`desired`]: manifest + cloud-config + releases -> desired state.
@@ -36,6 +37,7 @@ pub mod compiler;
 pub mod desired;
 pub mod diff;
 pub mod executor;
+pub mod interpolate;
 pub mod ipam;
 pub mod manifest;
 pub mod monitor;

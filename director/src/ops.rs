@@ -58,6 +58,10 @@ pub enum OpError {
     Cancelled,
     #[error("{0}")]
     Stemcell(String),
+    #[error(transparent)]
+    Interpolate(#[from] crate::interpolate::InterpolateError),
+    #[error(transparent)]
+    VarStore(#[from] crate::interpolate::StoreError),
 }
 
 /// What the CLI shows the operator.
@@ -80,6 +84,70 @@ pub struct Director {
 #[derive(Clone, Debug, Default)]
 pub struct DeployOptions {
     pub dry_run: bool,
+    /// Ops files, variables and regenerations (`vars_store` and `path` are
+    /// not used: generated values live in the director's state).
+    pub interpolate: crate::interpolate::InterpolateOptions,
+}
+
+/// Generated variables of one deployment, kept sealed in the state store
+/// (the director's stand-in for `--vars-store`).
+struct StateVars<'a> {
+    store: &'a Store,
+    deployment: String,
+    /// Variable types by name, from the manifest's definitions.
+    kinds: BTreeMap<String, String>,
+}
+
+impl crate::interpolate::VariableStore for StateVars<'_> {
+    fn get(
+        &self,
+        name: &str,
+    ) -> Result<Option<serde_yaml_ng::Value>, crate::interpolate::StoreError> {
+        let be = |e: String| crate::interpolate::StoreError::Backend(e);
+        match self
+            .store
+            .variable(&self.deployment, name)
+            .map_err(|e| be(e.to_string()))?
+        {
+            Some((_, v)) => serde_yaml_ng::to_value(v)
+                .map(Some)
+                .map_err(|e| be(format!("reading variable {name}: {e}"))),
+            None => Ok(None),
+        }
+    }
+
+    fn put(
+        &mut self,
+        name: &str,
+        value: serde_yaml_ng::Value,
+        definition_digest: &str,
+    ) -> Result<(), crate::interpolate::StoreError> {
+        let be = |e: String| crate::interpolate::StoreError::Backend(e);
+        let json = serde_json::to_value(&value)
+            .map_err(|e| be(format!("storing variable {name}: {e}")))?;
+        let rec = crate::state::VariableRecord {
+            deployment: self.deployment.clone(),
+            name: name.to_string(),
+            id: uuid::Uuid::new_v4().to_string(),
+            kind: self.kinds.get(name).cloned().unwrap_or_default(),
+            definition_digest: definition_digest.to_string(),
+            created_at: crate::state::now(),
+        };
+        self.store
+            .save_variable(&rec, &json)
+            .map_err(|e| be(e.to_string()))
+    }
+
+    fn definition_digest(
+        &self,
+        name: &str,
+    ) -> Result<Option<String>, crate::interpolate::StoreError> {
+        Ok(self
+            .store
+            .variable(&self.deployment, name)
+            .map_err(|e| crate::interpolate::StoreError::Backend(e.to_string()))?
+            .map(|(r, _)| r.definition_digest))
+    }
 }
 
 /// What a deploy did.
@@ -326,6 +394,87 @@ impl Director {
         Ok((manifest, text))
     }
 
+    /// Read a manifest, apply ops files and variables (generating declared
+    /// ones into the state, sealed, when `persist`), and parse the result.
+    /// Returns the manifest and its text *before* variable values were
+    /// filled in (what is diffed and recorded: placeholders, never secrets).
+    pub fn load_interpolated(
+        &self,
+        manifest_path: &Path,
+        opts: &crate::interpolate::InterpolateOptions,
+        persist: bool,
+    ) -> Result<(Manifest, String), OpError> {
+        use crate::interpolate::{self as interp, InterpolateOptions};
+        let file = manifest_path.display().to_string();
+        let text = read(manifest_path)?;
+        let base = manifest_path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        // Nothing to interpolate: parse the file as written (exact lines).
+        if opts.ops_files.is_empty() && !text.contains("((") {
+            let manifest = manifest::parse_manifest(&file, &text, &base)?;
+            return Ok((manifest, text));
+        }
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        // 1. Ops files only: the placeholders stay.
+        let ops_only = InterpolateOptions {
+            ops_files: opts.ops_files.clone(),
+            ..InterpolateOptions::default()
+        };
+        let pre = interp::interpolate_value_with(&file, &text, &ops_only, None, &env)?;
+        let pre_text = interp::to_output(&pre, false)?;
+        // 2. Variables, generated ones from (and into) the state.
+        let name = pre
+            .get("name")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string();
+        let kinds: BTreeMap<String, String> = pre
+            .get("variables")
+            .and_then(|v| v.as_sequence())
+            .into_iter()
+            .flatten()
+            .filter_map(|v| {
+                Some((
+                    v.get("name")?.as_str()?.to_string(),
+                    v.get("type")?.as_str()?.to_string(),
+                ))
+            })
+            .collect();
+        let vars_opts = InterpolateOptions {
+            ops_files: vec![],
+            vars_store: None,
+            path: None,
+            var_errs: true,
+            ..opts.clone()
+        };
+        let final_value = if persist {
+            let mut sv = StateVars {
+                store: &self.store,
+                deployment: name.clone(),
+                kinds,
+            };
+            interp::interpolate_value_with(&file, &pre_text, &vars_opts, Some(&mut sv), &env)?
+        } else {
+            // A dry run generates into memory only, starting from what is kept.
+            let mut mem = interp::MemoryStore::default();
+            for r in self.store.variables(&name)? {
+                if let Some((rec, v)) = self.store.variable(&name, &r.name)? {
+                    let yv = serde_yaml_ng::to_value(v).map_err(|e| {
+                        OpError::Stemcell(format!("reading variable {}: {e}", r.name))
+                    })?;
+                    interp::VariableStore::put(&mut mem, &r.name, yv, &rec.definition_digest)?;
+                }
+            }
+            interp::interpolate_value_with(&file, &pre_text, &vars_opts, Some(&mut mem), &env)?
+        };
+        let final_text = interp::to_output(&final_value, false)?;
+        let manifest =
+            manifest::parse_manifest(&format!("{file} (interpolated)"), &final_text, &base)?;
+        Ok((manifest, pre_text))
+    }
+
     /// Validate, resolve releases (uploading `path:` ones when `persist`),
     /// resolve the desired state and plan.
     pub async fn plan_manifest(
@@ -451,7 +600,8 @@ impl Director {
         report: Arc<dyn Report>,
     ) -> Result<DeployOutcome, OpError> {
         let started = Instant::now();
-        let (manifest, text) = self.load_manifest(manifest_path)?;
+        let (manifest, text) =
+            self.load_interpolated(manifest_path, &opts.interpolate, !opts.dry_run)?;
         // Plan under the lock, so the plan shown is the one carried out.
         let _lock = if opts.dry_run {
             None

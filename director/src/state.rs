@@ -767,23 +767,81 @@ impl Store {
     // ---- instances ----
 
     pub fn instances(&self, deployment: &str) -> Result<Vec<InstanceRecord>> {
-        let mut v: Vec<InstanceRecord> = self.query_records(
-            &format!("reading instances of {deployment}"),
+        let op = format!("reading instances of {deployment}");
+        let rows: Vec<serde_json::Value> = self.query_records(
+            &op,
             "SELECT record FROM instances WHERE deployment = ?1",
             params![deployment],
         )?;
+        let mut v = rows
+            .into_iter()
+            .map(|r| self.open_instance(&op, r))
+            .collect::<Result<Vec<_>>>()?;
         v.sort_by(|a, b| (&a.group, a.index).cmp(&(&b.group, b.index)));
         Ok(v)
     }
 
     /// Every instance of every deployment (for IP reservations).
     pub fn all_instances(&self) -> Result<Vec<InstanceRecord>> {
-        self.query_records("reading all instances", "SELECT record FROM instances", [])
+        let op = "reading all instances";
+        let rows: Vec<serde_json::Value> =
+            self.query_records(op, "SELECT record FROM instances", [])?;
+        rows.into_iter()
+            .map(|r| self.open_instance(op, r))
+            .collect()
+    }
+
+    /// An instance row: its `deployed` spec (rendered templates, which may
+    /// hold secrets) is kept sealed as `deployed_sealed`.
+    fn open_instance(&self, op: &str, mut row: serde_json::Value) -> Result<InstanceRecord> {
+        if let Some(sealed) = row
+            .as_object_mut()
+            .and_then(|o| o.remove("deployed_sealed"))
+            .and_then(|v| v.as_str().map(str::to_string))
+        {
+            let plain = self
+                .secrets
+                .open(&sealed)
+                .map_err(|source| StateError::Secret {
+                    op: op.to_string(),
+                    source,
+                })?;
+            let deployed: serde_json::Value =
+                serde_json::from_slice(&plain).map_err(|source| StateError::Json {
+                    op: op.to_string(),
+                    source,
+                })?;
+            row["deployed"] = deployed;
+        }
+        serde_json::from_value(row).map_err(|source| StateError::Json {
+            op: op.to_string(),
+            source,
+        })
     }
 
     pub fn save_instance(&self, rec: &InstanceRecord) -> Result<()> {
         let op = format!("recording instance {}/{}", rec.group, rec.id);
-        let json = to_json(&op, rec)?;
+        let mut row = serde_json::to_value(rec).map_err(|source| StateError::Json {
+            op: op.clone(),
+            source,
+        })?;
+        if let Some(o) = row.as_object_mut() {
+            if let Some(d) = o.remove("deployed").filter(|d| !d.is_null()) {
+                let plain = serde_json::to_vec(&d).map_err(|source| StateError::Json {
+                    op: op.clone(),
+                    source,
+                })?;
+                let sealed = self
+                    .secrets
+                    .seal(&plain)
+                    .map_err(|source| StateError::Secret {
+                        op: op.clone(),
+                        source,
+                    })?;
+                o.insert("deployed_sealed".into(), serde_json::Value::String(sealed));
+            }
+        }
+        let json = to_json(&op, &row)?;
         db(
             op,
             self.conn().execute(

@@ -4,6 +4,7 @@
 //! its own loopback subnet so tests can run in parallel.
 
 mod support;
+mod variables;
 
 mod addons;
 mod aws;

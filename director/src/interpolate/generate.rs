@@ -210,7 +210,8 @@ impl CaMaterial {
 }
 
 fn new_rsa_key() -> Result<rsa::PrivateKey, GenerateError> {
-    rsa::PrivateKey::new(&mut getrandom::SysRng, RSA_BITS).map_err(|e| GenerateError::Key(e.to_string()))
+    rsa::PrivateKey::new(&mut getrandom::SysRng, RSA_BITS)
+        .map_err(|e| GenerateError::Key(e.to_string()))
 }
 
 fn pkcs1_pem(key: &rsa::PrivateKey) -> Result<String, GenerateError> {
@@ -353,7 +354,8 @@ pub fn certificate(options: &CertOptions, ca: Option<&CaMaterial>) -> Result<Val
 
 /// Generate an `ssh` value (ed25519).
 pub fn ssh() -> Result<Value, GenerateError> {
-    let pair = bosun_agent::keys::generate_keypair().map_err(|e| GenerateError::Key(e.to_string()))?;
+    let pair =
+        bosun_agent::keys::generate_keypair().map_err(|e| GenerateError::Key(e.to_string()))?;
     let mut fields = pair.public_openssh.split_whitespace();
     let (Some(algo), Some(blob)) = (fields.next(), fields.next()) else {
         return Err(GenerateError::Key(

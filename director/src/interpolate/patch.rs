@@ -34,7 +34,9 @@ pub enum PatchError {
         len: usize,
         path: String,
     },
-    #[error("Expected to find exactly one matching array item for path '{path}' but found {count}")]
+    #[error(
+        "Expected to find exactly one matching array item for path '{path}' but found {count}"
+    )]
     Matching { path: String, count: usize },
     #[error("Expected to find key, matching index or after last index token at path '{path}'")]
     CannotCreate { path: String },
@@ -435,7 +437,7 @@ fn concrete_index(
         }
     }
     let len_i = len as i64;
-    if result >= len_i || (-result) - 1 >= len_i {
+    if result >= len_i || -result > len_i {
         return Err(PatchError::MissingIndex {
             index: result,
             len,

@@ -49,7 +49,10 @@ impl Modifier {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Token {
     /// An array index; negative counts from the end.
-    Index { index: i64, modifiers: Vec<Modifier> },
+    Index {
+        index: i64,
+        modifiers: Vec<Modifier>,
+    },
     /// `-`: after the last item (append).
     AfterLast,
     /// `key=value`: the single array item that is a map with `key: value`.

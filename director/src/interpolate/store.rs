@@ -52,8 +52,7 @@ pub trait VariableStore {
     /// Store `value` for `name`, generated from a definition with this
     /// digest. Implementations should make the value durable before
     /// returning.
-    fn put(&mut self, name: &str, value: Value, definition_digest: &str)
-        -> Result<(), StoreError>;
+    fn put(&mut self, name: &str, value: Value, definition_digest: &str) -> Result<(), StoreError>;
     /// The digest recorded with `name`'s value, if any.
     fn definition_digest(&self, name: &str) -> Result<Option<String>, StoreError>;
 }
@@ -84,7 +83,8 @@ impl FileStore {
             path: path.to_path_buf(),
             message,
         };
-        let doc = super::parse_yaml(&text).map_err(|(_, m)| invalid(format!("invalid YAML: {m}")))?;
+        let doc =
+            super::parse_yaml(&text).map_err(|(_, m)| invalid(format!("invalid YAML: {m}")))?;
         let mut values = Mapping::new();
         let mut digests = Mapping::new();
         match doc {

@@ -202,7 +202,9 @@ pub fn parse_var_value(name: &str, text: &str) -> Result<Value, VarsError> {
 
 fn trim_wrapping_quotes(s: &str) -> &str {
     let b = s.as_bytes();
-    if b.len() >= 2 && ((b[0] == b'"' && b[b.len() - 1] == b'"') || (b[0] == b'\'' && b[b.len() - 1] == b'\'')) {
+    if b.len() >= 2
+        && ((b[0] == b'"' && b[b.len() - 1] == b'"') || (b[0] == b'\'' && b[b.len() - 1] == b'\''))
+    {
         &s[1..s.len() - 1]
     } else {
         s
@@ -378,7 +380,9 @@ fn walk(
             } else {
                 for (k, v) in map.iter_mut() {
                     if needs_walk(v) {
-                        walk(v, lookup, missing, &|| format!("{}/{}", path(), key_text(k)))?;
+                        walk(v, lookup, missing, &|| {
+                            format!("{}/{}", path(), key_text(k))
+                        })?;
                     }
                 }
             }
@@ -657,9 +661,7 @@ impl<'s> Resolver<'s> {
             def_index.entry(d.name.clone()).or_insert(i);
         }
         for name in regenerate {
-            let typed = def_index
-                .get(name)
-                .is_some_and(|&i| defs[i].kind.is_some());
+            let typed = def_index.get(name).is_some_and(|&i| defs[i].kind.is_some());
             if !typed {
                 return Err(VarsError::Regenerate(name.clone()));
             }
