@@ -667,3 +667,126 @@ fn needed_packages(
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cloud_config::default_local;
+    use crate::manifest::parse_manifest;
+    use crate::release::read_release_dir;
+    use std::path::Path;
+
+    /// A release with a `db` job providing `conn` (type db, exporting
+    /// db.port) and a `web` job consuming `conn` and, optionally, `cache`.
+    fn links_release(dir: &Path) -> ReleaseRecord {
+        let files = [
+            ("config/final.yml", "name: links\n"),
+            (
+                "jobs/db/spec",
+                "name: db\ntemplates: {}\npackages: []\nprovides:\n- name: conn\n  type: db\n  properties: [db.port]\nproperties:\n  db.port: {default: 5432}\n",
+            ),
+            ("jobs/db/monit", ""),
+            (
+                "jobs/web/spec",
+                "name: web\ntemplates: {}\npackages: []\nconsumes:\n- name: conn\n  type: db\n- name: cache\n  type: cache\n  optional: true\nproperties: {}\n",
+            ),
+            ("jobs/web/monit", ""),
+        ];
+        for (p, c) in files {
+            let p = dir.join(p);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, c).unwrap();
+        }
+        std::fs::create_dir_all(dir.join("packages")).unwrap();
+        ReleaseRecord::from_release(&read_release_dir(dir, None).unwrap())
+    }
+
+    fn resolve_text(text: &str) -> Result<DesiredState, ResolveError> {
+        let dir = tempfile::tempdir().unwrap();
+        let m = parse_manifest("m.yml", text, Path::new(".")).unwrap();
+        let releases = [("links".to_string(), links_release(dir.path()))]
+            .into_iter()
+            .collect();
+        let stemcells = vec![StemcellRecord {
+            name: "host".into(),
+            os: "local".into(),
+            version: "1".into(),
+            cpi: "local".into(),
+            cid: "sc-1".into(),
+        }];
+        resolve(&m, &default_local(), &releases, &stemcells)
+    }
+
+    fn manifest(web_consumes: &str) -> String {
+        let group = |name: &str, jobs: &str| {
+            format!("- name: {name}\n  instances: 1\n  azs: [z1]\n  vm_type: default\n  stemcell: default\n  networks: [{{name: default}}]\n  jobs:\n{jobs}")
+        };
+        format!(
+            "name: l\nreleases: [{{name: links, version: latest}}]\nstemcells: [{{alias: default, os: local}}]\nupdate: {{canaries: 1, max_in_flight: 1, canary_watch_time: 1000, update_watch_time: 1000}}\ninstance_groups:\n{}{}{}",
+            group("primary", "  - name: db\n    release: links\n    provides: {conn: {as: main-db}}\n"),
+            group("replica", "  - name: db\n    release: links\n    provides: {conn: {as: replica-db}}\n    properties: {db: {port: 6000}}\n"),
+            group("web", &format!("  - name: web\n    release: links\n{web_consumes}")),
+        )
+    }
+
+    fn consumes(d: &DesiredState, group: &str) -> BTreeMap<String, LinkSource> {
+        d.groups.iter().find(|g| g.name == group).unwrap().jobs[0]
+            .consumes
+            .clone()
+    }
+
+    fn problems(r: Result<DesiredState, ResolveError>) -> Vec<String> {
+        match r {
+            Err(ResolveError::Problems(p)) => p.0.iter().map(|p| p.to_string()).collect(),
+            Err(e) => vec![e.to_string()],
+            Ok(_) => vec![],
+        }
+    }
+
+    #[test]
+    fn links_across_groups_with_from_renaming_properties_and_optional() {
+        let d = resolve_text(&manifest("    consumes: {conn: {from: replica-db}}\n")).unwrap();
+        let c = consumes(&d, "web");
+        assert_eq!(
+            c.get("conn"),
+            Some(&LinkSource {
+                group: "replica".into(),
+                job: "db".into(),
+                properties: json!({"db": {"port": 6000}}),
+            }),
+            "the renamed provider, with its exported property"
+        );
+        assert!(
+            !c.contains_key("cache"),
+            "an optional link nobody provides is left out"
+        );
+
+        let d = resolve_text(&manifest("    consumes: {conn: {from: main-db}}\n")).unwrap();
+        assert_eq!(
+            consumes(&d, "web")["conn"].properties,
+            json!({"db": {"port": 5432}}),
+            "the spec default is exported when the manifest sets none"
+        );
+        let d = resolve_text(&manifest("    consumes: {conn: nil}\n")).unwrap();
+        assert!(consumes(&d, "web").is_empty(), "nil consumes nothing");
+    }
+
+    #[test]
+    fn ambiguous_and_unknown_links_are_located_problems() {
+        let p = problems(resolve_text(&manifest("")));
+        assert!(
+            p.iter()
+                .any(|m| m.contains("instance_groups[2].jobs[0].consumes.conn")
+                    && m.contains("several providers (primary.db.main-db, replica.db.replica-db)")),
+            "{p:?}"
+        );
+        let p = problems(resolve_text(&manifest(
+            "    consumes: {conn: {from: nope}}\n",
+        )));
+        assert!(
+            p.iter()
+                .any(|m| m.contains("no job in the deployment provides one named 'nope'")),
+            "{p:?}"
+        );
+    }
+}
