@@ -416,7 +416,10 @@ impl Director {
             let manifest = manifest::parse_manifest(&file, &text, &base)?;
             return Ok((manifest, text));
         }
-        let env: Vec<(String, String)> = std::env::vars().collect();
+        // Entries that are not UTF-8 cannot be variables: skip them.
+        let env: Vec<(String, String)> = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .collect();
         // 1. Ops files only: the placeholders stay.
         let ops_only = InterpolateOptions {
             ops_files: opts.ops_files.clone(),

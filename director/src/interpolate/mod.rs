@@ -38,7 +38,8 @@ pub use store::{FileStore, MemoryStore, StoreError, VariableStore};
 pub use vars::{substitute, Definition, Lookup, Resolver, StaticVars, VarsError};
 
 /// What to do besides reading the document (the flags of `bosh int`).
-#[derive(Clone, Debug, Default)]
+/// Its `Debug` shows names only, never variable values or file contents.
+#[derive(Clone, Default)]
 pub struct InterpolateOptions {
     /// `-o`: (name for messages, text), applied in order.
     pub ops_files: Vec<(String, String)>,
@@ -58,6 +59,24 @@ pub struct InterpolateOptions {
     pub path: Option<String>,
     /// Typed variables to generate anew even if the store has them.
     pub regenerate: Vec<String>,
+}
+
+impl std::fmt::Debug for InterpolateOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names = |pairs: &[(String, String)]| -> Vec<String> {
+            pairs.iter().map(|(name, _)| name.clone()).collect()
+        };
+        f.debug_struct("InterpolateOptions")
+            .field("ops_files", &names(&self.ops_files))
+            .field("vars", &names(&self.vars))
+            .field("var_files", &names(&self.var_files))
+            .field("vars_env", &self.vars_env)
+            .field("vars_store", &self.vars_store)
+            .field("var_errs", &self.var_errs)
+            .field("path", &self.path)
+            .field("regenerate", &self.regenerate)
+            .finish()
+    }
 }
 
 /// Why a document could not be interpolated.
@@ -108,7 +127,10 @@ pub fn interpolate_value(
     let env: Vec<(String, String)> = if opts.vars_env.is_empty() {
         Vec::new()
     } else {
-        std::env::vars().collect()
+        // Entries that are not UTF-8 cannot name or hold a variable.
+        std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .collect()
     };
     match &opts.vars_store {
         Some(path) => {

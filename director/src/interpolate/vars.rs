@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 
 use super::generate::{self, CaMaterial, CertOptions, GenerateError, VarType};
 use super::patch::{self, kind_of, PatchError};
-use super::pointer::{escape, Pointer, Token};
+use super::pointer::{escape, Pointer, PointerError, Token};
 use super::store::{StoreError, VariableStore};
 
 /// A variables problem.
@@ -56,8 +56,15 @@ pub enum VarsError {
     DuplicateKey { key: String, path: String },
     #[error("Detected recursion in variable definitions: {}", .0.join(" -> "))]
     Recursion(Vec<String>),
-    #[error("-v '{arg}': {message}")]
-    BadVar { arg: String, message: String },
+    /// A `-v` argument (its value is never shown).
+    #[error("-v '{name}=...': {message}")]
+    BadVar { name: String, message: String },
+    #[error("Finding variable '{name}': {source}")]
+    BadName {
+        name: String,
+        #[source]
+        source: PointerError,
+    },
     #[error("vars file {file}: {message}")]
     VarsFile {
         file: String,
@@ -181,16 +188,15 @@ impl StaticVars {
 /// a string, in which case the text itself (wrapping quotes removed). Text
 /// that is not valid YAML is taken as a string too.
 pub fn parse_var_value(name: &str, text: &str) -> Result<Value, VarsError> {
-    let arg = || format!("{name}={text}");
     if name.is_empty() {
         return Err(VarsError::BadVar {
-            arg: arg(),
+            name: String::new(),
             message: "expected a non-empty name".to_string(),
         });
     }
     if text.is_empty() {
         return Err(VarsError::BadVar {
-            arg: arg(),
+            name: name.to_string(),
             message: "expected a non-empty value".to_string(),
         });
     }
@@ -313,12 +319,11 @@ pub fn lookup_full(lookup: &mut dyn Lookup, name: &str) -> Result<Option<Value>,
         name: name.to_string(),
         source,
     };
-    let ptr = Pointer::parse(&format!("/{}", rest.join("/"))).map_err(|e| VarsError::Finding {
-        name: name.to_string(),
-        source: PatchError::CannotDescendMissing {
-            path: format!("/{} ({e})", rest.join("/")),
-        },
-    })?;
+    let ptr =
+        Pointer::parse(&format!("/{}", rest.join("/"))).map_err(|source| VarsError::BadName {
+            name: name.to_string(),
+            source,
+        })?;
     match patch::find(&value, &ptr) {
         Ok(v) => Ok(Some(v.into_owned())),
         Err(_) => {
@@ -753,6 +758,10 @@ impl<'s> Resolver<'s> {
             let ca = match &o.ca {
                 Some(ca_name) => match Lookup::get(self, ca_name)? {
                     Some(v) => Some(CaMaterial::from_value(ca_name, &v).map_err(generr)?),
+                    // A defined CA that is only missing (its own options
+                    // lack a variable, or there is no store) makes this
+                    // certificate missing too; an undefined one is an error.
+                    None if self.def_index.contains_key(ca_name.as_str()) => return Ok(None),
                     None => {
                         return Err(VarsError::CaNotFound {
                             name: def.name.clone(),

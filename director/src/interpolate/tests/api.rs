@@ -1,3 +1,6 @@
+//! The public API: ops then variables then `--path`, output format, key
+//! order, explicit stores, input errors.
+
 use super::{int_err, int_ok, with_vars, y};
 use crate::interpolate::{
     interpolate_value, interpolate_value_with, to_output, InterpolateOptions, MemoryStore,

@@ -1,3 +1,6 @@
+//! Generation into a vars store: each type, generated once and kept,
+//! regeneration on changed definitions or on request, store format.
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
@@ -336,6 +339,7 @@ fn entries_written_by_bosh_are_kept_and_adopt_a_digest() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.yml");
     std::fs::write(&path, "pw: from-bosh\nunrelated: x\n").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
     let out = int_ok(
         "variables:\n- {name: pw, type: password}\np: ((pw))\nu: ((unrelated))\n",
         &store_opts(&path),
@@ -344,6 +348,9 @@ fn entries_written_by_bosh_are_kept_and_adopt_a_digest() {
     let store = read_store(&path);
     assert_eq!(s(&store, "pw"), "from-bosh");
     assert!(store[DIGESTS_KEY].get("pw").is_some());
+    // Rewritten atomically with mode 0600, whatever the old file's mode was.
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
 }
 
 #[test]
@@ -494,4 +501,27 @@ fn typed_definitions_without_a_store_are_missing() {
         &InterpolateOptions::default(),
     );
     assert_eq!(out, "variables:\n- name: pw\n  type: password\na: ((pw))\n");
+}
+
+#[test]
+fn a_certificate_whose_ca_is_missing_is_missing_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = "
+variables:
+- {name: ca, type: certificate, options: {is_ca: true, common_name: ((org))}}
+- {name: leaf, type: certificate, options: {ca: ca, common_name: leaf}}
+c: ((leaf.certificate))
+";
+    let opts = InterpolateOptions {
+        var_errs: true,
+        ..store_opts(&dir.path().join("s.yml"))
+    };
+    assert_eq!(
+        int_err(manifest, &opts),
+        "Expected to find variables:\n  - ca\n  - leaf\n  - org"
+    );
+    // Without var_errs the placeholders stay and nothing is generated.
+    let out = int_ok(manifest, &store_opts(&dir.path().join("s.yml")));
+    assert!(out.contains("c: ((leaf.certificate))"), "{out}");
+    assert!(!dir.path().join("s.yml").exists());
 }

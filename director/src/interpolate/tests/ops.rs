@@ -1,3 +1,6 @@
+//! go-patch operations (replace, remove, test) on maps and arrays, every
+//! token kind and modifier, exact error messages, ops-file shape errors.
+
 use super::{err, ok, y};
 use crate::interpolate::parse_ops;
 

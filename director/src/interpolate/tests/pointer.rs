@@ -1,3 +1,5 @@
+//! go-patch path syntax: tokens, modifiers, escapes, printing.
+
 use crate::interpolate::pointer::{Modifier, Pointer, PointerError, Token};
 
 #[test]

@@ -1,3 +1,6 @@
+//! Variables: placeholders, `.key` access, sources and their precedence,
+//! missing variables.
+
 use std::collections::HashMap;
 
 use serde_yaml_ng::Value;
@@ -216,7 +219,7 @@ fn v_values_are_read_as_yaml_like_bosh() {
         "n: 3\ns: plain text\nq: '3'\nm:\n  a: 1\nweird: 'a: b: c'\n"
     );
     let e = int_err("a: 1", &with_vars(&[("x", "")]));
-    assert_eq!(e, "-v 'x=': expected a non-empty value");
+    assert_eq!(e, "-v 'x=...': expected a non-empty value");
 }
 
 #[test]
@@ -268,4 +271,33 @@ fn static_vars_merge_order() {
     assert_eq!(s.get("x"), Some(&y("v")));
     assert_eq!(s.get("y"), Some(&y("l")));
     assert_eq!(s.get("z"), Some(&y("e")));
+}
+
+#[test]
+fn bad_key_path_in_a_placeholder_is_an_error() {
+    // `:` cannot appear in a placeholder, but `lookup_full` is public.
+    let e = crate::interpolate::vars::lookup_full(&mut map(&[("v", "{b: 1}")]), "v.b:sideways")
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "Finding variable 'v.b:sideways': Expected to find one of the following modifiers: 'prev', 'next', 'before', or 'after' but found 'sideways'"
+    );
+}
+
+#[test]
+fn options_debug_output_shows_names_not_values() {
+    let opts = InterpolateOptions {
+        vars: vec![("db_password".to_string(), "hunter2".to_string())],
+        var_files: vec![("creds.yml".to_string(), "token: s3cret".to_string())],
+        ..InterpolateOptions::default()
+    };
+    let shown = format!("{opts:?}");
+    assert!(
+        shown.contains("db_password") && shown.contains("creds.yml"),
+        "{shown}"
+    );
+    assert!(
+        !shown.contains("hunter2") && !shown.contains("s3cret"),
+        "{shown}"
+    );
 }
