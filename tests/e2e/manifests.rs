@@ -122,3 +122,84 @@ fn dry_run_prints_the_plan_and_creates_nothing() {
     );
     assert_eq!(env.vm_dirs(), 0);
 }
+
+#[test]
+fn interpolate_and_deploy_take_ops_files_and_variables() {
+    let env = Env::new(115);
+    let m = env.manifest(
+        "m.yml",
+        &crate::support::kv_manifest("quickstart", 8080, "300-30000")
+            .replace("        port: 8080", "        port: ((port))"),
+    );
+    let ops = env.path("scale.yml");
+    std::fs::write(
+        &ops,
+        "- type: replace\n  path: /instance_groups/name=kv/instances\n  value: 2\n- type: replace\n  path: /instance_groups/name=kv/env?/bosh/keep\n  value: true\n",
+    )
+    .unwrap();
+    let (m, ops) = (m.to_str().unwrap(), ops.to_str().unwrap());
+
+    let out = env.bosun(&[
+        "interpolate",
+        m,
+        "-o",
+        ops,
+        "-v",
+        "port=9090",
+        "--path",
+        "/instance_groups/name=kv/instances",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "2\n");
+    let out = env.bosun(&["interpolate", m, "-o", ops, "-v", "port=9090"]);
+    let yaml = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        yaml.contains("port: 9090") && yaml.contains("keep: true"),
+        "{yaml}"
+    );
+    assert!(
+        yaml.find("name: quickstart").unwrap() < yaml.find("instance_groups").unwrap(),
+        "key order kept"
+    );
+
+    // Errors name the ops file, the operation and the path, with what was there.
+    let bad = env.path("bad.yml");
+    std::fs::write(
+        &bad,
+        "- type: remove\n  path: /instance_groups/name=kv/nope\n",
+    )
+    .unwrap();
+    let out = env.bosun(&["interpolate", m, "-o", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = text(&out);
+    assert!(
+        err.contains("operation [0] in") && err.contains("bad.yml"),
+        "{err}"
+    );
+    assert!(
+        err.contains("Expected to find a map key 'nope' for path '/instance_groups/name=kv/nope'"),
+        "{err}"
+    );
+    assert!(err.contains("found map keys:"), "{err}");
+    let out = env.bosun(&["interpolate", m, "--var-errs"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("Expected to find variables:\n  - port"),
+        "{}",
+        text(&out)
+    );
+
+    // deploy takes the same arguments; a missing variable stops it first.
+    let out = env.bosun(&["deploy", m, "--dry-run", "-o", ops, "-v", "port=9090"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(log.matches("  create    kv/").count(), 2, "{log}");
+    assert!(
+        log.contains("+         port: ((port))"),
+        "the diff keeps the placeholder: {log}"
+    );
+    let out = env.bosun(&["deploy", m, "-n"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("port"), "{}", text(&out));
+    assert_eq!(env.vm_dirs(), 0, "nothing was created");
+}
