@@ -799,19 +799,7 @@ impl Store {
             .and_then(|o| o.remove("deployed_sealed"))
             .and_then(|v| v.as_str().map(str::to_string))
         {
-            let plain = self
-                .secrets
-                .open(&sealed)
-                .map_err(|source| StateError::Secret {
-                    op: op.to_string(),
-                    source,
-                })?;
-            let deployed: serde_json::Value =
-                serde_json::from_slice(&plain).map_err(|source| StateError::Json {
-                    op: op.to_string(),
-                    source,
-                })?;
-            row["deployed"] = deployed;
+            row["deployed"] = self.open_json(op, &sealed)?;
         }
         serde_json::from_value(row).map_err(|source| StateError::Json {
             op: op.to_string(),
@@ -827,17 +815,7 @@ impl Store {
         })?;
         if let Some(o) = row.as_object_mut() {
             if let Some(d) = o.remove("deployed").filter(|d| !d.is_null()) {
-                let plain = serde_json::to_vec(&d).map_err(|source| StateError::Json {
-                    op: op.clone(),
-                    source,
-                })?;
-                let sealed = self
-                    .secrets
-                    .seal(&plain)
-                    .map_err(|source| StateError::Secret {
-                        op: op.clone(),
-                        source,
-                    })?;
+                let sealed = self.seal_json(&op, &d)?;
                 o.insert("deployed_sealed".into(), serde_json::Value::String(sealed));
             }
         }
@@ -909,32 +887,42 @@ impl Store {
             return Ok(None);
         };
         let rec: VariableRecord = from_json(&op, &record)?;
+        Ok(Some((rec, self.open_json(&op, &sealed)?)))
+    }
+
+    /// A JSON value encrypted with the state's secrets key.
+    fn seal_json(&self, op: &str, value: &serde_json::Value) -> Result<String> {
+        let plain = serde_json::to_vec(value).map_err(|source| StateError::Json {
+            op: op.to_string(),
+            source,
+        })?;
+        self.secrets
+            .seal(&plain)
+            .map_err(|source| StateError::Secret {
+                op: op.to_string(),
+                source,
+            })
+    }
+
+    /// The JSON value [`Store::seal_json`] sealed.
+    fn open_json(&self, op: &str, sealed: &str) -> Result<serde_json::Value> {
         let plain = self
             .secrets
-            .open(&sealed)
+            .open(sealed)
             .map_err(|source| StateError::Secret {
-                op: op.clone(),
+                op: op.to_string(),
                 source,
             })?;
-        let value =
-            serde_json::from_slice(&plain).map_err(|source| StateError::Json { op, source })?;
-        Ok(Some((rec, value)))
+        serde_json::from_slice(&plain).map_err(|source| StateError::Json {
+            op: op.to_string(),
+            source,
+        })
     }
 
     /// Store (or replace) a generated variable, its value sealed.
     pub fn save_variable(&self, rec: &VariableRecord, value: &serde_json::Value) -> Result<()> {
         let op = format!("storing variable {} of {}", rec.name, rec.deployment);
-        let plain = serde_json::to_vec(value).map_err(|source| StateError::Json {
-            op: op.clone(),
-            source,
-        })?;
-        let sealed = self
-            .secrets
-            .seal(&plain)
-            .map_err(|source| StateError::Secret {
-                op: op.clone(),
-                source,
-            })?;
+        let sealed = self.seal_json(&op, value)?;
         let json = to_json(&op, rec)?;
         db(
             op,

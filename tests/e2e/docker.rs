@@ -5,7 +5,7 @@
 
 use std::process::Command;
 
-use crate::support::{http, repo, text, wait_until, Env};
+use crate::support::{event_pos, http, repo, text, wait_until, Env};
 
 fn docker(args: &[&str]) -> String {
     let out = Command::new("docker")
@@ -174,16 +174,7 @@ fn quickstart_on_docker() {
         "the paused container was fenced (removed)"
     );
     let events = env.events("quickstart");
-    let at = |action: &str, result: &str, object: &str| {
-        events
-            .iter()
-            .position(|e| {
-                e["action"] == action
-                    && e["result"].as_str().unwrap().starts_with(result)
-                    && e["object"].as_str().unwrap().contains(object)
-            })
-            .unwrap_or_else(|| panic!("no event {action} {object} {result}: {events:?}"))
-    };
+    let at = |action: &str, result: &str, object: &str| event_pos(&events, action, result, object);
     let new0 = by_index(&env.instances("quickstart"), 0)["vm_cid"]
         .as_str()
         .unwrap()

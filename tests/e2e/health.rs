@@ -8,7 +8,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
-use crate::support::{descendants, http, kv_manifest, signal, text, wait_until, Env, BOSUN};
+use crate::support::{
+    descendants, event_pos as pos, http, kv_manifest, signal, text, wait_until, Env, BOSUN,
+};
 
 fn by_index(list: &[Value], i: u64) -> Value {
     list.iter()
@@ -35,23 +37,6 @@ fn events_of(env: &Env, inst: &Value) -> Vec<Value> {
                 .is_some_and(|i| i.starts_with(&prefix))
         })
         .collect()
-}
-
-/// Position of the first event matching `action` and a result prefix.
-fn pos(events: &[Value], action: &str, result: &str, object: &str) -> usize {
-    events
-        .iter()
-        .position(|e| {
-            e["action"] == action
-                && e["result"].as_str().unwrap().starts_with(result)
-                && e["object"].as_str().unwrap().contains(object)
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "no event {action} {object} -> {result}... in:\n{}",
-                serde_json::to_string_pretty(events).unwrap()
-            )
-        })
 }
 
 /// Where a path inside a local-CPI VM (under /var/vcap) is on the host,

@@ -320,3 +320,20 @@ pub fn noop_release(env: &Env) -> std::path::PathBuf {
     std::fs::create_dir_all(dir.join("packages")).unwrap();
     dir
 }
+
+/// Position of the first event matching `action` and a result prefix.
+pub fn event_pos(events: &[serde_json::Value], action: &str, result: &str, object: &str) -> usize {
+    events
+        .iter()
+        .position(|e| {
+            e["action"] == action
+                && e["result"].as_str().unwrap().starts_with(result)
+                && e["object"].as_str().unwrap().contains(object)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no event {action} {object} -> {result}... in:\n{}",
+                serde_json::to_string_pretty(events).unwrap()
+            )
+        })
+}
