@@ -395,15 +395,16 @@ impl Director {
     }
 
     /// Read a manifest, apply ops files and variables (generating declared
-    /// ones into the state, sealed, when `persist`), and parse the result.
-    /// Returns the manifest and its text *before* variable values were
-    /// filled in (what is diffed and recorded: placeholders, never secrets).
+    /// ones into the state, sealed, when `persist`, under the deployment
+    /// lock, which is returned), and parse the result. Returns the manifest
+    /// and its text *before* variable values were filled in (what is diffed
+    /// and recorded: placeholders, never secrets).
     pub fn load_interpolated(
         &self,
         manifest_path: &Path,
         opts: &crate::interpolate::InterpolateOptions,
         persist: bool,
-    ) -> Result<(Manifest, String), OpError> {
+    ) -> Result<(Manifest, String, Option<crate::state::DeploymentLock>), OpError> {
         use crate::interpolate::{self as interp, InterpolateOptions};
         let file = manifest_path.display().to_string();
         let text = read(manifest_path)?;
@@ -414,7 +415,7 @@ impl Director {
         // Nothing to interpolate: parse the file as written (exact lines).
         if opts.ops_files.is_empty() && !text.contains("((") {
             let manifest = manifest::parse_manifest(&file, &text, &base)?;
-            return Ok((manifest, text));
+            return Ok((manifest, text, None));
         }
         // Entries that are not UTF-8 cannot be variables: skip them.
         let env: Vec<(String, String)> = std::env::vars_os()
@@ -452,6 +453,11 @@ impl Director {
             var_errs: true,
             ..opts.clone()
         };
+        let lock = if persist && !name.is_empty() && !name.contains("((") {
+            Some(self.store.lock_deployment(&name)?)
+        } else {
+            None
+        };
         let final_value = if persist {
             let mut sv = StateVars {
                 store: &self.store,
@@ -475,7 +481,7 @@ impl Director {
         let final_text = interp::to_output(&final_value, false)?;
         let manifest =
             manifest::parse_manifest(&format!("{file} (interpolated)"), &final_text, &base)?;
-        Ok((manifest, pre_text))
+        Ok((manifest, pre_text, lock))
     }
 
     /// Validate, resolve releases (uploading `path:` ones when `persist`),
@@ -603,13 +609,14 @@ impl Director {
         report: Arc<dyn Report>,
     ) -> Result<DeployOutcome, OpError> {
         let started = Instant::now();
-        let (manifest, text) =
+        let (manifest, text, held) =
             self.load_interpolated(manifest_path, &opts.interpolate, !opts.dry_run)?;
-        // Plan under the lock, so the plan shown is the one carried out.
-        let _lock = if opts.dry_run {
-            None
-        } else {
-            Some(self.store.lock_deployment(&manifest.name)?)
+        // Plan under the lock, so the plan shown is the one carried out
+        // (variables were generated under it too).
+        let _lock = match held {
+            Some(l) => Some(l),
+            None if opts.dry_run => None,
+            None => Some(self.store.lock_deployment(&manifest.name)?),
         };
         let plan = self
             .plan_manifest(&manifest, !opts.dry_run, report.as_ref())
