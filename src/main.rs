@@ -88,7 +88,39 @@ enum Command {
         /// Show each process.
         #[arg(long)]
         ps: bool,
+        /// Show load, memory and disk use.
+        #[arg(long)]
+        vitals: bool,
+        /// Show the agent id, VM creation time and disk size.
+        #[arg(long)]
+        details: bool,
     },
+    /// Fetch job logs of a deployment's instances (-d) as tarballs.
+    Logs {
+        /// GROUP, GROUP/ID or GROUP/INDEX (default: every instance).
+        instance: Option<String>,
+        /// Only this job's logs (repeatable).
+        #[arg(long = "job")]
+        jobs: Vec<String>,
+        /// Where to write the tarballs.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+    /// List persistent disks no instance owns any more.
+    Disks {
+        /// Orphaned disks (the only kind listed for now; kept for BOSH compatibility).
+        #[arg(long)]
+        orphaned: bool,
+    },
+    /// Delete an orphaned disk and its data.
+    DeleteDisk { cid: String },
+    /// Delete what nothing uses: with --all, every orphaned disk.
+    CleanUp {
+        #[arg(long)]
+        all: bool,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
     /// Delete a deployment (-d): VMs deleted, persistent disks orphaned.
     DeleteDeployment,
     /// Watch deployments (one with -d, else all) and repair them: restart
@@ -349,14 +381,101 @@ async fn run(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
-        Command::Instances { ps } => {
+        Command::Instances {
+            ps,
+            vitals,
+            details,
+        } => {
             let name = need_deployment(&cli.deployment)?;
             let list = director.instances(&name).await?;
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                print_instances(&list, ps);
+                print_instances(&list, ps, vitals, details);
             }
+            Ok(0)
+        }
+        Command::Logs {
+            instance,
+            jobs,
+            dir,
+        } => {
+            let name = need_deployment(&cli.deployment)?;
+            let got = director
+                .fetch_logs(&name, instance.as_deref(), &jobs, &dir)
+                .await?;
+            if cli.json {
+                let v: Vec<_> = got
+                    .iter()
+                    .map(|(i, f, n)| serde_json::json!({"instance": i, "file": f, "bytes": n}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for (i, f, n) in got {
+                    println!("{i}: {} ({n} bytes)", f.display());
+                }
+            }
+            Ok(0)
+        }
+        Command::Disks { orphaned: _ } => {
+            let list = store.orphan_disks()?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!(
+                    "{:<44} {:<8} {:>8} {:<16} instance",
+                    "cid", "cpi", "size_mb", "deployment"
+                );
+                for d in &list {
+                    println!(
+                        "{:<44} {:<8} {:>8} {:<16} {}",
+                        d.cid, d.cpi, d.size_mb, d.deployment, d.instance
+                    );
+                }
+                println!("\n{} orphaned disks", list.len());
+            }
+            Ok(0)
+        }
+        Command::DeleteDisk { cid } => {
+            if !cli.non_interactive && !ask(&format!("Delete disk {cid} and its data?")) {
+                bail!("cancelled");
+            }
+            let d = director.delete_orphan_disk(&cid).await?;
+            println!(
+                "Deleted orphaned disk {} (was {} of {})",
+                d.cid, d.instance, d.deployment
+            );
+            Ok(0)
+        }
+        Command::CleanUp { all } => {
+            if !all {
+                println!("Nothing to clean up without --all (orphaned disks are deleted only with --all)");
+                return Ok(0);
+            }
+            let list = store.orphan_disks()?;
+            if !cli.non_interactive
+                && !ask(&format!(
+                    "Delete {} orphaned disks and their data?",
+                    list.len()
+                ))
+            {
+                bail!("cancelled");
+            }
+            let mut failed = 0;
+            for d in &list {
+                match director.delete_orphan_disk(&d.cid).await {
+                    Ok(_) => println!("Deleted orphaned disk {}", d.cid),
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("Deleting orphaned disk {}: {e}", d.cid);
+                    }
+                }
+            }
+            Ok(if failed > 0 { 1 } else { 0 })
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "bosun", &mut std::io::stdout());
             Ok(0)
         }
         Command::DeleteDeployment => {
@@ -909,7 +1028,7 @@ fn choose(p: &CheckProblem) -> Result<Resolution> {
     Ok(p.resolutions[n - 1])
 }
 
-fn print_instances(list: &[InstanceInfo], ps: bool) {
+fn print_instances(list: &[InstanceInfo], ps: bool, vitals: bool, details: bool) {
     println!(
         "{:<46} {:<13} {:<4} {:<16} {:<42}",
         "instance", "process_state", "az", "ips", "vm_cid"
@@ -923,6 +1042,38 @@ fn print_instances(list: &[InstanceInfo], ps: bool) {
             i.ips.join(","),
             i.vm_cid.clone().unwrap_or_else(|| "-".into())
         );
+        if vitals {
+            match &i.vitals {
+                Some(v) => println!(
+                    "  load {:.2} {:.2} {:.2}  memory {} of {} MB  ephemeral disk {}  persistent disk {}",
+                    v.load[0],
+                    v.load[1],
+                    v.load[2],
+                    v.mem_used_kb / 1024,
+                    v.mem_total_kb / 1024,
+                    v.ephemeral_disk_percent.map(|p| format!("{p}%")).unwrap_or_else(|| "-".into()),
+                    v.persistent_disk_percent.map(|p| format!("{p}%")).unwrap_or_else(|| "-".into()),
+                ),
+                None => println!("  vitals unavailable (agent not answering)"),
+            }
+        }
+        if details {
+            println!(
+                "  agent {}  vm created {}  disks {} ({})",
+                i.agent_id.as_deref().unwrap_or("-"),
+                i.vm_created_at
+                    .map(|t| fmt_time(t * 1000))
+                    .unwrap_or_else(|| "-".into()),
+                if i.persistent_disk_cids.is_empty() {
+                    "-".to_string()
+                } else {
+                    i.persistent_disk_cids.join(",")
+                },
+                i.persistent_disk_mb
+                    .map(|m| format!("{m} MB"))
+                    .unwrap_or_else(|| "-".into()),
+            );
+        }
         if ps {
             for p in &i.processes {
                 println!(

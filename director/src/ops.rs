@@ -176,6 +176,12 @@ pub struct InstanceInfo {
     pub vm_cid: Option<String>,
     pub persistent_disk_cids: Vec<String>,
     pub processes: Vec<ProcessInfo>,
+    /// Load, memory and disk use, as the agent reports them.
+    pub vitals: Option<bosun_agent::protocol::Vitals>,
+    pub agent_id: Option<String>,
+    /// Seconds since the epoch the VM was created.
+    pub vm_created_at: Option<i64>,
+    pub persistent_disk_mb: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -684,6 +690,98 @@ impl Director {
             .collect())
     }
 
+    /// `logs`: each matching instance's job logs as a tarball in `dir`.
+    /// Returns (instance, file, bytes) per instance.
+    pub async fn fetch_logs(
+        &self,
+        name: &str,
+        filter: Option<&str>,
+        jobs: &[String],
+        dir: &Path,
+    ) -> Result<Vec<(String, PathBuf, u64)>, OpError> {
+        let recs: Vec<InstanceRecord> = self
+            .store
+            .instances(name)?
+            .into_iter()
+            .filter(|r| instance_matches(r, filter))
+            .collect();
+        if recs.is_empty() {
+            return Err(OpError::Stemcell(format!(
+                "no instance of deployment '{name}' matches '{}'",
+                filter.unwrap_or("")
+            )));
+        }
+        let exec = self.executor_as(Arc::new(QuietProgress), "logs");
+        let stamp = crate::state::now();
+        let mut out = Vec::new();
+        for r in recs {
+            let iname = crate::executor::instance_name(&r);
+            let vm = r
+                .vm
+                .as_ref()
+                .ok_or_else(|| OpError::Stemcell(format!("{iname} has no VM: no logs to fetch")))?;
+            let agent = |what: String| {
+                move |source| {
+                    OpError::Exec(ExecError::Agent {
+                        what,
+                        source: Box::new(source),
+                    })
+                }
+            };
+            let client = exec
+                .connect(vm, Duration::from_secs(10))
+                .await
+                .map_err(agent(format!("reaching the agent of {iname}")))?;
+            let res = client
+                .fetch_logs(&bosun_agent::protocol::FetchLogsParams {
+                    jobs: jobs.to_vec(),
+                })
+                .await
+                .map_err(agent(format!("packing the logs of {iname}")))?;
+            let data = client
+                .get_blob(&res.sha256)
+                .await
+                .map_err(agent(format!("fetching the logs of {iname}")))?;
+            let file = dir.join(format!("{name}.{}.{}.{stamp}.tgz", r.group, r.index));
+            std::fs::write(&file, &data).map_err(|source| OpError::Read {
+                path: file.clone(),
+                source,
+            })?;
+            out.push((iname, file, data.len() as u64));
+        }
+        Ok(out)
+    }
+
+    /// `delete-disk`: delete an orphaned disk through its CPI and forget it.
+    pub async fn delete_orphan_disk(&self, cid: &str) -> Result<crate::state::OrphanDisk, OpError> {
+        let d = self
+            .store
+            .orphan_disks()?
+            .into_iter()
+            .find(|d| d.cid == cid)
+            .ok_or_else(|| {
+                OpError::Stemcell(format!(
+                    "disk {cid} is not an orphaned disk (see `bosun disks --orphaned`); disks in use are never deleted"
+                ))
+            })?;
+        let cpi = self.cpis.get(&d.cpi).map_err(OpError::Exec)?;
+        cpi.delete_disk(&bosun_cpi::DiskCid(d.cid.clone()))
+            .await
+            .map_err(|source| {
+                OpError::Exec(ExecError::Cpi {
+                    what: format!("deleting orphaned disk {cid}"),
+                    source: Box::new(source),
+                })
+            })?;
+        self.store.delete_orphan_disk(cid)?;
+        let _ = self.store.add_event(
+            &crate::state::Event::new("delete-disk", &d.deployment, Some(&d.instance))
+                .did("delete", format!("disk {cid}"))
+                .result("ok"),
+        );
+        Ok(d)
+    }
+
     /// Recorded VMs their CPI says are gone. A CPI that cannot answer
     /// counts the VM as present (the update then reports the agent).
     async fn missing_vms(&self, instances: &[InstanceRecord]) -> BTreeSet<String> {
@@ -715,6 +813,17 @@ impl Director {
     }
 }
 
+/// Whether `filter` (`GROUP`, `GROUP/ID` or `GROUP/INDEX`) names this instance.
+pub fn instance_matches(r: &InstanceRecord, filter: Option<&str>) -> bool {
+    let Some(f) = filter else {
+        return true;
+    };
+    match f.split_once('/') {
+        None => r.group == f,
+        Some((g, x)) => r.group == g && (r.id == x || r.index.to_string() == x),
+    }
+}
+
 fn instance_info(r: &InstanceRecord, st: Option<AgentState>) -> InstanceInfo {
     let process_state = match (&r.vm, &st) {
         (None, _) => "missing".to_string(),
@@ -726,6 +835,7 @@ fn instance_info(r: &InstanceRecord, st: Option<AgentState>) -> InstanceInfo {
         }
         .to_string(),
     };
+    let vitals = st.as_ref().map(|s| s.vitals.clone());
     let processes = st
         .map(|s| {
             s.jobs
@@ -753,7 +863,18 @@ fn instance_info(r: &InstanceRecord, st: Option<AgentState>) -> InstanceInfo {
         vm_cid: r.vm.as_ref().map(|v| v.cid.clone()),
         persistent_disk_cids: r.disk.iter().map(|d| d.cid.clone()).collect(),
         processes,
+        vitals,
+        agent_id: r.vm.as_ref().map(|v| v.agent_id.clone()),
+        vm_created_at: r.vm.as_ref().map(|v| v.created_at),
+        persistent_disk_mb: r.disk.as_ref().map(|d| d.size_mb),
     }
+}
+
+/// Progress nobody watches.
+struct QuietProgress;
+
+impl Progress for QuietProgress {
+    fn stage(&self, _: &str, _: &str) {}
 }
 
 struct ReportProgress(Arc<dyn Report>);

@@ -856,6 +856,16 @@ impl Store {
         .map(|_| ())
     }
 
+    /// Forget an orphaned disk (after the CPI deleted it).
+    pub fn delete_orphan_disk(&self, cid: &str) -> Result<()> {
+        db(
+            format!("forgetting orphaned disk {cid}"),
+            self.conn()
+                .execute("DELETE FROM orphan_disks WHERE cid = ?1", params![cid]),
+        )
+        .map(|_| ())
+    }
+
     pub fn orphan_disks(&self) -> Result<Vec<OrphanDisk>> {
         self.query_records(
             "listing orphaned disks",

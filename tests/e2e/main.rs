@@ -9,6 +9,7 @@ mod variables;
 mod addons;
 mod aws;
 mod cpi_conformance;
+mod day2;
 mod deploy;
 mod docker;
 mod health;

@@ -1,0 +1,102 @@
+//! Day-2 commands: vitals and details, logs as tarballs, orphaned disks
+//! (list, delete, clean-up), shell completions.
+
+use std::io::Read;
+
+use crate::support::{http, kv_manifest, text, Env};
+
+#[test]
+fn vitals_logs_orphaned_disks_and_completions() {
+    let env = Env::new(116);
+    let m = env.manifest("m.yml", &kv_manifest("quickstart", 8080, "300-30000"));
+    let out = env.bosun(&["deploy", m.to_str().unwrap(), "-n"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let list = env.instances("quickstart");
+    let ip = list[0]["ips"][0].as_str().unwrap();
+    let (code, _) = http("PUT", &format!("{ip}:8080"), "/kv/a", "1").unwrap();
+    assert!(code == 201 || code == 204);
+
+    // Vitals and details, as text and JSON.
+    for i in &list {
+        assert!(i["vitals"]["mem_total_kb"].as_u64().unwrap() > 0, "{i}");
+        assert!(i["agent_id"].as_str().is_some_and(|a| !a.is_empty()), "{i}");
+        assert_eq!(i["persistent_disk_mb"], 1024);
+    }
+    let out = env.bosun(&["-d", "quickstart", "instances", "--vitals", "--details"]);
+    let t = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(t.matches("  load ").count(), 3, "{t}");
+    assert_eq!(t.matches("  agent ").count(), 3, "{t}");
+
+    // Logs of one instance as a tarball holding the job's log files.
+    let dir = env.path("logs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = env.bosun(&[
+        "-d",
+        "quickstart",
+        "logs",
+        "kv/0",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got.as_array().unwrap().len(), 1, "{got}");
+    let file = got[0]["file"].as_str().unwrap();
+    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(
+        std::fs::File::open(file).unwrap(),
+    ));
+    let mut logs = String::new();
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let path = e.path().unwrap().display().to_string();
+        if path.starts_with("kv/") {
+            let mut s = String::new();
+            let _ = e.read_to_string(&mut s);
+            logs.push_str(&format!("== {path}\n{s}"));
+        }
+    }
+    assert!(logs.contains("listening on"), "the kv server's log: {logs}");
+    let out = env.bosun(&["-d", "quickstart", "logs", "nope"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("no instance of deployment 'quickstart' matches 'nope'"),
+        "{}",
+        text(&out)
+    );
+
+    // Orphaned disks: listed after delete-deployment, deleted one by one or all.
+    let out = env.bosun(&["-d", "quickstart", "delete-deployment", "-n"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let disks = |env: &Env| -> Vec<String> {
+        let out = env.bosun(&["disks", "--orphaned", "--json"]);
+        assert!(out.status.success(), "{}", text(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["cid"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let orphaned = disks(&env);
+    assert_eq!(orphaned.len(), 3, "{orphaned:?}");
+    let out = env.bosun(&["delete-disk", &orphaned[0], "-n"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(disks(&env).len(), 2);
+    let out = env.bosun(&["delete-disk", &orphaned[0], "-n"]);
+    assert!(!out.status.success(), "only orphaned disks can be deleted");
+    let out = env.bosun(&["clean-up", "--all", "-n"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(disks(&env).is_empty());
+    let left = std::fs::read_dir(env.state().join("local-cpi/disks"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(left, 0, "the local CPI deleted the disks");
+
+    let out = env.bosun(&["completions", "bash"]);
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("_bosun()"),
+        "a bash completion function"
+    );
+}
