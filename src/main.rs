@@ -18,7 +18,7 @@ use bosun_director::cloudcheck::{CheckProblem, Resolution, Scan};
 use bosun_director::diff::{DiffLine, DiffTag};
 use bosun_director::executor::{Cpis, ExecOptions, Progress};
 use bosun_director::monitor::Monitor;
-use bosun_director::ops::{DeployOptions, Director, InstanceInfo, Report};
+use bosun_director::ops::{DeployOptions, Director, InstanceInfo, Report, StateChange};
 use bosun_director::planner::Plan;
 use bosun_director::state::Store;
 
@@ -94,6 +94,31 @@ enum Command {
         /// Show the agent id, VM creation time and disk size.
         #[arg(long)]
         details: bool,
+    },
+    /// Start instances of a deployment (-d): a whole deployment, a group or one instance.
+    Start {
+        /// GROUP, GROUP/ID or GROUP/INDEX (default: every instance).
+        instance: Option<String>,
+    },
+    /// Stop instances (drain, stop jobs); --hard also deletes the VM, keeping disk and IPs.
+    Stop {
+        instance: Option<String>,
+        #[arg(long)]
+        hard: bool,
+        #[arg(long)]
+        skip_drain: bool,
+    },
+    /// Stop and start instances again.
+    Restart {
+        instance: Option<String>,
+        #[arg(long)]
+        skip_drain: bool,
+    },
+    /// Give instances new VMs with the same IPs, disks and spec.
+    Recreate {
+        instance: Option<String>,
+        #[arg(long)]
+        skip_drain: bool,
     },
     /// Fetch job logs of a deployment's instances (-d) as tarballs.
     Logs {
@@ -394,6 +419,60 @@ async fn run(cli: Cli) -> Result<i32> {
                 print_instances(&list, ps, vitals, details);
             }
             Ok(0)
+        }
+        Command::Start { instance } => {
+            state_change(
+                &director,
+                (&cli.deployment, cli.non_interactive),
+                instance,
+                StateChange::Start,
+                false,
+                printer.clone(),
+            )
+            .await
+        }
+        Command::Stop {
+            instance,
+            hard,
+            skip_drain,
+        } => {
+            state_change(
+                &director,
+                (&cli.deployment, cli.non_interactive),
+                instance,
+                StateChange::Stop { hard },
+                skip_drain,
+                printer.clone(),
+            )
+            .await
+        }
+        Command::Restart {
+            instance,
+            skip_drain,
+        } => {
+            state_change(
+                &director,
+                (&cli.deployment, cli.non_interactive),
+                instance,
+                StateChange::Restart,
+                skip_drain,
+                printer.clone(),
+            )
+            .await
+        }
+        Command::Recreate {
+            instance,
+            skip_drain,
+        } => {
+            state_change(
+                &director,
+                (&cli.deployment, cli.non_interactive),
+                instance,
+                StateChange::Recreate,
+                skip_drain,
+                printer.clone(),
+            )
+            .await
         }
         Command::Logs {
             instance,
@@ -900,6 +979,34 @@ fn ask(question: &str) -> bool {
     let mut line = String::new();
     let _ = std::io::stdin().lock().read_line(&mut line);
     matches!(line.trim(), "y" | "Y" | "yes")
+}
+
+/// `start`, `stop`, `restart`, `recreate`.
+async fn state_change(
+    director: &Director,
+    (deployment, non_interactive): (&Option<String>, bool),
+    instance: Option<String>,
+    change: StateChange,
+    skip_drain: bool,
+    printer: Arc<Printer>,
+) -> Result<i32> {
+    let name = need_deployment(deployment)?;
+    let what = instance
+        .clone()
+        .unwrap_or_else(|| format!("deployment '{name}'"));
+    if !non_interactive && !ask(&format!("{} {what}?", change.verb())) {
+        bail!("cancelled");
+    }
+    let started = Instant::now();
+    let n = director
+        .change_state(&name, instance.as_deref(), change, skip_drain, printer)
+        .await?;
+    println!(
+        "{}: {n} instances of '{name}' in {:.1}s",
+        change.verb(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(0)
 }
 
 /// The manifest diff, coloured on a terminal.

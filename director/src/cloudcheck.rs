@@ -305,7 +305,7 @@ impl Executor {
                         }
                     }
                 }
-            } else if rec.deployed.is_some() {
+            } else if rec.deployed.is_some() && rec.state != crate::state::InstanceState::Detached {
                 push(
                     &mut scan,
                     ProblemKind::MissingVm,

@@ -36,8 +36,8 @@ use crate::planner::{
     primary_ip, Change, DiskAction, GroupPlan, InstancePlan, Plan, VmAction, VmCreate,
 };
 use crate::state::{
-    now, AppliedRecord, DeployedSpec, DiskRecord, Event, InstanceRecord, OrphanDisk, StateError,
-    Store, VmRecord,
+    now, AppliedRecord, DeployedSpec, DiskRecord, Event, InstanceRecord, InstanceState, OrphanDisk,
+    StateError, Store, VmRecord,
 };
 
 /// An execution failure, naming the instance and the step.
@@ -692,6 +692,15 @@ impl Executor {
         rec: &mut InstanceRecord,
         kind: DrainKind,
     ) -> Result<(), ExecError> {
+        self.teardown_vm_with(rec, Some(kind)).await
+    }
+
+    /// [`Executor::teardown_vm`], draining with `drain` (`None`: no drain).
+    pub async fn teardown_vm_with(
+        &self,
+        rec: &mut InstanceRecord,
+        drain: Option<DrainKind>,
+    ) -> Result<(), ExecError> {
         let Some(vm) = rec.vm.clone() else {
             return Ok(());
         };
@@ -700,14 +709,16 @@ impl Executor {
         let alive = cpi.has_vm(&VmCid(vm.cid.clone())).await.unwrap_or(true);
         if alive {
             if let Ok(client) = self.connect(&vm, Duration::from_secs(5)).await {
-                self.progress.stage(&name, "draining");
-                let _ = client
-                    .drain(&DrainParams {
-                        kind,
-                        timeout_secs: self.opts.drain_timeout_secs,
-                        changed_jobs: vec![],
-                    })
-                    .await;
+                if let Some(kind) = drain {
+                    self.progress.stage(&name, "draining");
+                    let _ = client
+                        .drain(&DrainParams {
+                            kind,
+                            timeout_secs: self.opts.drain_timeout_secs,
+                            changed_jobs: vec![],
+                        })
+                        .await;
+                }
                 self.progress.stage(&name, "stopping");
                 let _ = client.stop().await;
                 if let Some(d) = &rec.disk {
@@ -832,12 +843,36 @@ impl Executor {
                 source: Box::new(source),
             })?;
 
-        self.progress.stage(&name, "starting");
+        // An instance stopped by the operator gets its new spec but stays stopped.
+        if rec.state != InstanceState::Stopped {
+            self.start_and_watch(&client, &name, watch).await?;
+        }
+        rec.applied = Some(ip.applied.clone());
+        rec.deployed = Some(DeployedSpec {
+            vm: ip.vm_target.clone(),
+            spec,
+            applied: ip.applied.clone(),
+            stemcell: ip.stemcell.clone(),
+        });
+        self.store.save_instance(&rec)?;
+        self.progress.stage(&name, "running");
+        Ok(())
+    }
+
+    /// Start the applied jobs, wait until they run, run post-start (a
+    /// failing post-start fails the start).
+    pub(crate) async fn start_and_watch(
+        &self,
+        client: &AgentClient,
+        name: &str,
+        watch: (u64, u64),
+    ) -> Result<(), ExecError> {
+        self.progress.stage(name, "starting");
         client.start().await.map_err(|source| ExecError::Agent {
             what: format!("starting {name}"),
             source: Box::new(source),
         })?;
-        self.watch(&client, &name, watch).await?;
+        self.watch(client, name, watch).await?;
         let scripts = client
             .run_script(&RunScriptParams {
                 script: "post-start".into(),
@@ -854,15 +889,6 @@ impl Executor {
                 bad.job, bad.exit_code, bad.output_tail
             )));
         }
-        rec.applied = Some(ip.applied.clone());
-        rec.deployed = Some(DeployedSpec {
-            vm: ip.vm_target.clone(),
-            spec,
-            applied: ip.applied.clone(),
-            stemcell: ip.stemcell.clone(),
-        });
-        self.store.save_instance(&rec)?;
-        self.progress.stage(&name, "running");
         Ok(())
     }
 

@@ -357,8 +357,10 @@ impl Monitor {
                 }
             }
         }
+        // Instances the operator stopped are left alone.
         let watched: Vec<&InstanceRecord> = recs
             .iter()
+            .filter(|r| r.state == crate::state::InstanceState::Started)
             .filter(|r| !lock(&self.trackers).get(&r.id).is_some_and(|t| t.repairing))
             .collect();
         let futs = watched.iter().map(|r| {

@@ -80,6 +80,32 @@ pub struct Director {
     pub opts: ExecOptions,
 }
 
+/// What `start`, `stop`, `restart` and `recreate` do to each instance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateChange {
+    Start,
+    /// `hard`: delete the VM too, keeping the persistent disk and the IPs.
+    Stop {
+        hard: bool,
+    },
+    Restart,
+    /// A new VM with the same IPs, disk and spec.
+    Recreate,
+}
+
+impl StateChange {
+    /// The command, as the operator typed it.
+    pub fn verb(self) -> &'static str {
+        match self {
+            StateChange::Start => "start",
+            StateChange::Stop { hard: false } => "stop",
+            StateChange::Stop { hard: true } => "stop --hard",
+            StateChange::Restart => "restart",
+            StateChange::Recreate => "recreate",
+        }
+    }
+}
+
 /// Options of `deploy`.
 #[derive(Clone, Debug, Default)]
 pub struct DeployOptions {
@@ -750,6 +776,74 @@ impl Director {
             out.push((iname, file, data.len() as u64));
         }
         Ok(out)
+    }
+
+    /// `start`, `stop [--hard]`, `restart`, `recreate` of the instances
+    /// `filter` names (every instance when `None`), group by group, canaries
+    /// first, then `max_in_flight` at a time, as the deployed manifest's
+    /// update policy says. Stops at the first failure. Returns how many
+    /// instances were changed.
+    pub async fn change_state(
+        &self,
+        name: &str,
+        filter: Option<&str>,
+        change: StateChange,
+        skip_drain: bool,
+        report: Arc<dyn Report>,
+    ) -> Result<usize, OpError> {
+        let _lock = self.store.lock_deployment(name)?;
+        let recs: Vec<InstanceRecord> = self
+            .store
+            .instances(name)?
+            .into_iter()
+            .filter(|r| instance_matches(r, filter))
+            .collect();
+        if recs.is_empty() {
+            return Err(OpError::Stemcell(format!(
+                "no instance of deployment '{name}' matches '{}'",
+                filter.unwrap_or("")
+            )));
+        }
+        let deployed = self.store.deployment(name)?;
+        let m = deployed
+            .as_ref()
+            .and_then(|d| manifest::parse_manifest(name, &d.manifest, Path::new(".")).ok());
+        let exec = self.executor_as(Arc::new(ReportProgress(report)), change.verb());
+        let mut groups: Vec<(String, Vec<InstanceRecord>)> = Vec::new();
+        for r in recs {
+            match groups.iter_mut().find(|(g, _)| *g == r.group) {
+                Some((_, v)) => v.push(r),
+                None => groups.push((r.group.clone(), vec![r])),
+            }
+        }
+        let mut done = 0;
+        for (group, recs) in groups {
+            let (canaries, max_in_flight, watch) = match m.as_ref().and_then(|m| {
+                m.instance_group(&group)
+                    .map(|g| (m.update_for(g), g.instances))
+            }) {
+                Some((u, n)) => (
+                    u.canaries as usize,
+                    u.max_in_flight.resolve(n).max(1) as usize,
+                    (u.update_watch_time.min_ms, u.update_watch_time.max_ms),
+                ),
+                None => (1, 1, crate::repair::DEFAULT_WATCH),
+            };
+            let canaries = canaries.min(recs.len());
+            let (canary, rest) = recs.split_at(canaries);
+            for (batch, width) in [(canary, canaries.max(1)), (rest, max_in_flight)] {
+                for chunk in batch.chunks(width) {
+                    let futs = chunk
+                        .iter()
+                        .map(|r| exec.change_instance_state(r.clone(), change, skip_drain, watch));
+                    for r in futures_join_all(futs).await {
+                        r?;
+                        done += 1;
+                    }
+                }
+            }
+        }
+        Ok(done)
     }
 
     /// `delete-disk`: delete an orphaned disk through its CPI and forget it.

@@ -733,6 +733,19 @@ fn plan_instance(
     if change == Change::None && matches!(disk, DiskAction::Create { .. } | DiskAction::Orphan) {
         change = Change::Update;
     }
+    // Stopped with --hard: it stays without a VM until `start` brings back
+    // the spec it last ran (a deploy after that applies newer changes).
+    let (change, vm, disk) = if rec.state == crate::state::InstanceState::Detached {
+        reasons.clear();
+        let disk = if rec.disk.is_some() {
+            DiskAction::Keep
+        } else {
+            DiskAction::None
+        };
+        (Change::None, VmAction::Keep, disk)
+    } else {
+        (change, vm, disk)
+    };
     Ok(InstancePlan {
         record: rec,
         change,

@@ -1,8 +1,9 @@
-//! Repairs of one instance, shared by the health monitor and cloud-check:
-//! fencing a VM (delete it, and for `consistent` instances wait until the
-//! CPI confirms it gone), recreating a VM from what was last deployed there
-//! (same IPs, same persistent disk), restarting failing jobs, and
-//! reattaching a persistent disk.
+//! Operations on one instance outside a deploy, shared by the health
+//! monitor, cloud-check and the operator's `start`/`stop`/`restart`/
+//! `recreate`: fencing a VM (delete it, and for `consistent` instances wait
+//! until the CPI confirms it gone), recreating a VM from what was last
+//! deployed there (same IPs, same persistent disk), restarting failing jobs,
+//! reattaching a persistent disk, and starting and stopping.
 //!
 //! Every step is recorded as an event before the next one starts, so the
 //! event log shows the order (fence, confirmed gone, create, attach). This
@@ -10,12 +11,13 @@
 
 use std::time::{Duration, Instant};
 
-use bosun_agent::protocol::RestartJobsParams;
+use bosun_agent::protocol::{DrainKind, DrainParams, RestartJobsParams};
 use bosun_cpi::{DiskCid, VmCid};
 
 use crate::executor::{instance_name, ExecError, Executor};
+use crate::ops::StateChange;
 use crate::planner::{Change, DiskAction, InstancePlan, VmAction};
-use crate::state::{Event, InstanceRecord};
+use crate::state::{Event, InstanceRecord, InstanceState};
 
 /// How long fencing waits for the CPI to confirm a deleted VM gone.
 const FENCE_CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
@@ -147,6 +149,114 @@ impl Executor {
             stemcell: d.stemcell,
         };
         self.update_instance(&ip, rec, watch, "").await
+    }
+
+    /// Carry out `start`/`stop`/`restart`/`recreate` on one instance and
+    /// record the state the operator asked for.
+    pub async fn change_instance_state(
+        &self,
+        mut rec: InstanceRecord,
+        change: StateChange,
+        skip_drain: bool,
+        watch: (u64, u64),
+    ) -> Result<(), ExecError> {
+        let name = instance_name(&rec);
+        match change {
+            StateChange::Stop { hard: false } => self.soft_stop(&mut rec, skip_drain).await?,
+            StateChange::Stop { hard: true } => {
+                self.progress.stage(&name, "stopping (hard)");
+                let drain = (!skip_drain).then_some(DrainKind::Shutdown);
+                self.teardown_vm_with(&mut rec, drain).await?;
+                rec.state = InstanceState::Detached;
+                self.store.save_instance(&rec)?;
+            }
+            StateChange::Start => self.start_instance(&mut rec, watch).await?,
+            StateChange::Restart => {
+                self.soft_stop(&mut rec, skip_drain).await?;
+                self.start_instance(&mut rec, watch).await?;
+            }
+            StateChange::Recreate => {
+                self.progress.stage(&name, "recreating");
+                let drain = (!skip_drain).then_some(DrainKind::Update);
+                self.teardown_vm_with(&mut rec, drain).await?;
+                rec.state = InstanceState::Started;
+                self.store.save_instance(&rec)?;
+                self.recreate_deployed(rec.clone(), watch).await?;
+            }
+        }
+        self.progress
+            .stage(&name, &format!("{} done", change.verb()));
+        let _ = self.store.add_event(
+            &Event::new(&self.source, &rec.deployment, Some(&name))
+                .did(change.verb(), "instance")
+                .result("ok"),
+        );
+        Ok(())
+    }
+
+    /// Drain (unless skipped) and stop the jobs; the VM stays.
+    async fn soft_stop(&self, rec: &mut InstanceRecord, skip_drain: bool) -> Result<(), ExecError> {
+        let name = instance_name(rec);
+        if let Some(vm) = rec.vm.clone() {
+            let client = self
+                .connect(&vm, self.opts.existing_agent_timeout)
+                .await
+                .map_err(|source| ExecError::Agent {
+                    what: format!("reaching the agent of {name}"),
+                    source: Box::new(source),
+                })?;
+            if !skip_drain {
+                self.progress.stage(&name, "draining");
+                client
+                    .drain(&DrainParams {
+                        kind: DrainKind::Shutdown,
+                        timeout_secs: self.opts.drain_timeout_secs,
+                        changed_jobs: vec![],
+                    })
+                    .await
+                    .map_err(|source| ExecError::Agent {
+                        what: format!("draining {name}"),
+                        source: Box::new(source),
+                    })?;
+            }
+            self.progress.stage(&name, "stopping");
+            client.stop().await.map_err(|source| ExecError::Agent {
+                what: format!("stopping {name}"),
+                source: Box::new(source),
+            })?;
+            rec.state = InstanceState::Stopped;
+            self.store.save_instance(rec)?;
+        }
+        // A detached instance is already stopped (harder).
+        Ok(())
+    }
+
+    /// Start an instance: a detached one gets its VM back first.
+    async fn start_instance(
+        &self,
+        rec: &mut InstanceRecord,
+        watch: (u64, u64),
+    ) -> Result<(), ExecError> {
+        let name = instance_name(rec);
+        rec.state = InstanceState::Started;
+        match rec.vm.clone() {
+            None => {
+                self.store.save_instance(rec)?;
+                self.recreate_deployed(rec.clone(), watch).await?;
+            }
+            Some(vm) => {
+                let client = self
+                    .connect(&vm, self.opts.existing_agent_timeout)
+                    .await
+                    .map_err(|source| ExecError::Agent {
+                        what: format!("reaching the agent of {name}"),
+                        source: Box::new(source),
+                    })?;
+                self.start_and_watch(&client, &name, watch).await?;
+                self.store.save_instance(rec)?;
+            }
+        }
+        Ok(())
     }
 
     /// Restart the named jobs of an instance through its agent.

@@ -231,6 +231,22 @@ pub struct InstanceRecord {
     /// and cloud-check use it).
     #[serde(default)]
     pub deployed: Option<DeployedSpec>,
+    /// What the operator asked for (`start`, `stop`, `stop --hard`).
+    #[serde(default)]
+    pub state: InstanceState,
+}
+
+/// The state the operator wants an instance in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceState {
+    /// Running (the default).
+    #[default]
+    Started,
+    /// Jobs stopped, VM kept (`stop`).
+    Stopped,
+    /// No VM; disk and IPs kept (`stop --hard`).
+    Detached,
 }
 
 /// The VM, spec and packages an instance last ran with.
@@ -259,6 +275,7 @@ impl InstanceRecord {
             disk: None,
             applied: None,
             deployed: None,
+            state: InstanceState::Started,
         }
     }
 }

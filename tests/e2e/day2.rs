@@ -100,3 +100,104 @@ fn vitals_logs_orphaned_disks_and_completions() {
         "a bash completion function"
     );
 }
+
+#[test]
+fn stop_start_restart_recreate_keep_ips_and_data() {
+    let env = Env::new(117);
+    let m = env.manifest("m.yml", &kv_manifest("quickstart", 8080, "300-30000"));
+    let m = m.to_str().unwrap();
+    let out = env.bosun(&["deploy", m, "-n"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let before = env.instances("quickstart");
+    let by =
+        |list: &[serde_json::Value], i: u64| list.iter().find(|x| x["index"] == i).unwrap().clone();
+    let addr = |i: &serde_json::Value| format!("{}:8080", i["ips"][0].as_str().unwrap());
+    let (code, _) = http("PUT", &addr(&before[0]), "/kv/k", "v").unwrap();
+    assert!(code == 201 || code == 204);
+    let get = |i: &serde_json::Value| http("GET", &addr(i), "/kv/k", "").ok();
+    let ok = |env: &Env, args: &[&str]| {
+        let out = env.bosun(args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+
+    // stop: jobs stopped, VM kept; a deploy leaves it stopped; start brings it back.
+    ok(&env, &["-d", "quickstart", "stop", "kv/0", "-n"]);
+    let now = env.instances("quickstart");
+    assert_eq!(by(&now, 0)["process_state"], "stopped");
+    assert_eq!(by(&now, 0)["vm_cid"], by(&before, 0)["vm_cid"]);
+    assert_eq!(by(&now, 1)["process_state"], "running");
+    assert!(get(&before[0]).is_none(), "not serving while stopped");
+    assert!(ok(&env, &["deploy", m, "-n"]).contains("no changes"));
+    assert_eq!(
+        by(&env.instances("quickstart"), 0)["process_state"],
+        "stopped"
+    );
+    ok(&env, &["-d", "quickstart", "start", "kv/0", "-n"]);
+    assert_eq!(get(&before[0]), Some((200, "v".to_string())));
+
+    // stop --hard: no VM, disk and IP kept; deploys leave it so; start recreates it.
+    let i1 = by(&before, 1);
+    ok(&env, &["-d", "quickstart", "stop", "kv/1", "--hard", "-n"]);
+    let now = by(&env.instances("quickstart"), 1);
+    assert!(now["vm_cid"].is_null(), "{now}");
+    assert_eq!(now["ips"], i1["ips"]);
+    assert_eq!(now["persistent_disk_cids"], i1["persistent_disk_cids"]);
+    assert_eq!(env.vm_dirs(), 2);
+    assert!(ok(&env, &["deploy", m, "-n"]).contains("no changes"));
+    assert_eq!(
+        env.vm_dirs(),
+        2,
+        "a deploy does not bring a hard-stopped instance back"
+    );
+    ok(&env, &["-d", "quickstart", "start", "kv/1", "-n"]);
+    let now = by(&env.instances("quickstart"), 1);
+    assert_eq!(now["process_state"], "running");
+    assert_ne!(now["vm_cid"], i1["vm_cid"]);
+    assert_eq!(now["ips"], i1["ips"]);
+    assert_eq!(now["persistent_disk_cids"], i1["persistent_disk_cids"]);
+    assert_eq!(
+        get(&i1),
+        Some((200, "v".to_string())),
+        "data kept on its disk"
+    );
+
+    // restart the whole deployment: same VMs, all running.
+    let vms: Vec<serde_json::Value> = env
+        .instances("quickstart")
+        .iter()
+        .map(|i| i["vm_cid"].clone())
+        .collect();
+    let out = ok(&env, &["-d", "quickstart", "restart", "-n"]);
+    assert!(out.contains("restart: 3 instances"), "{out}");
+    let now = env.instances("quickstart");
+    assert_eq!(
+        now.iter().map(|i| i["vm_cid"].clone()).collect::<Vec<_>>(),
+        vms
+    );
+    assert!(now.iter().all(|i| i["process_state"] == "running"));
+
+    // recreate one instance: a new VM, same IP and disk, data there.
+    let i2 = by(&now, 2);
+    ok(&env, &["-d", "quickstart", "recreate", "kv/2", "-n"]);
+    let after = by(&env.instances("quickstart"), 2);
+    assert_ne!(after["vm_cid"], i2["vm_cid"]);
+    assert_eq!(after["ips"], i2["ips"]);
+    assert_eq!(after["persistent_disk_cids"], i2["persistent_disk_cids"]);
+    assert_eq!(get(&i2), Some((200, "v".to_string())));
+    assert!(
+        ok(&env, &["deploy", m, "-n"]).contains("no changes"),
+        "converged"
+    );
+
+    let out = env.bosun(&["-d", "quickstart", "stop", "nope/0", "-n"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("no instance of deployment 'quickstart' matches 'nope/0'"));
+    let events = env.events("quickstart");
+    for action in ["stop", "start", "stop --hard", "restart", "recreate"] {
+        assert!(
+            events.iter().any(|e| e["action"] == action),
+            "event {action}"
+        );
+    }
+}
