@@ -250,6 +250,9 @@ impl Executor {
                 summary.updated += r?;
             }
         }
+        if summary.updated > 0 || summary.deleted > 0 {
+            self.post_deploy(plan).await?;
+        }
         Ok(summary)
     }
 
@@ -709,18 +712,16 @@ impl Executor {
         let alive = cpi.has_vm(&VmCid(vm.cid.clone())).await.unwrap_or(true);
         if alive {
             if let Ok(client) = self.connect(&vm, Duration::from_secs(5)).await {
-                if let Some(kind) = drain {
-                    self.progress.stage(&name, "draining");
-                    let _ = client
-                        .drain(&DrainParams {
-                            kind,
-                            timeout_secs: self.opts.drain_timeout_secs,
-                            changed_jobs: vec![],
-                        })
-                        .await;
+                // Best effort: the VM goes away whatever its scripts say.
+                let drain = drain.map(|kind| DrainParams {
+                    kind,
+                    timeout_secs: self.opts.drain_timeout_secs,
+                    changed_jobs: vec![],
+                });
+                if let Err(e) = self.drain_and_stop(&client, &name, drain).await {
+                    self.progress.stage(&name, &format!("stopping anyway: {e}"));
+                    let _ = client.stop().await;
                 }
-                self.progress.stage(&name, "stopping");
-                let _ = client.stop().await;
                 if let Some(d) = &rec.disk {
                     let _ = client
                         .unmount_disk(&UnmountDiskParams { cid: d.cid.clone() })
@@ -793,23 +794,12 @@ impl Executor {
                         source: Box::new(source),
                     })?;
                 if rec.applied.is_some() {
-                    self.progress.stage(&name, "draining");
-                    client
-                        .drain(&DrainParams {
-                            kind: DrainKind::Update,
-                            timeout_secs: self.opts.drain_timeout_secs,
-                            changed_jobs: changed_jobs(rec.applied.as_ref(), &ip.applied),
-                        })
-                        .await
-                        .map_err(|source| ExecError::Agent {
-                            what: format!("draining {name}"),
-                            source: Box::new(source),
-                        })?;
-                    self.progress.stage(&name, "stopping");
-                    client.stop().await.map_err(|source| ExecError::Agent {
-                        what: format!("stopping {name}"),
-                        source: Box::new(source),
-                    })?;
+                    let drain = DrainParams {
+                        kind: DrainKind::Update,
+                        timeout_secs: self.opts.drain_timeout_secs,
+                        changed_jobs: changed_jobs(rec.applied.as_ref(), &ip.applied),
+                    };
+                    self.drain_and_stop(&client, &name, Some(drain)).await?;
                 }
                 self.ensure_disk(ip, &mut rec, client).await?
             }
@@ -873,21 +863,80 @@ impl Executor {
             source: Box::new(source),
         })?;
         self.watch(client, name, watch).await?;
+        self.run_lifecycle(client, name, "post-start").await
+    }
+
+    /// Run a lifecycle script (`bin/<script>` of every job that has one);
+    /// any non-zero exit fails with the job's name and output.
+    pub(crate) async fn run_lifecycle(
+        &self,
+        client: &AgentClient,
+        name: &str,
+        script: &str,
+    ) -> Result<(), ExecError> {
         let scripts = client
             .run_script(&RunScriptParams {
-                script: "post-start".into(),
+                script: script.into(),
                 timeout_secs: self.opts.script_timeout_secs,
             })
             .await
             .map_err(|source| ExecError::Agent {
-                what: format!("running post-start on {name}"),
+                what: format!("running {script} on {name}"),
                 source: Box::new(source),
             })?;
         if let Some(bad) = scripts.results.iter().find(|r| r.exit_code != 0) {
             return Err(ExecError::Failed(format!(
-                "post-start of job {} on {name} exited {}:\n{}",
+                "{script} of job {} on {name} exited {}:\n{}",
                 bad.job, bad.exit_code, bad.output_tail
             )));
+        }
+        Ok(())
+    }
+
+    /// Drain (when asked), stop the jobs, with `pre-stop` before and
+    /// `post-stop` after, as BOSH orders them.
+    pub(crate) async fn drain_and_stop(
+        &self,
+        client: &AgentClient,
+        name: &str,
+        drain: Option<DrainParams>,
+    ) -> Result<(), ExecError> {
+        self.run_lifecycle(client, name, "pre-stop").await?;
+        if let Some(p) = drain {
+            self.progress.stage(name, "draining");
+            client.drain(&p).await.map_err(|source| ExecError::Agent {
+                what: format!("draining {name}"),
+                source: Box::new(source),
+            })?;
+        }
+        self.progress.stage(name, "stopping");
+        client.stop().await.map_err(|source| ExecError::Agent {
+            what: format!("stopping {name}"),
+            source: Box::new(source),
+        })?;
+        self.run_lifecycle(client, name, "post-stop").await
+    }
+
+    /// After every instance was updated: `post-deploy` on each running one.
+    async fn post_deploy(&self, plan: &Plan) -> Result<(), ExecError> {
+        let recs = self.store.instances(&plan.deployment)?;
+        let futs = recs
+            .iter()
+            .filter(|r| r.state == InstanceState::Started)
+            .filter_map(|r| r.vm.clone().map(|vm| (r, vm)))
+            .map(|(r, vm)| async move {
+                let name = instance_name(r);
+                let client = self
+                    .connect(&vm, self.opts.existing_agent_timeout)
+                    .await
+                    .map_err(|source| ExecError::Agent {
+                        what: format!("reaching the agent of {name} for post-deploy"),
+                        source: Box::new(source),
+                    })?;
+                self.run_lifecycle(&client, &name, "post-deploy").await
+            });
+        for r in futures_join_all(futs).await {
+            r?;
         }
         Ok(())
     }

@@ -205,25 +205,12 @@ impl Executor {
                     what: format!("reaching the agent of {name}"),
                     source: Box::new(source),
                 })?;
-            if !skip_drain {
-                self.progress.stage(&name, "draining");
-                client
-                    .drain(&DrainParams {
-                        kind: DrainKind::Shutdown,
-                        timeout_secs: self.opts.drain_timeout_secs,
-                        changed_jobs: vec![],
-                    })
-                    .await
-                    .map_err(|source| ExecError::Agent {
-                        what: format!("draining {name}"),
-                        source: Box::new(source),
-                    })?;
-            }
-            self.progress.stage(&name, "stopping");
-            client.stop().await.map_err(|source| ExecError::Agent {
-                what: format!("stopping {name}"),
-                source: Box::new(source),
-            })?;
+            let drain = (!skip_drain).then(|| DrainParams {
+                kind: DrainKind::Shutdown,
+                timeout_secs: self.opts.drain_timeout_secs,
+                changed_jobs: vec![],
+            });
+            self.drain_and_stop(&client, &name, drain).await?;
             rec.state = InstanceState::Stopped;
             self.store.save_instance(rec)?;
         }

@@ -201,3 +201,103 @@ fn stop_start_restart_recreate_keep_ips_and_data() {
         );
     }
 }
+
+/// A release whose job `life` logs each lifecycle script it runs; its
+/// post-start exits with `life.post_start_exit`.
+fn lifecycle_release(env: &Env) -> std::path::PathBuf {
+    let dir = env.path("life-release");
+    let script =
+        |name: &str| format!("#!/bin/sh\necho {name} >> /var/vcap/sys/log/life/lifecycle.log\n");
+    let files: Vec<(String, String)> = vec![
+        ("config/final.yml".into(), "name: life\n".into()),
+        (
+            "jobs/life/spec".into(),
+            "---\nname: life\ntemplates:\n  bpm.yml: config/bpm.yml\n  pre-stop: bin/pre-stop\n  post-stop: bin/post-stop\n  post-start: bin/post-start\n  post-deploy: bin/post-deploy\npackages: []\nproperties:\n  life.post_start_exit: {default: 0}\n  life.generation: {default: 1}\n".into(),
+        ),
+        ("jobs/life/monit".into(), String::new()),
+        (
+            "jobs/life/templates/bpm.yml".into(),
+            "processes:\n- name: sleep\n  executable: /bin/sleep\n  args: ['1000{{ p(\"life.generation\") }}']\n".into(),
+        ),
+        ("jobs/life/templates/pre-stop".into(), script("pre-stop")),
+        ("jobs/life/templates/post-stop".into(), script("post-stop")),
+        ("jobs/life/templates/post-deploy".into(), script("post-deploy")),
+        (
+            "jobs/life/templates/post-start".into(),
+            format!("{}exit {{{{ p(\"life.post_start_exit\") }}}}\n", script("post-start")),
+        ),
+    ];
+    for (path, content) in files {
+        let p = dir.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, content).unwrap();
+    }
+    std::fs::create_dir_all(dir.join("packages")).unwrap();
+    dir
+}
+
+#[test]
+fn lifecycle_scripts_run_in_bosh_order_and_a_failing_post_start_fails() {
+    let env = Env::new(118);
+    let release = lifecycle_release(&env);
+    let manifest = |generation: u32, exit: u32| {
+        format!(
+            "name: e2e\nreleases:\n- name: life\n  version: latest\n  path: {}\nstemcells:\n- alias: default\n  os: {{os}}\n  version: latest\nupdate:\n  canaries: 1\n  max_in_flight: 1\n  canary_watch_time: 200-10000\n  update_watch_time: 200-10000\ninstance_groups:\n- name: life\n  instances: 1\n  azs: [z1]\n  vm_type: default\n  stemcell: default\n  networks:\n  - name: default\n  jobs:\n  - name: life\n    release: life\n    properties:\n      life: {{post_start_exit: {exit}, generation: {generation}}}\n",
+            release.display()
+        )
+    };
+    let log = |env: &Env| -> Vec<String> {
+        let list = env.instances("e2e");
+        let cid = list[0]["vm_cid"].as_str().unwrap().to_string();
+        std::fs::read_to_string(
+            env.state()
+                .join("local-cpi/vms")
+                .join(cid)
+                .join("vcap/sys/log/life/lifecycle.log"),
+        )
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+    };
+    let m1 = env.manifest("m1.yml", &manifest(1, 0));
+    let out = env.bosun(&["deploy", m1.to_str().unwrap(), "-n"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(log(&env), ["post-start", "post-deploy"]);
+
+    // An update: pre-stop, (drain,) post-stop, post-start, then post-deploy.
+    let m2 = env.manifest("m2.yml", &manifest(2, 0));
+    let out = env.bosun(&["deploy", m2.to_str().unwrap(), "-n"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        log(&env),
+        [
+            "post-start",
+            "post-deploy",
+            "pre-stop",
+            "post-stop",
+            "post-start",
+            "post-deploy"
+        ]
+    );
+    let out = env.bosun(&["-d", "e2e", "stop", "-n"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(log(&env)[6..], ["pre-stop", "post-stop"]);
+    let out = env.bosun(&["-d", "e2e", "start", "-n"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // A failing post-start fails the instance's update, naming the job and the exit code.
+    let m3 = env.manifest("m3.yml", &manifest(3, 3));
+    let out = env.bosun(&["deploy", m3.to_str().unwrap(), "-n"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("post-start of job life on life/"),
+        "{}",
+        text(&out)
+    );
+    assert!(text(&out).contains("exited 3"), "{}", text(&out));
+    assert!(
+        !log(&env).ends_with(&["post-deploy".to_string()]),
+        "no post-deploy after a failure"
+    );
+}
