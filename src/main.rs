@@ -120,6 +120,14 @@ enum Command {
         #[arg(long)]
         skip_drain: bool,
     },
+    /// Run an errand of a deployment (-d): a VM for it, its jobs' bin/run,
+    /// their output; the VM is deleted afterwards unless --keep-alive.
+    /// Exits with the errand's exit code.
+    RunErrand {
+        name: String,
+        #[arg(long)]
+        keep_alive: bool,
+    },
     /// Fetch job logs of a deployment's instances (-d) as tarballs.
     Logs {
         /// GROUP, GROUP/ID or GROUP/INDEX (default: every instance).
@@ -341,7 +349,7 @@ async fn run(cli: Cli) -> Result<i32> {
     // upload-stemcell offers the stemcell to Docker when it is reachable.
     let try_docker = matches!(cli.command, Command::UploadStemcell { .. });
     let director = director(store.clone(), try_docker).await?;
-    let printer = Arc::new(Printer::new(cli.non_interactive));
+    let printer = Arc::new(Printer::new(cli.non_interactive, cli.json));
     match cli.command {
         Command::Agent { .. } => Ok(0),
         Command::Deploy {
@@ -473,6 +481,39 @@ async fn run(cli: Cli) -> Result<i32> {
                 printer.clone(),
             )
             .await
+        }
+        Command::RunErrand {
+            name: errand,
+            keep_alive,
+        } => {
+            let name = need_deployment(&cli.deployment)?;
+            let runs = director
+                .run_errand(&name, &errand, keep_alive, printer.clone())
+                .await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&runs)?);
+            } else {
+                for r in &runs {
+                    for j in &r.jobs {
+                        println!("[{} {}] exit {}", r.instance, j.job, j.exit_code);
+                        for line in j.output_tail.lines() {
+                            println!("[{} {}] {line}", r.instance, j.job);
+                        }
+                    }
+                    println!(
+                        "Errand '{errand}' on {}: exit {} in {:.1}s{}",
+                        r.instance,
+                        r.exit_code,
+                        r.seconds,
+                        if r.kept { " (VM kept)" } else { "" }
+                    );
+                }
+            }
+            Ok(runs
+                .iter()
+                .map(|r| r.exit_code)
+                .find(|c| *c != 0)
+                .unwrap_or(0))
         }
         Command::Logs {
             instance,
@@ -1199,29 +1240,41 @@ fn print_instances(list: &[InstanceInfo], ps: bool, vitals: bool, details: bool)
 struct Printer {
     started: Instant,
     non_interactive: bool,
+    /// With --json, stdout is for the JSON: progress goes to stderr.
+    json: bool,
 }
 
 impl Printer {
-    fn new(non_interactive: bool) -> Printer {
+    fn new(non_interactive: bool, json: bool) -> Printer {
         Printer {
             started: Instant::now(),
             non_interactive,
+            json,
         }
     }
 }
 
 impl Progress for Printer {
     fn stage(&self, subject: &str, stage: &str) {
-        println!(
+        let line = format!(
             "{:>7.2}s  {subject:<48} {stage}",
             self.started.elapsed().as_secs_f64()
         );
+        if self.json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
     }
 }
 
 impl Report for Printer {
     fn notice(&self, msg: &str) {
-        println!("{msg}");
+        if self.json {
+            eprintln!("{msg}");
+        } else {
+            println!("{msg}");
+        }
     }
 
     fn confirm(&self, diff: &[Vec<DiffLine>], plan: &Plan) -> bool {

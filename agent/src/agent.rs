@@ -38,6 +38,8 @@ use crate::supervisor::{self, Supervisor, DEFAULT_PATH};
 
 /// Lines of output kept from a failed pre-start / lifecycle script.
 const SCRIPT_TAIL_LINES: usize = 30;
+/// Lines of an errand's (`bin/run`) output returned to the director.
+const ERRAND_TAIL_LINES: usize = 2000;
 /// Lines of output kept from a packaging script.
 const COMPILE_TAIL_LINES: usize = 40;
 /// Bytes of script output read back (the tail is cut from these).
@@ -557,7 +559,13 @@ impl Agent {
                 let run = ctx
                     .run(&job.name, &dir, &script, &[], &[], Some(timeout))
                     .await?;
-                let mut tail = tail_lines(&run.output, SCRIPT_TAIL_LINES);
+                // An errand's output is what the operator asked for: keep more.
+                let lines = if script == "run" {
+                    ERRAND_TAIL_LINES
+                } else {
+                    SCRIPT_TAIL_LINES
+                };
+                let mut tail = tail_lines(&run.output, lines);
                 if run.timed_out {
                     tail.push_str(&format!(
                         "\n(bosun-agent: timed out after {}s)",

@@ -305,7 +305,7 @@ impl Executor {
                         }
                     }
                 }
-            } else if rec.deployed.is_some() && rec.state != crate::state::InstanceState::Detached {
+            } else if rec.deployed.is_some() && rec.state == crate::state::InstanceState::Started {
                 push(
                     &mut scan,
                     ProblemKind::MissingVm,

@@ -262,6 +262,9 @@ impl Executor {
         g: &GroupPlan,
         created: Arc<tokio::sync::Mutex<BTreeMap<String, InstanceRecord>>>,
     ) -> Result<usize, ExecError> {
+        if g.lifecycle == crate::manifest::Lifecycle::Errand {
+            return self.record_errand_specs(deployment, g);
+        }
         let changing: Vec<&InstancePlan> = g
             .instances
             .iter()
@@ -343,6 +346,32 @@ impl Executor {
             }
         }
         Ok(changing.len())
+    }
+
+    /// An errand group's instances: record the spec and VM each will run
+    /// with (IPs stay reserved); no VM is created.
+    fn record_errand_specs(&self, deployment: &str, g: &GroupPlan) -> Result<usize, ExecError> {
+        let mut n = 0;
+        for ip in g.instances.iter().filter(|i| i.change != Change::None) {
+            let mut rec = ip.record.clone();
+            rec.state = InstanceState::Errand;
+            rec.deployed = Some(DeployedSpec {
+                vm: ip.vm_target.clone(),
+                spec: ip.spec.clone(),
+                applied: ip.applied.clone(),
+                stemcell: ip.stemcell.clone(),
+            });
+            self.store.save_instance(&rec)?;
+            self.event(
+                deployment,
+                Some(&instance_name(&rec)),
+                "record",
+                "errand spec",
+                "ok",
+            );
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// Create a VM through a CPI and wait for its agent.

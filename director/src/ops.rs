@@ -106,6 +106,19 @@ impl StateChange {
     }
 }
 
+/// One instance's errand run.
+#[derive(Clone, Debug, Serialize)]
+pub struct ErrandRun {
+    pub instance: String,
+    /// The first non-zero exit code of the jobs' `bin/run`, else 0.
+    pub exit_code: i32,
+    /// Per job: exit code and the last lines of output.
+    pub jobs: Vec<bosun_agent::protocol::ScriptResult>,
+    pub seconds: f64,
+    /// The VM was kept (`--keep-alive`).
+    pub kept: bool,
+}
+
 /// Options of `deploy`.
 #[derive(Clone, Debug, Default)]
 pub struct DeployOptions {
@@ -846,6 +859,117 @@ impl Director {
         Ok(done)
     }
 
+    /// `run-errand`: give each instance of errand group `group` a VM (from
+    /// the spec the last deploy recorded), run its jobs' `bin/run`, and
+    /// delete the VM again unless `keep_alive`. Returns each instance's
+    /// results; an instance whose run could not start is an error.
+    pub async fn run_errand(
+        &self,
+        name: &str,
+        group: &str,
+        keep_alive: bool,
+        report: Arc<dyn Report>,
+    ) -> Result<Vec<ErrandRun>, OpError> {
+        let _lock = self.store.lock_deployment(name)?;
+        let recs: Vec<InstanceRecord> = self
+            .store
+            .instances(name)?
+            .into_iter()
+            .filter(|r| r.group == group && r.state == crate::state::InstanceState::Errand)
+            .collect();
+        if recs.is_empty() {
+            let errands: Vec<String> = self
+                .store
+                .instances(name)?
+                .into_iter()
+                .filter(|r| r.state == crate::state::InstanceState::Errand)
+                .map(|r| r.group)
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            return Err(OpError::Stemcell(format!(
+                "deployment '{name}' has no errand '{group}' (errands: {})",
+                if errands.is_empty() {
+                    "none".to_string()
+                } else {
+                    errands.join(", ")
+                }
+            )));
+        }
+        let exec = self.executor_as(Arc::new(ReportProgress(report)), "run-errand");
+        let mut out = Vec::new();
+        for rec in recs {
+            let iname = crate::executor::instance_name(&rec);
+            let started = Instant::now();
+            if rec.vm.is_none() {
+                exec.recreate_deployed(rec.clone(), crate::repair::DEFAULT_WATCH)
+                    .await?;
+            }
+            let mut rec = self
+                .store
+                .instances(name)?
+                .into_iter()
+                .find(|r| r.id == rec.id)
+                .ok_or_else(|| OpError::Stemcell(format!("{iname} vanished while starting")))?;
+            // It was started like any instance; it stays an errand.
+            rec.state = crate::state::InstanceState::Errand;
+            self.store.save_instance(&rec)?;
+            let vm = rec
+                .vm
+                .clone()
+                .ok_or_else(|| OpError::Stemcell(format!("{iname} has no VM after creating it")))?;
+            let client = exec
+                .connect(&vm, Duration::from_secs(30))
+                .await
+                .map_err(|source| {
+                    OpError::Exec(ExecError::Agent {
+                        what: format!("reaching the agent of {iname}"),
+                        source: Box::new(source),
+                    })
+                })?;
+            exec.progress.stage(&iname, "running errand");
+            let results = client
+                .run_script(&bosun_agent::protocol::RunScriptParams {
+                    script: "run".into(),
+                    timeout_secs: self.opts.script_timeout_secs.max(3600),
+                })
+                .await
+                .map_err(|source| {
+                    OpError::Exec(ExecError::Agent {
+                        what: format!("running errand {group} on {iname}"),
+                        source: Box::new(source),
+                    })
+                })?;
+            if !keep_alive {
+                exec.teardown_vm_with(&mut rec, None).await?;
+            }
+            if results.results.is_empty() {
+                return Err(OpError::Stemcell(format!(
+                    "errand {group}: no job of {iname} has a bin/run script"
+                )));
+            }
+            let exit_code = results
+                .results
+                .iter()
+                .map(|r| r.exit_code)
+                .find(|c| *c != 0)
+                .unwrap_or(0);
+            let _ = self.store.add_event(
+                &crate::state::Event::new("run-errand", name, Some(&iname))
+                    .did("run-errand", group.to_string())
+                    .result(format!("exit {exit_code}")),
+            );
+            out.push(ErrandRun {
+                instance: iname,
+                exit_code,
+                jobs: results.results,
+                seconds: started.elapsed().as_secs_f64(),
+                kept: keep_alive,
+            });
+        }
+        Ok(out)
+    }
+
     /// `delete-disk`: delete an orphaned disk through its CPI and forget it.
     pub async fn delete_orphan_disk(&self, cid: &str) -> Result<crate::state::OrphanDisk, OpError> {
         let d = self
@@ -920,6 +1044,8 @@ pub fn instance_matches(r: &InstanceRecord, filter: Option<&str>) -> bool {
 
 fn instance_info(r: &InstanceRecord, st: Option<AgentState>) -> InstanceInfo {
     let process_state = match (&r.vm, &st) {
+        (None, _) if r.state == crate::state::InstanceState::Errand => "errand".to_string(),
+        (None, _) if r.state == crate::state::InstanceState::Detached => "detached".to_string(),
         (None, _) => "missing".to_string(),
         (Some(_), None) => "unresponsive".to_string(),
         (Some(_), Some(s)) => match s.job_state {

@@ -107,6 +107,9 @@ pub struct GroupPlan {
     pub name: String,
     #[serde(skip)]
     pub update: UpdatePolicy,
+    /// Errand groups get no VM from a deploy: their planned specs are
+    /// recorded for `run-errand`.
+    pub lifecycle: Lifecycle,
     pub instances: Vec<InstancePlan>,
 }
 
@@ -257,12 +260,7 @@ pub fn plan(
     let mut used: BTreeSet<(String, Ipv4Addr)> = actual.reserved_ips.clone();
     let mut placed: Vec<(usize, Vec<InstanceRecord>)> = Vec::new();
     let mut deletes = Vec::new();
-    let wanted_groups: BTreeSet<&str> = desired
-        .groups
-        .iter()
-        .filter(|g| g.lifecycle == Lifecycle::Service)
-        .map(|g| g.name.as_str())
-        .collect();
+    let wanted_groups: BTreeSet<&str> = desired.groups.iter().map(|g| g.name.as_str()).collect();
     for rec in &actual.instances {
         let keep = wanted_groups.contains(rec.group.as_str())
             && desired
@@ -275,9 +273,6 @@ pub fn plan(
     }
     // IPs of kept instances stay reserved while new ones are chosen.
     for (gi, g) in desired.groups.iter().enumerate() {
-        if g.lifecycle != Lifecycle::Service {
-            continue;
-        }
         let existing: BTreeMap<u32, &InstanceRecord> = actual
             .instances
             .iter()
@@ -337,6 +332,7 @@ pub fn plan(
         groups.push(GroupPlan {
             name: g.name.clone(),
             update: g.update.clone(),
+            lifecycle: g.lifecycle,
             instances,
         });
     }
@@ -733,9 +729,21 @@ fn plan_instance(
     if change == Change::None && matches!(disk, DiskAction::Create { .. } | DiskAction::Orphan) {
         change = Change::Update;
     }
+    // An errand instance has no VM between runs: a deploy only records
+    // the spec and VM it will run with.
+    let (change, vm, disk) = if g.lifecycle == Lifecycle::Errand {
+        reasons.clear();
+        let same = rec.deployed.as_ref().is_some_and(|d| {
+            d.applied.digest == applied.digest && d.vm.vm_digest == vm_target.vm_digest
+        });
+        if !same {
+            reasons.push("errand spec recorded".into());
+        }
+        let change = if same { Change::None } else { Change::Update };
+        (change, VmAction::Keep, DiskAction::None)
     // Stopped with --hard: it stays without a VM until `start` brings back
     // the spec it last ran (a deploy after that applies newer changes).
-    let (change, vm, disk) = if rec.state == crate::state::InstanceState::Detached {
+    } else if rec.state == crate::state::InstanceState::Detached {
         reasons.clear();
         let disk = if rec.disk.is_some() {
             DiskAction::Keep

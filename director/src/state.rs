@@ -247,6 +247,8 @@ pub enum InstanceState {
     Stopped,
     /// No VM; disk and IPs kept (`stop --hard`).
     Detached,
+    /// An errand's instance: a VM only while `run-errand` runs it.
+    Errand,
 }
 
 /// The VM, spec and packages an instance last ran with.

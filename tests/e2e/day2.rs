@@ -301,3 +301,79 @@ fn lifecycle_scripts_run_in_bosh_order_and_a_failing_post_start_fails() {
         "no post-deploy after a failure"
     );
 }
+
+#[test]
+fn the_kv_smoke_errand_passes_and_a_broken_run_reports_its_exit_code() {
+    let env = Env::new(119);
+    let m = env.manifest("m.yml", &kv_manifest("quickstart", 8080, "300-30000"));
+    let smoke = crate::support::repo().join("manifests/ops/smoke-errand.yml");
+    let fast = env.path("fast.yml");
+    std::fs::write(
+        &fast,
+        "- type: replace\n  path: /instance_groups/name=smoke/jobs/name=kv-smoke/properties?/kv_smoke/timeout_s\n  value: 1\n",
+    )
+    .unwrap();
+    let (m, smoke, fast) = (
+        m.to_str().unwrap(),
+        smoke.to_str().unwrap(),
+        fast.to_str().unwrap(),
+    );
+    let out = env.bosun(&["deploy", m, "-o", smoke, "-o", fast, "-n"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let list = env.instances("quickstart");
+    let errand = list.iter().find(|i| i["group"] == "smoke").unwrap();
+    assert_eq!(errand["process_state"], "errand");
+    assert!(errand["vm_cid"].is_null(), "no VM between runs");
+    assert_eq!(env.vm_dirs(), 3);
+
+    let out = env.bosun(&["-d", "quickstart", "run-errand", "smoke"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        log.contains("reads matched") && log.contains("kv-smoke") && log.contains(": OK"),
+        "{log}"
+    );
+    assert_eq!(env.vm_dirs(), 3, "the errand VM is deleted afterwards");
+    let out = env.bosun(&["deploy", m, "-o", smoke, "-o", fast, "-n"]);
+    assert!(text(&out).contains("no changes"), "{}", text(&out));
+
+    // Broken: one kv instance stopped. The errand fails with its own exit code.
+    let out = env.bosun(&["-d", "quickstart", "stop", "kv/1", "-n"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = env.bosun(&[
+        "-d",
+        "quickstart",
+        "run-errand",
+        "smoke",
+        "--keep-alive",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let runs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(runs[0]["exit_code"], 1);
+    assert!(
+        runs[0]["jobs"][0]["output_tail"]
+            .as_str()
+            .unwrap()
+            .contains("FAILED"),
+        "{runs}"
+    );
+    assert_eq!(env.vm_dirs(), 4, "--keep-alive keeps the errand VM");
+    let out = env.bosun(&["-d", "quickstart", "start", "kv/1", "-n"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = env.bosun(&["-d", "quickstart", "run-errand", "smoke"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "the kept VM runs it again: {}",
+        text(&out)
+    );
+    assert_eq!(env.vm_dirs(), 3);
+    let out = env.bosun(&["-d", "quickstart", "run-errand", "nope"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("has no errand 'nope' (errands: smoke)"),
+        "{}",
+        text(&out)
+    );
+}
