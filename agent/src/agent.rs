@@ -31,7 +31,7 @@ use crate::protocol::{
     Action, ActionFailure, AgentState, ApplySpec, BpmConfig, CompileRequest, CompileResult,
     DrainKind, DrainParams, DrainResult, FetchLogsParams, FetchLogsResult, JobStatus,
     MountDiskParams, PingResult, ProcessState, RenderedJob, RestartJobsParams, RunScriptParams,
-    ScriptResult, ScriptResults, UnmountDiskParams, Vitals, PROTOCOL_VERSION,
+    ScriptResult, ScriptResults, UnmountDiskParams, UnpackDiskParams, Vitals, PROTOCOL_VERSION,
 };
 use crate::server::{self, ActionHandler};
 use crate::supervisor::{self, Supervisor, DEFAULT_PATH};
@@ -783,6 +783,93 @@ impl Agent {
         .await
     }
 
+    /// `pack_disk`: the persistent disk's contents as a blob (tgz, owners,
+    /// modes and times kept).
+    pub async fn pack_disk(&self) -> Result<FetchLogsResult, ActionFailure> {
+        let _g = self.ops.lock().await;
+        let op = "packing the persistent disk";
+        let store = self.root.join("store");
+        if self.disk_record().is_none() {
+            return Err(failure(
+                "invalid",
+                format!("{op}: no persistent disk is mounted"),
+            ));
+        }
+        let tmp = self
+            .root
+            .join("data/tmp")
+            .join(format!("disk-{}.tgz", rand_suffix()));
+        let blobs = self.blobs.clone();
+        blocking(op, move || {
+            let res = (|| {
+                if let Some(d) = tmp.parent() {
+                    fs::create_dir_all(d).map_err(io_fail(op))?;
+                }
+                let f = File::create(&tmp).map_err(io_fail(op))?;
+                let gz =
+                    flate2::write::GzEncoder::new(BufWriter::new(f), flate2::Compression::fast());
+                let mut b = tar::Builder::new(gz);
+                b.follow_symlinks(false);
+                b.mode(tar::HeaderMode::Complete);
+                b.append_dir_all(".", &store).map_err(io_fail(op))?;
+                let gz = b.into_inner().map_err(io_fail(op))?;
+                let w = gz.finish().map_err(io_fail(op))?;
+                let f = w
+                    .into_inner()
+                    .map_err(|e| failure("io", format!("{op}: {}", e.error())))?;
+                f.sync_all().map_err(io_fail(op))?;
+                let size = fs::metadata(&tmp).map_err(io_fail(op))?.len();
+                let sha256 = blobs
+                    .put_file(&tmp)
+                    .map_err(|e| failure("io", format!("{op}: storing blob: {e}")))?;
+                Ok(FetchLogsResult { sha256, size })
+            })();
+            let _ = fs::remove_file(&tmp);
+            res
+        })
+        .await
+    }
+
+    /// `unpack_disk`: a `pack_disk` blob into the (empty) persistent disk.
+    pub async fn unpack_disk(&self, p: UnpackDiskParams) -> Result<(), ActionFailure> {
+        let _g = self.ops.lock().await;
+        let op = "unpacking onto the persistent disk";
+        let store = self.root.join("store");
+        if self.disk_record().is_none() {
+            return Err(failure(
+                "invalid",
+                format!("{op}: no persistent disk is mounted"),
+            ));
+        }
+        if !self.blobs.has(&p.sha256) {
+            return Err(failure(
+                "missing_blob",
+                format!("{op}: blob {} is missing", short(&p.sha256)),
+            ));
+        }
+        let src = self.blobs.path(&p.sha256);
+        blocking(op, move || {
+            let nonempty = fs::read_dir(&store)
+                .map_err(io_fail(op))?
+                .flatten()
+                .any(|e| e.file_name() != "lost+found");
+            if nonempty {
+                return Err(failure(
+                    "invalid",
+                    format!("{op}: {} is not empty", store.display()),
+                ));
+            }
+            let f = File::open(&src).map_err(io_fail(op))?;
+            let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(BufReader::new(f)));
+            ar.set_preserve_permissions(true);
+            ar.set_preserve_ownerships(true);
+            ar.set_preserve_mtime(true);
+            ar.set_unpack_xattrs(false);
+            ar.unpack(&store).map_err(io_fail(op))
+        })
+        .await
+    }
+
     /// `mount_disk`: bind-mount `p.hint.path` (or mount a block device) at
     /// `<root>/store`; idempotent for the same cid.
     pub async fn mount_disk(&self, p: MountDiskParams) -> Result<(), ActionFailure> {
@@ -932,6 +1019,8 @@ impl ActionHandler for Agent {
             Action::MountDisk(p) => self.mount_disk(p).await.map(|()| serde_json::Value::Null),
             Action::UnmountDisk(p) => self.unmount_disk(p).await.map(|()| serde_json::Value::Null),
             Action::MissingBlobs(p) => to_json(&self.blobs.missing(&p.sha256s)),
+            Action::PackDisk => to_json(&self.pack_disk().await?),
+            Action::UnpackDisk(p) => self.unpack_disk(p).await.map(|()| serde_json::Value::Null),
         }
     }
 }

@@ -411,6 +411,21 @@ impl AgentClient {
         self.call_typed(&Action::GetState, timeout).await
     }
 
+    pub async fn pack_disk(&self) -> Result<FetchLogsResult, ClientError> {
+        self.call_typed(&Action::PackDisk, Duration::from_secs(3600))
+            .await
+    }
+
+    pub async fn unpack_disk(&self, sha256: &str) -> Result<(), ClientError> {
+        self.call_unit(
+            &Action::UnpackDisk(protocol::UnpackDiskParams {
+                sha256: sha256.to_string(),
+            }),
+            Duration::from_secs(3600),
+        )
+        .await
+    }
+
     pub async fn restart_jobs(&self, p: &RestartJobsParams) -> Result<(), ClientError> {
         self.call_unit(&Action::RestartJobs(p.clone()), Duration::from_secs(300))
             .await

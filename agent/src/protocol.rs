@@ -91,6 +91,13 @@ pub enum Action {
     UnmountDisk(UnmountDiskParams),
     /// Which of these blobs the agent does not have. -> `Vec<String>`
     MissingBlobs(MissingBlobsParams),
+    /// Pack the mounted persistent disk (`/var/vcap/store`) into a blob,
+    /// owners, modes and times kept, for a disk migration. Jobs must be
+    /// stopped. -> [`FetchLogsResult`] (the blob)
+    PackDisk,
+    /// Unpack a blob made by `pack_disk` into the mounted persistent disk,
+    /// which must be empty. -> `null`
+    UnpackDisk(UnpackDiskParams),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -293,6 +300,11 @@ pub struct FetchLogsResult {
 pub struct MountDiskParams {
     pub cid: String,
     pub hint: DiskHint,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnpackDiskParams {
+    pub sha256: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

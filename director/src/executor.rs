@@ -374,6 +374,87 @@ impl Executor {
         Ok(n)
     }
 
+    /// Move an instance's data to a new persistent disk (jobs stopped, the
+    /// old disk mounted): the agent packs the old disk, the director keeps
+    /// that blob until the new disk holds it, the old disk is detached and
+    /// orphaned (kept, never deleted here), the new one created, attached,
+    /// mounted and filled. Returns a client to the agent.
+    async fn migrate_disk(
+        &self,
+        ip: &InstancePlan,
+        rec: &mut InstanceRecord,
+        client: AgentClient,
+    ) -> Result<AgentClient, ExecError> {
+        let name = instance_name(rec);
+        let DiskAction::Migrate {
+            cpi,
+            size_mb,
+            cloud_properties,
+            digest,
+        } = &ip.disk
+        else {
+            return Ok(client);
+        };
+        let agent = |what: String| {
+            move |source| ExecError::Agent {
+                what,
+                source: Box::new(source),
+            }
+        };
+        self.progress.stage(&name, "copying disk data");
+        let packed = client
+            .pack_disk()
+            .await
+            .map_err(agent(format!("packing the persistent disk of {name}")))?;
+        let data = client
+            .get_blob(&packed.sha256)
+            .await
+            .map_err(agent(format!("fetching the packed disk of {name}")))?;
+        self.store
+            .blobs()
+            .put_verified(&packed.sha256, &data)
+            .map_err(|e| ExecError::Failed(format!("keeping the disk data of {name}: {e}")))?;
+        if let Some(d) = &rec.disk {
+            client
+                .unmount_disk(&UnmountDiskParams { cid: d.cid.clone() })
+                .await
+                .map_err(agent(format!("unmounting the old disk of {name}")))?;
+        }
+        self.orphan_disk(rec).await?;
+        let create = InstancePlan {
+            disk: DiskAction::Create {
+                cpi: cpi.clone(),
+                size_mb: *size_mb,
+                cloud_properties: cloud_properties.clone(),
+                digest: digest.clone(),
+            },
+            ..ip.clone()
+        };
+        let client = self.ensure_disk(&create, rec, client).await?;
+        client
+            .put_blob(&packed.sha256, &data)
+            .await
+            .map_err(agent(format!("sending the disk data to {name}")))?;
+        client
+            .unpack_disk(&packed.sha256)
+            .await
+            .map_err(agent(format!("filling the new disk of {name}")))?;
+        // The new disk holds the data now (and the old disk still does).
+        let _ = self.store.blobs().delete(&packed.sha256);
+        self.event(
+            &rec.deployment,
+            Some(&name),
+            "migrate",
+            &format!(
+                "disk data ({} bytes packed) to {}",
+                packed.size,
+                rec.disk.as_ref().map(|d| d.cid.as_str()).unwrap_or("?")
+            ),
+            "ok",
+        );
+        Ok(client)
+    }
+
     /// Create a VM through a CPI and wait for its agent.
     #[allow(clippy::too_many_arguments)]
     pub async fn create_vm(
@@ -832,6 +913,11 @@ impl Executor {
                 }
                 self.ensure_disk(ip, &mut rec, client).await?
             }
+        };
+
+        let client = match &ip.disk {
+            DiskAction::Migrate { .. } => self.migrate_disk(ip, &mut rec, client).await?,
+            _ => client,
         };
 
         self.progress.stage(

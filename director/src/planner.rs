@@ -54,12 +54,6 @@ pub enum PlanError {
         #[source]
         source: TemplateError,
     },
-    #[error("planning {instance}: changing the persistent disk of an existing instance ({from_mb} MB to {to_mb} MB, or its type) is not supported yet; the disk was left as it is")]
-    DiskChange {
-        instance: String,
-        from_mb: u64,
-        to_mb: u64,
-    },
 }
 
 /// What exists, as far as planning needs it.
@@ -172,6 +166,14 @@ pub enum DiskAction {
     },
     /// The instance keeps running without a disk; the old one is orphaned.
     Orphan,
+    /// A new disk like this; the data is copied over and the old disk is
+    /// orphaned (kept).
+    Migrate {
+        cpi: String,
+        size_mb: u64,
+        cloud_properties: Json,
+        digest: String,
+    },
 }
 
 impl Plan {
@@ -569,11 +571,23 @@ fn plan_instance(
             match existing {
                 Some(e) if e.digest == d_digest => DiskAction::Keep,
                 Some(e) => {
-                    return Err(PlanError::DiskChange {
-                        instance: name,
-                        from_mb: e.size_mb,
-                        to_mb: d.size_mb,
-                    })
+                    reasons.push(if e.size_mb == d.size_mb {
+                        format!(
+                            "persistent disk type changed ({} MB): data copied to a new disk",
+                            d.size_mb
+                        )
+                    } else {
+                        format!(
+                            "persistent disk {} MB -> {} MB: data copied to a new disk",
+                            e.size_mb, d.size_mb
+                        )
+                    });
+                    DiskAction::Migrate {
+                        cpi: cpi.clone(),
+                        size_mb: d.size_mb,
+                        cloud_properties: d.cloud_properties.clone(),
+                        digest: d_digest,
+                    }
                 }
                 None => {
                     if rec.vm.is_some() {
@@ -726,7 +740,12 @@ fn plan_instance(
             }
         }
     }
-    if change == Change::None && matches!(disk, DiskAction::Create { .. } | DiskAction::Orphan) {
+    if change == Change::None
+        && matches!(
+            disk,
+            DiskAction::Create { .. } | DiskAction::Orphan | DiskAction::Migrate { .. }
+        )
+    {
         change = Change::Update;
     }
     // An errand instance has no VM between runs: a deploy only records

@@ -377,3 +377,65 @@ fn the_kv_smoke_errand_passes_and_a_broken_run_reports_its_exit_code() {
         text(&out)
     );
 }
+
+#[test]
+fn resizing_the_persistent_disk_keeps_the_keys() {
+    let env = Env::new(120);
+    let small = kv_manifest("quickstart", 8080, "300-30000")
+        .replace("persistent_disk_type: default", "persistent_disk: 1024");
+    let m1 = env.manifest("m1.yml", &small);
+    let out = env.bosun(&["deploy", m1.to_str().unwrap(), "-n"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let before = env.instances("quickstart");
+    let ip = before[0]["ips"][0].as_str().unwrap();
+    for k in ["a", "b", "c"] {
+        let (code, _) = http("PUT", &format!("{ip}:8080"), &format!("/kv/{k}"), k).unwrap();
+        assert!(code == 201 || code == 204);
+    }
+    let m2 = env.manifest(
+        "m2.yml",
+        &small.replace("persistent_disk: 1024", "persistent_disk: 2048"),
+    );
+    let dry = env.bosun(&["deploy", m2.to_str().unwrap(), "--dry-run"]);
+    assert!(
+        text(&dry).contains("persistent disk 1024 MB -> 2048 MB: data copied to a new disk"),
+        "{}",
+        text(&dry)
+    );
+    let out = env.bosun(&["deploy", m2.to_str().unwrap(), "-n"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let after = env.instances("quickstart");
+    for (b, a) in before.iter().zip(&after) {
+        assert_eq!(a["vm_cid"], b["vm_cid"], "same VM");
+        assert_ne!(
+            a["persistent_disk_cids"], b["persistent_disk_cids"],
+            "a new disk"
+        );
+        assert_eq!(a["persistent_disk_mb"], 2048);
+        let ip = a["ips"][0].as_str().unwrap();
+        for k in ["a", "b", "c"] {
+            assert_eq!(
+                http("GET", &format!("{ip}:8080"), &format!("/kv/{k}"), "").unwrap(),
+                (200, k.to_string()),
+                "key {k} on {ip}"
+            );
+        }
+    }
+    // The old disks are orphaned, not deleted.
+    let out = env.bosun(&["disks", "--orphaned", "--json"]);
+    let orphans: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let orphaned: Vec<&str> = orphans
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["cid"].as_str().unwrap())
+        .collect();
+    for b in &before {
+        assert!(
+            orphaned.contains(&b["persistent_disk_cids"][0].as_str().unwrap()),
+            "{orphans}"
+        );
+    }
+    let out = env.bosun(&["deploy", m2.to_str().unwrap(), "-n"]);
+    assert!(text(&out).contains("no changes"), "{}", text(&out));
+}
