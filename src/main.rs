@@ -152,6 +152,19 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// List tasks (director operations): the running ones, or with --recent the last N.
+    Tasks {
+        #[arg(long, num_args = 0..=1, default_missing_value = "30", value_name = "N")]
+        recent: Option<usize>,
+    },
+    /// Show a task's log: what it printed, or --debug the director's log, or --cpi every CPI call.
+    Task {
+        id: i64,
+        #[arg(long, conflicts_with = "cpi")]
+        debug: bool,
+        #[arg(long)]
+        cpi: bool,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
     /// Delete a deployment (-d): VMs deleted, persistent disks orphaned.
@@ -326,13 +339,118 @@ fn main() {
 }
 
 fn init_logging(agent: bool) {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_env("BOSUN_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(if agent { "info" } else { "warn" })
     });
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let stderr = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_filter(filter);
+    // A running task's logs: the director's (debug.log) and the CPI calls (cpi.log).
+    let debug = tracing_subscriber::fmt::layer()
+        .with_ansi(false)
+        .with_writer(TaskLog::Debug)
+        .with_filter(Targets::new().with_target("bosun", LevelFilter::DEBUG));
+    let cpi = tracing_subscriber::fmt::layer()
+        .with_ansi(false)
+        .with_writer(TaskLog::Cpi)
+        .with_filter(Targets::new().with_target("bosun_cpi", LevelFilter::DEBUG));
+    let _ = tracing_subscriber::registry()
+        .with(stderr)
+        .with(debug)
+        .with(cpi)
         .try_init();
+}
+
+/// The open log files of the task this process runs, if any.
+static TASK_LOGS: std::sync::Mutex<Option<TaskFiles>> = std::sync::Mutex::new(None);
+
+struct TaskFiles {
+    event: std::fs::File,
+    debug: std::fs::File,
+    cpi: std::fs::File,
+}
+
+/// Which task log a tracing layer writes to.
+#[derive(Clone, Copy)]
+enum TaskLog {
+    Event,
+    Debug,
+    Cpi,
+}
+
+impl std::io::Write for TaskLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut guard = TASK_LOGS.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(files) = guard.as_mut() {
+            let f = match self {
+                TaskLog::Event => &mut files.event,
+                TaskLog::Debug => &mut files.debug,
+                TaskLog::Cpi => &mut files.cpi,
+            };
+            f.write_all(buf)?;
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for TaskLog {
+    type Writer = TaskLog;
+    fn make_writer(&'a self) -> TaskLog {
+        *self
+    }
+}
+
+/// Append a line to the running task's event log (what the command printed).
+fn task_event_line(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(TaskLog::Event, "{line}");
+}
+
+/// The task a command is recorded as, if it changes anything: its
+/// description and deployment.
+fn task_of(cli: &Cli) -> Option<(String, Option<String>)> {
+    let d = cli.deployment.clone();
+    let path = |p: &PathBuf| p.display().to_string();
+    let what = match &cli.command {
+        Command::Deploy {
+            manifest,
+            dry_run: false,
+            ..
+        } => {
+            // The deployment is named in the manifest.
+            return Some((format!("deploy {}", path(manifest)), None));
+        }
+        Command::DeleteDeployment => "delete-deployment".to_string(),
+        Command::Start { instance } => format!("start {}", instance.as_deref().unwrap_or("")),
+        Command::Stop { instance, hard, .. } => format!(
+            "stop {}{}",
+            instance.as_deref().unwrap_or(""),
+            if *hard { " --hard" } else { "" }
+        ),
+        Command::Restart { instance, .. } => {
+            format!("restart {}", instance.as_deref().unwrap_or(""))
+        }
+        Command::Recreate { instance, .. } => {
+            format!("recreate {}", instance.as_deref().unwrap_or(""))
+        }
+        Command::RunErrand { name, .. } => format!("run-errand {name}"),
+        Command::CloudCheck { report: false, .. } => "cloud-check".to_string(),
+        Command::DeleteDisk { cid } => return Some((format!("delete-disk {cid}"), None)),
+        Command::CleanUp { all: true } => return Some(("clean-up --all".into(), None)),
+        Command::UploadRelease { path: p, .. } => {
+            return Some((format!("upload-release {}", path(p)), None))
+        }
+        Command::UploadStemcell { path: p } => {
+            return Some((format!("upload-stemcell {}", path(p)), None))
+        }
+        _ => return None,
+    };
+    Some((what.trim_end().to_string(), d))
 }
 
 async fn run(cli: Cli) -> Result<i32> {
@@ -346,10 +464,77 @@ async fn run(cli: Cli) -> Result<i32> {
     init_logging(false);
     let state_dir = cli.state_dir.clone().unwrap_or_else(default_state_dir);
     let store = Store::open(&state_dir)?;
+    let Some((description, deployment)) = task_of(&cli) else {
+        return run_command(cli, store).await;
+    };
+    let mut task = store.create_task(&description, deployment.as_deref())?;
+    let dir = store.task_dir(task.id);
+    let open = |name: &str| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(name))
+            .with_context(|| format!("opening the log of task {}", task.id))
+    };
+    *TASK_LOGS.lock().unwrap_or_else(|e| e.into_inner()) = Some(TaskFiles {
+        event: open("event.log")?,
+        debug: open("debug.log")?,
+        cpi: open("cpi.log")?,
+    });
+    if !cli.json {
+        eprintln!("Task {}: {description}", task.id);
+    }
+    let result = run_command(cli, store.clone()).await;
+    task.ended_at = Some(bosun_director::state::now());
+    match &result {
+        Ok(0) => {
+            task.state = "done".into();
+        }
+        Ok(code) => {
+            task.state = "error".into();
+            task.result = format!("exit code {code}");
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            task.state = if msg.contains("cancelled") {
+                "cancelled"
+            } else {
+                "error"
+            }
+            .into();
+            task_event_line(&format!("Error: {msg}"));
+            task.result = msg;
+        }
+    }
+    if task.result.is_empty() {
+        task.result = "ok".into();
+    }
+    *TASK_LOGS.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    store.save_task(&task)?;
+    result
+}
+
+async fn run_command(cli: Cli, store: Arc<Store>) -> Result<i32> {
     // upload-stemcell offers the stemcell to Docker when it is reachable.
     let try_docker = matches!(cli.command, Command::UploadStemcell { .. });
     let director = director(store.clone(), try_docker).await?;
     let printer = Arc::new(Printer::new(cli.non_interactive, cli.json));
+    // Ctrl-C: stop at the next safe point; a second Ctrl-C stops at once.
+    // (monitor handles Ctrl-C itself.)
+    if !matches!(cli.command, Command::Monitor { .. }) {
+        let cancel = director.opts.cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("Cancelling at the next safe point (Ctrl-C again to stop now)...");
+                task_event_line("Cancel requested (Ctrl-C)");
+                cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    eprintln!("Stopped at once: run `bosun cloud-check` for what was left");
+                    std::process::exit(130);
+                }
+            }
+        });
+    }
     match cli.command {
         Command::Agent { .. } => Ok(0),
         Command::Deploy {
@@ -592,6 +777,64 @@ async fn run(cli: Cli) -> Result<i32> {
                 }
             }
             Ok(if failed > 0 { 1 } else { 0 })
+        }
+        Command::Tasks { recent } => {
+            let all = store.tasks(recent.unwrap_or(1000))?;
+            let list: Vec<_> = match recent {
+                Some(_) => all,
+                None => all.into_iter().filter(|t| t.state == "running").collect(),
+            };
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!(
+                    "{:<6} {:<10} {:<24} {:<16} {:<30} result",
+                    "id", "state", "started", "deployment", "description"
+                );
+                for t in &list {
+                    println!(
+                        "{:<6} {:<10} {:<24} {:<16} {:<30} {}",
+                        t.id,
+                        t.state,
+                        fmt_time(t.started_at * 1000),
+                        t.deployment.as_deref().unwrap_or("-"),
+                        t.description,
+                        t.result.lines().next().unwrap_or("")
+                    );
+                }
+                println!("\n{} tasks", list.len());
+            }
+            Ok(0)
+        }
+        Command::Task { id, debug, cpi } => {
+            let t = store
+                .task(id)?
+                .with_context(|| format!("there is no task {id} (see `bosun tasks --recent`)"))?;
+            let file = if debug {
+                "debug.log"
+            } else if cpi {
+                "cpi.log"
+            } else {
+                "event.log"
+            };
+            let path = store.task_dir(id).join(file);
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({"task": t, "log": text}))?
+                );
+            } else {
+                println!(
+                    "Task {} ({}): {} [{}]",
+                    t.id,
+                    t.description,
+                    t.state,
+                    t.result.lines().next().unwrap_or("")
+                );
+                print!("{text}");
+            }
+            Ok(0)
         }
         Command::Completions { shell } => {
             use clap::CommandFactory;
@@ -931,7 +1174,7 @@ async fn director(store: Arc<Store>, try_docker: bool) -> Result<Director> {
         agent_command: vec![exe.display().to_string(), "agent".into()],
     })?;
     let mut cpis = Cpis::new();
-    cpis.insert("local", Arc::new(local));
+    cpis.insert("local", logged("local", Arc::new(local)));
     let cc = match store.cloud_config()? {
         Some((id, text)) => {
             bosun_director::cloud_config::parse_cloud_config(&format!("cloud-config #{id}"), &text)
@@ -951,7 +1194,7 @@ async fn director(store: Arc<Store>, try_docker: bool) -> Result<Director> {
                 let aws = AwsCpi::new(config)
                     .await
                     .with_context(|| format!("starting CPI '{}' (type aws)", c.name))?;
-                cpis.insert(&c.name, Arc::new(aws));
+                cpis.insert(&c.name, logged(&c.name, Arc::new(aws)));
             }
             "docker" => {
                 let config = DockerCpiConfig {
@@ -965,7 +1208,7 @@ async fn director(store: Arc<Store>, try_docker: bool) -> Result<Director> {
                 let docker = DockerCpi::connect(config)
                     .await
                     .with_context(|| format!("starting CPI '{}' (type docker)", c.name))?;
-                cpis.insert(&c.name, Arc::new(docker));
+                cpis.insert(&c.name, logged(&c.name, Arc::new(docker)));
             }
             other => bail!("CPI '{}' has an unknown type '{other}'", c.name),
         }
@@ -978,7 +1221,7 @@ async fn director(store: Arc<Store>, try_docker: bool) -> Result<Director> {
             prefix: "bosun".into(),
         };
         match DockerCpi::connect(config).await {
-            Ok(docker) => cpis.insert("docker", Arc::new(docker)),
+            Ok(docker) => cpis.insert("docker", logged("docker", Arc::new(docker))),
             Err(e) if cloud_wants_docker => {
                 return Err(anyhow::Error::new(e).context("the docker CPI is needed"))
             }
@@ -993,6 +1236,11 @@ async fn director(store: Arc<Store>, try_docker: bool) -> Result<Director> {
         opts.agent_timeout = Duration::from_secs(secs);
     }
     Ok(Director { store, cpis, opts })
+}
+
+/// A CPI whose every call goes to the running task's CPI log.
+fn logged(name: &str, cpi: Arc<dyn bosun_cpi::Cpi>) -> Arc<dyn bosun_cpi::Cpi> {
+    Arc::new(bosun_cpi::logged::LoggedCpi::new(name, cpi))
 }
 
 fn default_cache_dir() -> PathBuf {
@@ -1260,6 +1508,7 @@ impl Progress for Printer {
             "{:>7.2}s  {subject:<48} {stage}",
             self.started.elapsed().as_secs_f64()
         );
+        task_event_line(&line);
         if self.json {
             eprintln!("{line}");
         } else {
@@ -1270,6 +1519,7 @@ impl Progress for Printer {
 
 impl Report for Printer {
     fn notice(&self, msg: &str) {
+        task_event_line(msg);
         if self.json {
             eprintln!("{msg}");
         } else {

@@ -63,6 +63,8 @@ pub enum ExecError {
     Failed(String),
     #[error("{0}")]
     Compile(String),
+    #[error("cancelled at a safe point: {0}")]
+    Cancelled(String),
 }
 
 /// Where progress goes (the CLI prints it).
@@ -108,6 +110,9 @@ pub struct ExecOptions {
     pub script_timeout_secs: u64,
     /// Parallel VM creations for new instances.
     pub create_parallelism: usize,
+    /// Set (e.g. on Ctrl-C) to stop at the next safe point: no new instance
+    /// is started; work in flight finishes.
+    pub cancel: Arc<AtomicBool>,
 }
 
 impl Default for ExecOptions {
@@ -119,6 +124,7 @@ impl Default for ExecOptions {
             drain_timeout_secs: 300,
             script_timeout_secs: 300,
             create_parallelism: 32,
+            cancel: Arc::new(AtomicBool::new(false)),
         }
     }
 }
@@ -184,6 +190,11 @@ impl Executor {
             summary.compiled = crate::compiler::compile(self, plan).await?;
         }
         for d in &plan.deletes {
+            if self.opts.cancel.load(Ordering::SeqCst) {
+                return Err(ExecError::Cancelled(
+                    "before deleting the next instance".into(),
+                ));
+            }
             let mut rec = d.clone();
             let name = instance_name(&rec);
             self.progress.stage(&name, "deleting");
@@ -242,6 +253,16 @@ impl Executor {
         }
         let created = Arc::new(tokio::sync::Mutex::new(created));
         for stage in stages {
+            if self.opts.cancel.load(Ordering::SeqCst) {
+                return Err(ExecError::Cancelled(format!(
+                    "instance group {} was not started",
+                    stage
+                        .iter()
+                        .map(|g| g.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
             let futs = stage
                 .into_iter()
                 .map(|g| self.update_group(&plan.deployment, g, created.clone()));
@@ -303,6 +324,13 @@ impl Executor {
                     if failed.load(Ordering::SeqCst) {
                         return Ok(false);
                     }
+                    if self.opts.cancel.load(Ordering::SeqCst) {
+                        failed.store(true, Ordering::SeqCst);
+                        return Err(ExecError::Cancelled(format!(
+                            "{} was not started",
+                            instance_name(&ip.record)
+                        )));
+                    }
                     let rec = match created.lock().await.remove(&ip.record.id) {
                         Some(r) => r,
                         None => ip.record.clone(),
@@ -337,6 +365,7 @@ impl Executor {
             }
             if let Some(e) = first_err {
                 return Err(match label {
+                    _ if matches!(e, ExecError::Cancelled(_)) => e,
                     "canary" => ExecError::Failed(format!(
                         "canary of instance group '{}' failed, the remaining instances were left untouched: {e}",
                         g.name

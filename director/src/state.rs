@@ -413,11 +413,30 @@ CREATE TABLE IF NOT EXISTS instances (id TEXT PRIMARY KEY, deployment TEXT NOT N
 CREATE INDEX IF NOT EXISTS instances_by_deployment ON instances (deployment);
 CREATE TABLE IF NOT EXISTS orphan_disks (cid TEXT PRIMARY KEY, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY AUTOINCREMENT, deployment TEXT, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tasks (id INTEGER PRIMARY KEY AUTOINCREMENT, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runtime_configs (id INTEGER PRIMARY KEY AUTOINCREMENT, text TEXT NOT NULL,
   base_dir TEXT NOT NULL, created_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS variables (deployment TEXT NOT NULL, name TEXT NOT NULL, record TEXT NOT NULL,
   sealed TEXT NOT NULL, PRIMARY KEY (deployment, name));
 ";
+
+/// One director operation (`deploy`, `stop`, ...) and how it ended. Its
+/// logs live in `tasks/<id>/` under the state dir.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    #[serde(default)]
+    pub id: i64,
+    /// The command line, without secrets (`deploy manifest.yml`).
+    pub description: String,
+    pub deployment: Option<String>,
+    /// `running`, `done`, `error`, `cancelled`.
+    pub state: String,
+    pub started_at: i64,
+    pub ended_at: Option<i64>,
+    /// What it did, or why it failed.
+    pub result: String,
+    pub pid: u32,
+}
 
 /// A generated variable of a deployment, without its value (which is kept
 /// sealed beside it).
@@ -891,6 +910,93 @@ impl Store {
             "SELECT record FROM orphan_disks ORDER BY cid",
             [],
         )
+    }
+
+    // ---- tasks ----
+
+    /// Record a new running task; returns it with its id. Its log
+    /// directory is created.
+    pub fn create_task(&self, description: &str, deployment: Option<&str>) -> Result<TaskRecord> {
+        let op = "recording a task";
+        let mut t = TaskRecord {
+            id: 0,
+            description: description.to_string(),
+            deployment: deployment.map(str::to_string),
+            state: "running".into(),
+            started_at: now(),
+            ended_at: None,
+            result: String::new(),
+            pid: std::process::id(),
+        };
+        let json = to_json(op, &t)?;
+        let conn = self.conn();
+        db(
+            op,
+            conn.execute("INSERT INTO tasks (record) VALUES (?1)", params![json]),
+        )?;
+        t.id = conn.last_insert_rowid();
+        drop(conn);
+        std::fs::create_dir_all(self.task_dir(t.id)).map_err(|source| StateError::Io {
+            op: format!("creating the log directory of task {}", t.id),
+            source,
+        })?;
+        self.save_task(&t)?;
+        Ok(t)
+    }
+
+    pub fn save_task(&self, t: &TaskRecord) -> Result<()> {
+        let op = format!("recording task {}", t.id);
+        let json = to_json(&op, t)?;
+        db(
+            op,
+            self.conn().execute(
+                "UPDATE tasks SET record = ?1 WHERE id = ?2",
+                params![json, t.id],
+            ),
+        )
+        .map(|_| ())
+    }
+
+    /// The most recent `limit` tasks, newest first. A task still `running`
+    /// whose process is gone is shown as `error` (it died).
+    pub fn tasks(&self, limit: usize) -> Result<Vec<TaskRecord>> {
+        let op = "listing tasks";
+        let conn = self.conn();
+        let mut stmt = db(
+            op,
+            conn.prepare("SELECT id, record FROM tasks ORDER BY id DESC LIMIT ?1"),
+        )?;
+        let rows = db(
+            op,
+            stmt.query_map(params![limit as i64], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+            }),
+        )?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, json) = db(op, row)?;
+            let mut t: TaskRecord = from_json(op, &json)?;
+            t.id = id;
+            if t.state == "running" && !Path::new(&format!("/proc/{}", t.pid)).exists() {
+                t.state = "error".into();
+                t.result = "the bosun process running it is gone".into();
+            }
+            out.push(t);
+        }
+        Ok(out)
+    }
+
+    pub fn task(&self, id: i64) -> Result<Option<TaskRecord>> {
+        Ok(self
+            .tasks(usize::MAX >> 1)?
+            .into_iter()
+            .find(|t| t.id == id))
+    }
+
+    /// Where a task's logs are: `event.log` (what the command printed),
+    /// `debug.log` (the director's log), `cpi.log` (every CPI call).
+    pub fn task_dir(&self, id: i64) -> PathBuf {
+        self.dir.join("tasks").join(id.to_string())
     }
 
     // ---- variables ----

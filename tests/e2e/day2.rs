@@ -439,3 +439,90 @@ fn resizing_the_persistent_disk_keeps_the_keys() {
     let out = env.bosun(&["deploy", m2.to_str().unwrap(), "-n"]);
     assert!(text(&out).contains("no changes"), "{}", text(&out));
 }
+
+#[test]
+fn tasks_keep_each_operation_and_ctrl_c_cancels_at_a_safe_point() {
+    let env = Env::new(121);
+    let slow =
+        kv_manifest("quickstart", 8080, "1500-30000").replace("instances: 3", "instances: 4");
+    let m = env.manifest("m.yml", &slow);
+    let m = m.to_str().unwrap();
+    let deploy = std::process::Command::new(crate::support::BOSUN)
+        .arg("--state-dir")
+        .arg(env.state())
+        .args(["deploy", m, "-n"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Ctrl-C once the canary is being updated: it finishes, nothing else starts.
+    let event_log = env.state().join("tasks/1/event.log");
+    assert!(crate::support::wait_until(
+        std::time::Duration::from_secs(60),
+        || { std::fs::read_to_string(&event_log).is_ok_and(|l| l.contains("updating (canary)")) }
+    ));
+    crate::support::signal(deploy.id() as i32, "INT");
+    let out = deploy.wait_with_output().unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("cancelled at a safe point"),
+        "{}",
+        text(&out)
+    );
+    let list = env.instances("quickstart");
+    let running = list
+        .iter()
+        .filter(|i| i["process_state"] == "running")
+        .count();
+    assert_eq!(running, 1, "only the canary was updated: {list:?}");
+
+    // The task says so; its logs hold what was printed and every CPI call.
+    let out = env.bosun(&["tasks", "--recent", "--json"]);
+    let tasks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let t = tasks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == 1)
+        .unwrap();
+    assert_eq!(t["state"], "cancelled", "{t}");
+    assert_eq!(t["description"], format!("deploy {m}"));
+    let out = env.bosun(&["task", "1"]);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        log.contains("updating (canary)") && log.contains("Cancel requested"),
+        "{log}"
+    );
+    let out = env.bosun(&["task", "1", "--cpi"]);
+    let cpi = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        cpi.matches("create_vm(").count(),
+        4 + 2,
+        "4 instances and 2 compilation workers: {cpi}"
+    );
+    assert!(
+        !cpi.contains("PRIVATE KEY"),
+        "no request bodies in the CPI log"
+    );
+
+    // A deploy then converges, as its own task.
+    let out = env.bosun(&["deploy", m, "-n"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(env
+        .instances("quickstart")
+        .iter()
+        .all(|i| i["process_state"] == "running"));
+    let out = env.bosun(&["tasks", "--recent", "2", "--json"]);
+    let tasks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(tasks[0]["state"], "done", "{tasks}");
+    assert_eq!(tasks.as_array().unwrap().len(), 2);
+    let out = env.bosun(&["tasks", "--json"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "[]",
+        "nothing running"
+    );
+    let out = env.bosun(&["task", "99"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("there is no task 99"));
+}

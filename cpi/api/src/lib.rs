@@ -25,6 +25,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 pub mod conformance;
+pub mod logged;
 pub mod records;
 
 /// The TCP port every agent listens on for the director's SSH sessions
