@@ -128,6 +128,15 @@ enum Command {
         #[arg(long)]
         keep_alive: bool,
     },
+    /// Run a command on instances of a deployment (-d) through their agents,
+    /// printing each output line with its instance. Exits with the first
+    /// non-zero exit status. (Interactive shells are not supported yet.)
+    Ssh {
+        /// GROUP, GROUP/ID or GROUP/INDEX (default: every instance).
+        instance: Option<String>,
+        #[arg(short = 'c', long = "command")]
+        command: Option<String>,
+    },
     /// Fetch job logs of a deployment's instances (-d) as tarballs.
     Logs {
         /// GROUP, GROUP/ID or GROUP/INDEX (default: every instance).
@@ -666,6 +675,36 @@ async fn run_command(cli: Cli, store: Arc<Store>) -> Result<i32> {
                 printer.clone(),
             )
             .await
+        }
+        Command::Ssh { instance, command } => {
+            let name = need_deployment(&cli.deployment)?;
+            let Some(command) = command else {
+                bail!("interactive shells are not supported yet: run a command with -c 'CMD'");
+            };
+            let runs = director
+                .run_on_instances(&name, instance.as_deref(), &command)
+                .await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&runs)?);
+            } else {
+                for r in &runs {
+                    let prefix = format!("{} ({})", r.instance, r.index);
+                    for line in r.stdout.lines() {
+                        println!("{prefix}: {line}");
+                    }
+                    for line in r.stderr.lines() {
+                        eprintln!("{prefix}: {line}");
+                    }
+                    if r.exit_code != 0 {
+                        eprintln!("{prefix}: exit {}", r.exit_code);
+                    }
+                }
+            }
+            Ok(runs
+                .iter()
+                .map(|r| r.exit_code as i32)
+                .find(|c| *c != 0)
+                .unwrap_or(0))
         }
         Command::RunErrand {
             name: errand,

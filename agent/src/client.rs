@@ -505,6 +505,31 @@ impl AgentClient {
         self.bounded(&op, timeout, transfer).await
     }
 
+    /// Run a shell command on the VM (as `bosun ssh -c`): (stdout, stderr,
+    /// exit status).
+    pub async fn run_command(
+        &self,
+        command: &str,
+        timeout: Duration,
+    ) -> Result<(Vec<u8>, Vec<u8>, u32), ClientError> {
+        let op = format!("running {command:?}");
+        let run = async {
+            let mut channel = self
+                .handle
+                .channel_open_session()
+                .await
+                .map_err(self.ssh(&op))?;
+            channel
+                .exec(true, format!("run {command}"))
+                .await
+                .map_err(self.ssh(&op))?;
+            channel.eof().await.map_err(self.ssh(&op))?;
+            let (out, err, status) = self.collect(&mut channel, &op, true).await?;
+            Ok((out, err, status.unwrap_or(255)))
+        };
+        self.bounded(&op, timeout, run).await
+    }
+
     /// Download a blob and verify its sha256.
     pub async fn get_blob(&self, sha256: &str) -> Result<Vec<u8>, ClientError> {
         let op = format!("getting blob {sha256}");

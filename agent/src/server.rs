@@ -388,6 +388,29 @@ async fn finish(
 /// One exec channel: `put-blob <sha>` or `get-blob <sha>`.
 async fn serve_exec(channel: Channel<Msg>, command: String, blobs: Arc<BlobStore>) {
     let (mut read, write) = channel.split();
+    // `run <shell command>`: the operator's `bosun ssh -c`.
+    if let Some(cmd) = command.strip_prefix("run ") {
+        drain_until_eof(&mut read).await;
+        let result = run_shell(cmd).await;
+        let sent = match result {
+            Ok((out, err, code)) => {
+                let sent_err = if err.is_empty() {
+                    Ok(())
+                } else {
+                    write.extended_data_bytes(STDERR, err).await
+                };
+                match sent_err {
+                    Ok(()) => finish(&write, Some(out), None, code).await,
+                    Err(e) => Err(e),
+                }
+            }
+            Err(message) => finish(&write, None, Some(message), 127).await,
+        };
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, "finishing a run channel failed (director gone?)");
+        }
+        return;
+    }
     let words: Vec<&str> = command.split_whitespace().collect();
     let outcome = match words.as_slice() {
         ["put-blob", sha] => put_blob(&mut read, sha, &blobs).await,
@@ -411,7 +434,7 @@ async fn serve_exec(channel: Channel<Msg>, command: String, blobs: Arc<BlobStore
             // Still read until EOF so a client that streams data is not stuck.
             drain_until_eof(&mut read).await;
             Err(format!(
-                "unknown command {:?}: this agent only runs `put-blob <sha256>` and `get-blob <sha256>`",
+                "unknown command {:?}: this agent only runs `put-blob <sha256>`, `get-blob <sha256>` and `run <command>`",
                 command
             ))
         }
@@ -426,6 +449,26 @@ async fn serve_exec(channel: Channel<Msg>, command: String, blobs: Arc<BlobStore
     if let Err(e) = result {
         tracing::debug!(error = %e, "finishing exec channel failed (director gone?)");
     }
+}
+
+/// Run a shell command on this VM: (stdout, stderr, exit status; 128+N
+/// for a signal). Stdin is empty.
+async fn run_shell(cmd: &str) -> Result<(Vec<u8>, Vec<u8>, u32), String> {
+    let out = tokio::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| format!("starting /bin/sh: {e}"))?;
+    let code = match out.status.code() {
+        Some(c) => c as u32,
+        None => {
+            use std::os::unix::process::ExitStatusExt;
+            128 + out.status.signal().unwrap_or(0) as u32
+        }
+    };
+    Ok((out.stdout, out.stderr, code))
 }
 
 async fn drain_until_eof(read: &mut ChannelReadHalf) {

@@ -106,6 +106,17 @@ impl StateChange {
     }
 }
 
+/// A command's run on one instance (`ssh -c`).
+#[derive(Clone, Debug, Serialize)]
+pub struct CommandRun {
+    /// `group/id`
+    pub instance: String,
+    pub index: u32,
+    pub stdout: String,
+    pub stderr: String,
+    pub exit_code: u32,
+}
+
 /// One instance's errand run.
 #[derive(Clone, Debug, Serialize)]
 pub struct ErrandRun {
@@ -968,6 +979,62 @@ impl Director {
             });
         }
         Ok(out)
+    }
+
+    /// `ssh -c`: run a shell command on every matching instance at once.
+    /// Returns (instance, stdout, stderr, exit status) in instance order.
+    pub async fn run_on_instances(
+        &self,
+        name: &str,
+        filter: Option<&str>,
+        command: &str,
+    ) -> Result<Vec<CommandRun>, OpError> {
+        let recs: Vec<InstanceRecord> = self
+            .store
+            .instances(name)?
+            .into_iter()
+            .filter(|r| instance_matches(r, filter) && r.vm.is_some())
+            .collect();
+        if recs.is_empty() {
+            return Err(OpError::Stemcell(format!(
+                "no instance of deployment '{name}' with a VM matches '{}'",
+                filter.unwrap_or("")
+            )));
+        }
+        let exec = self.executor_as(Arc::new(QuietProgress), "ssh");
+        let futs = recs.iter().map(|r| {
+            let exec = &exec;
+            async move {
+                let iname = crate::executor::instance_name(r);
+                let vm =
+                    r.vm.as_ref()
+                        .ok_or_else(|| OpError::Stemcell(format!("{iname} has no VM")))?;
+                let agent = |what: String| {
+                    move |source| {
+                        OpError::Exec(ExecError::Agent {
+                            what,
+                            source: Box::new(source),
+                        })
+                    }
+                };
+                let client = exec
+                    .connect(vm, Duration::from_secs(10))
+                    .await
+                    .map_err(agent(format!("reaching the agent of {iname}")))?;
+                let (out, err, code) = client
+                    .run_command(command, Duration::from_secs(3600))
+                    .await
+                    .map_err(agent(format!("running the command on {iname}")))?;
+                Ok::<_, OpError>(CommandRun {
+                    instance: format!("{}/{}", r.group, r.id),
+                    index: r.index,
+                    stdout: String::from_utf8_lossy(&out).into_owned(),
+                    stderr: String::from_utf8_lossy(&err).into_owned(),
+                    exit_code: code,
+                })
+            }
+        });
+        futures_join_all(futs).await.into_iter().collect()
     }
 
     /// `delete-disk`: delete an orphaned disk through its CPI and forget it.

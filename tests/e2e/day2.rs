@@ -526,3 +526,50 @@ fn tasks_keep_each_operation_and_ctrl_c_cancels_at_a_safe_point() {
     assert!(!out.status.success());
     assert!(text(&out).contains("there is no task 99"));
 }
+
+#[test]
+fn ssh_c_runs_on_every_instance_with_prefixes_and_exit_codes() {
+    let env = Env::new(122);
+    let m = env.manifest("m.yml", &kv_manifest("quickstart", 8080, "300-30000"));
+    let out = env.bosun(&["deploy", m.to_str().unwrap(), "-n"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let list = env.instances("quickstart");
+
+    // Inside each VM: its own store and jobs.
+    let out = env.bosun(&[
+        "-d",
+        "quickstart",
+        "ssh",
+        "kv",
+        "-c",
+        "ls /var/vcap/jobs; test -d /var/vcap/store/kv && echo store-ok",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for i in &list {
+        let prefix = format!("kv/{} ({}): ", i["id"].as_str().unwrap(), i["index"]);
+        assert!(stdout.contains(&format!("{prefix}kv\n")), "{stdout}");
+        assert!(stdout.contains(&format!("{prefix}store-ok\n")), "{stdout}");
+    }
+
+    // One instance, a failing command: its exit status and stderr come back.
+    let out = env.bosun(&[
+        "-d",
+        "quickstart",
+        "ssh",
+        "kv/1",
+        "-c",
+        "echo oops >&2; exit 7",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    let runs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(runs.as_array().unwrap().len(), 1);
+    assert_eq!(runs[0]["index"], 1);
+    assert_eq!(runs[0]["stderr"], "oops\n");
+    assert_eq!(runs[0]["exit_code"], 7);
+
+    let out = env.bosun(&["-d", "quickstart", "ssh", "kv/0"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("interactive shells are not supported yet"));
+}
