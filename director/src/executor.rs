@@ -809,6 +809,21 @@ impl Executor {
         Ok(())
     }
 
+    /// Connect to the agent of instance `name`'s VM, the error naming both.
+    pub(crate) async fn reach(
+        &self,
+        vm: &VmRecord,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<AgentClient, ExecError> {
+        self.connect(vm, timeout)
+            .await
+            .map_err(|source| ExecError::Agent {
+                what: format!("reaching the agent of {name} on {}", vm.cid),
+                source: Box::new(source),
+            })
+    }
+
     /// Connect to the agent of an existing VM.
     pub(crate) async fn connect(
         &self,
@@ -926,12 +941,8 @@ impl Executor {
             Some(vm) => {
                 let vm = vm.clone();
                 let client = self
-                    .connect(&vm, self.opts.existing_agent_timeout)
-                    .await
-                    .map_err(|source| ExecError::Agent {
-                        what: format!("reaching the agent of {name} on {}", vm.cid),
-                        source: Box::new(source),
-                    })?;
+                    .reach(&vm, &name, self.opts.existing_agent_timeout)
+                    .await?;
                 if rec.applied.is_some() {
                     let drain = DrainParams {
                         kind: DrainKind::Update,
@@ -1071,12 +1082,8 @@ impl Executor {
             .map(|(r, vm)| async move {
                 let name = instance_name(r);
                 let client = self
-                    .connect(&vm, self.opts.existing_agent_timeout)
-                    .await
-                    .map_err(|source| ExecError::Agent {
-                        what: format!("reaching the agent of {name} for post-deploy"),
-                        source: Box::new(source),
-                    })?;
+                    .reach(&vm, &name, self.opts.existing_agent_timeout)
+                    .await?;
                 self.run_lifecycle(&client, &name, "post-deploy").await
             });
         for r in futures_join_all(futs).await {

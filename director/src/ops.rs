@@ -778,10 +778,7 @@ impl Director {
                     })
                 }
             };
-            let client = exec
-                .connect(vm, Duration::from_secs(10))
-                .await
-                .map_err(agent(format!("reaching the agent of {iname}")))?;
+            let client = exec.reach(vm, &iname, Duration::from_secs(10)).await?;
             let res = client
                 .fetch_logs(&bosun_agent::protocol::FetchLogsParams {
                     jobs: jobs.to_vec(),
@@ -929,15 +926,7 @@ impl Director {
                 .vm
                 .clone()
                 .ok_or_else(|| OpError::Stemcell(format!("{iname} has no VM after creating it")))?;
-            let client = exec
-                .connect(&vm, Duration::from_secs(30))
-                .await
-                .map_err(|source| {
-                    OpError::Exec(ExecError::Agent {
-                        what: format!("reaching the agent of {iname}"),
-                        source: Box::new(source),
-                    })
-                })?;
+            let client = exec.reach(&vm, &iname, Duration::from_secs(30)).await?;
             exec.progress.stage(&iname, "running errand");
             let results = client
                 .run_script(&bosun_agent::protocol::RunScriptParams {
@@ -1017,10 +1006,7 @@ impl Director {
                         })
                     }
                 };
-                let client = exec
-                    .connect(vm, Duration::from_secs(10))
-                    .await
-                    .map_err(agent(format!("reaching the agent of {iname}")))?;
+                let client = exec.reach(vm, &iname, Duration::from_secs(10)).await?;
                 let (out, err, code) = client
                     .run_command(command, Duration::from_secs(3600))
                     .await

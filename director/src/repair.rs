@@ -199,12 +199,8 @@ impl Executor {
         let name = instance_name(rec);
         if let Some(vm) = rec.vm.clone() {
             let client = self
-                .connect(&vm, self.opts.existing_agent_timeout)
-                .await
-                .map_err(|source| ExecError::Agent {
-                    what: format!("reaching the agent of {name}"),
-                    source: Box::new(source),
-                })?;
+                .reach(&vm, &name, self.opts.existing_agent_timeout)
+                .await?;
             let drain = (!skip_drain).then(|| DrainParams {
                 kind: DrainKind::Shutdown,
                 timeout_secs: self.opts.drain_timeout_secs,
@@ -233,12 +229,8 @@ impl Executor {
             }
             Some(vm) => {
                 let client = self
-                    .connect(&vm, self.opts.existing_agent_timeout)
-                    .await
-                    .map_err(|source| ExecError::Agent {
-                        what: format!("reaching the agent of {name}"),
-                        source: Box::new(source),
-                    })?;
+                    .reach(&vm, &name, self.opts.existing_agent_timeout)
+                    .await?;
                 self.start_and_watch(&client, &name, watch).await?;
                 self.store.save_instance(rec)?;
             }
@@ -258,13 +250,7 @@ impl Executor {
             .vm
             .as_ref()
             .ok_or_else(|| ExecError::Failed(format!("{name} has no VM")))?;
-        let client = self
-            .connect(vm, timeout)
-            .await
-            .map_err(|source| ExecError::Agent {
-                what: format!("reaching the agent of {name}"),
-                source: Box::new(source),
-            })?;
+        let client = self.reach(vm, &name, timeout).await?;
         client
             .restart_jobs(&RestartJobsParams {
                 jobs: jobs.to_vec(),
@@ -287,12 +273,8 @@ impl Executor {
             )));
         };
         let client = self
-            .connect(&vm, self.opts.existing_agent_timeout)
-            .await
-            .map_err(|source| ExecError::Agent {
-                what: format!("reaching the agent of {name}"),
-                source: Box::new(source),
-            })?;
+            .reach(&vm, &name, self.opts.existing_agent_timeout)
+            .await?;
         if let Some(dr) = rec.disk.as_mut() {
             dr.attached = false;
         }
