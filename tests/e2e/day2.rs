@@ -212,7 +212,7 @@ fn lifecycle_release(env: &Env) -> std::path::PathBuf {
         ("config/final.yml".into(), "name: life\n".into()),
         (
             "jobs/life/spec".into(),
-            "---\nname: life\ntemplates:\n  bpm.yml: config/bpm.yml\n  pre-stop: bin/pre-stop\n  post-stop: bin/post-stop\n  post-start: bin/post-start\n  post-deploy: bin/post-deploy\npackages: []\nproperties:\n  life.post_start_exit: {default: 0}\n  life.generation: {default: 1}\n".into(),
+            "---\nname: life\ntemplates:\n  bpm.yml: config/bpm.yml\n  pre-stop: bin/pre-stop\n  post-stop: bin/post-stop\n  post-start: bin/post-start\n  post-deploy: bin/post-deploy\n  drain: bin/drain\npackages: []\nproperties:\n  life.post_start_exit: {default: 0}\n  life.generation: {default: 1}\n  life.drain_s: {default: 0}\n".into(),
         ),
         ("jobs/life/monit".into(), String::new()),
         (
@@ -222,6 +222,10 @@ fn lifecycle_release(env: &Env) -> std::path::PathBuf {
         ("jobs/life/templates/pre-stop".into(), script("pre-stop")),
         ("jobs/life/templates/post-stop".into(), script("post-stop")),
         ("jobs/life/templates/post-deploy".into(), script("post-deploy")),
+        (
+            "jobs/life/templates/drain".into(),
+            format!("{}echo {{{{ p(\"life.drain_s\") }}}}\n", script("drain")),
+        ),
         (
             "jobs/life/templates/post-start".into(),
             format!("{}exit {{{{ p(\"life.post_start_exit\") }}}}\n", script("post-start")),
@@ -240,9 +244,9 @@ fn lifecycle_release(env: &Env) -> std::path::PathBuf {
 fn lifecycle_scripts_run_in_bosh_order_and_a_failing_post_start_fails() {
     let env = Env::new(118);
     let release = lifecycle_release(&env);
-    let manifest = |generation: u32, exit: u32| {
+    let manifest = |generation: u32, exit: u32, drain: u32| {
         format!(
-            "name: e2e\nreleases:\n- name: life\n  version: latest\n  path: {}\nstemcells:\n- alias: default\n  os: {{os}}\n  version: latest\nupdate:\n  canaries: 1\n  max_in_flight: 1\n  canary_watch_time: 200-10000\n  update_watch_time: 200-10000\ninstance_groups:\n- name: life\n  instances: 1\n  azs: [z1]\n  vm_type: default\n  stemcell: default\n  networks:\n  - name: default\n  jobs:\n  - name: life\n    release: life\n    properties:\n      life: {{post_start_exit: {exit}, generation: {generation}}}\n",
+            "name: e2e\nreleases:\n- name: life\n  version: latest\n  path: {}\nstemcells:\n- alias: default\n  os: {{os}}\n  version: latest\nupdate:\n  canaries: 1\n  max_in_flight: 1\n  canary_watch_time: 200-10000\n  update_watch_time: 200-10000\ninstance_groups:\n- name: life\n  instances: 1\n  azs: [z1]\n  vm_type: default\n  stemcell: default\n  networks:\n  - name: default\n  jobs:\n  - name: life\n    release: life\n    properties:\n      life: {{post_start_exit: {exit}, generation: {generation}, drain_s: {drain}}}\n",
             release.display()
         )
     };
@@ -260,13 +264,13 @@ fn lifecycle_scripts_run_in_bosh_order_and_a_failing_post_start_fails() {
         .map(str::to_string)
         .collect()
     };
-    let m1 = env.manifest("m1.yml", &manifest(1, 0));
+    let m1 = env.manifest("m1.yml", &manifest(1, 0, 0));
     let out = env.bosun(&["deploy", m1.to_str().unwrap(), "-n"]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(log(&env), ["post-start", "post-deploy"]);
 
-    // An update: pre-stop, (drain,) post-stop, post-start, then post-deploy.
-    let m2 = env.manifest("m2.yml", &manifest(2, 0));
+    // An update: pre-stop, drain, post-stop, post-start, then post-deploy.
+    let m2 = env.manifest("m2.yml", &manifest(2, 0, 2));
     let out = env.bosun(&["deploy", m2.to_str().unwrap(), "-n"]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(
@@ -275,19 +279,43 @@ fn lifecycle_scripts_run_in_bosh_order_and_a_failing_post_start_fails() {
             "post-start",
             "post-deploy",
             "pre-stop",
+            "drain",
             "post-stop",
             "post-start",
             "post-deploy"
         ]
     );
+    // The drain script now prints 2: a stop waits 2 s; --skip-drain does not.
+    let t = std::time::Instant::now();
     let out = env.bosun(&["-d", "e2e", "stop", "-n"]);
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(log(&env)[6..], ["pre-stop", "post-stop"]);
+    let drained = t.elapsed();
+    assert!(
+        drained >= std::time::Duration::from_secs(2),
+        "drain delayed the stop: {drained:?}"
+    );
+    assert_eq!(log(&env)[7..], ["pre-stop", "drain", "post-stop"]);
     let out = env.bosun(&["-d", "e2e", "start", "-n"]);
     assert!(out.status.success(), "{}", text(&out));
+    let t = std::time::Instant::now();
+    let out = env.bosun(&["-d", "e2e", "stop", "--skip-drain", "-n"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        t.elapsed() < drained,
+        "--skip-drain: {:?} vs {drained:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        log(&env)[10..],
+        ["post-start", "pre-stop", "post-stop"],
+        "no drain"
+    );
+    let out = env.bosun(&["-d", "e2e", "start", "-n"]);
+    assert!(out.status.success(), "{}", text(&out));
+    eprintln!("stop with a 2 s drain took {drained:?}");
 
     // A failing post-start fails the instance's update, naming the job and the exit code.
-    let m3 = env.manifest("m3.yml", &manifest(3, 3));
+    let m3 = env.manifest("m3.yml", &manifest(3, 3, 0));
     let out = env.bosun(&["deploy", m3.to_str().unwrap(), "-n"]);
     assert!(!out.status.success(), "{}", text(&out));
     assert!(
