@@ -147,6 +147,10 @@ enum Command {
         /// Where to write the tarballs.
         #[arg(long, default_value = ".")]
         dir: PathBuf,
+        /// Follow the logs of all matching instances live, each line with
+        /// its instance, until Ctrl-C.
+        #[arg(short = 'f', long)]
+        follow: bool,
     },
     /// List persistent disks no instance owns any more.
     Disks {
@@ -530,7 +534,10 @@ async fn run_command(cli: Cli, store: Arc<Store>) -> Result<i32> {
     let printer = Arc::new(Printer::new(cli.non_interactive, cli.json));
     // Ctrl-C: stop at the next safe point; a second Ctrl-C stops at once.
     // (monitor handles Ctrl-C itself.)
-    if !matches!(cli.command, Command::Monitor { .. }) {
+    if !matches!(
+        cli.command,
+        Command::Monitor { .. } | Command::Logs { follow: true, .. }
+    ) {
         let cancel = director.opts.cancel.clone();
         tokio::spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
@@ -742,7 +749,33 @@ async fn run_command(cli: Cli, store: Arc<Store>) -> Result<i32> {
         Command::Logs {
             instance,
             jobs,
+            dir: _,
+            follow: true,
+        } => {
+            let name = need_deployment(&cli.deployment)?;
+            let stop = director.opts.cancel.clone();
+            let on_ctrl_c = stop.clone();
+            tokio::spawn(async move {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    on_ctrl_c.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+            });
+            let sink: Arc<dyn Fn(&str, &str) + Send + Sync> = Arc::new(|instance, line| {
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{instance}: {line}");
+                let _ = out.flush();
+            });
+            director
+                .follow_logs(&name, instance.as_deref(), &jobs, stop, sink)
+                .await?;
+            Ok(0)
+        }
+        Command::Logs {
+            instance,
+            jobs,
             dir,
+            follow: false,
         } => {
             let name = need_deployment(&cli.deployment)?;
             let got = director

@@ -530,6 +530,46 @@ impl AgentClient {
         self.bounded(&op, timeout, run).await
     }
 
+    /// Run a shell command on the VM and hand its output to `sink` as it
+    /// comes, until it ends (returns its exit status) or `stop` resolves
+    /// (returns `None`; the command is stopped).
+    pub async fn stream_command(
+        &self,
+        command: &str,
+        mut sink: impl FnMut(&[u8]),
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<Option<u32>, ClientError> {
+        let op = format!("streaming {command:?}");
+        let mut channel = self
+            .handle
+            .channel_open_session()
+            .await
+            .map_err(self.ssh(&op))?;
+        channel
+            .exec(true, format!("stream {command}"))
+            .await
+            .map_err(self.ssh(&op))?;
+        tokio::pin!(stop);
+        let mut status = None;
+        loop {
+            tokio::select! {
+                msg = channel.wait() => match msg {
+                    Some(ChannelMsg::Data { data }) => sink(&data),
+                    Some(ChannelMsg::ExitStatus { exit_status }) => status = Some(exit_status),
+                    Some(ChannelMsg::Failure) => {
+                        return Err(self.blob_err(&op, "the agent refused the command".into()))
+                    }
+                    None | Some(ChannelMsg::Close) => return Ok(status),
+                    Some(_) => {}
+                },
+                () = &mut stop => {
+                    let _ = channel.close().await;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
     /// Download a blob and verify its sha256.
     pub async fn get_blob(&self, sha256: &str) -> Result<Vec<u8>, ClientError> {
         let op = format!("getting blob {sha256}");

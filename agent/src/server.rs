@@ -388,6 +388,14 @@ async fn finish(
 /// One exec channel: `put-blob <sha>` or `get-blob <sha>`.
 async fn serve_exec(channel: Channel<Msg>, command: String, blobs: Arc<BlobStore>) {
     let (mut read, write) = channel.split();
+    // `stream <shell command>`: its output as it comes (`bosun logs --follow`),
+    // until it ends or the director closes the channel.
+    if let Some(cmd) = command.strip_prefix("stream ") {
+        if let Err(e) = stream_shell(cmd, &mut read, &write).await {
+            tracing::debug!(error = %e, "stream channel ended (director gone?)");
+        }
+        return;
+    }
     // `run <shell command>`: the operator's `bosun ssh -c`.
     if let Some(cmd) = command.strip_prefix("run ") {
         drain_until_eof(&mut read).await;
@@ -449,6 +457,54 @@ async fn serve_exec(channel: Channel<Msg>, command: String, blobs: Arc<BlobStore
     if let Err(e) = result {
         tracing::debug!(error = %e, "finishing exec channel failed (director gone?)");
     }
+}
+
+/// Run a shell command, sending its stdout as it is written; stop it when
+/// the channel closes.
+async fn stream_shell(
+    cmd: &str,
+    read: &mut ChannelReadHalf,
+    write: &ChannelWriteHalf<Msg>,
+) -> Result<(), russh::Error> {
+    use tokio::io::AsyncReadExt;
+    let mut child = match tokio::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => return finish(write, None, Some(format!("starting /bin/sh: {e}")), 127).await,
+    };
+    let Some(mut out) = child.stdout.take() else {
+        return finish(write, None, Some("no stdout".into()), 127).await;
+    };
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        tokio::select! {
+            n = out.read(&mut buf) => match n {
+                Ok(0) | Err(_) => break,
+                Ok(n) => write.data_bytes(buf[..n].to_vec()).await?,
+            },
+            msg = read.wait() => match msg {
+                None | Some(ChannelMsg::Close) => {
+                    let _ = child.kill().await;
+                    return Ok(());
+                }
+                Some(_) => {}
+            },
+        }
+    }
+    let code = child
+        .wait()
+        .await
+        .ok()
+        .and_then(|s| s.code())
+        .unwrap_or(255) as u32;
+    finish(write, None, None, code).await
 }
 
 /// Run a shell command on this VM: (stdout, stderr, exit status; 128+N

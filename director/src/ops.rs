@@ -970,6 +970,85 @@ impl Director {
         Ok(out)
     }
 
+    /// `logs --follow`: stream new lines of the job logs of every matching
+    /// instance to `sink(instance, line)` until `stop` is set or every
+    /// stream ends.
+    pub async fn follow_logs(
+        &self,
+        name: &str,
+        filter: Option<&str>,
+        jobs: &[String],
+        stop: Arc<std::sync::atomic::AtomicBool>,
+        sink: Arc<dyn Fn(&str, &str) + Send + Sync>,
+    ) -> Result<(), OpError> {
+        if let Some(bad) = jobs.iter().find(|j| {
+            j.is_empty()
+                || !j
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        }) {
+            return Err(OpError::Stemcell(format!("--job {bad:?}: not a job name")));
+        }
+        let recs: Vec<InstanceRecord> = self
+            .store
+            .instances(name)?
+            .into_iter()
+            .filter(|r| instance_matches(r, filter) && r.vm.is_some())
+            .collect();
+        if recs.is_empty() {
+            return Err(OpError::Stemcell(format!(
+                "no instance of deployment '{name}' with a VM matches '{}'",
+                filter.unwrap_or("")
+            )));
+        }
+        let globs: Vec<String> = if jobs.is_empty() {
+            vec!["/var/vcap/sys/log/*/*.log".into()]
+        } else {
+            jobs.iter()
+                .map(|j| format!("/var/vcap/sys/log/{j}/*.log"))
+                .collect()
+        };
+        let command = format!("exec tail -q -n 0 -F {}", globs.join(" "));
+        let exec = self.executor_as(Arc::new(QuietProgress), "logs");
+        let futs = recs.iter().map(|r| {
+            let (exec, command, stop, sink) = (&exec, &command, stop.clone(), sink.clone());
+            async move {
+                let iname = format!("{}/{} ({})", r.group, r.id, r.index);
+                let vm =
+                    r.vm.as_ref()
+                        .ok_or_else(|| OpError::Stemcell(format!("{iname} has no VM")))?;
+                let client = exec.reach(vm, &iname, Duration::from_secs(10)).await?;
+                let mut partial: Vec<u8> = Vec::new();
+                let stopped = async {
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                };
+                client
+                    .stream_command(
+                        command,
+                        |data| {
+                            partial.extend_from_slice(data);
+                            while let Some(pos) = partial.iter().position(|b| *b == b'\n') {
+                                let line: Vec<u8> = partial.drain(..=pos).collect();
+                                sink(&iname, String::from_utf8_lossy(&line).trim_end());
+                            }
+                        },
+                        stopped,
+                    )
+                    .await
+                    .map_err(|source| {
+                        OpError::Exec(ExecError::Agent {
+                            what: format!("following the logs of {iname}"),
+                            source: Box::new(source),
+                        })
+                    })?;
+                Ok::<(), OpError>(())
+            }
+        });
+        futures_join_all(futs).await.into_iter().collect()
+    }
+
     /// `ssh -c`: run a shell command on every matching instance at once.
     /// Returns (instance, stdout, stderr, exit status) in instance order.
     pub async fn run_on_instances(

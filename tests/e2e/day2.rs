@@ -601,3 +601,44 @@ fn ssh_c_runs_on_every_instance_with_prefixes_and_exit_codes() {
     assert!(!out.status.success());
     assert!(text(&out).contains("interactive shells are not supported yet"));
 }
+
+#[test]
+fn logs_follow_shows_a_request_made_while_following() {
+    let env = Env::new(123);
+    let m = env.manifest("m.yml", &kv_manifest("quickstart", 8080, "300-30000"));
+    let out = env.bosun(&["deploy", m.to_str().unwrap(), "-n"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let list = env.instances("quickstart");
+    let log = env.path("follow.log");
+    let mut follow = std::process::Command::new(crate::support::BOSUN)
+        .arg("--state-dir")
+        .arg(env.state())
+        .args(["-d", "quickstart", "logs", "--follow", "--job", "kv"])
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // One request to each instance, made while following.
+    for i in &list {
+        let ip = i["ips"][0].as_str().unwrap();
+        let (code, _) = http("GET", &format!("{ip}:8080"), "/kv/followed-key", "").unwrap();
+        assert_eq!(code, 404);
+    }
+    let seen = crate::support::wait_until(std::time::Duration::from_secs(15), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        list.iter().all(|i| {
+            let prefix = format!("kv/{} ({}): ", i["id"].as_str().unwrap(), i["index"]);
+            text.lines()
+                .any(|l| l.starts_with(&prefix) && l.contains("GET /kv/followed-key"))
+        })
+    });
+    crate::support::signal(follow.id() as i32, "INT");
+    let status = follow.wait().unwrap();
+    assert!(
+        seen,
+        "every instance's request line, with its prefix:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(status.success(), "Ctrl-C ends --follow cleanly: {status:?}");
+}
