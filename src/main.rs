@@ -137,6 +137,10 @@ enum Command {
         #[arg(short = 'c', long = "command")]
         command: Option<String>,
     },
+    /// Copy a file to or from instances of a deployment (-d): `scp FILE
+    /// GROUP[/ID]:PATH` writes it on every matching instance, `scp
+    /// GROUP/ID:PATH FILE` reads it from one.
+    Scp { from: String, to: String },
     /// Fetch job logs of a deployment's instances (-d) as tarballs.
     Logs {
         /// GROUP, GROUP/ID or GROUP/INDEX (default: every instance).
@@ -682,6 +686,34 @@ async fn run_command(cli: Cli, store: Arc<Store>) -> Result<i32> {
                 printer.clone(),
             )
             .await
+        }
+        Command::Scp { from, to } => {
+            let name = need_deployment(&cli.deployment)?;
+            // INSTANCE:PATH, where PATH is absolute.
+            let remote = |s: &str| {
+                s.split_once(":/")
+                    .map(|(i, p)| (i.to_string(), format!("/{p}")))
+            };
+            match (remote(&from), remote(&to)) {
+                (None, Some((inst, path))) => {
+                    let done = director
+                        .scp_upload(&name, Some(&inst), std::path::Path::new(&from), &path)
+                        .await?;
+                    for i in done {
+                        println!("{i}: wrote {path}");
+                    }
+                }
+                (Some((inst, path)), None) => {
+                    let (i, n) = director
+                        .scp_download(&name, Some(&inst), &path, std::path::Path::new(&to))
+                        .await?;
+                    println!("{i}: read {path} ({n} bytes) into {to}");
+                }
+                _ => bail!(
+                    "scp: exactly one side must be INSTANCE:/absolute/path (e.g. kv/0:/tmp/x)"
+                ),
+            }
+            Ok(0)
         }
         Command::Ssh { instance, command } => {
             let name = need_deployment(&cli.deployment)?;

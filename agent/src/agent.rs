@@ -29,9 +29,10 @@ use tokio::process::Command;
 use crate::blobs::BlobStore;
 use crate::protocol::{
     Action, ActionFailure, AgentState, ApplySpec, BpmConfig, CompileRequest, CompileResult,
-    DrainKind, DrainParams, DrainResult, FetchLogsParams, FetchLogsResult, JobStatus,
-    MountDiskParams, PingResult, ProcessState, RenderedJob, RestartJobsParams, RunScriptParams,
-    ScriptResult, ScriptResults, UnmountDiskParams, UnpackDiskParams, Vitals, PROTOCOL_VERSION,
+    DrainKind, DrainParams, DrainResult, FetchLogsParams, FetchLogsResult, InstallFileParams,
+    JobStatus, MountDiskParams, PingResult, ProcessState, RenderedJob, RestartJobsParams,
+    RunScriptParams, ScriptResult, ScriptResults, UnmountDiskParams, UnpackDiskParams, Vitals,
+    PROTOCOL_VERSION,
 };
 use crate::server::{self, ActionHandler};
 use crate::supervisor::{self, Supervisor, DEFAULT_PATH};
@@ -783,6 +784,33 @@ impl Agent {
         .await
     }
 
+    /// `install_file`: a blob copied to `p.path` (atomically).
+    pub async fn install_file(&self, p: InstallFileParams) -> Result<(), ActionFailure> {
+        let op = format!("installing {}", p.path);
+        let dest = PathBuf::from(&p.path);
+        if !dest.is_absolute() || dest.file_name().is_none() {
+            return Err(failure(
+                "invalid",
+                format!("{op}: not an absolute file path"),
+            ));
+        }
+        if !self.blobs.has(&p.sha256) {
+            return Err(failure(
+                "missing_blob",
+                format!("{op}: blob {} is missing", short(&p.sha256)),
+            ));
+        }
+        let src = self.blobs.path(&p.sha256);
+        blocking("installing a file", move || {
+            if let Some(dir) = dest.parent() {
+                fs::create_dir_all(dir).map_err(io_fail(&op))?;
+            }
+            let bytes = fs::read(&src).map_err(io_fail(&op))?;
+            write_atomic(&dest, &bytes, p.mode & 0o7777).map_err(io_fail(&op))
+        })
+        .await
+    }
+
     /// `pack_disk`: the persistent disk's contents as a blob (tgz, owners,
     /// modes and times kept).
     pub async fn pack_disk(&self) -> Result<FetchLogsResult, ActionFailure> {
@@ -1020,6 +1048,7 @@ impl ActionHandler for Agent {
             Action::UnmountDisk(p) => self.unmount_disk(p).await.map(|()| serde_json::Value::Null),
             Action::MissingBlobs(p) => to_json(&self.blobs.missing(&p.sha256s)),
             Action::PackDisk => to_json(&self.pack_disk().await?),
+            Action::InstallFile(p) => self.install_file(p).await.map(|()| serde_json::Value::Null),
             Action::UnpackDisk(p) => self.unpack_disk(p).await.map(|()| serde_json::Value::Null),
         }
     }

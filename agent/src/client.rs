@@ -411,6 +411,11 @@ impl AgentClient {
         self.call_typed(&Action::GetState, timeout).await
     }
 
+    pub async fn install_file(&self, p: &protocol::InstallFileParams) -> Result<(), ClientError> {
+        self.call_unit(&Action::InstallFile(p.clone()), Duration::from_secs(300))
+            .await
+    }
+
     pub async fn pack_disk(&self) -> Result<FetchLogsResult, ClientError> {
         self.call_typed(&Action::PackDisk, Duration::from_secs(3600))
             .await

@@ -91,6 +91,9 @@ pub enum Action {
     UnmountDisk(UnmountDiskParams),
     /// Which of these blobs the agent does not have. -> `Vec<String>`
     MissingBlobs(MissingBlobsParams),
+    /// Copy a blob the agent has to a file on the VM (`bosun scp` upload),
+    /// atomically, creating its directory. -> `null`
+    InstallFile(InstallFileParams),
     /// Pack the mounted persistent disk (`/var/vcap/store`) into a blob,
     /// owners, modes and times kept, for a disk migration. Jobs must be
     /// stopped. -> [`FetchLogsResult`] (the blob)
@@ -300,6 +303,14 @@ pub struct FetchLogsResult {
 pub struct MountDiskParams {
     pub cid: String,
     pub hint: DiskHint,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstallFileParams {
+    pub sha256: String,
+    /// Absolute path on the VM.
+    pub path: String,
+    pub mode: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -989,18 +989,7 @@ impl Director {
         }) {
             return Err(OpError::Stemcell(format!("--job {bad:?}: not a job name")));
         }
-        let recs: Vec<InstanceRecord> = self
-            .store
-            .instances(name)?
-            .into_iter()
-            .filter(|r| instance_matches(r, filter) && r.vm.is_some())
-            .collect();
-        if recs.is_empty() {
-            return Err(OpError::Stemcell(format!(
-                "no instance of deployment '{name}' with a VM matches '{}'",
-                filter.unwrap_or("")
-            )));
-        }
+        let recs = self.instances_with_vms(name, filter)?;
         let globs: Vec<String> = if jobs.is_empty() {
             vec!["/var/vcap/sys/log/*/*.log".into()]
         } else {
@@ -1049,14 +1038,108 @@ impl Director {
         futures_join_all(futs).await.into_iter().collect()
     }
 
-    /// `ssh -c`: run a shell command on every matching instance at once.
-    /// Returns (instance, stdout, stderr, exit status) in instance order.
-    pub async fn run_on_instances(
+    /// `scp LOCAL INSTANCE:PATH`: copy a local file to every matching
+    /// instance (mode kept). Returns the instances written.
+    pub async fn scp_upload(
         &self,
         name: &str,
         filter: Option<&str>,
-        command: &str,
-    ) -> Result<Vec<CommandRun>, OpError> {
+        local: &Path,
+        remote: &str,
+    ) -> Result<Vec<String>, OpError> {
+        let data = std::fs::read(local).map_err(|source| OpError::Read {
+            path: local.to_path_buf(),
+            source,
+        })?;
+        let mode = std::fs::metadata(local)
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()))
+            .unwrap_or(0o644);
+        let sha = bosun_agent::blobs::sha256_hex(&data);
+        let exec = self.executor_as(Arc::new(QuietProgress), "scp");
+        let recs = self.instances_with_vms(name, filter)?;
+        let futs = recs.iter().map(|r| {
+            let (exec, data, sha) = (&exec, &data, &sha);
+            async move {
+                let iname = crate::executor::instance_name(r);
+                let vm =
+                    r.vm.as_ref()
+                        .ok_or_else(|| OpError::Stemcell(format!("{iname} has no VM")))?;
+                let client = exec.reach(vm, &iname, Duration::from_secs(10)).await?;
+                let agent = |what: String| {
+                    move |source| {
+                        OpError::Exec(ExecError::Agent {
+                            what,
+                            source: Box::new(source),
+                        })
+                    }
+                };
+                client
+                    .put_blob(sha, data)
+                    .await
+                    .map_err(agent(format!("sending {} to {iname}", local.display())))?;
+                client
+                    .install_file(&bosun_agent::protocol::InstallFileParams {
+                        sha256: sha.clone(),
+                        path: remote.to_string(),
+                        mode,
+                    })
+                    .await
+                    .map_err(agent(format!("writing {remote} on {iname}")))?;
+                Ok::<String, OpError>(iname)
+            }
+        });
+        futures_join_all(futs).await.into_iter().collect()
+    }
+
+    /// `scp INSTANCE:PATH LOCAL`: copy a file from the one matching instance.
+    pub async fn scp_download(
+        &self,
+        name: &str,
+        filter: Option<&str>,
+        remote: &str,
+        local: &Path,
+    ) -> Result<(String, usize), OpError> {
+        let recs = self.instances_with_vms(name, filter)?;
+        let [r] = recs.as_slice() else {
+            return Err(OpError::Stemcell(format!(
+                "copying from {} instances at once: name one (GROUP/ID or GROUP/INDEX)",
+                recs.len()
+            )));
+        };
+        let iname = crate::executor::instance_name(r);
+        let exec = self.executor_as(Arc::new(QuietProgress), "scp");
+        let vm =
+            r.vm.as_ref()
+                .ok_or_else(|| OpError::Stemcell(format!("{iname} has no VM")))?;
+        let client = exec.reach(vm, &iname, Duration::from_secs(10)).await?;
+        let quoted = format!("'{}'", remote.replace('\'', "'\\''"));
+        let (out, err, code) = client
+            .run_command(&format!("cat -- {quoted}"), Duration::from_secs(3600))
+            .await
+            .map_err(|source| {
+                OpError::Exec(ExecError::Agent {
+                    what: format!("reading {remote} on {iname}"),
+                    source: Box::new(source),
+                })
+            })?;
+        if code != 0 {
+            return Err(OpError::Stemcell(format!(
+                "reading {remote} on {iname}: {}",
+                String::from_utf8_lossy(&err).trim()
+            )));
+        }
+        std::fs::write(local, &out).map_err(|source| OpError::Read {
+            path: local.to_path_buf(),
+            source,
+        })?;
+        Ok((iname, out.len()))
+    }
+
+    fn instances_with_vms(
+        &self,
+        name: &str,
+        filter: Option<&str>,
+    ) -> Result<Vec<InstanceRecord>, OpError> {
         let recs: Vec<InstanceRecord> = self
             .store
             .instances(name)?
@@ -1069,6 +1152,18 @@ impl Director {
                 filter.unwrap_or("")
             )));
         }
+        Ok(recs)
+    }
+
+    /// `ssh -c`: run a shell command on every matching instance at once.
+    /// Returns (instance, stdout, stderr, exit status) in instance order.
+    pub async fn run_on_instances(
+        &self,
+        name: &str,
+        filter: Option<&str>,
+        command: &str,
+    ) -> Result<Vec<CommandRun>, OpError> {
+        let recs = self.instances_with_vms(name, filter)?;
         let exec = self.executor_as(Arc::new(QuietProgress), "ssh");
         let futs = recs.iter().map(|r| {
             let exec = &exec;

@@ -600,6 +600,79 @@ fn ssh_c_runs_on_every_instance_with_prefixes_and_exit_codes() {
     let out = env.bosun(&["-d", "quickstart", "ssh", "kv/0"]);
     assert!(!out.status.success());
     assert!(text(&out).contains("interactive shells are not supported yet"));
+
+    // scp both ways: to every kv instance, back from one.
+    let local = env.path("hello.sh");
+    std::fs::write(&local, "#!/bin/sh\necho hello from $(hostname)\n").unwrap();
+    std::fs::set_permissions(&local, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = env.bosun(&[
+        "-d",
+        "quickstart",
+        "scp",
+        local.to_str().unwrap(),
+        "kv:/var/vcap/data/tmp/hello.sh",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .matches("wrote /var/vcap/data/tmp/hello.sh")
+            .count(),
+        3
+    );
+    let out = env.bosun(&[
+        "-d",
+        "quickstart",
+        "ssh",
+        "kv",
+        "-c",
+        "/var/vcap/data/tmp/hello.sh",
+    ]);
+    assert!(
+        out.status.success(),
+        "executable on every instance: {}",
+        text(&out)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .matches("hello from")
+            .count(),
+        3
+    );
+    let back = env.path("back.sh");
+    let out = env.bosun(&[
+        "-d",
+        "quickstart",
+        "scp",
+        "kv/1:/var/vcap/data/tmp/hello.sh",
+        back.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        std::fs::read(&back).unwrap(),
+        std::fs::read(&local).unwrap()
+    );
+    let out = env.bosun(&[
+        "-d",
+        "quickstart",
+        "scp",
+        "kv:/var/vcap/data/tmp/hello.sh",
+        back.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("copying from 3 instances at once"),
+        "{}",
+        text(&out)
+    );
+    let out = env.bosun(&[
+        "-d",
+        "quickstart",
+        "scp",
+        "kv/1:/nope",
+        back.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("No such file"), "{}", text(&out));
 }
 
 #[test]
