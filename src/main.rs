@@ -792,7 +792,7 @@ async fn run_command(cli: Cli, store: Arc<Store>) -> Result<i32> {
                     on_ctrl_c.store(true, std::sync::atomic::Ordering::SeqCst);
                 }
             });
-            let sink: Arc<dyn Fn(&str, &str) + Send + Sync> = Arc::new(|instance, line| {
+            let sink: bosun_director::ops::LineSink = Arc::new(|instance, line| {
                 use std::io::Write;
                 let mut out = std::io::stdout().lock();
                 let _ = writeln!(out, "{instance}: {line}");

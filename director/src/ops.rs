@@ -106,6 +106,9 @@ impl StateChange {
     }
 }
 
+/// Where followed log lines go: `(instance, line)`.
+pub type LineSink = Arc<dyn Fn(&str, &str) + Send + Sync>;
+
 /// A command's run on one instance (`ssh -c`).
 #[derive(Clone, Debug, Serialize)]
 pub struct CommandRun {
@@ -979,7 +982,7 @@ impl Director {
         filter: Option<&str>,
         jobs: &[String],
         stop: Arc<std::sync::atomic::AtomicBool>,
-        sink: Arc<dyn Fn(&str, &str) + Send + Sync>,
+        sink: LineSink,
     ) -> Result<(), OpError> {
         if let Some(bad) = jobs.iter().find(|j| {
             j.is_empty()
