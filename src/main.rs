@@ -162,6 +162,8 @@ enum Command {
         #[arg(long)]
         orphaned: bool,
     },
+    /// Give a hard-stopped instance (-d) an orphaned disk; `start` mounts it.
+    AttachDisk { instance: String, cid: String },
     /// Delete an orphaned disk and its data.
     DeleteDisk { cid: String },
     /// Delete what nothing uses: with --all, every orphaned disk.
@@ -458,6 +460,7 @@ fn task_of(cli: &Cli) -> Option<(String, Option<String>)> {
         Command::RunErrand { name, .. } => format!("run-errand {name}"),
         Command::CloudCheck { report: false, .. } => "cloud-check".to_string(),
         Command::DeleteDisk { cid } => return Some((format!("delete-disk {cid}"), None)),
+        Command::AttachDisk { instance, cid } => format!("attach-disk {instance} {cid}"),
         Command::CleanUp { all: true } => return Some(("clean-up --all".into(), None)),
         Command::UploadRelease { path: p, .. } => {
             return Some((format!("upload-release {}", path(p)), None))
@@ -843,6 +846,15 @@ async fn run_command(cli: Cli, store: Arc<Store>) -> Result<i32> {
                 }
                 println!("\n{} orphaned disks", list.len());
             }
+            Ok(0)
+        }
+        Command::AttachDisk { instance, cid } => {
+            let name = need_deployment(&cli.deployment)?;
+            let previous = director.attach_orphan_disk(&name, &instance, &cid)?;
+            println!(
+                "Disk {cid} is now {instance}'s persistent disk{}; `bosun -d {name} start {instance}` mounts it",
+                previous.map(|p| format!(" (disk {p} orphaned)")).unwrap_or_default()
+            );
             Ok(0)
         }
         Command::DeleteDisk { cid } => {

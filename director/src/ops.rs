@@ -1200,6 +1200,83 @@ impl Director {
         futures_join_all(futs).await.into_iter().collect()
     }
 
+    /// `attach-disk INSTANCE CID`: give a hard-stopped instance an orphaned
+    /// disk as its persistent disk; its current disk becomes orphaned (kept).
+    /// `start` then attaches and mounts it. Returns the disk orphaned, if any.
+    pub fn attach_orphan_disk(
+        &self,
+        name: &str,
+        instance: &str,
+        cid: &str,
+    ) -> Result<Option<String>, OpError> {
+        let _lock = self.store.lock_deployment(name)?;
+        let recs: Vec<InstanceRecord> = self
+            .store
+            .instances(name)?
+            .into_iter()
+            .filter(|r| instance_matches(r, Some(instance)))
+            .collect();
+        let [rec] = recs.as_slice() else {
+            return Err(OpError::Stemcell(format!(
+                "attach-disk needs exactly one instance; '{instance}' matches {}",
+                recs.len()
+            )));
+        };
+        let mut rec = rec.clone();
+        let iname = crate::executor::instance_name(&rec);
+        if rec.state != crate::state::InstanceState::Detached || rec.vm.is_some() {
+            return Err(OpError::Stemcell(format!(
+                "{iname} must be stopped with `stop --hard` before a disk is attached to it"
+            )));
+        }
+        let orphan = self
+            .store
+            .orphan_disks()?
+            .into_iter()
+            .find(|d| d.cid == cid)
+            .ok_or_else(|| {
+                OpError::Stemcell(format!(
+                    "disk {cid} is not an orphaned disk (see `bosun disks --orphaned`)"
+                ))
+            })?;
+        // Keep the digest of the disk the manifest asks for, so the next
+        // deploy keeps this disk instead of migrating it.
+        let digest = rec
+            .disk
+            .as_ref()
+            .map(|d| d.digest.clone())
+            .unwrap_or_default();
+        let previous = rec.disk.take();
+        if let Some(d) = &previous {
+            self.store.save_orphan_disk(&crate::state::OrphanDisk {
+                cid: d.cid.clone(),
+                cpi: d.cpi.clone(),
+                size_mb: d.size_mb,
+                deployment: rec.deployment.clone(),
+                instance: format!("{}/{}", rec.group, rec.id),
+                orphaned_at: crate::state::now(),
+            })?;
+        }
+        rec.disk = Some(crate::state::DiskRecord {
+            cid: orphan.cid.clone(),
+            cpi: orphan.cpi.clone(),
+            size_mb: orphan.size_mb,
+            digest,
+            attached: false,
+        });
+        self.store.save_instance(&rec)?;
+        self.store.delete_orphan_disk(cid)?;
+        let _ = self.store.add_event(
+            &crate::state::Event::new("attach-disk", name, Some(&iname))
+                .did("attach-disk", format!("disk {cid}"))
+                .result(match &previous {
+                    Some(d) => format!("ok; disk {} orphaned", d.cid),
+                    None => "ok".into(),
+                }),
+        );
+        Ok(previous.map(|d| d.cid))
+    }
+
     /// `delete-disk`: delete an orphaned disk through its CPI and forget it.
     pub async fn delete_orphan_disk(&self, cid: &str) -> Result<crate::state::OrphanDisk, OpError> {
         let d = self

@@ -715,3 +715,79 @@ fn logs_follow_shows_a_request_made_while_following() {
     );
     assert!(status.success(), "Ctrl-C ends --follow cleanly: {status:?}");
 }
+
+#[test]
+fn attach_disk_gives_a_hard_stopped_instance_an_orphaned_disk() {
+    let env = Env::new(124);
+    let three = kv_manifest("quickstart", 8080, "300-30000");
+    let m3 = env.manifest("m3.yml", &three);
+    let out = env.bosun(&["deploy", m3.to_str().unwrap(), "-n"]);
+    assert!(out.status.success(), "{}", text(&out));
+    // Mark kv/2's disk, then scale down: that disk is orphaned.
+    let out = env.bosun(&[
+        "-d",
+        "quickstart",
+        "ssh",
+        "kv/2",
+        "-c",
+        "echo from-two > /var/vcap/store/marker",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let two = env.manifest("m2.yml", &three.replace("instances: 3", "instances: 2"));
+    let out = env.bosun(&["deploy", two.to_str().unwrap(), "-n"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = env.bosun(&["disks", "--orphaned", "--json"]);
+    let orphans: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let d2 = orphans[0]["cid"].as_str().unwrap().to_string();
+
+    let out = env.bosun(&["-d", "quickstart", "attach-disk", "kv/1", &d2]);
+    assert!(!out.status.success(), "needs a hard stop first");
+    assert!(
+        text(&out).contains("must be stopped with `stop --hard`"),
+        "{}",
+        text(&out)
+    );
+    let d1 = env.instances("quickstart")[1]["persistent_disk_cids"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for args in [
+        vec!["-d", "quickstart", "stop", "kv/1", "--hard", "-n"],
+        vec!["-d", "quickstart", "attach-disk", "kv/1", &d2],
+        vec!["-d", "quickstart", "start", "kv/1", "-n"],
+    ] {
+        let out = env.bosun(&args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+    }
+    let now = &env.instances("quickstart")[1];
+    assert_eq!(now["process_state"], "running");
+    assert_eq!(now["persistent_disk_cids"][0], d2.as_str());
+    let out = env.bosun(&[
+        "-d",
+        "quickstart",
+        "ssh",
+        "kv/1",
+        "-c",
+        "cat /var/vcap/store/marker",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("from-two"),
+        "{}",
+        text(&out)
+    );
+    let out = env.bosun(&["disks", "--orphaned", "--json"]);
+    let orphans: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cids: Vec<&str> = orphans
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["cid"].as_str().unwrap())
+        .collect();
+    assert_eq!(cids, [d1.as_str()], "kv/1's own disk is orphaned, not lost");
+    let out = env.bosun(&["deploy", two.to_str().unwrap(), "-n"]);
+    assert!(
+        text(&out).contains("no changes"),
+        "the attached disk is kept: {}",
+        text(&out)
+    );
+}
