@@ -487,15 +487,7 @@ impl AgentClient {
         // 60 s plus 1 s per 512 KiB (a slow link still gets ~0.5 MB/s).
         let timeout = Duration::from_secs(60 + (data.len() as u64) / (512 * 1024));
         let transfer = async {
-            let mut channel = self
-                .handle
-                .channel_open_session()
-                .await
-                .map_err(self.ssh(&op))?;
-            channel
-                .exec(true, format!("put-blob {sha256}"))
-                .await
-                .map_err(self.ssh(&op))?;
+            let mut channel = self.open_exec(&op, format!("put-blob {sha256}")).await?;
             channel
                 .data_bytes(data.to_vec())
                 .await
@@ -519,15 +511,7 @@ impl AgentClient {
     ) -> Result<(Vec<u8>, Vec<u8>, u32), ClientError> {
         let op = format!("running {command:?}");
         let run = async {
-            let mut channel = self
-                .handle
-                .channel_open_session()
-                .await
-                .map_err(self.ssh(&op))?;
-            channel
-                .exec(true, format!("run {command}"))
-                .await
-                .map_err(self.ssh(&op))?;
+            let mut channel = self.open_exec(&op, format!("run {command}")).await?;
             channel.eof().await.map_err(self.ssh(&op))?;
             let (out, err, status) = self.collect(&mut channel, &op, true).await?;
             Ok((out, err, status.unwrap_or(255)))
@@ -545,15 +529,7 @@ impl AgentClient {
         stop: impl std::future::Future<Output = ()>,
     ) -> Result<Option<u32>, ClientError> {
         let op = format!("streaming {command:?}");
-        let mut channel = self
-            .handle
-            .channel_open_session()
-            .await
-            .map_err(self.ssh(&op))?;
-        channel
-            .exec(true, format!("stream {command}"))
-            .await
-            .map_err(self.ssh(&op))?;
+        let mut channel = self.open_exec(&op, format!("stream {command}")).await?;
         tokio::pin!(stop);
         let mut status = None;
         loop {
@@ -582,15 +558,7 @@ impl AgentClient {
             return Err(self.blob_err(&op, "not a sha256 (64 lowercase hex characters)".into()));
         }
         let transfer = async {
-            let mut channel = self
-                .handle
-                .channel_open_session()
-                .await
-                .map_err(self.ssh(&op))?;
-            channel
-                .exec(true, format!("get-blob {sha256}"))
-                .await
-                .map_err(self.ssh(&op))?;
+            let mut channel = self.open_exec(&op, format!("get-blob {sha256}")).await?;
             channel.eof().await.map_err(self.ssh(&op))?;
             let (data, stderr, status) = self.collect(&mut channel, &op, true).await?;
             if status != Some(0) {
@@ -633,6 +601,21 @@ impl AgentClient {
                 secs: secs_of(timeout),
             }),
         }
+    }
+
+    /// Open a session channel and start `command` on it.
+    async fn open_exec(
+        &self,
+        op: &str,
+        command: String,
+    ) -> Result<russh::Channel<client::Msg>, ClientError> {
+        let channel = self
+            .handle
+            .channel_open_session()
+            .await
+            .map_err(self.ssh(op))?;
+        channel.exec(true, command).await.map_err(self.ssh(op))?;
+        Ok(channel)
     }
 
     /// Read an exec channel to its end: (stdout, stderr, exit status).

@@ -106,6 +106,16 @@ impl StateChange {
     }
 }
 
+/// Turn an agent failure into an operation error naming what was done.
+fn agent_err(what: String) -> impl FnOnce(bosun_agent::client::ClientError) -> OpError {
+    move |source| {
+        OpError::Exec(ExecError::Agent {
+            what,
+            source: Box::new(source),
+        })
+    }
+}
+
 /// Where followed log lines go: `(instance, line)`.
 pub type LineSink = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
@@ -773,25 +783,17 @@ impl Director {
                 .vm
                 .as_ref()
                 .ok_or_else(|| OpError::Stemcell(format!("{iname} has no VM: no logs to fetch")))?;
-            let agent = |what: String| {
-                move |source| {
-                    OpError::Exec(ExecError::Agent {
-                        what,
-                        source: Box::new(source),
-                    })
-                }
-            };
             let client = exec.reach(vm, &iname, Duration::from_secs(10)).await?;
             let res = client
                 .fetch_logs(&bosun_agent::protocol::FetchLogsParams {
                     jobs: jobs.to_vec(),
                 })
                 .await
-                .map_err(agent(format!("packing the logs of {iname}")))?;
+                .map_err(agent_err(format!("packing the logs of {iname}")))?;
             let data = client
                 .get_blob(&res.sha256)
                 .await
-                .map_err(agent(format!("fetching the logs of {iname}")))?;
+                .map_err(agent_err(format!("fetching the logs of {iname}")))?;
             let file = dir.join(format!("{name}.{}.{}.{stamp}.tgz", r.group, r.index));
             std::fs::write(&file, &data).map_err(|source| OpError::Read {
                 path: file.clone(),
@@ -937,12 +939,7 @@ impl Director {
                     timeout_secs: self.opts.script_timeout_secs.max(3600),
                 })
                 .await
-                .map_err(|source| {
-                    OpError::Exec(ExecError::Agent {
-                        what: format!("running errand {group} on {iname}"),
-                        source: Box::new(source),
-                    })
-                })?;
+                .map_err(agent_err(format!("running errand {group} on {iname}")))?;
             if !keep_alive {
                 exec.teardown_vm_with(&mut rec, None).await?;
             }
@@ -1029,12 +1026,7 @@ impl Director {
                         stopped,
                     )
                     .await
-                    .map_err(|source| {
-                        OpError::Exec(ExecError::Agent {
-                            what: format!("following the logs of {iname}"),
-                            source: Box::new(source),
-                        })
-                    })?;
+                    .map_err(agent_err(format!("following the logs of {iname}")))?;
                 Ok::<(), OpError>(())
             }
         });
@@ -1068,18 +1060,10 @@ impl Director {
                     r.vm.as_ref()
                         .ok_or_else(|| OpError::Stemcell(format!("{iname} has no VM")))?;
                 let client = exec.reach(vm, &iname, Duration::from_secs(10)).await?;
-                let agent = |what: String| {
-                    move |source| {
-                        OpError::Exec(ExecError::Agent {
-                            what,
-                            source: Box::new(source),
-                        })
-                    }
-                };
                 client
                     .put_blob(sha, data)
                     .await
-                    .map_err(agent(format!("sending {} to {iname}", local.display())))?;
+                    .map_err(agent_err(format!("sending {} to {iname}", local.display())))?;
                 client
                     .install_file(&bosun_agent::protocol::InstallFileParams {
                         sha256: sha.clone(),
@@ -1087,7 +1071,7 @@ impl Director {
                         mode,
                     })
                     .await
-                    .map_err(agent(format!("writing {remote} on {iname}")))?;
+                    .map_err(agent_err(format!("writing {remote} on {iname}")))?;
                 Ok::<String, OpError>(iname)
             }
         });
@@ -1119,12 +1103,7 @@ impl Director {
         let (out, err, code) = client
             .run_command(&format!("cat -- {quoted}"), Duration::from_secs(3600))
             .await
-            .map_err(|source| {
-                OpError::Exec(ExecError::Agent {
-                    what: format!("reading {remote} on {iname}"),
-                    source: Box::new(source),
-                })
-            })?;
+            .map_err(agent_err(format!("reading {remote} on {iname}")))?;
         if code != 0 {
             return Err(OpError::Stemcell(format!(
                 "reading {remote} on {iname}: {}",
@@ -1175,19 +1154,11 @@ impl Director {
                 let vm =
                     r.vm.as_ref()
                         .ok_or_else(|| OpError::Stemcell(format!("{iname} has no VM")))?;
-                let agent = |what: String| {
-                    move |source| {
-                        OpError::Exec(ExecError::Agent {
-                            what,
-                            source: Box::new(source),
-                        })
-                    }
-                };
                 let client = exec.reach(vm, &iname, Duration::from_secs(10)).await?;
                 let (out, err, code) = client
                     .run_command(command, Duration::from_secs(3600))
                     .await
-                    .map_err(agent(format!("running the command on {iname}")))?;
+                    .map_err(agent_err(format!("running the command on {iname}")))?;
                 Ok::<_, OpError>(CommandRun {
                     instance: format!("{}/{}", r.group, r.id),
                     index: r.index,
