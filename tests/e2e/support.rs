@@ -93,9 +93,15 @@ impl Env {
         found
     }
 
+    /// VMs of the local CPI: its VM directories, not its staging
+    /// (`.creating-*`) or trash (`.deleting-*`) ones.
     pub fn vm_dirs(&self) -> usize {
         std::fs::read_dir(self.state().join("local-cpi/vms"))
-            .map(|d| d.count())
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                    .count()
+            })
             .unwrap_or(0)
     }
 }
@@ -105,6 +111,21 @@ impl Drop for Env {
         // Leave nothing running, whatever the test did.
         for d in ["quickstart", "canary", "e2e"] {
             let _ = self.bosun(&["-d", d, "delete-deployment", "-n"]);
+        }
+        // VMs the state does not know (a test that failed before its
+        // cloud-check ran): their agents would hold this env's IPs.
+        let needle = format!("{}/", self.state().join("local-cpi/vms").display());
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmd)
+                .replace('\0', " ")
+                .contains(&needle)
+            {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
         }
     }
 }
