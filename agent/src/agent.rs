@@ -770,16 +770,9 @@ impl Agent {
                 .map(|j| (log_root.join(j), PathBuf::from(j), true))
                 .filter(|(d, _, _)| d.is_dir())
                 .collect();
-            let res = (|| {
-                write_tgz(&tmp, &trees).map_err(io_fail(format!("{op}: packing logs")))?;
-                let size = fs::metadata(&tmp).map_err(io_fail(op))?.len();
-                let sha256 = blobs
-                    .put_file(&tmp)
-                    .map_err(|e| failure("io", format!("{op}: storing blob: {e}")))?;
-                Ok(FetchLogsResult { sha256, size })
-            })();
-            let _ = fs::remove_file(&tmp);
-            res
+            blob_from_tmp(&blobs, &tmp, op, |tmp| {
+                write_tgz(tmp, &trees).map_err(io_fail(format!("{op}: packing logs")))
+            })
         })
         .await
     }
@@ -829,11 +822,8 @@ impl Agent {
             .join(format!("disk-{}.tgz", rand_suffix()));
         let blobs = self.blobs.clone();
         blocking(op, move || {
-            let res = (|| {
-                if let Some(d) = tmp.parent() {
-                    fs::create_dir_all(d).map_err(io_fail(op))?;
-                }
-                let f = File::create(&tmp).map_err(io_fail(op))?;
+            blob_from_tmp(&blobs, &tmp, op, |tmp| {
+                let f = File::create(tmp).map_err(io_fail(op))?;
                 let gz =
                     flate2::write::GzEncoder::new(BufWriter::new(f), flate2::Compression::fast());
                 let mut b = tar::Builder::new(gz);
@@ -845,15 +835,8 @@ impl Agent {
                 let f = w
                     .into_inner()
                     .map_err(|e| failure("io", format!("{op}: {}", e.error())))?;
-                f.sync_all().map_err(io_fail(op))?;
-                let size = fs::metadata(&tmp).map_err(io_fail(op))?.len();
-                let sha256 = blobs
-                    .put_file(&tmp)
-                    .map_err(|e| failure("io", format!("{op}: storing blob: {e}")))?;
-                Ok(FetchLogsResult { sha256, size })
-            })();
-            let _ = fs::remove_file(&tmp);
-            res
+                f.sync_all().map_err(io_fail(op))
+            })
         })
         .await
     }
@@ -1577,6 +1560,29 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     if res.is_err() {
         let _ = fs::remove_file(&tmp);
     }
+    res
+}
+
+/// Have `write` make a file at `tmp`, keep it as a blob, remove `tmp`
+/// whatever happened: the blob's sha256 and size.
+fn blob_from_tmp(
+    blobs: &BlobStore,
+    tmp: &Path,
+    op: &str,
+    write: impl FnOnce(&Path) -> Result<(), ActionFailure>,
+) -> Result<FetchLogsResult, ActionFailure> {
+    let res = (|| {
+        if let Some(d) = tmp.parent() {
+            fs::create_dir_all(d).map_err(io_fail(op))?;
+        }
+        write(tmp)?;
+        let size = fs::metadata(tmp).map_err(io_fail(op))?.len();
+        let sha256 = blobs
+            .put_file(tmp)
+            .map_err(|e| failure("io", format!("{op}: storing blob: {e}")))?;
+        Ok(FetchLogsResult { sha256, size })
+    })();
+    let _ = fs::remove_file(tmp);
     res
 }
 

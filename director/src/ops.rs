@@ -762,18 +762,7 @@ impl Director {
         jobs: &[String],
         dir: &Path,
     ) -> Result<Vec<(String, PathBuf, u64)>, OpError> {
-        let recs: Vec<InstanceRecord> = self
-            .store
-            .instances(name)?
-            .into_iter()
-            .filter(|r| instance_matches(r, filter))
-            .collect();
-        if recs.is_empty() {
-            return Err(OpError::Stemcell(format!(
-                "no instance of deployment '{name}' matches '{}'",
-                filter.unwrap_or("")
-            )));
-        }
+        let recs = self.matching_instances(name, filter, false)?;
         let exec = self.executor_as(Arc::new(QuietProgress), "logs");
         let stamp = crate::state::now();
         let mut out = Vec::new();
@@ -818,18 +807,7 @@ impl Director {
         report: Arc<dyn Report>,
     ) -> Result<usize, OpError> {
         let _lock = self.store.lock_deployment(name)?;
-        let recs: Vec<InstanceRecord> = self
-            .store
-            .instances(name)?
-            .into_iter()
-            .filter(|r| instance_matches(r, filter))
-            .collect();
-        if recs.is_empty() {
-            return Err(OpError::Stemcell(format!(
-                "no instance of deployment '{name}' matches '{}'",
-                filter.unwrap_or("")
-            )));
-        }
+        let recs = self.matching_instances(name, filter, false)?;
         let deployed = self.store.deployment(name)?;
         let m = deployed
             .as_ref()
@@ -1122,15 +1100,27 @@ impl Director {
         name: &str,
         filter: Option<&str>,
     ) -> Result<Vec<InstanceRecord>, OpError> {
+        self.matching_instances(name, filter, true)
+    }
+
+    /// The instances `filter` names (those with a VM when `with_vm`); none
+    /// is an error naming the filter.
+    fn matching_instances(
+        &self,
+        name: &str,
+        filter: Option<&str>,
+        with_vm: bool,
+    ) -> Result<Vec<InstanceRecord>, OpError> {
         let recs: Vec<InstanceRecord> = self
             .store
             .instances(name)?
             .into_iter()
-            .filter(|r| instance_matches(r, filter) && r.vm.is_some())
+            .filter(|r| instance_matches(r, filter) && (!with_vm || r.vm.is_some()))
             .collect();
         if recs.is_empty() {
             return Err(OpError::Stemcell(format!(
-                "no instance of deployment '{name}' with a VM matches '{}'",
+                "no instance of deployment '{name}'{} matches '{}'",
+                if with_vm { " with a VM" } else { "" },
                 filter.unwrap_or("")
             )));
         }
