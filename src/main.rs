@@ -128,11 +128,12 @@ enum Command {
         #[arg(long)]
         keep_alive: bool,
     },
-    /// Run a command on instances of a deployment (-d) through their agents,
-    /// printing each output line with its instance. Exits with the first
-    /// non-zero exit status. (Interactive shells are not supported yet.)
+    /// Open an interactive shell on one instance of a deployment (-d), or
+    /// with -c run a command on every matching instance through their agents,
+    /// printing each output line with its instance. Exits with the shell's
+    /// exit status, or the first non-zero one of the command.
     Ssh {
-        /// GROUP, GROUP/ID or GROUP/INDEX (default: every instance).
+        /// GROUP, GROUP/ID or GROUP/INDEX (with -c, default: every instance).
         instance: Option<String>,
         #[arg(short = 'c', long = "command")]
         command: Option<String>,
@@ -543,7 +544,9 @@ async fn run_command(cli: Cli, store: Arc<Store>) -> Result<i32> {
     // (monitor handles Ctrl-C itself.)
     if !matches!(
         cli.command,
-        Command::Monitor { .. } | Command::Logs { follow: true, .. }
+        Command::Monitor { .. }
+            | Command::Logs { follow: true, .. }
+            | Command::Ssh { command: None, .. }
     ) {
         let cancel = director.opts.cancel.clone();
         tokio::spawn(async move {
@@ -721,7 +724,10 @@ async fn run_command(cli: Cli, store: Arc<Store>) -> Result<i32> {
         Command::Ssh { instance, command } => {
             let name = need_deployment(&cli.deployment)?;
             let Some(command) = command else {
-                bail!("interactive shells are not supported yet: run a command with -c 'CMD'");
+                let Some(instance) = instance else {
+                    bail!("ssh: name the instance for an interactive shell (GROUP/ID or GROUP/INDEX), or run a command on every instance with -c 'CMD'");
+                };
+                return interactive_ssh(&director, &name, &instance).await;
             };
             let runs = director
                 .run_on_instances(&name, instance.as_deref(), &command)
@@ -1355,6 +1361,79 @@ async fn director(store: Arc<Store>, try_docker: bool) -> Result<Director> {
 }
 
 /// A CPI whose every call goes to the running task's CPI log.
+/// The local terminal in raw mode for as long as this lives.
+struct RawTerminal;
+
+impl RawTerminal {
+    fn enable() -> Result<RawTerminal> {
+        crossterm::terminal::enable_raw_mode().context("putting the terminal in raw mode")?;
+        Ok(RawTerminal)
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        let _ = crossterm::terminal::disable_raw_mode();
+    }
+}
+
+/// `ssh INSTANCE`: a login shell on the instance's pty, wired to this
+/// terminal (raw mode and resizes when stdin is one; piped input otherwise).
+async fn interactive_ssh(director: &Director, name: &str, instance: &str) -> Result<i32> {
+    use std::io::Read;
+    let (iname, client) = director.shell_session(name, instance).await?;
+    let tty = std::io::stdin().is_terminal();
+    let size = || crossterm::terminal::size().unwrap_or((80, 24));
+    let initial = if tty { size() } else { (80, 24) };
+    let term = std::env::var("TERM").unwrap_or_else(|_| "xterm".into());
+    // Stdin on its own thread: a blocking read must not hold the runtime.
+    let (input_tx, input_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = [0u8; 4096];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if input_tx.blocking_send(buf[..n].to_vec()).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    let (resize_tx, resize_rx) = tokio::sync::mpsc::channel(4);
+    if tty {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut winch = signal(SignalKind::window_change()).context("watching for resizes")?;
+        tokio::spawn(async move {
+            while winch.recv().await.is_some() {
+                if resize_tx.send(size()).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    eprintln!("Connected to {iname} (exit the shell to leave)");
+    let raw = if tty {
+        Some(RawTerminal::enable()?)
+    } else {
+        None
+    };
+    let mut stdout = std::io::stdout();
+    let code = client
+        .interactive_shell(&term, initial, input_rx, resize_rx, |bytes| {
+            let _ = stdout.write_all(bytes);
+            let _ = stdout.flush();
+        })
+        .await;
+    drop(raw);
+    client.disconnect().await;
+    let code = code.with_context(|| format!("ssh to {iname}"))?;
+    eprintln!("Connection to {iname} closed (exit {code})");
+    Ok(i32::try_from(code).unwrap_or(255))
+}
+
 fn logged(name: &str, cpi: Arc<dyn bosun_cpi::Cpi>) -> Arc<dyn bosun_cpi::Cpi> {
     Arc::new(bosun_cpi::logged::LoggedCpi::new(name, cpi))
 }

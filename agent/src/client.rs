@@ -551,6 +551,62 @@ impl AgentClient {
         }
     }
 
+    /// An interactive login shell on a pty of `size` (cols, rows): bytes
+    /// from `input` go to it, its output goes to `output`, sizes from
+    /// `resize` resize it. Ends when the shell exits (its exit status) or
+    /// `input` closes and the shell then exits.
+    pub async fn interactive_shell(
+        &self,
+        term: &str,
+        size: (u16, u16),
+        mut input: tokio::sync::mpsc::Receiver<Vec<u8>>,
+        mut resize: tokio::sync::mpsc::Receiver<(u16, u16)>,
+        mut output: impl FnMut(&[u8]),
+    ) -> Result<u32, ClientError> {
+        let op = "opening an interactive shell".to_string();
+        let channel = self
+            .handle
+            .channel_open_session()
+            .await
+            .map_err(self.ssh(&op))?;
+        channel
+            .request_pty(true, term, u32::from(size.0), u32::from(size.1), 0, 0, &[])
+            .await
+            .map_err(self.ssh(&op))?;
+        channel.request_shell(true).await.map_err(self.ssh(&op))?;
+        let (mut read, write) = channel.split();
+        let mut input_open = true;
+        let mut status = None;
+        loop {
+            tokio::select! {
+                msg = read.wait() => match msg {
+                    Some(ChannelMsg::Data { data }) => output(&data),
+                    Some(ChannelMsg::ExtendedData { data, .. }) => output(&data),
+                    Some(ChannelMsg::ExitStatus { exit_status }) => status = Some(exit_status),
+                    Some(ChannelMsg::Failure) => {
+                        return Err(self.blob_err(&op, "the agent refused a shell".into()))
+                    }
+                    None | Some(ChannelMsg::Close) => break,
+                    Some(_) => {}
+                },
+                data = input.recv(), if input_open => match data {
+                    Some(data) => write.data(&data[..]).await.map_err(self.ssh(&op))?,
+                    None => {
+                        input_open = false;
+                        write.eof().await.map_err(self.ssh(&op))?;
+                    }
+                },
+                Some((cols, rows)) = resize.recv() => {
+                    write
+                        .window_change(u32::from(cols), u32::from(rows), 0, 0)
+                        .await
+                        .map_err(self.ssh(&op))?;
+                }
+            }
+        }
+        status.ok_or_else(|| self.blob_err(&op, "the shell ended without an exit status".into()))
+    }
+
     /// Download a blob and verify its sha256.
     pub async fn get_blob(&self, sha256: &str) -> Result<Vec<u8>, ClientError> {
         let op = format!("getting blob {sha256}");

@@ -7,9 +7,15 @@
 //! line out per channel) and the blob channels (`exec put-blob <sha256>` /
 //! `exec get-blob <sha256>`), which it serves from the [`BlobStore`].
 //!
+//! It also serves the operator's `bosun ssh`: `exec run <cmd>` and
+//! `exec stream <cmd>` run a command, and a `pty-req` followed by `shell`
+//! starts an interactive login shell on a pseudo-terminal (resized by
+//! `window-change`). Only the director's key gets in, so a session creates
+//! no user or key on the VM and leaves nothing behind.
+//!
 //! It must not interpret actions: every action goes to the [`ActionHandler`]
-//! (the agent proper). It must not offer shells, port forwarding or any other
-//! SSH service, and it keeps no blob it has not verified.
+//! (the agent proper). It must not offer port forwarding, agent forwarding
+//! or any other SSH service, and it keeps no blob it has not verified.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -104,6 +110,8 @@ pub async fn serve_on(
             blobs: blobs.clone(),
             actions: handler.clone(),
             channels: HashMap::new(),
+            ptys: HashMap::new(),
+            resizers: HashMap::new(),
             peer,
         };
         let config = config.clone();
@@ -148,7 +156,27 @@ struct Connection {
     actions: Arc<dyn ActionHandler>,
     /// Session channels opened but not yet given a request.
     channels: HashMap<ChannelId, Channel<Msg>>,
+    /// Terminals requested (`pty-req`) on channels not yet given a shell.
+    ptys: HashMap<ChannelId, PtyRequest>,
+    /// Running shells' resize inboxes (`window-change`).
+    resizers: HashMap<ChannelId, tokio::sync::mpsc::UnboundedSender<(u16, u16)>>,
     peer: SocketAddr,
+}
+
+/// What a `pty-req` asked for.
+struct PtyRequest {
+    term: String,
+    cols: u16,
+    rows: u16,
+}
+
+/// A terminal dimension as the pty takes it (0, meaning unknown, and
+/// absurd values become a sane default).
+fn dimension(v: u32, default: u16) -> u16 {
+    match u16::try_from(v) {
+        Ok(0) | Err(_) => default,
+        Ok(v) => v,
+    }
 }
 
 impl Connection {
@@ -204,6 +232,8 @@ impl russh::server::Handler for Connection {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         self.channels.remove(&channel);
+        self.ptys.remove(&channel);
+        self.resizers.remove(&channel);
         Ok(())
     }
 
@@ -241,16 +271,220 @@ impl russh::server::Handler for Connection {
         Ok(())
     }
 
-    // pty/shell: later. An interactive `bosun ssh` will add pty_request,
-    // shell_request and window_change_request here; until then shells are
-    // refused (russh's default sends no success, and we never start one).
+    async fn pty_request(
+        &mut self,
+        channel_id: ChannelId,
+        term: &str,
+        col_width: u32,
+        row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if !self.channels.contains_key(&channel_id) {
+            return session.channel_failure(channel_id);
+        }
+        let term = if term.is_empty() || term.len() > 64 {
+            "xterm".to_string()
+        } else {
+            term.to_string()
+        };
+        self.ptys.insert(
+            channel_id,
+            PtyRequest {
+                term,
+                cols: dimension(col_width, 80),
+                rows: dimension(row_height, 24),
+            },
+        );
+        session.channel_success(channel_id)
+    }
+
     async fn shell_request(
         &mut self,
         channel_id: ChannelId,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.channels.remove(&channel_id);
-        session.channel_failure(channel_id)
+        let Some(channel) = self.channels.remove(&channel_id) else {
+            return session.channel_failure(channel_id);
+        };
+        // A shell needs a terminal: commands without one go through `exec`.
+        let Some(pty) = self.ptys.remove(&channel_id) else {
+            tracing::warn!(peer = %self.peer, "shell requested without a pty");
+            return session.channel_failure(channel_id);
+        };
+        session.channel_success(channel_id)?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.resizers.insert(channel_id, tx);
+        tracing::info!(peer = %self.peer, term = %pty.term, "interactive shell opened");
+        tokio::spawn(serve_shell(channel, pty, rx));
+        Ok(())
+    }
+
+    async fn window_change_request(
+        &mut self,
+        channel_id: ChannelId,
+        col_width: u32,
+        row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(tx) = self.resizers.get(&channel_id) {
+            let _ = tx.send((dimension(col_width, 80), dimension(row_height, 24)));
+        }
+        Ok(())
+    }
+}
+
+/// The shell an interactive session runs: bash where the stemcell has it.
+fn login_shell() -> &'static str {
+    if std::path::Path::new("/bin/bash").exists() {
+        "/bin/bash"
+    } else {
+        "/bin/sh"
+    }
+}
+
+/// One interactive shell: a login shell on a fresh pty, its output to the
+/// channel, the channel's data to it, until it exits (its status is sent)
+/// or the client goes away (it is killed).
+async fn serve_shell(
+    channel: Channel<Msg>,
+    pty: PtyRequest,
+    mut resize: tokio::sync::mpsc::UnboundedReceiver<(u16, u16)>,
+) {
+    use tokio::io::AsyncWriteExt;
+    let (mut read, write) = channel.split();
+    let started = (|| {
+        let (master, pts) = pty_process::open()?;
+        master.resize(pty_process::Size::new(pty.rows, pty.cols))?;
+        let cwd = if std::path::Path::new("/var/vcap").is_dir() {
+            "/var/vcap"
+        } else {
+            "/"
+        };
+        let child = pty_process::Command::new(login_shell())
+            .arg("-l")
+            .env("TERM", &pty.term)
+            .current_dir(cwd)
+            .kill_on_drop(true)
+            .spawn(pts)?;
+        Ok::<_, pty_process::Error>((master, child))
+    })();
+    let (master, mut child) = match started {
+        Ok(s) => s,
+        Err(e) => {
+            let message = format!("starting a shell on a pty: {e}");
+            tracing::warn!(error = %message, "interactive shell failed");
+            let _ = finish(&write, None, Some(message), 127).await;
+            return;
+        }
+    };
+    let (mut from_shell, mut to_shell) = master.into_split();
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut client_gone = false;
+    let status = loop {
+        tokio::select! {
+            n = from_shell.read(&mut buf) => match n {
+                // EIO once the shell and everything it started closed the pty.
+                Ok(0) | Err(_) => break child.wait().await.ok(),
+                Ok(n) => {
+                    if write.data_bytes(buf[..n].to_vec()).await.is_err() {
+                        client_gone = true;
+                        break None;
+                    }
+                }
+            },
+            msg = read.wait() => match msg {
+                Some(ChannelMsg::Data { data }) => {
+                    if to_shell.write_all(&data).await.is_err() {
+                        break child.wait().await.ok();
+                    }
+                }
+                // The client's input ended (`echo cmd | bosun ssh`): end
+                // of input on a terminal is Ctrl-D.
+                Some(ChannelMsg::Eof) => {
+                    let _ = to_shell.write_all(b"\x04").await;
+                }
+                None | Some(ChannelMsg::Close) => {
+                    client_gone = true;
+                    break None;
+                }
+                Some(_) => {}
+            },
+            Some((cols, rows)) = resize.recv() => {
+                let _ = to_shell.resize(pty_process::Size::new(rows, cols));
+            }
+            status = child.wait() => {
+                // Send what the shell wrote last, then its status.
+                while let Ok(Ok(n)) = tokio::time::timeout(
+                    Duration::from_millis(100),
+                    from_shell.read(&mut buf),
+                ).await {
+                    if n == 0 || write.data_bytes(buf[..n].to_vec()).await.is_err() {
+                        break;
+                    }
+                }
+                break status.ok();
+            }
+        }
+    };
+    if client_gone {
+        // As a terminal hangup does: SIGHUP to every process of the shell's
+        // session (background jobs too; `nohup` ones survive, as with any
+        // SSH server), the terminal closed, and SIGKILL if the shell lingers.
+        if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+            for member in session_members(pid) {
+                // SAFETY: kill(2) with a pid and a signal; no memory involved.
+                unsafe { libc::kill(member, libc::SIGHUP) };
+            }
+        }
+        drop((from_shell, to_shell));
+        if tokio::time::timeout(Duration::from_secs(2), child.wait())
+            .await
+            .is_err()
+        {
+            let _ = child.kill().await;
+        }
+        tracing::info!("interactive shell closed by the client");
+        return;
+    }
+    let code = status.map_or(255, |s| exit_code(&s));
+    tracing::info!(code, "interactive shell exited");
+    if let Err(e) = finish(&write, None, None, code).await {
+        tracing::debug!(error = %e, "finishing a shell channel failed (client gone?)");
+    }
+}
+
+/// Every process whose session is `sid` (the shell is its session leader),
+/// read from /proc.
+fn session_members(sid: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return vec![sid];
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            // /proc/PID/stat: "pid (comm) state ppid pgrp session ..."; comm
+            // may hold spaces and parentheses, so split after the last ')'.
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+                return false;
+            };
+            rest.split_whitespace().nth(3).and_then(|s| s.parse().ok()) == Some(sid)
+        })
+        .collect()
+}
+
+/// A process's exit status as SSH reports it: its code, or 128+N for a signal.
+fn exit_code(status: &std::process::ExitStatus) -> u32 {
+    use std::os::unix::process::ExitStatusExt;
+    match status.code() {
+        Some(c) => c as u32,
+        None => 128 + status.signal().unwrap_or(0) as u32,
     }
 }
 
@@ -498,12 +732,7 @@ async fn stream_shell(
             },
         }
     }
-    let code = child
-        .wait()
-        .await
-        .ok()
-        .and_then(|s| s.code())
-        .unwrap_or(255) as u32;
+    let code = child.wait().await.map_or(255, |s| exit_code(&s));
     finish(write, None, None, code).await
 }
 
@@ -517,14 +746,7 @@ async fn run_shell(cmd: &str) -> Result<(Vec<u8>, Vec<u8>, u32), String> {
         .output()
         .await
         .map_err(|e| format!("starting /bin/sh: {e}"))?;
-    let code = match out.status.code() {
-        Some(c) => c as u32,
-        None => {
-            use std::os::unix::process::ExitStatusExt;
-            128 + out.status.signal().unwrap_or(0) as u32
-        }
-    };
-    Ok((out.stdout, out.stderr, code))
+    Ok((out.stdout, out.stderr, exit_code(&out.status)))
 }
 
 async fn drain_until_eof(read: &mut ChannelReadHalf) {

@@ -1127,6 +1127,37 @@ impl Director {
         Ok(recs)
     }
 
+    /// Interactive `ssh INSTANCE`: a connection to the one instance `filter`
+    /// names (a group with one instance will do). The session uses the
+    /// director's own key, so nothing is created on the VM. Records an
+    /// `ssh` event. Returns the instance's name and its agent.
+    pub async fn shell_session(
+        &self,
+        name: &str,
+        filter: &str,
+    ) -> Result<(String, bosun_agent::client::AgentClient), OpError> {
+        let recs = self.instances_with_vms(name, Some(filter))?;
+        let [rec] = recs.as_slice() else {
+            return Err(OpError::Stemcell(format!(
+                "an interactive shell needs one instance; '{filter}' matches {}: name GROUP/ID or GROUP/INDEX, or run a command on all of them with -c",
+                recs.len()
+            )));
+        };
+        let iname = crate::executor::instance_name(rec);
+        let vm = rec
+            .vm
+            .as_ref()
+            .ok_or_else(|| OpError::Stemcell(format!("{iname} has no VM")))?;
+        let exec = self.executor_as(Arc::new(QuietProgress), "ssh");
+        let client = exec.reach(vm, &iname, Duration::from_secs(10)).await?;
+        let _ = self.store.add_event(
+            &crate::state::Event::new("ssh", name, Some(&iname))
+                .did("ssh", "interactive shell".to_string())
+                .result("opened"),
+        );
+        Ok((iname, client))
+    }
+
     /// `ssh -c`: run a shell command on every matching instance at once.
     /// Returns (instance, stdout, stderr, exit status) in instance order.
     pub async fn run_on_instances(

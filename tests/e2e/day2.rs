@@ -597,9 +597,14 @@ fn ssh_c_runs_on_every_instance_with_prefixes_and_exit_codes() {
     assert_eq!(runs[0]["stderr"], "oops\n");
     assert_eq!(runs[0]["exit_code"], 7);
 
-    let out = env.bosun(&["-d", "quickstart", "ssh", "kv/0"]);
+    // An interactive shell needs one instance.
+    let out = env.bosun(&["-d", "quickstart", "ssh", "kv"]);
     assert!(!out.status.success());
-    assert!(text(&out).contains("interactive shells are not supported yet"));
+    assert!(
+        text(&out).contains("an interactive shell needs one instance; 'kv' matches 3"),
+        "{}",
+        text(&out)
+    );
 
     // scp both ways: to every kv instance, back from one.
     let local = env.path("hello.sh");
@@ -790,4 +795,149 @@ fn attach_disk_gives_a_hard_stopped_instance_an_orphaned_disk() {
         "the attached disk is kept: {}",
         text(&out)
     );
+}
+
+/// Run `bosun ssh` with `input` written to its stdin after a pause (through
+/// `script` when `tty`, so bosun's stdin is a terminal): (exit code, output).
+fn interactive(env: &Env, instance: &str, tty: bool, input: &[&str]) -> (Option<i32>, String) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let state = env.state();
+    let bosun = [
+        crate::support::BOSUN,
+        "--state-dir",
+        state.to_str().unwrap(),
+        "-d",
+        "quickstart",
+        "ssh",
+        instance,
+    ];
+    let mut cmd = if tty {
+        let mut c = Command::new("script");
+        c.args(["-qefc", &bosun.join(" "), "/dev/null"]);
+        c
+    } else {
+        let mut c = Command::new(bosun[0]);
+        c.args(&bosun[1..]);
+        c
+    };
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start bosun ssh");
+    let mut stdin = child.stdin.take().unwrap();
+    for chunk in input {
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        stdin.write_all(chunk.as_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    drop(stdin);
+    (out.status.code(), text(&out))
+}
+
+#[test]
+fn ssh_opens_an_interactive_shell_on_a_pty_and_leaves_nothing_behind() {
+    let env = Env::new(125);
+    let m = env.manifest("m.yml", &kv_manifest("quickstart", 8080, "300-30000"));
+    let out = env.bosun(&["deploy", m.to_str().unwrap(), "-n"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let list = env.instances("quickstart");
+    let cid = |index: u64| {
+        list.iter()
+            .find(|i| i["index"] == index)
+            .and_then(|i| i["vm_cid"].as_str())
+            .expect("an instance with a VM")
+            .to_string()
+    };
+
+    // Piped input: a login shell on a pty of the default size, its exit
+    // status returned.
+    let (code, output) = interactive(
+        &env,
+        "kv/0",
+        false,
+        &["echo answer=$((6*7)); tty; stty size; test -d /var/vcap/jobs/kv && echo in-vm\nexit 3\n"],
+    );
+    assert_eq!(code, Some(3), "{output}");
+    for want in [
+        "answer=42",
+        "/dev/pts/",
+        "24 80",
+        "in-vm",
+        "closed (exit 3)",
+    ] {
+        assert!(output.contains(want), "{want} missing: {output}");
+    }
+
+    // A terminal: raw mode, so this side echoes nothing (the command shows
+    // once, echoed by the remote pty) and Ctrl-C reaches the remote
+    // `sleep` instead of stopping bosun.
+    let started = std::time::Instant::now();
+    let (code, output) = interactive(
+        &env,
+        "kv/1",
+        true,
+        &["sleep 60\n", "\x03", "echo after-$((2+3)); exit 5\n"],
+    );
+    assert_eq!(code, Some(5), "{output}");
+    assert!(output.contains("after-5"), "{output}");
+    assert_eq!(output.matches("echo after-$((2+3))").count(), 1, "{output}");
+    assert!(
+        started.elapsed().as_secs() < 30,
+        "Ctrl-C did not reach sleep"
+    );
+
+    // A client that vanishes: its shell and the shell's jobs are hung up.
+    let vm = env.vm_pid(&cid(2));
+    let mut child = std::process::Command::new(crate::support::BOSUN)
+        .args(["--state-dir", env.state().to_str().unwrap()])
+        .args(["-d", "quickstart", "ssh", "kv/2"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let stdin = child.stdin.as_mut().unwrap();
+        stdin.write_all(b"sleep 313 & sleep 314\n").unwrap();
+        stdin.flush().unwrap();
+    }
+    let running = |what: &str| {
+        crate::support::descendants(vm)
+            .iter()
+            .any(|(_, cmd)| cmd.contains(what))
+    };
+    assert!(crate::support::wait_until(
+        std::time::Duration::from_secs(10),
+        || running("sleep 313") && running("sleep 314")
+    ));
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert!(
+        crate::support::wait_until(std::time::Duration::from_secs(10), || {
+            !running("sleep 313") && !running("sleep 314") && !running("bash -l")
+        }),
+        "left behind: {:?}",
+        crate::support::descendants(vm)
+    );
+    // No shell of the earlier sessions either.
+    for index in [0, 1] {
+        let left: Vec<_> = crate::support::descendants(env.vm_pid(&cid(index)))
+            .into_iter()
+            .filter(|(_, cmd)| cmd.contains("bash -l") || cmd.contains("sh -l"))
+            .collect();
+        assert!(left.is_empty(), "kv/{index}: {left:?}");
+    }
+
+    // The sessions are events.
+    let opened = env
+        .events("quickstart")
+        .iter()
+        .filter(|e| e["action"] == "ssh")
+        .count();
+    assert_eq!(opened, 3);
 }
