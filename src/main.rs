@@ -167,7 +167,9 @@ enum Command {
     AttachDisk { instance: String, cid: String },
     /// Delete an orphaned disk and its data.
     DeleteDisk { cid: String },
-    /// Delete what nothing uses: with --all, every orphaned disk.
+    /// Delete release versions, stemcells and compiled packages no
+    /// deployment uses, keeping the two newest unused versions of each;
+    /// --all keeps none and deletes every orphaned disk too.
     CleanUp {
         #[arg(long)]
         all: bool,
@@ -462,7 +464,10 @@ fn task_of(cli: &Cli) -> Option<(String, Option<String>)> {
         Command::CloudCheck { report: false, .. } => "cloud-check".to_string(),
         Command::DeleteDisk { cid } => return Some((format!("delete-disk {cid}"), None)),
         Command::AttachDisk { instance, cid } => format!("attach-disk {instance} {cid}"),
-        Command::CleanUp { all: true } => return Some(("clean-up --all".into(), None)),
+        Command::CleanUp { all } => {
+            let what = if *all { "clean-up --all" } else { "clean-up" };
+            return Some((what.into(), None));
+        }
         Command::UploadRelease { path: p, .. } => {
             return Some((format!("upload-release {}", path(p)), None))
         }
@@ -875,30 +880,79 @@ async fn run_command(cli: Cli, store: Arc<Store>) -> Result<i32> {
             Ok(0)
         }
         Command::CleanUp { all } => {
-            if !all {
-                println!("Nothing to clean up without --all (orphaned disks are deleted only with --all)");
+            // As BOSH: keep the two newest unused versions of each release
+            // and stemcell; --all keeps none and deletes orphaned disks too.
+            let keep = if all { 0 } else { 2 };
+            let plan = director.clean_up_plan(keep)?;
+            let disks = if all {
+                store.orphan_disks()?
+            } else {
+                Vec::new()
+            };
+            if plan.is_empty() && disks.is_empty() {
+                println!("Nothing to clean up");
                 return Ok(0);
             }
-            let list = store.orphan_disks()?;
-            if !cli.non_interactive
-                && !ask(&format!(
-                    "Delete {} orphaned disks and their data?",
-                    list.len()
-                ))
-            {
+            let mb = |b: u64| b as f64 / 1_048_576.0;
+            if !cli.json {
+                for (n, v) in &plan.releases {
+                    println!("release   {n}/{v}");
+                }
+                for st in &plan.stemcells {
+                    println!(
+                        "stemcell  {}/{} ({}) on {}: {}",
+                        st.name, st.version, st.os, st.cpi, st.cid
+                    );
+                }
+                for d in &disks {
+                    println!(
+                        "disk      {} (orphaned from {}/{})",
+                        d.cid, d.deployment, d.instance
+                    );
+                }
+                println!(
+                    "{} compiled packages and {} blobs ({:.1} MB) go with them",
+                    plan.compiled_packages.len(),
+                    plan.blobs.len(),
+                    mb(plan.bytes)
+                );
+            }
+            if !cli.non_interactive && !ask("Delete these?") {
                 bail!("cancelled");
             }
-            let mut failed = 0;
-            for d in &list {
+            let (done, mut problems) = director.clean_up(keep).await?;
+            let mut deleted_disks = Vec::new();
+            for d in &disks {
                 match director.delete_orphan_disk(&d.cid).await {
-                    Ok(_) => println!("Deleted orphaned disk {}", d.cid),
-                    Err(e) => {
-                        failed += 1;
-                        eprintln!("Deleting orphaned disk {}: {e}", d.cid);
-                    }
+                    Ok(_) => deleted_disks.push(d.cid.clone()),
+                    Err(e) => problems.push(format!("deleting orphaned disk {}: {e}", d.cid)),
                 }
             }
-            Ok(if failed > 0 { 1 } else { 0 })
+            if cli.json {
+                let v = serde_json::json!({
+                    "releases": done.releases.iter().map(|(n, v)| format!("{n}/{v}")).collect::<Vec<_>>(),
+                    "stemcells": done.stemcells,
+                    "compiled_packages": done.compiled_packages.len(),
+                    "blobs": done.blobs.len(),
+                    "bytes": done.bytes,
+                    "orphaned_disks": deleted_disks,
+                    "problems": problems,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "Deleted {} releases, {} stemcells, {} compiled packages, {} orphaned disks; freed {:.1} MB of blobs",
+                    done.releases.len(),
+                    done.stemcells.len(),
+                    done.compiled_packages.len(),
+                    deleted_disks.len(),
+                    mb(done.bytes)
+                );
+                for p in &problems {
+                    eprintln!("{p}");
+                }
+            }
+            Ok(if problems.is_empty() { 0 } else { 1 })
         }
         Command::Tasks { recent } => {
             let all = store.tasks(recent.unwrap_or(1000))?;

@@ -80,6 +80,9 @@ pub struct Plan {
     /// Instances that go away.
     pub deletes: Vec<InstanceRecord>,
     pub groups: Vec<GroupPlan>,
+    /// The release versions and stemcells the desired state resolved to.
+    #[serde(skip)]
+    pub uses: crate::state::Uses,
 }
 
 /// Compilation workers: one VM per entry of `workers`, each with its networks.
@@ -353,12 +356,27 @@ pub fn plan(
         }
         Some(compilation_plan(desired, compile.len(), &mut used)?)
     };
+    let uses = crate::state::Uses {
+        releases: desired
+            .groups
+            .iter()
+            .flat_map(|g| &g.jobs)
+            .map(|j| format!("{}/{}", j.release, j.release_version))
+            .collect(),
+        stemcells: desired
+            .groups
+            .iter()
+            .flat_map(|g| g.stemcells.values())
+            .map(crate::desired::stemcell_key)
+            .collect(),
+    };
     Ok(Plan {
         deployment: desired.deployment.clone(),
         compile,
         compilation,
         deletes,
         groups,
+        uses,
     })
 }
 

@@ -14,7 +14,7 @@
 //! every write is a single statement. This module must not call CPIs or
 //! agents, and must not decide anything: it stores what it is told.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::io::AsRawFd;
@@ -207,6 +207,20 @@ pub struct DeploymentRecord {
     pub releases: Vec<String>,
     pub stemcells: Vec<String>,
     pub updated_at: i64,
+    /// The release versions and stemcells the deploy resolved to (absent in
+    /// records of older directors: `clean-up` then keeps every version of
+    /// the deployment's releases and every stemcell).
+    #[serde(default)]
+    pub uses: Option<Uses>,
+}
+
+/// What a deployment's jobs and VMs were resolved to.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Uses {
+    /// `name/version`.
+    pub releases: BTreeSet<String>,
+    /// Stemcell keys, `os/version`.
+    pub stemcells: BTreeSet<String>,
 }
 
 /// What the director recorded about one instance.
@@ -639,7 +653,31 @@ impl Store {
         db("listing releases", rows.collect())
     }
 
+    /// Forget a release version (its blobs are the caller's to delete).
+    pub fn delete_release(&self, name: &str, version: &str) -> Result<()> {
+        db(
+            format!("deleting release {name}/{version}"),
+            self.conn().execute(
+                "DELETE FROM releases WHERE name = ?1 AND version = ?2",
+                params![name, version],
+            ),
+        )
+        .map(|_| ())
+    }
+
     // ---- stemcells ----
+
+    /// Forget a stemcell record (the CPI's copy is the caller's to delete).
+    pub fn delete_stemcell(&self, cpi: &str, cid: &str) -> Result<()> {
+        db(
+            format!("deleting stemcell {cid} of CPI {cpi}"),
+            self.conn().execute(
+                "DELETE FROM stemcells WHERE cpi = ?1 AND cid = ?2",
+                params![cpi, cid],
+            ),
+        )
+        .map(|_| ())
+    }
 
     pub fn save_stemcell(&self, rec: &StemcellRecord) -> Result<()> {
         let op = format!("recording stemcell {}/{}", rec.os, rec.version);
@@ -700,6 +738,25 @@ impl Store {
                 "INSERT INTO compiled_packages (fingerprint, stemcell, record) VALUES (?1, ?2, ?3)
                  ON CONFLICT(fingerprint, stemcell) DO UPDATE SET record = excluded.record",
                 params![c.fingerprint, c.stemcell, json],
+            ),
+        )
+        .map(|_| ())
+    }
+
+    pub fn compiled_packages(&self) -> Result<Vec<CompiledPackage>> {
+        self.query_records(
+            "listing compiled packages",
+            "SELECT record FROM compiled_packages ORDER BY stemcell, fingerprint",
+            [],
+        )
+    }
+
+    pub fn delete_compiled_package(&self, fingerprint: &str, stemcell: &str) -> Result<()> {
+        db(
+            format!("deleting compiled package {fingerprint} for {stemcell}"),
+            self.conn().execute(
+                "DELETE FROM compiled_packages WHERE fingerprint = ?1 AND stemcell = ?2",
+                params![fingerprint, stemcell],
             ),
         )
         .map(|_| ())

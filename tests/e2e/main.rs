@@ -8,6 +8,7 @@ mod variables;
 
 mod addons;
 mod aws;
+mod cleanup;
 mod cpi_conformance;
 mod day2;
 mod deploy;
