@@ -120,13 +120,18 @@ enum Command {
         #[arg(long)]
         skip_drain: bool,
     },
-    /// Run an errand of a deployment (-d): a VM for it, its jobs' bin/run,
-    /// their output; the VM is deleted afterwards unless --keep-alive.
-    /// Exits with the errand's exit code.
+    /// Run an errand of a deployment (-d): an errand group (a VM for each
+    /// instance, its jobs' bin/run, the VM deleted afterwards unless
+    /// --keep-alive) or an errand job colocated on running instances (its
+    /// bin/run on each at once). Output streams as it is written. Exits with
+    /// the errand's exit code.
     RunErrand {
         name: String,
         #[arg(long)]
         keep_alive: bool,
+        /// Only on these instances, GROUP or GROUP/ID or GROUP/INDEX (repeatable).
+        #[arg(long = "instance", value_name = "INSTANCE")]
+        instances: Vec<String>,
     },
     /// Open an interactive shell on one instance of a deployment (-d), or
     /// with -c run a command on every matching instance through their agents,
@@ -762,10 +767,23 @@ async fn run_command(cli: Cli, store: Arc<Store>) -> Result<i32> {
         Command::RunErrand {
             name: errand,
             keep_alive,
+            instances,
         } => {
             let name = need_deployment(&cli.deployment)?;
+            let opts = bosun_director::ops::ErrandOptions {
+                keep_alive,
+                instances,
+            };
+            // Output streams as it is written; --json returns it at the end.
+            let sink: Option<bosun_director::ops::LineSink> = if cli.json {
+                None
+            } else {
+                Some(Arc::new(|label: &str, line: &str| {
+                    println!("[{label}] {line}");
+                }))
+            };
             let runs = director
-                .run_errand(&name, &errand, keep_alive, printer.clone())
+                .run_errand(&name, &errand, &opts, printer.clone(), sink)
                 .await?;
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&runs)?);
@@ -773,9 +791,6 @@ async fn run_command(cli: Cli, store: Arc<Store>) -> Result<i32> {
                 for r in &runs {
                     for j in &r.jobs {
                         println!("[{} {}] exit {}", r.instance, j.job, j.exit_code);
-                        for line in j.output_tail.lines() {
-                            println!("[{} {}] {line}", r.instance, j.job);
-                        }
                     }
                     println!(
                         "Errand '{errand}' on {}: exit {} in {:.1}s{}",

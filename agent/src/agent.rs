@@ -521,7 +521,24 @@ impl Agent {
             }
             let ctx = self.script_ctx();
             let changed = p.changed_jobs.contains(&job.name);
-            set.spawn(drain_job(ctx, job.name, dir, p.kind, changed, deadline));
+            let env = vec![
+                (
+                    "BOSH_JOB_STATE".to_string(),
+                    p.job_state.clone().unwrap_or_else(|| "{}".into()),
+                ),
+                (
+                    "BOSH_JOB_NEXT_STATE".to_string(),
+                    p.next_job_state.clone().unwrap_or_else(|| "{}".into()),
+                ),
+            ];
+            set.spawn(drain_job(
+                ctx,
+                (job.name, dir),
+                p.kind,
+                changed,
+                env,
+                deadline,
+            ));
         }
         let mut first_err = None;
         while let Some(r) = set.join_next().await {
@@ -547,18 +564,52 @@ impl Agent {
                 format!("running script {:?}: invalid script name", p.script),
             ));
         }
+        if let Some(bad) = p.output_prefix.as_deref().filter(|x| !valid_name(x)) {
+            return Err(failure(
+                "invalid",
+                format!("running script {}: invalid output prefix {bad:?}", p.script),
+            ));
+        }
+        if let Some(bad) = p.env.keys().find(|k| {
+            !k.starts_with("BOSH_") || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        }) {
+            return Err(failure(
+                "invalid",
+                format!(
+                    "running script {}: environment variable {bad:?} is not a BOSH_* name",
+                    p.script
+                ),
+            ));
+        }
+        let env: Vec<(String, String)> = p.env.clone().into_iter().collect();
         let timeout = Duration::from_secs(p.timeout_secs);
         let mut set = tokio::task::JoinSet::new();
         for job in self.applied_spec().map(|s| s.jobs).unwrap_or_default() {
             let dir = self.root.join("jobs").join(&job.name);
-            if !dir.join("bin").join(&p.script).is_file() {
+            if !dir.join("bin").join(&p.script).is_file()
+                || p.jobs
+                    .as_ref()
+                    .is_some_and(|only| !only.contains(&job.name))
+            {
                 continue;
             }
             let ctx = self.script_ctx();
             let script = p.script.clone();
+            let out_name = p
+                .output_prefix
+                .as_ref()
+                .map(|prefix| format!("{prefix}-{}.out", job.name));
+            let env = env.clone();
             set.spawn(async move {
                 let run = ctx
-                    .run(&job.name, &dir, &script, &[], &[], Some(timeout))
+                    .run_to(
+                        &job.name,
+                        &dir,
+                        &script,
+                        (&[], &env),
+                        Some(timeout),
+                        out_name.as_deref(),
+                    )
                     .await?;
                 // An errand's output is what the operator asked for: keep more.
                 let lines = if script == "run" {
@@ -682,6 +733,7 @@ impl Agent {
             cmd,
             &self.root.join("data/tmp"),
             Some(Duration::from_secs(r.timeout_secs)),
+            None,
         )
         .await
         .map_err(io_fail(format!("{op}: running packaging")))?;
@@ -1149,10 +1201,25 @@ impl ScriptCtx {
         env: &[(String, String)],
         timeout: Option<Duration>,
     ) -> Result<ScriptRun, ActionFailure> {
+        self.run_to(job, dir, script, (args, env), timeout, None)
+            .await
+    }
+
+    /// [`ScriptCtx::run`], the output written as it comes to `out_name`
+    /// under `data/tmp` when given (else a random name there).
+    async fn run_to(
+        &self,
+        job: &str,
+        dir: &Path,
+        script: &str,
+        (args, env): (&[&str], &[(String, String)]),
+        timeout: Option<Duration>,
+        out_name: Option<&str>,
+    ) -> Result<ScriptRun, ActionFailure> {
         let mut cmd = Command::new(dir.join("bin").join(script));
         cmd.args(args).current_dir(dir);
         self.env(&mut cmd, env);
-        let run = run_command(cmd, &self.root.join("data/tmp"), timeout)
+        let run = run_command(cmd, &self.root.join("data/tmp"), timeout, out_name)
             .await
             .map_err(io_fail(format!("running job {job} {script}")))?;
         let log_dir = self.root.join("sys/log").join(job);
@@ -1175,12 +1242,18 @@ async fn run_command(
     mut cmd: Command,
     tmp_dir: &Path,
     timeout: Option<Duration>,
+    out_name: Option<&str>,
 ) -> io::Result<ScriptRun> {
     fs::create_dir_all(tmp_dir)?;
-    let out_path = tmp_dir.join(format!("script-{}.log", rand_suffix()));
+    let out_path = match out_name {
+        Some(n) => tmp_dir.join(n),
+        None => tmp_dir.join(format!("script-{}.log", rand_suffix())),
+    };
     let out = fs::OpenOptions::new()
         .create(true)
-        .append(true)
+        .truncate(out_name.is_some())
+        .append(out_name.is_none())
+        .write(true)
         .read(true)
         .open(&out_path)?;
     cmd.stdin(Stdio::null())
@@ -1253,10 +1326,10 @@ fn read_tail(path: &Path) -> io::Result<String> {
 /// with `job_check_status` until they print a non-negative number.
 async fn drain_job(
     ctx: ScriptCtx,
-    job: String,
-    dir: PathBuf,
+    (job, dir): (String, PathBuf),
     kind: DrainKind,
     changed: bool,
+    env: Vec<(String, String)>,
     deadline: Instant,
 ) -> Result<(), ActionFailure> {
     let first = match kind {
@@ -1264,10 +1337,6 @@ async fn drain_job(
         DrainKind::Update => "job_unchanged",
         DrainKind::Shutdown => "job_shutdown",
     };
-    let env = vec![
-        ("BOSH_JOB_STATE".to_string(), "{}".to_string()),
-        ("BOSH_JOB_NEXT_STATE".to_string(), "{}".to_string()),
-    ];
     let mut args = [first, "hash_unchanged"];
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
@@ -2335,6 +2404,8 @@ mod tests {
                     kind: DrainKind::Update,
                     timeout_secs: 10,
                     changed_jobs: changed,
+                    job_state: None,
+                    next_job_state: None,
                 })
                 .await
                 .unwrap();
@@ -2358,6 +2429,8 @@ mod tests {
                 kind: DrainKind::Update,
                 timeout_secs: 10,
                 changed_jobs: vec![],
+                job_state: None,
+                next_job_state: None,
             })
             .await
             .unwrap();
@@ -2381,6 +2454,8 @@ mod tests {
                 kind: DrainKind::Shutdown,
                 timeout_secs: 10,
                 changed_jobs: vec![],
+                job_state: None,
+                next_job_state: None,
             })
             .await
             .unwrap();
@@ -2397,6 +2472,8 @@ mod tests {
                 kind: DrainKind::Update,
                 timeout_secs: 1,
                 changed_jobs: vec![],
+                job_state: None,
+                next_job_state: None,
             })
             .await
             .unwrap();
@@ -2421,6 +2498,9 @@ mod tests {
             .run_script(RunScriptParams {
                 script: "post-start".into(),
                 timeout_secs: 10,
+                jobs: None,
+                output_prefix: None,
+                env: Default::default(),
             })
             .await
             .unwrap();
@@ -2439,6 +2519,9 @@ mod tests {
             .run_script(RunScriptParams {
                 script: "../x".into(),
                 timeout_secs: 1,
+                jobs: None,
+                output_prefix: None,
+                env: Default::default(),
             })
             .await
             .unwrap_err();

@@ -230,6 +230,12 @@ pub struct DrainParams {
     /// `job_changed`, the others `job_unchanged`, as in BOSH).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub changed_jobs: Vec<String>,
+    /// `BOSH_JOB_STATE` and `BOSH_JOB_NEXT_STATE` for the drain scripts:
+    /// JSON such as `{"persistent_disk":1024}` (`{}` when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_state: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_job_state: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -249,6 +255,18 @@ pub struct RunScriptParams {
     /// Script name under each job's `bin/`.
     pub script: String,
     pub timeout_secs: u64,
+    /// Only these jobs (an errand job colocated with others); all when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jobs: Option<Vec<String>>,
+    /// Write each job's output as it comes to
+    /// `/var/vcap/data/tmp/<output_prefix>-<job>.out` (removed when the
+    /// script ends), so the director can stream it (`run-errand`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_prefix: Option<String>,
+    /// Extra environment for the scripts; only `BOSH_*` names are taken
+    /// (`pre-stop` gets `BOSH_VM_NEXT_STATE` and the like).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub env: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -381,6 +399,8 @@ mod tests {
                 kind: DrainKind::Update,
                 timeout_secs: 30,
                 changed_jobs: vec![],
+                job_state: None,
+                next_job_state: None,
             }),
         };
         let v = serde_json::to_value(&req).unwrap();

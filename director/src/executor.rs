@@ -73,6 +73,53 @@ pub trait Progress: Send + Sync {
     fn stage(&self, subject: &str, stage: &str);
 }
 
+/// What follows a stop, as BOSH tells the scripts: `pre-stop` gets
+/// `BOSH_VM_NEXT_STATE`, `BOSH_INSTANCE_NEXT_STATE` and
+/// `BOSH_DEPLOYMENT_NEXT_STATE` (`keep` or `delete`); drain's
+/// `BOSH_JOB_NEXT_STATE` has no persistent disk when the instance goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NextState {
+    /// The jobs stop; VM, instance and deployment stay (update, `stop`).
+    Keep,
+    /// The VM goes, the instance stays (recreate, `stop --hard`, errands).
+    VmDeleted,
+    /// The instance goes (scale-down, removed group).
+    InstanceDeleted,
+    /// The deployment goes (`delete-deployment`).
+    DeploymentDeleted,
+}
+
+impl NextState {
+    fn instance_goes(self) -> bool {
+        matches!(
+            self,
+            NextState::InstanceDeleted | NextState::DeploymentDeleted
+        )
+    }
+
+    /// The `pre-stop` environment.
+    pub fn env(self) -> BTreeMap<String, String> {
+        let word = |gone: bool| if gone { "delete" } else { "keep" }.to_string();
+        BTreeMap::from([
+            ("BOSH_VM_NEXT_STATE".into(), word(self != NextState::Keep)),
+            (
+                "BOSH_INSTANCE_NEXT_STATE".into(),
+                word(self.instance_goes()),
+            ),
+            (
+                "BOSH_DEPLOYMENT_NEXT_STATE".into(),
+                word(self == NextState::DeploymentDeleted),
+            ),
+        ])
+    }
+}
+
+/// A job state for drain scripts (`BOSH_JOB_STATE`): its persistent disk
+/// size in MB, 0 for none.
+pub fn job_state(persistent_disk_mb: Option<u64>) -> String {
+    serde_json::json!({ "persistent_disk": persistent_disk_mb.unwrap_or(0) }).to_string()
+}
+
 /// The CPIs this director drives, by name.
 #[derive(Clone, Default)]
 pub struct Cpis {
@@ -198,7 +245,8 @@ impl Executor {
             let mut rec = d.clone();
             let name = instance_name(&rec);
             self.progress.stage(&name, "deleting");
-            self.teardown_vm(&mut rec, DrainKind::Shutdown).await?;
+            self.teardown_vm(&mut rec, DrainKind::Shutdown, NextState::InstanceDeleted)
+                .await?;
             self.orphan_disk(&mut rec).await?;
             self.store.delete_instance(&rec.id)?;
             self.event(&plan.deployment, Some(&name), "delete", "instance", "ok");
@@ -848,8 +896,9 @@ impl Executor {
         &self,
         rec: &mut InstanceRecord,
         kind: DrainKind,
+        next: NextState,
     ) -> Result<(), ExecError> {
-        self.teardown_vm_with(rec, Some(kind)).await
+        self.teardown_vm_with(rec, Some(kind), next).await
     }
 
     /// [`Executor::teardown_vm`], draining with `drain` (`None`: no drain).
@@ -857,6 +906,7 @@ impl Executor {
         &self,
         rec: &mut InstanceRecord,
         drain: Option<DrainKind>,
+        next: NextState,
     ) -> Result<(), ExecError> {
         let Some(vm) = rec.vm.clone() else {
             return Ok(());
@@ -867,12 +917,16 @@ impl Executor {
         if alive {
             if let Ok(client) = self.connect(&vm, Duration::from_secs(5)).await {
                 // Best effort: the VM goes away whatever its scripts say.
+                let size = rec.disk.as_ref().map(|d| d.size_mb);
+                let next_size = if next.instance_goes() { None } else { size };
                 let drain = drain.map(|kind| DrainParams {
                     kind,
                     timeout_secs: self.opts.drain_timeout_secs,
                     changed_jobs: vec![],
+                    job_state: Some(job_state(size)),
+                    next_job_state: Some(job_state(next_size)),
                 });
-                if let Err(e) = self.drain_and_stop(&client, &name, drain).await {
+                if let Err(e) = self.drain_and_stop(&client, &name, drain, next).await {
                     self.progress.stage(&name, &format!("stopping anyway: {e}"));
                     let _ = client.stop().await;
                 }
@@ -922,7 +976,8 @@ impl Executor {
 
         if matches!(ip.vm, VmAction::Recreate(_)) && rec.vm.is_some() {
             self.progress.stage(&name, "recreating");
-            self.teardown_vm(&mut rec, DrainKind::Update).await?;
+            self.teardown_vm(&mut rec, DrainKind::Update, NextState::VmDeleted)
+                .await?;
         }
 
         let client = match &rec.vm {
@@ -944,12 +999,22 @@ impl Executor {
                     .reach(&vm, &name, self.opts.existing_agent_timeout)
                     .await?;
                 if rec.applied.is_some() {
+                    let size = rec.disk.as_ref().map(|d| d.size_mb);
+                    let next_size = match &ip.disk {
+                        DiskAction::Create { size_mb, .. }
+                        | DiskAction::Migrate { size_mb, .. } => Some(*size_mb),
+                        DiskAction::Keep => size,
+                        DiskAction::None | DiskAction::Orphan => None,
+                    };
                     let drain = DrainParams {
                         kind: DrainKind::Update,
                         timeout_secs: self.opts.drain_timeout_secs,
                         changed_jobs: changed_jobs(rec.applied.as_ref(), &ip.applied),
+                        job_state: Some(job_state(size)),
+                        next_job_state: Some(job_state(next_size)),
                     };
-                    self.drain_and_stop(&client, &name, Some(drain)).await?;
+                    self.drain_and_stop(&client, &name, Some(drain), NextState::Keep)
+                        .await?;
                 }
                 self.ensure_disk(ip, &mut rec, client).await?
             }
@@ -1029,10 +1094,25 @@ impl Executor {
         name: &str,
         script: &str,
     ) -> Result<(), ExecError> {
+        self.run_lifecycle_with(client, name, script, BTreeMap::new())
+            .await
+    }
+
+    /// [`Executor::run_lifecycle`] with extra `BOSH_*` environment.
+    async fn run_lifecycle_with(
+        &self,
+        client: &AgentClient,
+        name: &str,
+        script: &str,
+        env: BTreeMap<String, String>,
+    ) -> Result<(), ExecError> {
         let scripts = client
             .run_script(&RunScriptParams {
                 script: script.into(),
                 timeout_secs: self.opts.script_timeout_secs,
+                jobs: None,
+                output_prefix: None,
+                env,
             })
             .await
             .map_err(|source| ExecError::Agent {
@@ -1055,8 +1135,10 @@ impl Executor {
         client: &AgentClient,
         name: &str,
         drain: Option<DrainParams>,
+        next: NextState,
     ) -> Result<(), ExecError> {
-        self.run_lifecycle(client, name, "pre-stop").await?;
+        self.run_lifecycle_with(client, name, "pre-stop", next.env())
+            .await?;
         if let Some(p) = drain {
             self.progress.stage(name, "draining");
             client.drain(&p).await.map_err(|source| ExecError::Agent {
@@ -1195,7 +1277,8 @@ impl Executor {
             async move {
                 let _permit = sem.acquire().await;
                 let iname = instance_name(&rec);
-                self.teardown_vm(&mut rec, DrainKind::Shutdown).await?;
+                self.teardown_vm(&mut rec, DrainKind::Shutdown, NextState::DeploymentDeleted)
+                    .await?;
                 self.orphan_disk(&mut rec).await?;
                 self.store.delete_instance(&rec.id)?;
                 self.progress.stage(&iname, "deleted");
@@ -1254,4 +1337,28 @@ where
     })
     .await;
     results.into_iter().flatten().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_state_tells_pre_stop_what_goes() {
+        let env = |n: NextState| {
+            let e = n.env();
+            format!(
+                "{} {} {}",
+                e["BOSH_VM_NEXT_STATE"],
+                e["BOSH_INSTANCE_NEXT_STATE"],
+                e["BOSH_DEPLOYMENT_NEXT_STATE"]
+            )
+        };
+        assert_eq!(env(NextState::Keep), "keep keep keep");
+        assert_eq!(env(NextState::VmDeleted), "delete keep keep");
+        assert_eq!(env(NextState::InstanceDeleted), "delete delete keep");
+        assert_eq!(env(NextState::DeploymentDeleted), "delete delete delete");
+        assert_eq!(job_state(Some(2048)), r#"{"persistent_disk":2048}"#);
+        assert_eq!(job_state(None), r#"{"persistent_disk":0}"#);
+    }
 }

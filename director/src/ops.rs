@@ -149,6 +149,48 @@ pub struct CommandRun {
     pub exit_code: u32,
 }
 
+/// Options of `run-errand`.
+#[derive(Clone, Debug, Default)]
+pub struct ErrandOptions {
+    /// Keep an errand group's VMs after the run.
+    pub keep_alive: bool,
+    /// Only instances these `GROUP[/ID or INDEX]` filters name (all if empty).
+    pub instances: Vec<String>,
+}
+
+/// Splits streamed bytes into lines (a line may arrive in pieces).
+#[derive(Default)]
+struct LineBuffer {
+    partial: Vec<u8>,
+}
+
+impl LineBuffer {
+    fn feed(&mut self, data: &[u8], mut line: impl FnMut(&str)) {
+        self.partial.extend_from_slice(data);
+        while let Some(pos) = self.partial.iter().position(|b| *b == b'\n') {
+            let l: Vec<u8> = self.partial.drain(..=pos).collect();
+            line(String::from_utf8_lossy(&l).trim_end());
+        }
+    }
+
+    /// The last line, when it had no newline.
+    fn finish(&mut self, mut line: impl FnMut(&str)) {
+        if !self.partial.is_empty() {
+            line(String::from_utf8_lossy(&self.partial).trim_end());
+            self.partial.clear();
+        }
+    }
+}
+
+/// Jobs of an instance's recorded spec that have a `bin/run` (errands).
+fn errand_jobs(r: &InstanceRecord) -> impl Iterator<Item = &str> {
+    r.deployed
+        .iter()
+        .flat_map(|d| &d.spec.jobs)
+        .filter(|j| j.files.iter().any(|f| f.path == "bin/run"))
+        .map(|j| j.name.as_str())
+}
+
 /// One instance's errand run.
 #[derive(Clone, Debug, Serialize)]
 pub struct ErrandRun {
@@ -877,95 +919,244 @@ impl Director {
     pub async fn run_errand(
         &self,
         name: &str,
-        group: &str,
-        keep_alive: bool,
+        errand: &str,
+        opts: &ErrandOptions,
         report: Arc<dyn Report>,
+        output: Option<LineSink>,
     ) -> Result<Vec<ErrandRun>, OpError> {
         let _lock = self.store.lock_deployment(name)?;
-        let recs: Vec<InstanceRecord> = self
-            .store
-            .instances(name)?
-            .into_iter()
-            .filter(|r| r.group == group && r.state == crate::state::InstanceState::Errand)
+        let all = self.store.instances(name)?;
+        let chosen = |r: &InstanceRecord| {
+            opts.instances.is_empty() || opts.instances.iter().any(|f| instance_matches(r, Some(f)))
+        };
+        let group: Vec<InstanceRecord> = all
+            .iter()
+            .filter(|r| r.group == errand && r.state == crate::state::InstanceState::Errand)
+            .filter(|r| chosen(r))
+            .cloned()
             .collect();
-        if recs.is_empty() {
-            let errands: Vec<String> = self
-                .store
-                .instances(name)?
-                .into_iter()
+        let exec = self.executor_as(Arc::new(ReportProgress(report)), "run-errand");
+        if !group.is_empty() {
+            // An errand group: a VM per instance, one after the other.
+            let mut out = Vec::new();
+            for rec in group {
+                out.push(
+                    self.errand_on_own_vm(&exec, rec, errand, opts.keep_alive, output.as_ref())
+                        .await?,
+                );
+            }
+            return Ok(out);
+        }
+        // An errand job colocated on service instances: on each at once.
+        let hosts: Vec<&InstanceRecord> = all
+            .iter()
+            .filter(|r| r.vm.is_some() && r.state == crate::state::InstanceState::Started)
+            .filter(|r| errand_jobs(r).any(|j| j == errand))
+            .filter(|r| chosen(r))
+            .collect();
+        if hosts.is_empty() {
+            let mut errands: BTreeSet<String> = all
+                .iter()
                 .filter(|r| r.state == crate::state::InstanceState::Errand)
-                .map(|r| r.group)
-                .collect::<BTreeSet<_>>()
-                .into_iter()
+                .map(|r| r.group.clone())
                 .collect();
+            errands.extend(
+                all.iter()
+                    .filter(|r| r.state != crate::state::InstanceState::Errand)
+                    .flat_map(|r| errand_jobs(r).map(str::to_string).collect::<Vec<_>>()),
+            );
             return Err(OpError::Stemcell(format!(
-                "deployment '{name}' has no errand '{group}' (errands: {})",
+                "deployment '{name}' has no errand '{errand}'{} (errands: {})",
+                if opts.instances.is_empty() {
+                    String::new()
+                } else {
+                    format!(" on {}", opts.instances.join(", "))
+                },
                 if errands.is_empty() {
                     "none".to_string()
                 } else {
-                    errands.join(", ")
+                    errands.into_iter().collect::<Vec<_>>().join(", ")
                 }
             )));
         }
-        let exec = self.executor_as(Arc::new(ReportProgress(report)), "run-errand");
-        let mut out = Vec::new();
-        for rec in recs {
-            let iname = crate::executor::instance_name(&rec);
-            let started = Instant::now();
-            if rec.vm.is_none() {
-                exec.recreate_deployed(rec.clone(), crate::repair::DEFAULT_WATCH)
+        let runs = hosts.into_iter().map(|rec| {
+            let (exec, output) = (&exec, output.as_ref());
+            async move {
+                let iname = crate::executor::instance_name(rec);
+                let started = Instant::now();
+                let vm = rec
+                    .vm
+                    .as_ref()
+                    .ok_or_else(|| OpError::Stemcell(format!("{iname} has no VM")))?;
+                let client = exec.reach(vm, &iname, Duration::from_secs(30)).await?;
+                exec.progress.stage(&iname, "running errand");
+                let results = self
+                    .errand_script(
+                        &client,
+                        &iname,
+                        errand,
+                        vec![errand.to_string()],
+                        true,
+                        output,
+                    )
                     .await?;
+                Ok::<_, OpError>(self.errand_done(name, errand, iname, results, started, false))
             }
-            let mut rec = self
-                .store
-                .instances(name)?
-                .into_iter()
-                .find(|r| r.id == rec.id)
-                .ok_or_else(|| OpError::Stemcell(format!("{iname} vanished while starting")))?;
-            // It was started like any instance; it stays an errand.
-            rec.state = crate::state::InstanceState::Errand;
-            self.store.save_instance(&rec)?;
-            let vm = rec
-                .vm
-                .clone()
-                .ok_or_else(|| OpError::Stemcell(format!("{iname} has no VM after creating it")))?;
-            let client = exec.reach(&vm, &iname, Duration::from_secs(30)).await?;
-            exec.progress.stage(&iname, "running errand");
-            let results = client
-                .run_script(&bosun_agent::protocol::RunScriptParams {
-                    script: "run".into(),
-                    timeout_secs: self.opts.script_timeout_secs.max(3600),
-                })
-                .await
-                .map_err(agent_err(format!("running errand {group} on {iname}")))?;
-            if !keep_alive {
-                exec.teardown_vm_with(&mut rec, None).await?;
-            }
-            if results.results.is_empty() {
-                return Err(OpError::Stemcell(format!(
-                    "errand {group}: no job of {iname} has a bin/run script"
-                )));
-            }
-            let exit_code = results
-                .results
-                .iter()
-                .map(|r| r.exit_code)
-                .find(|c| *c != 0)
-                .unwrap_or(0);
-            let _ = self.store.add_event(
-                &crate::state::Event::new("run-errand", name, Some(&iname))
-                    .did("run-errand", group.to_string())
-                    .result(format!("exit {exit_code}")),
-            );
-            out.push(ErrandRun {
-                instance: iname,
-                exit_code,
-                jobs: results.results,
-                seconds: started.elapsed().as_secs_f64(),
-                kept: keep_alive,
-            });
+        });
+        futures_join_all(runs).await.into_iter().collect()
+    }
+
+    /// An errand group's instance: create its VM from the recorded spec,
+    /// run every job's `bin/run`, delete the VM unless `keep_alive`.
+    async fn errand_on_own_vm(
+        &self,
+        exec: &Executor,
+        rec: InstanceRecord,
+        group: &str,
+        keep_alive: bool,
+        output: Option<&LineSink>,
+    ) -> Result<ErrandRun, OpError> {
+        let name = rec.deployment.clone();
+        let iname = crate::executor::instance_name(&rec);
+        let started = Instant::now();
+        if rec.vm.is_none() {
+            exec.recreate_deployed(rec.clone(), crate::repair::DEFAULT_WATCH)
+                .await?;
         }
-        Ok(out)
+        let mut rec = self
+            .store
+            .instances(&name)?
+            .into_iter()
+            .find(|r| r.id == rec.id)
+            .ok_or_else(|| OpError::Stemcell(format!("{iname} vanished while starting")))?;
+        // It was started like any instance; it stays an errand.
+        rec.state = crate::state::InstanceState::Errand;
+        self.store.save_instance(&rec)?;
+        let vm = rec
+            .vm
+            .clone()
+            .ok_or_else(|| OpError::Stemcell(format!("{iname} has no VM after creating it")))?;
+        let client = exec.reach(&vm, &iname, Duration::from_secs(30)).await?;
+        exec.progress.stage(&iname, "running errand");
+        let jobs: Vec<String> = errand_jobs(&rec).map(str::to_string).collect();
+        let results = self
+            .errand_script(&client, &iname, group, jobs, false, output)
+            .await;
+        if !keep_alive {
+            exec.teardown_vm_with(&mut rec, None, crate::executor::NextState::VmDeleted)
+                .await?;
+        }
+        let results = results?;
+        if results.results.is_empty() {
+            return Err(OpError::Stemcell(format!(
+                "errand {group}: no job of {iname} has a bin/run script"
+            )));
+        }
+        Ok(self.errand_done(&name, group, iname, results, started, keep_alive))
+    }
+
+    /// Run `bin/run` of `jobs` (only those when `only`, else every job
+    /// that has it) on an instance. With `output`, each job's output goes
+    /// there line by line as it is written (labelled `instance job`).
+    async fn errand_script(
+        &self,
+        client: &bosun_agent::client::AgentClient,
+        iname: &str,
+        errand: &str,
+        jobs: Vec<String>,
+        only: bool,
+        output: Option<&LineSink>,
+    ) -> Result<bosun_agent::protocol::ScriptResults, OpError> {
+        let prefix = format!("errand-{}", uuid::Uuid::new_v4().simple());
+        let params = bosun_agent::protocol::RunScriptParams {
+            script: "run".into(),
+            timeout_secs: self.opts.script_timeout_secs.max(3600),
+            jobs: only.then(|| jobs.clone()),
+            output_prefix: output.map(|_| prefix.clone()),
+            env: BTreeMap::new(),
+        };
+        let what = || format!("running errand {errand} on {iname}");
+        let Some(sink) = output else {
+            return client.run_script(&params).await.map_err(agent_err(what()));
+        };
+        // Follow each job's output file while the script runs; once it has
+        // ended, stop each follower when it has been quiet for 300 ms.
+        let base = Instant::now();
+        let ended = std::sync::atomic::AtomicBool::new(false);
+        let followers = jobs.iter().map(|job| {
+            let (ended, sink, prefix) = (&ended, sink.clone(), &prefix);
+            async move {
+                let label = format!("{iname} {job}");
+                let command =
+                    format!("exec tail -n +1 -F /var/vcap/data/tmp/{prefix}-{job}.out 2>/dev/null");
+                let last = std::sync::atomic::AtomicU64::new(0);
+                let mut lines = LineBuffer::default();
+                let quiet = async {
+                    loop {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        let since = base.elapsed().as_millis() as u64
+                            - last.load(std::sync::atomic::Ordering::SeqCst);
+                        if ended.load(std::sync::atomic::Ordering::SeqCst) && since >= 300 {
+                            break;
+                        }
+                    }
+                };
+                let streamed = client
+                    .stream_command(
+                        &command,
+                        |data| {
+                            last.store(
+                                base.elapsed().as_millis() as u64,
+                                std::sync::atomic::Ordering::SeqCst,
+                            );
+                            lines.feed(data, |line| sink(&label, line));
+                        },
+                        quiet,
+                    )
+                    .await;
+                lines.finish(|line| sink(&label, line));
+                if let Err(e) = streamed {
+                    tracing::warn!(instance = %iname, job = %job, error = %e, "following errand output failed");
+                }
+            }
+        });
+        let run = async {
+            let r = client.run_script(&params).await;
+            ended.store(true, std::sync::atomic::Ordering::SeqCst);
+            r
+        };
+        let (result, _) = tokio::join!(run, futures_join_all(followers));
+        result.map_err(agent_err(what()))
+    }
+
+    /// Record an errand's run as an event and summarize it.
+    fn errand_done(
+        &self,
+        name: &str,
+        errand: &str,
+        instance: String,
+        results: bosun_agent::protocol::ScriptResults,
+        started: Instant,
+        kept: bool,
+    ) -> ErrandRun {
+        let exit_code = results
+            .results
+            .iter()
+            .map(|r| r.exit_code)
+            .find(|c| *c != 0)
+            .unwrap_or(0);
+        let _ = self.store.add_event(
+            &crate::state::Event::new("run-errand", name, Some(&instance))
+                .did("run-errand", errand.to_string())
+                .result(format!("exit {exit_code}")),
+        );
+        ErrandRun {
+            instance,
+            exit_code,
+            jobs: results.results,
+            seconds: started.elapsed().as_secs_f64(),
+            kept,
+        }
     }
 
     /// `logs --follow`: stream new lines of the job logs of every matching
@@ -1005,7 +1196,7 @@ impl Director {
                     r.vm.as_ref()
                         .ok_or_else(|| OpError::Stemcell(format!("{iname} has no VM")))?;
                 let client = exec.reach(vm, &iname, Duration::from_secs(10)).await?;
-                let mut partial: Vec<u8> = Vec::new();
+                let mut lines = LineBuffer::default();
                 let stopped = async {
                     while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1014,13 +1205,7 @@ impl Director {
                 client
                     .stream_command(
                         command,
-                        |data| {
-                            partial.extend_from_slice(data);
-                            while let Some(pos) = partial.iter().position(|b| *b == b'\n') {
-                                let line: Vec<u8> = partial.drain(..=pos).collect();
-                                sink(&iname, String::from_utf8_lossy(&line).trim_end());
-                            }
-                        },
+                        |data| lines.feed(data, |line| sink(&iname, line)),
                         stopped,
                     )
                     .await

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bosun_agent::protocol::{DrainKind, DrainParams, RestartJobsParams};
 use bosun_cpi::{DiskCid, VmCid};
 
-use crate::executor::{instance_name, ExecError, Executor};
+use crate::executor::{instance_name, job_state, ExecError, Executor, NextState};
 use crate::ops::StateChange;
 use crate::planner::{Change, DiskAction, InstancePlan, VmAction};
 use crate::state::{Event, InstanceRecord, InstanceState};
@@ -166,7 +166,8 @@ impl Executor {
             StateChange::Stop { hard: true } => {
                 self.progress.stage(&name, "stopping (hard)");
                 let drain = (!skip_drain).then_some(DrainKind::Shutdown);
-                self.teardown_vm_with(&mut rec, drain).await?;
+                self.teardown_vm_with(&mut rec, drain, NextState::VmDeleted)
+                    .await?;
                 rec.state = InstanceState::Detached;
                 self.store.save_instance(&rec)?;
             }
@@ -178,7 +179,8 @@ impl Executor {
             StateChange::Recreate => {
                 self.progress.stage(&name, "recreating");
                 let drain = (!skip_drain).then_some(DrainKind::Update);
-                self.teardown_vm_with(&mut rec, drain).await?;
+                self.teardown_vm_with(&mut rec, drain, NextState::VmDeleted)
+                    .await?;
                 rec.state = InstanceState::Started;
                 self.store.save_instance(&rec)?;
                 self.recreate_deployed(rec.clone(), watch).await?;
@@ -201,12 +203,16 @@ impl Executor {
             let client = self
                 .reach(&vm, &name, self.opts.existing_agent_timeout)
                 .await?;
+            let size = rec.disk.as_ref().map(|d| d.size_mb);
             let drain = (!skip_drain).then(|| DrainParams {
                 kind: DrainKind::Shutdown,
                 timeout_secs: self.opts.drain_timeout_secs,
                 changed_jobs: vec![],
+                job_state: Some(job_state(size)),
+                next_job_state: Some(job_state(size)),
             });
-            self.drain_and_stop(&client, &name, drain).await?;
+            self.drain_and_stop(&client, &name, drain, NextState::Keep)
+                .await?;
             rec.state = InstanceState::Stopped;
             self.store.save_instance(rec)?;
         }

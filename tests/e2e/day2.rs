@@ -219,12 +219,23 @@ fn lifecycle_release(env: &Env) -> std::path::PathBuf {
             "jobs/life/templates/bpm.yml".into(),
             "processes:\n- name: sleep\n  executable: /bin/sleep\n  args: ['1000{{ p(\"life.generation\") }}']\n".into(),
         ),
-        ("jobs/life/templates/pre-stop".into(), script("pre-stop")),
+        (
+            "jobs/life/templates/pre-stop".into(),
+            format!(
+                "{}echo \"$BOSH_VM_NEXT_STATE $BOSH_INSTANCE_NEXT_STATE $BOSH_DEPLOYMENT_NEXT_STATE\" >> {}\n",
+                script("pre-stop"),
+                env.path("next-state.log").display()
+            ),
+        ),
         ("jobs/life/templates/post-stop".into(), script("post-stop")),
         ("jobs/life/templates/post-deploy".into(), script("post-deploy")),
         (
             "jobs/life/templates/drain".into(),
-            format!("{}echo {{{{ p(\"life.drain_s\") }}}}\n", script("drain")),
+            format!(
+                "{}echo \"$1 $BOSH_JOB_STATE $BOSH_JOB_NEXT_STATE\" >> {}\necho {{{{ p(\"life.drain_s\") }}}}\n",
+                script("drain"),
+                env.path("job-state.log").display()
+            ),
         ),
         (
             "jobs/life/templates/post-start".into(),
@@ -327,6 +338,45 @@ fn lifecycle_scripts_run_in_bosh_order_and_a_failing_post_start_fails() {
     assert!(
         !log(&env).ends_with(&["post-deploy".to_string()]),
         "no post-deploy after a failure"
+    );
+
+    // What pre-stop and drain are told comes next, as in BOSH.
+    let m4 = env.manifest("m4.yml", &manifest(4, 0, 0));
+    let out = env.bosun(&["deploy", m4.to_str().unwrap(), "-n"]);
+    assert!(out.status.success(), "{}", text(&out));
+    for args in [&["recreate", "-n"][..], &["delete-deployment", "-n"][..]] {
+        let out = env.bosun(&[&["-d", "e2e"][..], args].concat());
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let lines = |name: &str| -> Vec<String> {
+        std::fs::read_to_string(env.path(name))
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    let next = lines("next-state.log");
+    // update, stop, stop --skip-drain: everything stays.
+    assert_eq!(
+        next[..3],
+        ["keep keep keep", "keep keep keep", "keep keep keep"]
+    );
+    // recreate: the VM goes; delete-deployment: everything goes.
+    assert_eq!(
+        next[next.len() - 2..],
+        ["delete keep keep", "delete delete delete"],
+        "{next:?}"
+    );
+    let jobs = lines("job-state.log");
+    let no_disk = r#"{"persistent_disk":0}"#;
+    assert_eq!(
+        jobs[0],
+        format!("job_changed {no_disk} {no_disk}"),
+        "{jobs:?}"
+    );
+    assert!(
+        jobs.last().unwrap().starts_with("job_shutdown "),
+        "{jobs:?}"
     );
 }
 
@@ -940,4 +990,109 @@ fn ssh_opens_an_interactive_shell_on_a_pty_and_leaves_nothing_behind() {
         .filter(|e| e["action"] == "ssh")
         .count();
     assert_eq!(opened, 3);
+}
+
+#[test]
+fn a_colocated_errand_streams_its_output_while_it_runs() {
+    use std::io::BufRead;
+    let env = Env::new(127);
+    // An errand job that prints a line, then waits until the test, having
+    // seen that line, lets it finish: it can only pass if output streams.
+    let gate = env.path("gate");
+    let rel = env.path("waiter-release");
+    let run = format!(
+        "#!/bin/sh\necho \"waiting on $(hostname)\"\ni=0\nwhile [ ! -e {g} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done\n[ -e {g} ] && echo released && exit 0\necho never released\nexit 9\n",
+        g = gate.display()
+    );
+    for (path, content) in [
+        ("config/final.yml", "name: waiter\n".to_string()),
+        (
+            "jobs/waiter/spec",
+            "---\nname: waiter\ntemplates:\n  run: bin/run\npackages: []\nproperties: {}\n".into(),
+        ),
+        ("jobs/waiter/monit", String::new()),
+        ("jobs/waiter/templates/run", run),
+    ] {
+        let p = rel.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, content).unwrap();
+    }
+    std::fs::create_dir_all(rel.join("packages")).unwrap();
+    let ops = env.path("waiter.yml");
+    std::fs::write(
+        &ops,
+        format!(
+            "- type: replace\n  path: /releases/-\n  value: {{name: waiter, version: latest, path: {}}}\n- type: replace\n  path: /instance_groups/name=kv/jobs/-\n  value: {{name: waiter, release: waiter}}\n",
+            rel.display()
+        ),
+    )
+    .unwrap();
+    let m = env.manifest("m.yml", &kv_manifest("quickstart", 8080, "300-30000"));
+    let out = env.bosun(&[
+        "deploy",
+        m.to_str().unwrap(),
+        "-o",
+        ops.to_str().unwrap(),
+        "-n",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // On one instance: the first line arrives while the errand still runs.
+    let mut child = std::process::Command::new(crate::support::BOSUN)
+        .args(["--state-dir", env.state().to_str().unwrap()])
+        .args([
+            "-d",
+            "quickstart",
+            "run-errand",
+            "waiter",
+            "--instance",
+            "kv/1",
+        ])
+        .env("BOSUN_AGENT_TIMEOUT", "30")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut seen = Vec::new();
+    for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if line.contains("] waiting on") {
+            assert!(!gate.exists());
+            seen.push(format!("(streamed after {:?})", started.elapsed()));
+            std::fs::write(&gate, "").unwrap();
+        }
+        seen.push(line);
+    }
+    let status = child.wait().unwrap();
+    let all = seen.join("\n");
+    assert_eq!(status.code(), Some(0), "{all}");
+    assert!(all.contains("(streamed after"), "{all}");
+    assert_eq!(all.matches("] released").count(), 1, "{all}");
+    assert_eq!(all.matches("Errand 'waiter' on kv/").count(), 1, "{all}");
+    assert!(all.contains(" (1) waiter] released"), "{all}");
+
+    // On every instance that has the job, at once; VMs stay.
+    let out = env.bosun(&["-d", "quickstart", "run-errand", "waiter", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let runs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(runs.as_array().unwrap().len(), 3, "{runs}");
+    for r in runs.as_array().unwrap() {
+        assert_eq!(
+            r["jobs"].as_array().unwrap().len(),
+            1,
+            "only the errand job: {r}"
+        );
+        assert!(r["jobs"][0]["output_tail"]
+            .as_str()
+            .unwrap()
+            .contains("released"));
+    }
+    assert_eq!(env.vm_dirs(), 3);
+    let out = env.bosun(&["-d", "quickstart", "run-errand", "nope"]);
+    assert!(
+        text(&out).contains("has no errand 'nope' (errands: waiter)"),
+        "{}",
+        text(&out)
+    );
 }
