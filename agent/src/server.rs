@@ -701,12 +701,15 @@ async fn stream_shell(
     write: &ChannelWriteHalf<Msg>,
 ) -> Result<(), russh::Error> {
     use tokio::io::AsyncReadExt;
+    // Its own process group, so whatever it starts (`tail &` per file)
+    // ends with it.
     let mut child = match tokio::process::Command::new("/bin/sh")
         .arg("-c")
         .arg(cmd)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
     {
@@ -725,6 +728,10 @@ async fn stream_shell(
             },
             msg = read.wait() => match msg {
                 None | Some(ChannelMsg::Close) => {
+                    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+                        // SAFETY: kill(2) on our child's process group.
+                        unsafe { libc::kill(-pid, libc::SIGKILL) };
+                    }
                     let _ = child.kill().await;
                     return Ok(());
                 }

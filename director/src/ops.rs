@@ -1186,7 +1186,12 @@ impl Director {
                 .map(|j| format!("/var/vcap/sys/log/{j}/*.log"))
                 .collect()
         };
-        let command = format!("exec tail -q -n 0 -F {}", globs.join(" "));
+        // Follow every log file from its end, and files that appear later
+        // from their start (checked every second).
+        let command = format!(
+            "seen=' '; first=1; while :; do for f in {}; do [ -f \"$f\" ] || continue; case \"$seen\" in *\" $f \"*) continue ;; esac; seen=\"$seen$f \"; if [ $first = 1 ]; then n=0; else n=+1; fi; tail -q -n $n -F \"$f\" 2>/dev/null & done; first=0; sleep 1; done",
+            globs.join(" ")
+        );
         let exec = self.executor_as(Arc::new(QuietProgress), "logs");
         let futs = recs.iter().map(|r| {
             let (exec, command, stop, sink) = (&exec, &command, stop.clone(), sink.clone());

@@ -761,14 +761,43 @@ fn logs_follow_shows_a_request_made_while_following() {
                 .any(|l| l.starts_with(&prefix) && l.contains("GET /kv/followed-key"))
         })
     });
+    // A log file created while following is picked up from its start.
+    let out = env.bosun(&[
+        "-d",
+        "quickstart",
+        "ssh",
+        "kv/0",
+        "-c",
+        "echo first-line-of-a-new-file >> /var/vcap/sys/log/kv/new.log",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let first = &list.iter().find(|i| i["index"] == 0).unwrap();
+    let new_file = crate::support::wait_until(std::time::Duration::from_secs(10), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains(&format!(
+                "kv/{} (0): first-line-of-a-new-file",
+                first["id"].as_str().unwrap()
+            ))
+    });
     crate::support::signal(follow.id() as i32, "INT");
     let status = follow.wait().unwrap();
     assert!(
-        seen,
-        "every instance's request line, with its prefix:\n{}",
+        seen && new_file,
+        "every instance's request line, with its prefix, and the new file's line:\n{}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );
     assert!(status.success(), "Ctrl-C ends --follow cleanly: {status:?}");
+    // Nothing keeps following on the VMs.
+    for i in &list {
+        let vm = env.vm_pid(i["vm_cid"].as_str().unwrap());
+        assert!(crate::support::wait_until(
+            std::time::Duration::from_secs(5),
+            || !crate::support::descendants(vm)
+                .iter()
+                .any(|(_, cmd)| cmd.contains("tail -q"))
+        ));
+    }
 }
 
 #[test]
