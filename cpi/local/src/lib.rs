@@ -189,6 +189,37 @@ struct SnapshotRecord {
 }
 
 /// A cid is used as a file name: only `[A-Za-z0-9._-]`, not starting with a dot.
+
+/// How old a staging (`.creating-*`) or trash (`.deleting-*`) directory must
+/// be to count as left behind by a crash: each lives for milliseconds.
+const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Remove `path` when it is a staging or trash directory older than
+/// [`ABANDONED_AFTER`] (best effort).
+fn remove_if_abandoned(path: &Path) {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return;
+    };
+    if !(name.starts_with(".creating-") || name.starts_with(".deleting-")) {
+        return;
+    }
+    let old = fs::symlink_metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age > ABANDONED_AFTER);
+    if old {
+        match fs::remove_dir_all(path) {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "local CPI: removed a directory left by a crash")
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "local CPI: cannot remove a directory left by a crash")
+            }
+        }
+    }
+}
+
 fn valid_cid(cid: &str) -> bool {
     !cid.is_empty()
         && !cid.starts_with('.')
@@ -663,7 +694,9 @@ impl Inner {
             let entry = entry.map_err(io_err("listing", &dir))?;
             let name = entry.file_name();
             let Some(name) = name.to_str().filter(|n| valid_cid(n)) else {
-                // Staging (.creating-*) and trash (.deleting-*) directories.
+                // Staging (.creating-*) and trash (.deleting-*) directories
+                // are not VMs; one left by a crash is removed here.
+                remove_if_abandoned(&entry.path());
                 continue;
             };
             let cid = VmCid(name.to_string());
@@ -1614,9 +1647,16 @@ mod tests {
         let mut raw: serde_json::Value = read_json(&old).unwrap().unwrap();
         raw.as_object_mut().unwrap().remove("metadata");
         write_json(&old, &raw, 0o644).unwrap();
-        // Staging and trash directories are not VMs.
+        // Staging and trash directories are not VMs; old ones (a crash
+        // left them) are removed, fresh ones (in use) are not.
         fs::create_dir_all(c.root().join("vms/.creating-vm-x")).unwrap();
         fs::create_dir_all(c.root().join("vms/.deleting-vm-y-1")).unwrap();
+        let stale = c.root().join("vms/.creating-vm-z");
+        fs::create_dir_all(stale.join("vcap/bosh")).unwrap();
+        fs::File::open(&stale)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - 2 * ABANDONED_AFTER)
+            .unwrap();
 
         let all = c.find_vms(&Metadata::new()).await.unwrap();
         let mut want = vec![
@@ -1625,6 +1665,8 @@ mod tests {
         ];
         want.sort();
         assert_eq!(all, want);
+        assert!(!stale.exists(), "a stale staging directory is removed");
+        assert!(c.root().join("vms/.creating-vm-x").exists());
         assert_eq!(
             c.find_vms(&tagged(&[("director", "d")])).await.unwrap(),
             vec![(b.clone(), tagged(&[("token", "b"), ("director", "d")]))]
