@@ -188,8 +188,6 @@ struct SnapshotRecord {
     metadata: Metadata,
 }
 
-/// A cid is used as a file name: only `[A-Za-z0-9._-]`, not starting with a dot.
-
 /// How old a staging (`.creating-*`) or trash (`.deleting-*`) directory must
 /// be to count as left behind by a crash: each lives for milliseconds.
 const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
@@ -220,6 +218,7 @@ fn remove_if_abandoned(path: &Path) {
     }
 }
 
+/// A cid is used as a file name: only `[A-Za-z0-9._-]`, not starting with a dot.
 fn valid_cid(cid: &str) -> bool {
     !cid.is_empty()
         && !cid.starts_with('.')
