@@ -191,7 +191,47 @@ fn quickstart_on_docker() {
         (200, "docker".to_string())
     );
     drop(mon);
+    let before = env.instances("quickstart");
+
+    // 6. A bigger persistent disk: the data moves to new volumes and the
+    //    old ones are orphaned; `clean-up --all` deletes those through the CPI.
+    let m = env.manifest(
+        "quickstart-docker-2g.yml",
+        &manifest.replace("persistent_disk: 1024", "persistent_disk: 2048"),
+    );
+    let out = env.bosun(&["deploy", m.to_str().unwrap(), "-n"]);
+    assert!(out.status.success(), "{}", text(&out));
     let after = env.instances("quickstart");
+    let mut old_volumes = Vec::new();
+    for i in &after {
+        let was = by_index(&before, i["index"].as_u64().unwrap());
+        assert_ne!(
+            i["persistent_disk_cids"], was["persistent_disk_cids"],
+            "{i}"
+        );
+        old_volumes.push(was["persistent_disk_cids"][0].as_str().unwrap().to_string());
+        let addr = format!("{}:8080", i["ips"][0].as_str().unwrap());
+        assert_eq!(
+            http("GET", &addr, "/kv/where", "").unwrap(),
+            (200, "docker".to_string()),
+            "the key moved with the disk of {i}"
+        );
+    }
+    let out = env.bosun(&["disks", "--orphaned", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    for v in &old_volumes {
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(v.as_str()),
+            "{}",
+            text(&out)
+        );
+    }
+    let out = env.bosun(&["clean-up", "--all", "-n"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let vols = docker(&["volume", "ls", "-q"]);
+    for v in &old_volumes {
+        assert!(!vols.lines().any(|x| x == v), "orphaned volume {v} deleted");
+    }
 
     // A no-op redeploy changes nothing.
     let out = env.bosun(&["deploy", m.to_str().unwrap(), "-n"]);
