@@ -655,28 +655,22 @@ impl Store {
 
     /// Forget a release version (its blobs are the caller's to delete).
     pub fn delete_release(&self, name: &str, version: &str) -> Result<()> {
-        db(
+        self.execute(
             format!("deleting release {name}/{version}"),
-            self.conn().execute(
-                "DELETE FROM releases WHERE name = ?1 AND version = ?2",
-                params![name, version],
-            ),
+            "DELETE FROM releases WHERE name = ?1 AND version = ?2",
+            params![name, version],
         )
-        .map(|_| ())
     }
 
     // ---- stemcells ----
 
     /// Forget a stemcell record (the CPI's copy is the caller's to delete).
     pub fn delete_stemcell(&self, cpi: &str, cid: &str) -> Result<()> {
-        db(
+        self.execute(
             format!("deleting stemcell {cid} of CPI {cpi}"),
-            self.conn().execute(
-                "DELETE FROM stemcells WHERE cpi = ?1 AND cid = ?2",
-                params![cpi, cid],
-            ),
+            "DELETE FROM stemcells WHERE cpi = ?1 AND cid = ?2",
+            params![cpi, cid],
         )
-        .map(|_| ())
     }
 
     pub fn save_stemcell(&self, rec: &StemcellRecord) -> Result<()> {
@@ -752,14 +746,11 @@ impl Store {
     }
 
     pub fn delete_compiled_package(&self, fingerprint: &str, stemcell: &str) -> Result<()> {
-        db(
+        self.execute(
             format!("deleting compiled package {fingerprint} for {stemcell}"),
-            self.conn().execute(
-                "DELETE FROM compiled_packages WHERE fingerprint = ?1 AND stemcell = ?2",
-                params![fingerprint, stemcell],
-            ),
+            "DELETE FROM compiled_packages WHERE fingerprint = ?1 AND stemcell = ?2",
+            params![fingerprint, stemcell],
         )
-        .map(|_| ())
     }
 
     // ---- cloud config ----
@@ -851,12 +842,11 @@ impl Store {
     }
 
     pub fn delete_deployment_record(&self, name: &str) -> Result<()> {
-        db(
+        self.execute(
             format!("deleting deployment {name}"),
-            self.conn()
-                .execute("DELETE FROM deployments WHERE name = ?1", params![name]),
+            "DELETE FROM deployments WHERE name = ?1",
+            params![name],
         )
-        .map(|_| ())
     }
 
     // ---- instances ----
@@ -927,12 +917,11 @@ impl Store {
     }
 
     pub fn delete_instance(&self, id: &str) -> Result<()> {
-        db(
+        self.execute(
             format!("deleting instance {id}"),
-            self.conn()
-                .execute("DELETE FROM instances WHERE id = ?1", params![id]),
+            "DELETE FROM instances WHERE id = ?1",
+            params![id],
         )
-        .map(|_| ())
     }
 
     // ---- orphaned disks ----
@@ -953,12 +942,11 @@ impl Store {
 
     /// Forget an orphaned disk (after the CPI deleted it).
     pub fn delete_orphan_disk(&self, cid: &str) -> Result<()> {
-        db(
+        self.execute(
             format!("forgetting orphaned disk {cid}"),
-            self.conn()
-                .execute("DELETE FROM orphan_disks WHERE cid = ?1", params![cid]),
+            "DELETE FROM orphan_disks WHERE cid = ?1",
+            params![cid],
         )
-        .map(|_| ())
     }
 
     pub fn orphan_disks(&self) -> Result<Vec<OrphanDisk>> {
@@ -1179,6 +1167,11 @@ impl Store {
             out.push(e);
         }
         Ok(out)
+    }
+
+    /// Run one changing statement (the error names `op`).
+    fn execute<P: rusqlite::Params>(&self, op: String, sql: &str, p: P) -> Result<()> {
+        db(op, self.conn().execute(sql, p)).map(|_| ())
     }
 
     fn query_records<T: DeserializeOwned, P: rusqlite::Params>(
