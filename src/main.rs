@@ -908,7 +908,10 @@ async fn run_command(cli: Cli, store: Arc<Store>) -> Result<i32> {
                 println!("Nothing to clean up");
                 return Ok(0);
             }
-            let mb = |b: u64| b as f64 / 1_048_576.0;
+            let size = |b: u64| match b {
+                0..=1_048_575 => format!("{:.1} KiB", b as f64 / 1024.0),
+                _ => format!("{:.1} MiB", b as f64 / 1_048_576.0),
+            };
             if !cli.json {
                 for (n, v) in &plan.releases {
                     println!("release   {n}/{v}");
@@ -926,10 +929,10 @@ async fn run_command(cli: Cli, store: Arc<Store>) -> Result<i32> {
                     );
                 }
                 println!(
-                    "{} compiled packages and {} blobs ({:.1} MB) go with them",
+                    "{} compiled packages and {} blobs ({}) go with them",
                     plan.compiled_packages.len(),
                     plan.blobs.len(),
-                    mb(plan.bytes)
+                    size(plan.bytes)
                 );
             }
             if !cli.non_interactive && !ask("Delete these?") {
@@ -956,12 +959,12 @@ async fn run_command(cli: Cli, store: Arc<Store>) -> Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!(
-                    "Deleted {} releases, {} stemcells, {} compiled packages, {} orphaned disks; freed {:.1} MB of blobs",
+                    "Deleted {} releases, {} stemcells, {} compiled packages, {} orphaned disks; freed {} of blobs",
                     done.releases.len(),
                     done.stemcells.len(),
                     done.compiled_packages.len(),
                     deleted_disks.len(),
-                    mb(done.bytes)
+                    size(done.bytes)
                 );
                 for p in &problems {
                     eprintln!("{p}");
