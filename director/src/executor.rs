@@ -872,6 +872,21 @@ impl Executor {
             })
     }
 
+    /// Connect to the agent of an instance's VM; an instance without one is
+    /// an error naming it.
+    pub(crate) async fn reach_instance(
+        &self,
+        rec: &InstanceRecord,
+        timeout: Duration,
+    ) -> Result<AgentClient, ExecError> {
+        let name = instance_name(rec);
+        let vm = rec
+            .vm
+            .as_ref()
+            .ok_or_else(|| ExecError::Failed(format!("{name} has no VM")))?;
+        self.reach(vm, &name, timeout).await
+    }
+
     /// Connect to the agent of an existing VM.
     pub(crate) async fn connect(
         &self,

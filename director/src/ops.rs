@@ -984,11 +984,7 @@ impl Director {
             async move {
                 let iname = crate::executor::instance_name(rec);
                 let started = Instant::now();
-                let vm = rec
-                    .vm
-                    .as_ref()
-                    .ok_or_else(|| OpError::Stemcell(format!("{iname} has no VM")))?;
-                let client = exec.reach(vm, &iname, Duration::from_secs(30)).await?;
+                let client = exec.reach_instance(rec, Duration::from_secs(30)).await?;
                 exec.progress.stage(&iname, "running errand");
                 let results = self
                     .errand_script(
@@ -1196,11 +1192,8 @@ impl Director {
         let futs = recs.iter().map(|r| {
             let (exec, command, stop, sink) = (&exec, &command, stop.clone(), sink.clone());
             async move {
-                let iname = format!("{}/{} ({})", r.group, r.id, r.index);
-                let vm =
-                    r.vm.as_ref()
-                        .ok_or_else(|| OpError::Stemcell(format!("{iname} has no VM")))?;
-                let client = exec.reach(vm, &iname, Duration::from_secs(10)).await?;
+                let iname = crate::executor::instance_name(r);
+                let client = exec.reach_instance(r, Duration::from_secs(10)).await?;
                 let mut lines = LineBuffer::default();
                 let stopped = async {
                     while !stop.load(std::sync::atomic::Ordering::SeqCst) {
@@ -1244,10 +1237,7 @@ impl Director {
             let (exec, data, sha) = (&exec, &data, &sha);
             async move {
                 let iname = crate::executor::instance_name(r);
-                let vm =
-                    r.vm.as_ref()
-                        .ok_or_else(|| OpError::Stemcell(format!("{iname} has no VM")))?;
-                let client = exec.reach(vm, &iname, Duration::from_secs(10)).await?;
+                let client = exec.reach_instance(r, Duration::from_secs(10)).await?;
                 client
                     .put_blob(sha, data)
                     .await
@@ -1283,10 +1273,7 @@ impl Director {
         };
         let iname = crate::executor::instance_name(r);
         let exec = self.executor_as(Arc::new(QuietProgress), "scp");
-        let vm =
-            r.vm.as_ref()
-                .ok_or_else(|| OpError::Stemcell(format!("{iname} has no VM")))?;
-        let client = exec.reach(vm, &iname, Duration::from_secs(10)).await?;
+        let client = exec.reach_instance(r, Duration::from_secs(10)).await?;
         let quoted = format!("'{}'", remote.replace('\'', "'\\''"));
         let (out, err, code) = client
             .run_command(&format!("cat -- {quoted}"), Duration::from_secs(3600))
@@ -1354,12 +1341,8 @@ impl Director {
             )));
         };
         let iname = crate::executor::instance_name(rec);
-        let vm = rec
-            .vm
-            .as_ref()
-            .ok_or_else(|| OpError::Stemcell(format!("{iname} has no VM")))?;
         let exec = self.executor_as(Arc::new(QuietProgress), "ssh");
-        let client = exec.reach(vm, &iname, Duration::from_secs(10)).await?;
+        let client = exec.reach_instance(rec, Duration::from_secs(10)).await?;
         let _ = self.store.add_event(
             &crate::state::Event::new("ssh", name, Some(&iname))
                 .did("ssh", "interactive shell".to_string())
@@ -1382,10 +1365,7 @@ impl Director {
             let exec = &exec;
             async move {
                 let iname = crate::executor::instance_name(r);
-                let vm =
-                    r.vm.as_ref()
-                        .ok_or_else(|| OpError::Stemcell(format!("{iname} has no VM")))?;
-                let client = exec.reach(vm, &iname, Duration::from_secs(10)).await?;
+                let client = exec.reach_instance(r, Duration::from_secs(10)).await?;
                 let (out, err, code) = client
                     .run_command(command, Duration::from_secs(3600))
                     .await
