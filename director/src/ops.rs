@@ -1523,10 +1523,11 @@ impl Director {
         }
 
         // Unused release versions, oldest first per name; keep the newest.
-        let mut by_name: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for (name, version, _) in self.store.releases()? {
+        let uploaded = self.store.releases()?;
+        let mut by_name: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for (name, version, _) in &uploaded {
             if !used_releases.contains(&format!("{name}/{version}"))
-                && !every_version_of.contains(&name)
+                && !every_version_of.contains(name)
             {
                 by_name.entry(name).or_default().push(version);
             }
@@ -1534,7 +1535,12 @@ impl Director {
         let mut releases = Vec::new();
         for (name, versions) in by_name {
             let n = versions.len().saturating_sub(keep);
-            releases.extend(versions.into_iter().take(n).map(|v| (name.clone(), v)));
+            releases.extend(
+                versions
+                    .into_iter()
+                    .take(n)
+                    .map(|v| (name.to_string(), v.to_string())),
+            );
         }
 
         // Unused stemcell versions (every CPI's copy), by name likewise.
@@ -1567,7 +1573,7 @@ impl Director {
         let mut kept_fingerprints = BTreeSet::new();
         let mut kept_blobs = installed;
         let mut freed = BTreeSet::new();
-        for (name, version, _) in self.store.releases()? {
+        for (name, version, _) in uploaded {
             let Some(rec) = self.store.release(&name, &version)? else {
                 continue;
             };

@@ -124,10 +124,8 @@ fn deploy_to_the_emulator_fails_clearly_and_delete_leaves_nothing() {
     );
     let m = env.manifest("aws.yml", &manifest);
     let started = std::time::Instant::now();
-    let out = std::process::Command::new(crate::support::BOSUN)
-        .arg("--state-dir")
-        .arg(env.state())
-        .args(["deploy", m.to_str().unwrap(), "-n"])
+    let out = env
+        .command(&["deploy", m.to_str().unwrap(), "-n"])
         .env("BOSUN_AGENT_TIMEOUT", "3")
         .output()
         .unwrap();

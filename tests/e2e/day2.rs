@@ -525,10 +525,8 @@ fn tasks_keep_each_operation_and_ctrl_c_cancels_at_a_safe_point() {
         kv_manifest("quickstart", 8080, "1500-30000").replace("instances: 3", "instances: 4");
     let m = env.manifest("m.yml", &slow);
     let m = m.to_str().unwrap();
-    let deploy = std::process::Command::new(crate::support::BOSUN)
-        .arg("--state-dir")
-        .arg(env.state())
-        .args(["deploy", m, "-n"])
+    let deploy = env
+        .command(&["deploy", m, "-n"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -738,10 +736,8 @@ fn logs_follow_shows_a_request_made_while_following() {
     assert!(out.status.success(), "{}", text(&out));
     let list = env.instances("quickstart");
     let log = env.path("follow.log");
-    let mut follow = std::process::Command::new(crate::support::BOSUN)
-        .arg("--state-dir")
-        .arg(env.state())
-        .args(["-d", "quickstart", "logs", "--follow", "--job", "kv"])
+    let mut follow = env
+        .command(&["-d", "quickstart", "logs", "--follow", "--job", "kv"])
         .stdout(std::fs::File::create(&log).unwrap())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -971,9 +967,8 @@ fn ssh_opens_an_interactive_shell_on_a_pty_and_leaves_nothing_behind() {
 
     // A client that vanishes: its shell and the shell's jobs are hung up.
     let vm = env.vm_pid(&cid(2));
-    let mut child = std::process::Command::new(crate::support::BOSUN)
-        .args(["--state-dir", env.state().to_str().unwrap()])
-        .args(["-d", "quickstart", "ssh", "kv/2"])
+    let mut child = env
+        .command(&["-d", "quickstart", "ssh", "kv/2"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -1067,9 +1062,8 @@ fn a_colocated_errand_streams_its_output_while_it_runs() {
     assert!(out.status.success(), "{}", text(&out));
 
     // On one instance: the first line arrives while the errand still runs.
-    let mut child = std::process::Command::new(crate::support::BOSUN)
-        .args(["--state-dir", env.state().to_str().unwrap()])
-        .args([
+    let mut child = env
+        .command(&[
             "-d",
             "quickstart",
             "run-errand",

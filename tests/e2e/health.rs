@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 
 use crate::support::{
-    descendants, event_pos as pos, http, kv_manifest, signal, text, wait_until, Env, BOSUN,
+    descendants, event_pos as pos, http, kv_manifest, signal, text, wait_until, Env,
 };
 
 fn by_index(list: &[Value], i: u64) -> Value {
@@ -314,10 +314,8 @@ fn cloud_check_cleans_up_after_a_director_crash_mid_deploy() {
 
     // The director dies right after the CPI created a VM, before recording it.
     let m3 = env.manifest("three.yml", &three);
-    let out = Command::new(BOSUN)
-        .arg("--state-dir")
-        .arg(env.state())
-        .args(["deploy", m3.to_str().unwrap(), "-n"])
+    let out = env
+        .command(&["deploy", m3.to_str().unwrap(), "-n"])
         .env("BOSUN_FAILPOINT", "after-create-vm")
         .output()
         .unwrap();
@@ -362,10 +360,8 @@ fn cloud_check_cleans_up_after_a_director_crash_mid_deploy() {
 
     // A real kill -9 while VMs are being created.
     let m6 = env.manifest("six.yml", &three.replace("instances: 3", "instances: 6"));
-    let mut deploy = Command::new(BOSUN)
-        .arg("--state-dir")
-        .arg(env.state())
-        .args(["deploy", m6.to_str().unwrap(), "-n"])
+    let mut deploy = env
+        .command(&["deploy", m6.to_str().unwrap(), "-n"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

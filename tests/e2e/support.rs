@@ -43,11 +43,15 @@ impl Env {
         self.dir.path().join("state")
     }
 
+    /// `bosun --state-dir <this env's state> ARGS...`, not started yet.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BOSUN);
+        c.arg("--state-dir").arg(self.state()).args(args);
+        c
+    }
+
     pub fn bosun(&self, args: &[&str]) -> Output {
-        Command::new(BOSUN)
-            .arg("--state-dir")
-            .arg(self.state())
-            .args(args)
+        self.command(args)
             .env("BOSUN_AGENT_TIMEOUT", "30")
             .output()
             .expect("run bosun")
@@ -284,10 +288,8 @@ impl Env {
     pub fn monitor(&self, deployment: &str) -> MonitorProc {
         let log = self.path(&format!("monitor-{deployment}.log"));
         let file = std::fs::File::create(&log).expect("monitor log");
-        let child = Command::new(BOSUN)
-            .arg("--state-dir")
-            .arg(self.state())
-            .args(["-d", deployment, "monitor"])
+        let child = self
+            .command(&["-d", deployment, "monitor"])
             .stdout(file.try_clone().expect("dup"))
             .stderr(file)
             .spawn()
