@@ -37,7 +37,8 @@ struct Cli {
         short = 'd',
         long = "deployment",
         global = true,
-        env = "BOSUN_DEPLOYMENT"
+        env = "BOSUN_DEPLOYMENT",
+        value_parser = deployment_name
     )]
     deployment: Option<String>,
     /// Non-interactive: do not ask for confirmation.
@@ -1518,6 +1519,13 @@ fn default_cache_dir() -> PathBuf {
         return PathBuf::from(h).join(".cache/bosun");
     }
     std::env::temp_dir().join("bosun-cache")
+}
+
+/// `-d NAME`: a deployment name is checked before anything can turn it
+/// into a path.
+fn deployment_name(s: &str) -> std::result::Result<String, String> {
+    bosun_director::names::check("deployment name", s).map_err(|e| e.to_string())?;
+    Ok(s.to_string())
 }
 
 fn need_deployment(d: &Option<String>) -> Result<String> {

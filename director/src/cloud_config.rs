@@ -19,6 +19,7 @@ use serde_json::json;
 
 use crate::ipam;
 use crate::manifest::{Manifest, PersistentDisk};
+use crate::names;
 use crate::problems::{Problems, SourceMap};
 use crate::yaml::{self, Decoder, Fields, Item, Node};
 
@@ -283,7 +284,10 @@ fn decode(d: &mut Decoder, root: &Node) -> Option<CloudConfig> {
         let Some(cf) = d.map(it.node, &it.path, &["name", "type"], &["properties"]) else {
             continue;
         };
-        let (name, kind) = (d.str(&cf, "name"), d.str(&cf, "type"));
+        let (name, kind) = (
+            names::decode(d, &cf, "name", "cpi name"),
+            d.str(&cf, "type"),
+        );
         let properties = d.json_object(&cf, "properties");
         if let (Some(name), Some(kind)) = (name, kind) {
             if BUILTIN_CPIS.contains(&name.as_str()) {
@@ -317,7 +321,7 @@ fn decode(d: &mut Decoder, root: &Node) -> Option<CloudConfig> {
         let Some(af) = d.map(it.node, &it.path, &["name"], &["cpi", "cloud_properties"]) else {
             continue;
         };
-        let name = d.str(&af, "name");
+        let name = names::decode(d, &af, "name", "az name");
         let cpi = d.opt_str(&af, "cpi").unwrap_or_else(|| "local".into());
         if !BUILTIN_CPIS.contains(&cpi.as_str()) && !cpis.iter().any(|c| c.name == cpi) {
             d.problem(
@@ -365,7 +369,7 @@ fn decode(d: &mut Decoder, root: &Node) -> Option<CloudConfig> {
         ) else {
             continue;
         };
-        let name = d.str(&df, "name");
+        let name = names::decode(d, &df, "name", "disk type name");
         let disk_size = d.u64(&df, "disk_size");
         let cloud_properties = d.json_object(&df, "cloud_properties");
         if let (Some(name), Some(disk_size)) = (name, disk_size) {
@@ -403,7 +407,7 @@ fn named_list(d: &mut Decoder, f: &Fields, key: &str, what: &str) -> Vec<(VmType
         let Some(vf) = d.map(it.node, &it.path, &["name"], &["cloud_properties"]) else {
             continue;
         };
-        let name = d.str(&vf, "name");
+        let name = names::decode(d, &vf, "name", &format!("{what} name"));
         let cloud_properties = d.json_object(&vf, "cloud_properties");
         if let Some(name) = name {
             out.push((
@@ -503,7 +507,7 @@ fn network(d: &mut Decoder, it: &Item, az_names: &[&str]) -> Option<Network> {
         &["name"],
         &["type", "subnets", "cloud_properties", "dns"],
     )?;
-    let name = d.str(&f, "name");
+    let name = names::decode(d, &f, "name", "network name");
     let kind = match d.opt_str(&f, "type").as_deref() {
         None | Some("manual") => NetworkKind::Manual,
         Some("dynamic") => NetworkKind::Dynamic,

@@ -10,6 +10,7 @@
 //! - [`manifest`], [`cloud_config`]: typed, validated operator input.
 //! - [`addons`]: the runtime-config and addon placement.
 //! - [`ipam`]: IP address management (pure).
+//! - [`names`]: the names operators give, checked before they become paths.
 //! - [`release`]: BOSH-layout release directories and tarballs.
 //! - [`templates`]: Tera rendering with BOSH's template context.
 //! - [`interpolate`]: `bosh interpolate`: ops files, variables, generated values.
@@ -41,6 +42,7 @@ pub mod interpolate;
 pub mod ipam;
 pub mod manifest;
 pub mod monitor;
+pub mod names;
 pub mod ops;
 pub mod planner;
 pub mod problems;

@@ -16,6 +16,7 @@ use std::str::FromStr;
 
 use serde::Serialize;
 
+use crate::names;
 use crate::problems::{Problems, SourceMap};
 use crate::yaml::{self, Decoder, Fields, Item, Node};
 
@@ -581,7 +582,7 @@ fn decode(d: &mut Decoder, root: &Node, base_dir: &Path) -> Option<Manifest> {
             "v1 global properties are not supported; put properties under jobs",
         );
     }
-    let name = d.str(&f, "name");
+    let name = names::decode(d, &f, "name", "deployment name");
 
     let mut releases = Vec::new();
     for it in d.opt_seq(&f, "releases") {
@@ -826,11 +827,11 @@ fn instance_group(
     stemcells: &[StemcellRef],
 ) -> Option<InstanceGroup> {
     let f = d.map(it.node, &it.path, GROUP_REQUIRED, GROUP_KEYS)?;
-    let name = d.str(&f, "name");
-    let azs = d.str_list(&f, "azs");
+    let name = names::decode(d, &f, "name", "instance group name");
+    let azs = names::decode_list(d, &f, "azs", "az name");
     let instances = d.u32(&f, "instances");
-    let vm_type = d.str(&f, "vm_type");
-    let vm_extensions = d.str_list(&f, "vm_extensions");
+    let vm_type = names::decode(d, &f, "vm_type", "vm type name");
+    let vm_extensions = names::decode_list(d, &f, "vm_extensions", "vm extension name");
 
     let stemcell = d.str(&f, "stemcell");
     if let Some(s) = &stemcell {
@@ -856,7 +857,9 @@ fn instance_group(
             .u64(&f, "persistent_disk")
             .filter(|mb| *mb > 0)
             .map(PersistentDisk::SizeMb),
-        (false, true) => d.str(&f, "persistent_disk_type").map(PersistentDisk::Type),
+        (false, true) => {
+            names::decode(d, &f, "persistent_disk_type", "disk type name").map(PersistentDisk::Type)
+        }
         (false, false) => None,
     };
 
@@ -950,7 +953,7 @@ fn instance_group(
 
 fn job(d: &mut Decoder, it: &Item, releases: &[ReleaseRef]) -> Option<JobRef> {
     let f = d.map(it.node, &it.path, &["name", "release"], JOB_KEYS)?;
-    let name = d.str(&f, "name");
+    let name = names::decode(d, &f, "name", "job name");
     let release = d.str(&f, "release");
     if let Some(r) = &release {
         if !releases.iter().any(|x| &x.name == r) {
@@ -989,7 +992,7 @@ fn json_entries(d: &mut Decoder, f: &Fields, key: &str) -> BTreeMap<String, serd
 
 fn network_ref(d: &mut Decoder, it: &Item, instances: Option<u32>) -> Option<NetworkRef> {
     let f = d.map(it.node, &it.path, &["name"], &["static_ips", "default"])?;
-    let name = d.str(&f, "name");
+    let name = names::decode(d, &f, "name", "network name");
     let mut static_ips = Vec::new();
     let mut seen = BTreeSet::new();
     let items = d.opt_seq(&f, "static_ips");
@@ -1038,7 +1041,7 @@ fn network_ref(d: &mut Decoder, it: &Item, instances: Option<u32>) -> Option<Net
 
 fn variable(d: &mut Decoder, it: &Item) -> Option<VariableDef> {
     let f = d.map(it.node, &it.path, &["name", "type"], &["options"])?;
-    let name = d.str(&f, "name");
+    let name = names::decode(d, &f, "name", "variable name");
     let kind = d.str(&f, "type");
     if let Some(k) = &kind {
         if !VARIABLE_TYPES.contains(&k.as_str()) {
