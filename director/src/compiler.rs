@@ -69,6 +69,9 @@ pub async fn compile(exec: &Executor, plan: &Plan) -> Result<usize, ExecError> {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect();
+            // The cid as soon as the CPI returns it: a worker whose agent
+            // never answers is deleted like any other.
+            let created: std::sync::Mutex<Option<VmCid>> = std::sync::Mutex::new(None);
             let vm = exec
                 .create_vm(
                     &cp.cpi,
@@ -78,32 +81,41 @@ pub async fn compile(exec: &Executor, plan: &Plan) -> Result<usize, ExecError> {
                     &serde_json::json!({}),
                     metadata,
                     &subject,
-                    |_| Ok(()),
+                    |vm| {
+                        *lock(&created) = Some(vm.cid.clone());
+                        Ok(())
+                    },
                 )
                 .await;
-            let vm = match vm {
-                Ok(vm) => vm,
-                Err(e) => {
-                    queue.lock().await.failed.get_or_insert(e.to_string());
-                    notify.notify_waiters();
-                    return Err(e);
-                }
-            };
-            let result = match &vm.client {
-                Some(client) => run_worker(exec, &subject, client, &queue, &notify).await,
-                None => Err(ExecError::Compile(format!(
-                    "{subject}: agent did not answer"
-                ))),
+            let result = match &vm {
+                Ok(vm) => match &vm.client {
+                    Some(client) => run_worker(exec, &subject, client, &queue, &notify).await,
+                    None => Err(ExecError::Compile(format!(
+                        "{subject}: agent did not answer"
+                    ))),
+                },
+                Err(e) => Err(ExecError::Compile(format!("{subject}: {e}"))),
             };
             if let Err(e) = &result {
                 queue.lock().await.failed.get_or_insert(e.to_string());
                 notify.notify_waiters();
             }
-            exec.progress.stage(&subject, "deleting VM");
-            let cpi = exec.cpis.get(&cp.cpi)?;
-            if let Err(e) = cpi.delete_vm(&VmCid(vm.cid.0.clone())).await {
-                exec.progress
-                    .stage(&subject, &format!("deleting VM {} failed: {e}", vm.cid));
+            drop(vm);
+            let created = lock(&created).take();
+            if let Some(cid) = created {
+                exec.progress.stage(&subject, "deleting VM");
+                let cpi = exec.cpis.get(&cp.cpi)?;
+                if let Err(e) = cpi.delete_vm(&cid).await {
+                    exec.progress
+                        .stage(&subject, &format!("deleting VM {cid} failed: {e}"));
+                    exec.event(
+                        &plan.deployment,
+                        Some(&subject),
+                        "delete-vm",
+                        &cid.0,
+                        &format!("error: {e}"),
+                    );
+                }
             }
             result
         }
@@ -117,6 +129,13 @@ pub async fn compile(exec: &Executor, plan: &Plan) -> Result<usize, ExecError> {
         return Err(ExecError::Compile(f));
     }
     Ok(total)
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
 }
 
 async fn run_worker(

@@ -698,8 +698,15 @@ impl Director {
         };
         problems.into_result()?;
 
+        // IPs are picked and reserved under one director-wide lock, so two
+        // deployments planned at once never share an address (a dry run
+        // reserves nothing and takes no lock).
+        let ip_lock = match persist {
+            true => Some(self.store.lock_ips(Duration::from_secs(120))?),
+            false => None,
+        };
         let mine = self.store.instances(&manifest.name)?;
-        let reserved_ips = self
+        let others_recorded = self
             .store
             .all_instances()?
             .into_iter()
@@ -707,8 +714,18 @@ impl Director {
             .flat_map(|i| {
                 i.networks
                     .into_iter()
-                    .filter_map(|(n, s)| s.ip.parse().ok().map(|ip| (n, ip)))
-            })
+                    .map(|(n, s)| (n, s.ip))
+                    .collect::<Vec<_>>()
+            });
+        let others_reserved = self
+            .store
+            .ip_reservations()?
+            .into_iter()
+            .filter(|(_, _, d)| *d != manifest.name)
+            .map(|(n, ip, _)| (n, ip));
+        let reserved_ips = others_recorded
+            .chain(others_reserved)
+            .filter_map(|(n, ip)| ip.parse().ok().map(|ip| (n, ip)))
             .collect();
         let mut compiled = BTreeSet::new();
         for p in &desired.packages {
@@ -728,6 +745,10 @@ impl Director {
             missing_vms,
         };
         let plan = planner::plan(&desired, &actual, &mut || uuid::Uuid::new_v4().to_string())?;
+        if ip_lock.is_some() {
+            self.store.reserve_ips(&manifest.name, &plan.ips())?;
+        }
+        drop(ip_lock);
         Ok(plan)
     }
 
@@ -758,6 +779,9 @@ impl Director {
             .unwrap_or_default();
         let diff = crate::diff::diff_lines(&deployed, &text, 3);
         if opts.dry_run || plan.is_empty() {
+            if !opts.dry_run {
+                self.store.release_ips(&manifest.name)?;
+            }
             return Ok(DeployOutcome {
                 diff,
                 plan,
@@ -766,6 +790,7 @@ impl Director {
             });
         }
         if !report.confirm(&diff, &plan) {
+            self.store.release_ips(&manifest.name)?;
             return Err(OpError::Cancelled);
         }
         self.store.save_deployment(&DeploymentRecord {
@@ -777,7 +802,13 @@ impl Director {
             uses: Some(plan.uses.clone()),
         })?;
         let progress: Arc<dyn Progress> = Arc::new(ReportProgress(report.clone()));
-        let summary = self.executor(progress).execute(&plan).await?;
+        let executed = self.executor(progress).execute(&plan).await;
+        // Whatever happened, the instances now record the IPs they hold;
+        // the compilation workers' are free again. (A crash keeps the
+        // reservation until the next deploy or delete of this deployment.)
+        let released = self.store.release_ips(&manifest.name);
+        let summary = executed?;
+        released?;
         Ok(DeployOutcome {
             diff,
             plan,
@@ -797,7 +828,9 @@ impl Director {
         }
         let _lock = self.store.lock_deployment(name)?;
         let progress: Arc<dyn Progress> = Arc::new(ReportProgress(report));
-        Ok(self.executor(progress).delete_deployment(name).await?)
+        let deleted = self.executor(progress).delete_deployment(name).await?;
+        self.store.release_ips(name)?;
+        Ok(deleted)
     }
 
     /// `instances`: recorded instances with their live state from the agents.
@@ -869,7 +902,22 @@ impl Director {
         report: Arc<dyn Report>,
     ) -> Result<usize, OpError> {
         let _lock = self.store.lock_deployment(name)?;
-        let recs = self.matching_instances(name, filter, false)?;
+        // Errand instances get a VM only from `run-errand`, as in BOSH.
+        let (errands, recs): (Vec<_>, Vec<_>) = self
+            .matching_instances(name, filter, false)?
+            .into_iter()
+            .partition(|r| r.state == crate::state::InstanceState::Errand);
+        if recs.is_empty() {
+            return Err(OpError::Stemcell(format!(
+                "'{}' names only errand instances ({}) of deployment '{name}': they get a VM only from run-errand",
+                filter.unwrap_or(""),
+                errands
+                    .iter()
+                    .map(|r| format!("{}/{}", r.group, r.index))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
         let deployed = self.store.deployment(name)?;
         let m = deployed
             .as_ref()

@@ -190,6 +190,20 @@ impl Plan {
                 .all(|g| g.instances.iter().all(|i| i.change == Change::None))
     }
 
+    /// Every (network, IP) the plan hands out: its instances' (errand ones
+    /// included) and its compilation workers'.
+    pub fn ips(&self) -> BTreeSet<(String, String)> {
+        let instances = self.groups.iter().flat_map(|g| &g.instances);
+        let workers = self.compilation.iter().flat_map(|c| &c.workers);
+        instances
+            .map(|i| &i.record.networks)
+            .chain(workers)
+            .flat_map(|nets| nets.iter())
+            .filter(|(_, s)| !s.ip.is_empty())
+            .map(|(n, s)| (n.clone(), s.ip.clone()))
+            .collect()
+    }
+
     /// Instances that change.
     pub fn changing(&self) -> impl Iterator<Item = &InstancePlan> {
         self.groups

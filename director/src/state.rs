@@ -68,6 +68,11 @@ pub enum StateError {
     ReleaseConflict { name: String, version: String },
     #[error("deployment '{deployment}' is locked by another bosun process ({holder}); wait for it to finish")]
     Locked { deployment: String, holder: String },
+    #[error("opening state: {} is empty (0 bytes), so this director's records are lost; restore it from a backup, or move it away to start a new director", path.display())]
+    EmptyDatabase { path: PathBuf },
+    /// A name that would become a path is not a valid name.
+    #[error(transparent)]
+    Name(#[from] crate::names::NameError),
     #[error("{op}: {source}")]
     Secret {
         op: String,
@@ -432,6 +437,8 @@ CREATE TABLE IF NOT EXISTS runtime_configs (id INTEGER PRIMARY KEY AUTOINCREMENT
   base_dir TEXT NOT NULL, created_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS variables (deployment TEXT NOT NULL, name TEXT NOT NULL, record TEXT NOT NULL,
   sealed TEXT NOT NULL, PRIMARY KEY (deployment, name));
+CREATE TABLE IF NOT EXISTS ip_reservations (network TEXT NOT NULL, ip TEXT NOT NULL,
+  deployment TEXT NOT NULL, PRIMARY KEY (network, ip));
 ";
 
 /// One director operation (`deploy`, `stop`, ...) and how it ended. Its
@@ -475,7 +482,16 @@ impl Store {
             source: e,
         };
         std::fs::create_dir_all(dir.join("locks")).map_err(|e| open_err(Box::new(e)))?;
-        let conn = Connection::open(dir.join("state.db")).map_err(|e| open_err(Box::new(e)))?;
+        // Sealed secrets, keys and rendered specs live here: owner only.
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(|e| open_err(Box::new(e)))?;
+        let db_path = dir.join("state.db");
+        // SQLite would take an empty file for a new database: a truncated
+        // state must not silently become a new director.
+        if std::fs::metadata(&db_path).is_ok_and(|m| m.len() == 0) {
+            return Err(StateError::EmptyDatabase { path: db_path });
+        }
+        let conn = Connection::open(&db_path).map_err(|e| open_err(Box::new(e)))?;
         conn.busy_timeout(std::time::Duration::from_secs(30))
             .map_err(|e| open_err(Box::new(e)))?;
         conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;")
@@ -924,6 +940,101 @@ impl Store {
         )
     }
 
+    // ---- IP reservations ----
+
+    /// Take the director-wide IP lock: held from planning until the plan's
+    /// IPs are reserved, so two deployments planned at the same moment
+    /// never pick the same address. Waits for the holder (planning takes
+    /// moments), up to `wait`.
+    pub fn lock_ips(&self, wait: std::time::Duration) -> Result<IpLock> {
+        // `@` is outside the deployment name character set: no deployment's
+        // lock file can be this one.
+        let path = self.dir.join("locks").join("@ips.lock");
+        let io = |source| StateError::Io {
+            op: "locking IP assignment".to_string(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io)?;
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            // SAFETY: flock on a file descriptor we own; no memory is touched.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc == 0 {
+                return Ok(IpLock { _file: file });
+            }
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(io(err));
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(StateError::Locked {
+                    deployment: "(IP assignment)".to_string(),
+                    holder: format!(
+                        "another deploy has been planning for over {} s",
+                        wait.as_secs()
+                    ),
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Make `ips` (network, address) the IPs `deployment` holds beyond its
+    /// instance records (planned, not yet recorded): replaces what it held.
+    /// An address another deployment holds is refused by the primary key.
+    pub fn reserve_ips(&self, deployment: &str, ips: &BTreeSet<(String, String)>) -> Result<()> {
+        let op = format!("reserving IPs for deployment {deployment}");
+        let mut conn = self.conn();
+        let tx = db(&op, conn.transaction())?;
+        db(
+            &op,
+            tx.execute(
+                "DELETE FROM ip_reservations WHERE deployment = ?1",
+                params![deployment],
+            ),
+        )?;
+        for (network, ip) in ips {
+            db(
+                format!("{op}: {ip} on network {network}"),
+                tx.execute(
+                    "INSERT INTO ip_reservations (network, ip, deployment) VALUES (?1, ?2, ?3)",
+                    params![network, ip, deployment],
+                ),
+            )?;
+        }
+        db(&op, tx.commit())
+    }
+
+    /// Drop what `deployment` reserved beyond its instance records.
+    pub fn release_ips(&self, deployment: &str) -> Result<()> {
+        self.execute(
+            format!("releasing IPs of deployment {deployment}"),
+            "DELETE FROM ip_reservations WHERE deployment = ?1",
+            params![deployment],
+        )
+    }
+
+    /// Every reserved (network, ip) with the deployment holding it.
+    pub fn ip_reservations(&self) -> Result<Vec<(String, String, String)>> {
+        let op = "reading IP reservations";
+        let conn = self.conn();
+        let mut stmt = db(
+            op,
+            conn.prepare("SELECT network, ip, deployment FROM ip_reservations"),
+        )?;
+        let rows = db(
+            op,
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))),
+        )?;
+        db(op, rows.collect())
+    }
+
     // ---- orphaned disks ----
 
     pub fn save_orphan_disk(&self, d: &OrphanDisk) -> Result<()> {
@@ -1223,6 +1334,8 @@ impl Store {
     }
 
     fn lock_once(&self, name: &str, purpose: &str) -> Result<DeploymentLock> {
+        // The name becomes a file name: never let it leave `locks/`.
+        crate::names::check("deployment name", name)?;
         let path = self.dir.join("locks").join(format!("{name}.lock"));
         let io = |source| StateError::Io {
             op: format!("locking deployment {name}"),
@@ -1259,6 +1372,11 @@ impl Store {
     }
 }
 
+/// Held while a deploy picks and reserves IPs; dropping it releases it.
+pub struct IpLock {
+    _file: File,
+}
+
 /// Held while a deployment changes; dropping it releases the lock.
 pub struct DeploymentLock {
     _file: File,
@@ -1267,6 +1385,8 @@ pub struct DeploymentLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::Duration;
 
     fn instance(id: &str, index: u32) -> InstanceRecord {
         InstanceRecord::new(id.into(), "d", "kv", index, "z1")
@@ -1288,6 +1408,87 @@ mod tests {
         let s = Store::open(dir.path()).unwrap();
         assert_eq!(s.director_id(), id);
         assert_eq!(s.director_key().public_openssh, key);
+    }
+
+    #[test]
+    fn a_deployment_name_never_leaves_the_locks_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let precious = dir.path().join("Cargo.lock");
+        std::fs::write(&precious, "precious").unwrap();
+        let s = Store::open(&dir.path().join("x").join("state")).unwrap();
+        let abs = format!("{}/Cargo", dir.path().display());
+        for name in [
+            "../../Cargo",
+            "../../../Cargo",
+            abs.as_str(),
+            "..",
+            "a/b",
+            "",
+        ] {
+            match s.lock_deployment(name) {
+                Err(StateError::Name(e)) => {
+                    assert!(e.to_string().contains("not a valid name"), "{e}")
+                }
+                Err(e) => panic!("{name}: {e}"),
+                Ok(_) => panic!("{name}: locked"),
+            }
+        }
+        assert_eq!(std::fs::read_to_string(&precious).unwrap(), "precious");
+        let names: Vec<_> = std::fs::read_dir(s.dir().join("locks"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(names.is_empty(), "{names:?}");
+    }
+
+    #[test]
+    fn state_dir_is_owner_only_and_an_empty_database_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        drop(Store::open(&state).unwrap());
+        let mode = std::fs::metadata(&state).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        std::fs::write(state.join("state.db"), "").unwrap();
+        let _ = std::fs::remove_file(state.join("state.db-wal"));
+        let e = Store::open(&state).err().expect("refused");
+        assert!(e.to_string().contains("state.db is empty (0 bytes)"), "{e}");
+        assert_eq!(std::fs::metadata(state.join("state.db")).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn ip_reservations_belong_to_one_deployment_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let ips = |list: &[&str]| -> BTreeSet<(String, String)> {
+            list.iter()
+                .map(|ip| ("default".to_string(), ip.to_string()))
+                .collect()
+        };
+        s.reserve_ips("a", &ips(&["10.0.0.2", "10.0.0.3"])).unwrap();
+        // Another deployment cannot reserve an address `a` holds.
+        let e = s
+            .reserve_ips("b", &ips(&["10.0.0.4", "10.0.0.3"]))
+            .unwrap_err();
+        assert!(e.to_string().contains("10.0.0.3"), "{e}");
+        // ... and its failed attempt reserved nothing.
+        let held: Vec<_> = s.ip_reservations().unwrap();
+        assert_eq!(held.len(), 2, "{held:?}");
+        assert!(held.iter().all(|(_, _, d)| d == "a"));
+        // A new plan of `a` replaces what it held; releasing frees it all.
+        s.reserve_ips("a", &ips(&["10.0.0.5"])).unwrap();
+        assert_eq!(s.ip_reservations().unwrap().len(), 1);
+        s.reserve_ips("b", &ips(&["10.0.0.3"])).unwrap();
+        s.release_ips("a").unwrap();
+        assert_eq!(
+            s.ip_reservations().unwrap(),
+            vec![("default".into(), "10.0.0.3".into(), "b".into())]
+        );
+        // The IP lock is exclusive and waits at most as long as told.
+        let held = s.lock_ips(Duration::ZERO).unwrap();
+        let e = s.lock_ips(Duration::from_millis(50)).err().expect("held");
+        assert!(matches!(e, StateError::Locked { .. }), "{e}");
+        drop(held);
+        assert!(s.lock_ips(Duration::ZERO).is_ok());
     }
 
     #[test]
