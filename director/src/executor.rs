@@ -755,54 +755,67 @@ impl Executor {
             self.orphan_disk(rec).await?;
             return Ok(client);
         }
-        if let Some(d) = rec.disk.clone() {
-            let c = self.cpis.get(&d.cpi)?;
-            let hint = if d.attached {
-                None
-            } else {
-                self.progress.stage(&name, "attaching disk");
-                let hint = c
-                    .attach_disk(&VmCid(vm.cid.clone()), &DiskCid(d.cid.clone()))
-                    .await
-                    .map_err(|source| ExecError::Cpi {
-                        what: format!("attaching disk {} to {name}", d.cid),
-                        source: Box::new(source),
-                    })?;
-                if let Some(dr) = rec.disk.as_mut() {
-                    dr.attached = true;
-                }
-                self.store.save_instance(rec)?;
-                self.event(
-                    &rec.deployment,
-                    Some(&name),
-                    "attach",
-                    &format!("disk {} to vm {}", d.cid, vm.cid),
-                    "ok",
-                );
-                Some(hint)
-            };
-            if let Some(hint) = hint {
-                // Attaching may have restarted the VM (Docker recreates the
-                // container to add a volume): talk to its agent afresh.
-                let client =
-                    self.connect(&vm, self.opts.agent_timeout)
-                        .await
-                        .map_err(|source| ExecError::Agent {
-                            what: format!("reaching the agent of {name} after attaching its disk"),
-                            source: Box::new(source),
-                        })?;
-                client
-                    .mount_disk(&MountDiskParams {
-                        cid: d.cid.clone(),
-                        hint,
-                    })
-                    .await
-                    .map_err(|source| ExecError::Agent {
-                        what: format!("mounting disk {} on {name}", d.cid),
-                        source: Box::new(source),
-                    })?;
-                return Ok(client);
+        self.attach_and_mount(rec, client).await
+    }
+
+    /// Attach the instance's persistent disk to its VM unless the record
+    /// says it is attached, and have the agent mount it. Returns the agent
+    /// to talk to from now on (attaching may restart the VM).
+    pub(crate) async fn attach_and_mount(
+        &self,
+        rec: &mut InstanceRecord,
+        client: AgentClient,
+    ) -> Result<AgentClient, ExecError> {
+        let name = instance_name(rec);
+        let (Some(vm), Some(d)) = (rec.vm.clone(), rec.disk.clone()) else {
+            return Ok(client);
+        };
+        let c = self.cpis.get(&d.cpi)?;
+        let hint = if d.attached {
+            None
+        } else {
+            self.progress.stage(&name, "attaching disk");
+            let hint = c
+                .attach_disk(&VmCid(vm.cid.clone()), &DiskCid(d.cid.clone()))
+                .await
+                .map_err(|source| ExecError::Cpi {
+                    what: format!("attaching disk {} to {name}", d.cid),
+                    source: Box::new(source),
+                })?;
+            if let Some(dr) = rec.disk.as_mut() {
+                dr.attached = true;
             }
+            self.store.save_instance(rec)?;
+            self.event(
+                &rec.deployment,
+                Some(&name),
+                "attach",
+                &format!("disk {} to vm {}", d.cid, vm.cid),
+                "ok",
+            );
+            Some(hint)
+        };
+        if let Some(hint) = hint {
+            // Attaching may have restarted the VM (Docker recreates the
+            // container to add a volume): talk to its agent afresh.
+            let client = self
+                .connect(&vm, self.opts.agent_timeout)
+                .await
+                .map_err(|source| ExecError::Agent {
+                    what: format!("reaching the agent of {name} after attaching its disk"),
+                    source: Box::new(source),
+                })?;
+            client
+                .mount_disk(&MountDiskParams {
+                    cid: d.cid.clone(),
+                    hint,
+                })
+                .await
+                .map_err(|source| ExecError::Agent {
+                    what: format!("mounting disk {} on {name}", d.cid),
+                    source: Box::new(source),
+                })?;
+            return Ok(client);
         }
         Ok(client)
     }

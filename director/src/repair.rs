@@ -270,12 +270,13 @@ impl Executor {
 
     /// Attach and mount an instance's persistent disk again on its VM
     /// (whatever the records say), then restart its jobs so they see it.
+    /// An instance that never ran (no deployed spec) has no jobs to restart:
+    /// its disk is attached and mounted for the next deploy.
     pub async fn reattach_disk(&self, mut rec: InstanceRecord) -> Result<(), ExecError> {
         let name = instance_name(&rec);
-        let (Some(vm), Some(_), Some(d)) = (rec.vm.clone(), rec.disk.clone(), rec.deployed.clone())
-        else {
+        let (Some(vm), Some(_)) = (rec.vm.clone(), rec.disk.clone()) else {
             return Err(ExecError::Failed(format!(
-                "{name} needs a VM, a disk and a deployed spec to reattach its disk"
+                "{name} needs a VM and a disk to reattach its disk"
             )));
         };
         let client = self
@@ -284,18 +285,10 @@ impl Executor {
         if let Some(dr) = rec.disk.as_mut() {
             dr.attached = false;
         }
-        let ip = InstancePlan {
-            record: rec.clone(),
-            change: Change::Update,
-            reasons: vec![],
-            vm: VmAction::Keep,
-            vm_target: d.vm,
-            disk: DiskAction::Keep,
-            spec: d.spec,
-            applied: d.applied,
-            stemcell: d.stemcell,
-        };
-        let client = self.ensure_disk(&ip, &mut rec, client).await?;
+        let client = self.attach_and_mount(&mut rec, client).await?;
+        if rec.deployed.is_none() {
+            return Ok(());
+        }
         client
             .restart_jobs(&RestartJobsParams { jobs: vec![] })
             .await
