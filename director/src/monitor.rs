@@ -148,8 +148,21 @@ pub struct Monitor {
     only: Option<String>,
     trackers: Mutex<BTreeMap<String, Tracker>>,
     settings: Mutex<BTreeMap<String, DeploymentSettings>>,
-    /// One repair at a time per deployment (it holds the deployment lock).
-    repair_locks: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Repairs running per deployment: they share one hold of the
+    /// deployment lock and run in parallel, [`MAX_PARALLEL_REPAIRS`] at most.
+    repairs: Mutex<BTreeMap<String, DeploymentRepairs>>,
+}
+
+/// How many instances of one deployment are repaired at once: independent
+/// instances do not wait for each other (one repair blocked on a frozen VM
+/// must not delay the next), within a bound.
+pub const MAX_PARALLEL_REPAIRS: usize = 4;
+
+/// The repairs of one deployment.
+struct DeploymentRepairs {
+    slots: Arc<tokio::sync::Semaphore>,
+    /// The deployment lock, while any of its repairs runs.
+    held: std::sync::Weak<crate::state::DeploymentLock>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -176,7 +189,7 @@ impl Monitor {
             only,
             trackers: Mutex::new(BTreeMap::new()),
             settings: Mutex::new(BTreeMap::new()),
-            repair_locks: Mutex::new(BTreeMap::new()),
+            repairs: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -653,18 +666,47 @@ impl Monitor {
         Some((Repair::Recreate { fence }, seen))
     }
 
-    fn repair_lock(&self, deployment: &str) -> Arc<tokio::sync::Mutex<()>> {
-        lock(&self.repair_locks)
+    fn repair_slots(&self, deployment: &str) -> Arc<tokio::sync::Semaphore> {
+        lock(&self.repairs)
             .entry(deployment.to_string())
-            .or_default()
+            .or_insert_with(|| DeploymentRepairs {
+                slots: Arc::new(tokio::sync::Semaphore::new(MAX_PARALLEL_REPAIRS)),
+                held: std::sync::Weak::new(),
+            })
+            .slots
             .clone()
     }
 
+    /// The deployment lock for a repair of `name`: the hold a running repair
+    /// already has, or a new one. `None` when someone else (a deploy) has it.
+    fn repair_hold(
+        &self,
+        deployment: &str,
+        name: &str,
+    ) -> Option<Arc<crate::state::DeploymentLock>> {
+        let mut all = lock(&self.repairs);
+        let entry = all.get_mut(deployment)?;
+        if let Some(held) = entry.held.upgrade() {
+            return Some(held);
+        }
+        let held = Arc::new(
+            self.store
+                .try_lock_deployment(deployment, &format!("health monitor repairing {name}"))
+                .ok()?,
+        );
+        entry.held = Arc::downgrade(&held);
+        Some(held)
+    }
+
     async fn repair(self: Arc<Self>, rec: InstanceRecord, repair: Repair, seen: String) {
-        let gate = self.repair_lock(&rec.deployment);
-        let _serial = gate.lock().await;
+        let slots = self.repair_slots(&rec.deployment);
+        let _slot = slots.acquire_owned().await;
         let name = instance_name(&rec);
-        let outcome = self.repair_locked(&rec, &repair, &seen).await;
+        let outcome = match self.repair_hold(&rec.deployment, &name) {
+            Some(_held) => self.repair_locked(&rec, &repair, &seen).await,
+            // A deploy holds the lock: it converges the instance itself.
+            None => Ok(false),
+        };
         let mut all = lock(&self.trackers);
         if let Some(t) = all.get_mut(&rec.id) {
             t.repairing = false;
@@ -693,22 +735,14 @@ impl Monitor {
         }
     }
 
-    /// Carry out one repair under the deployment lock. Ok(false): skipped
-    /// (a deploy holds the lock, or the instance changed meanwhile).
+    /// Carry out one repair; the caller holds the deployment lock.
+    /// Ok(false): skipped (the instance changed meanwhile).
     async fn repair_locked(
         &self,
         rec: &InstanceRecord,
         repair: &Repair,
         seen: &str,
     ) -> Result<bool, crate::executor::ExecError> {
-        let name = instance_name(rec);
-        let _lock = match self
-            .store
-            .try_lock_deployment(&rec.deployment, &format!("health monitor repairing {name}"))
-        {
-            Ok(l) => l,
-            Err(_) => return Ok(false),
-        };
         // Act on the instance as recorded now, and only if it is still the
         // one that was judged.
         let Some(current) = self
@@ -807,9 +841,13 @@ mod tests {
     use crate::state::VmRecord;
 
     /// A CPI whose VMs in `gone` no longer exist; the rest exist but have
-    /// no agent. Everything else is unsupported.
+    /// no agent. Deleting a VM in `stall` waits for `release`. Everything
+    /// else is unsupported.
+    #[derive(Default)]
     struct FakeCpi {
-        gone: BTreeSet<String>,
+        gone: Mutex<BTreeSet<String>>,
+        stall: BTreeSet<String>,
+        release: tokio::sync::Notify,
     }
 
     fn no<T>(m: &str) -> CpiResult<T> {
@@ -833,11 +871,14 @@ mod tests {
         async fn create_vm(&self, _: &CreateVmRequest) -> CpiResult<VmCid> {
             no("create_vm")
         }
-        async fn delete_vm(&self, _: &VmCid) -> CpiResult<()> {
+        async fn delete_vm(&self, cid: &VmCid) -> CpiResult<()> {
+            if self.stall.contains(&cid.0) {
+                self.release.notified().await;
+            }
             Ok(())
         }
         async fn has_vm(&self, cid: &VmCid) -> CpiResult<bool> {
-            Ok(!self.gone.contains(&cid.0))
+            Ok(!lock(&self.gone).contains(&cid.0))
         }
         async fn reboot_vm(&self, _: &VmCid) -> CpiResult<()> {
             no("reboot_vm")
@@ -891,6 +932,15 @@ mod tests {
     /// `n` instances of deployment `d` on the fake CPI, VMs `vm-0`..;
     /// nothing listens at their address, so no agent ever answers.
     fn setup(n: usize, gone: &[&str]) -> (tempfile::TempDir, Arc<Monitor>, Arc<Store>) {
+        let cpi = FakeCpi {
+            gone: Mutex::new(gone.iter().map(|s| s.to_string()).collect()),
+            ..FakeCpi::default()
+        };
+        let (dir, m, store) = setup_on(n, Arc::new(cpi));
+        (dir, m, store)
+    }
+
+    fn setup_on(n: usize, cpi: Arc<FakeCpi>) -> (tempfile::TempDir, Arc<Monitor>, Arc<Store>) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         for i in 0..n {
@@ -908,12 +958,7 @@ mod tests {
             store.save_instance(&rec).unwrap();
         }
         let mut cpis = Cpis::new();
-        cpis.insert(
-            "fake",
-            Arc::new(FakeCpi {
-                gone: gone.iter().map(|s| s.to_string()).collect(),
-            }),
-        );
+        cpis.insert("fake", cpi);
         let m = Monitor::new(
             store.clone(),
             cpis,
@@ -1003,5 +1048,46 @@ mod tests {
             1,
             "one fault, one repair"
         );
+    }
+
+    fn of<'e>(ev: &'e [Event], id: &str, action: &str) -> Vec<&'e Event> {
+        let prefix = format!("g/{id} ");
+        ev.iter()
+            .filter(|e| e.action == action)
+            .filter(|e| {
+                e.instance
+                    .as_deref()
+                    .is_some_and(|i| i.starts_with(&prefix))
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_stalled_repair_does_not_delay_another_instance() {
+        // vm-1 is gone and deleting it (the fence) hangs, as a frozen VM's
+        // teardown can; vm-2 goes while that repair is stuck.
+        let cpi = Arc::new(FakeCpi {
+            gone: Mutex::new(["vm-1".to_string()].into()),
+            stall: ["vm-1".to_string()].into(),
+            ..FakeCpi::default()
+        });
+        let (_dir, m, store) = setup_on(10, cpi.clone());
+        m.clone().tick().await.unwrap();
+        let ev = events_until(&store, |ev| !of(ev, "id1", "recreate").is_empty()).await;
+        assert_eq!(of(&ev, "id1", "recreate").len(), 1, "{ev:?}");
+        lock(&cpi.gone).insert("vm-2".into());
+        m.clone().tick().await.unwrap();
+        // vm-2's repair runs to its end (an alert: nothing was deployed
+        // there) while vm-1's is still fencing.
+        let ev = events_until(&store, |ev| !of(ev, "id2", "alert").is_empty()).await;
+        assert_eq!(of(&ev, "id2", "fence").len(), 1, "{ev:?}");
+        assert_eq!(of(&ev, "id2", "alert").len(), 1, "{ev:?}");
+        assert!(
+            of(&ev, "id1", "fence").is_empty(),
+            "vm-1 still fencing: {ev:?}"
+        );
+        cpi.release.notify_one();
+        let ev = events_until(&store, |ev| !of(ev, "id1", "alert").is_empty()).await;
+        assert_eq!(of(&ev, "id1", "fence").len(), 1, "{ev:?}");
     }
 }
