@@ -184,7 +184,7 @@ fn interpolate_and_deploy_take_ops_files_and_variables() {
     let out = env.bosun(&["interpolate", m, "--var-errs"]);
     assert!(!out.status.success());
     assert!(
-        text(&out).contains("Expected to find variables:\n  - port"),
+        text(&out).contains(&format!("{m}: Expected to find variables:\n  - port")),
         "{}",
         text(&out)
     );
@@ -200,6 +200,10 @@ fn interpolate_and_deploy_take_ops_files_and_variables() {
     );
     let out = env.bosun(&["deploy", m, "-n"]);
     assert!(!out.status.success());
-    assert!(text(&out).contains("port"), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("{m}: Expected to find variables:\n  - port")),
+        "the missing variable and its file: {}",
+        text(&out)
+    );
     assert_eq!(env.vm_dirs(), 0, "nothing was created");
 }

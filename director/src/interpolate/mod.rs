@@ -92,6 +92,12 @@ pub enum InterpolateError {
     Ops(#[from] OpsError),
     #[error(transparent)]
     Vars(#[from] VarsError),
+    /// `((variables))` of `file` that nothing provides.
+    #[error("{file}: {missing}")]
+    Missing {
+        file: String,
+        missing: Box<VarsError>,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("--path '{path}': {source}")]
@@ -181,7 +187,12 @@ pub fn interpolate_value_with(
     substitute(&mut doc, &mut resolver)?;
     remove_found_definitions(&mut doc, &mut resolver)?;
     if opts.var_errs && !resolver.missing().is_empty() {
-        return Err(VarsError::Missing(resolver.missing().iter().cloned().collect()).into());
+        return Err(InterpolateError::Missing {
+            file: file.to_string(),
+            missing: Box::new(VarsError::Missing(
+                resolver.missing().iter().cloned().collect(),
+            )),
+        });
     }
 
     match path {

@@ -397,7 +397,7 @@ c: ((ca.certificate))
     };
     assert_eq!(
         int_err(manifest, &opts),
-        "Expected to find variables:\n  - ca\n  - who"
+        "manifest.yml: Expected to find variables:\n  - ca\n  - who"
     );
 }
 
@@ -494,7 +494,7 @@ fn typed_definitions_without_a_store_are_missing() {
             "variables:\n- {name: pw, type: password}\n- {name: plain}\n",
             &opts
         ),
-        "Expected to find variables:\n  - plain\n  - pw"
+        "manifest.yml: Expected to find variables:\n  - plain\n  - pw"
     );
     let out = int_ok(
         "variables:\n- {name: pw, type: password}\na: ((pw))\n",
@@ -518,7 +518,7 @@ c: ((leaf.certificate))
     };
     assert_eq!(
         int_err(manifest, &opts),
-        "Expected to find variables:\n  - ca\n  - leaf\n  - org"
+        "manifest.yml: Expected to find variables:\n  - ca\n  - leaf\n  - org"
     );
     // Without var_errs the placeholders stay and nothing is generated.
     let out = int_ok(manifest, &store_opts(&dir.path().join("s.yml")));

@@ -137,7 +137,7 @@ fn var_errs_lists_every_missing_variable_sorted_once() {
     );
     assert_eq!(
         e,
-        "Expected to find variables:\n  - alpha\n  - beta\n  - zeta"
+        "manifest.yml: Expected to find variables:\n  - alpha\n  - beta\n  - zeta"
     );
 }
 
