@@ -13,6 +13,7 @@ mod cpi_conformance;
 mod day2;
 mod deploy;
 mod docker;
+mod hardening;
 mod health;
 mod manifests;
 mod releases;
