@@ -18,7 +18,12 @@
 //!   private_key}` in PEM (`ca` is the signing CA's certificate, or the
 //!   certificate itself for a root CA; the key is PKCS#1, `BEGIN RSA
 //!   PRIVATE KEY`). Subject strings are PrintableString where their
-//!   characters allow it, UTF8String otherwise.
+//!   characters allow it, UTF8String otherwise. Deliberate differences:
+//!   the subject key identifier is RFC 7093's (truncated SHA-256 of the
+//!   public key) where bosh-cli hashes the modulus with SHA-1, and a root
+//!   CA carries no authority key identifier; both are opaque to consumers.
+//!   A wildcard common name (`*.example.com`) is a UTF8String, since `*`
+//!   is not a PrintableString character.
 //! - `ssh`: an RSA-2048 key: `{private_key (PKCS#1 PEM), public_key
 //!   ("ssh-rsa AAAA...\n", the authorized_keys line), public_key_fingerprint
 //!   (MD5 of the key blob, lowercase hex pairs joined by ':')}`.
