@@ -153,10 +153,15 @@ impl FileStore {
                 Value::Null => {}
                 Value::Mapping(map) => {
                     for (k, v) in map {
-                        if !matches!((&k, &v), (Value::String(_), Value::String(_))) {
-                            return Err(invalid(
-                                "expected a map of variable names to digests".to_string(),
-                            ));
+                        let Value::String(name) = &k else {
+                            return Err(invalid("variable names must be strings".to_string()));
+                        };
+                        if !matches!(v, Value::String(_)) {
+                            return Err(invalid(format!(
+                                "'{}': expected a digest (a string) but found {}",
+                                super::pointer::escape(name),
+                                super::patch::kind_of(&v)
+                            )));
                         }
                         // The side file is newer than a legacy key.
                         digests.insert(k, v);

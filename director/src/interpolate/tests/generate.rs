@@ -622,6 +622,21 @@ fn digests_kept_in_the_store_by_earlier_versions_move_to_the_side_file() {
 }
 
 #[test]
+fn a_bad_digests_file_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.yml");
+    std::fs::write(side_file(&path), "pw: [1]\n").unwrap();
+    let err = int_err("a: 1\n", &store_opts(&path));
+    assert_eq!(
+        err,
+        format!(
+            "vars store {}: 'pw': expected a digest (a string) but found an array",
+            side_file(&path).display()
+        )
+    );
+}
+
+#[test]
 fn password_length_option() {
     let dir = tempfile::tempdir().unwrap();
     let opts = store_opts(&dir.path().join("s.yml"));
