@@ -5,6 +5,7 @@
 
 mod support;
 mod variables;
+mod vars_store;
 
 mod addons;
 mod aws;

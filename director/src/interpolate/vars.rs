@@ -703,6 +703,9 @@ impl<'s> Resolver<'s> {
         for name in names {
             Lookup::get(self, &name)?;
         }
+        if let Some(store) = self.store.as_deref_mut() {
+            store.flush()?;
+        }
         Ok(())
     }
 
@@ -753,6 +756,11 @@ impl<'s> Resolver<'s> {
             // Already recorded as missing by the lookups.
             return Ok(None);
         }
+        let password_length = if kind_name == "password" {
+            generate::password_length(&options).map_err(generr)?
+        } else {
+            generate::PASSWORD_LENGTH
+        };
         let (cert_options, ca) = if kind_name == "certificate" {
             let o = CertOptions::from_value(&options).map_err(generr)?;
             let ca = match &o.ca {
@@ -790,7 +798,7 @@ impl<'s> Resolver<'s> {
                     Some(d) if d == digest => return Ok(Some(existing)),
                     None => {
                         // Written by BOSH or by hand: keep it, adopt the digest.
-                        store.put(&def.name, existing.clone(), &digest)?;
+                        store.adopt_digest(&def.name, &digest)?;
                         return Ok(Some(existing));
                     }
                     Some(_) => {} // the definition changed: generate anew
@@ -798,7 +806,7 @@ impl<'s> Resolver<'s> {
             }
         }
         let value = match VarType::parse(&kind_name).map_err(generr)? {
-            VarType::Password => generate::password(),
+            VarType::Password => generate::password(password_length),
             VarType::Certificate => {
                 let o = cert_options.unwrap_or_default();
                 generate::certificate(&o, ca.as_ref()).map_err(generr)?
