@@ -281,14 +281,26 @@ impl AgentClient {
         timeout: Duration,
     ) -> Result<serde_json::Value, ClientError> {
         let name = action_name(action);
-        match tokio::time::timeout(timeout, self.call_inner(&name, action)).await {
+        // Actions that change the VM are crash-test points; queries are not.
+        let changes = !matches!(
+            action,
+            Action::Ping | Action::GetState | Action::MissingBlobs(_) | Action::FetchLogs(_)
+        );
+        if changes {
+            bosun_cpi::failpoint::hit_with(|| format!("before-agent-{name}"));
+        }
+        let r = match tokio::time::timeout(timeout, self.call_inner(&name, action)).await {
             Ok(r) => r,
             Err(_) => Err(ClientError::Timeout {
-                action: name,
+                action: name.clone(),
                 addr: self.addr,
                 secs: secs_of(timeout),
             }),
+        };
+        if changes {
+            bosun_cpi::failpoint::hit_with(|| format!("after-agent-{name}"));
         }
+        r
     }
 
     async fn call_inner(

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use bosun_agent::protocol::ProcessState;
 use bosun_cpi::{describe_filter, CpiError, DiskCid, Metadata, VmCid};
 
 use crate::executor::{instance_name, ExecError, Executor};
@@ -65,6 +66,9 @@ pub enum ProblemKind {
     IpMismatch,
     OrphanVm,
     OrphanDisk,
+    /// Jobs stopped on an instance the operator wants running (a director
+    /// that died between stopping and starting them, e.g. mid-recreate).
+    StoppedJobs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -87,6 +91,8 @@ pub enum Resolution {
     KeepDisk,
     /// Delete the unknown disk and its data.
     DeleteDisk,
+    /// Start the jobs again and wait until they run.
+    StartJobs,
 }
 
 impl Resolution {
@@ -100,6 +106,7 @@ impl Resolution {
             Resolution::DeleteVm => "delete-vm",
             Resolution::KeepDisk => "keep-disk",
             Resolution::DeleteDisk => "delete-disk",
+            Resolution::StartJobs => "start-jobs",
         }
     }
 
@@ -117,6 +124,7 @@ impl Resolution {
             Resolution::DeleteVm => "delete the VM",
             Resolution::KeepDisk => "keep the disk as an orphaned disk",
             Resolution::DeleteDisk => "delete the disk and its data",
+            Resolution::StartJobs => "start the jobs and wait until they run",
         }
     }
 
@@ -130,6 +138,7 @@ impl Resolution {
             Resolution::DeleteVm,
             Resolution::KeepDisk,
             Resolution::DeleteDisk,
+            Resolution::StartJobs,
         ]
         .into_iter()
         .find(|r| r.name() == s)
@@ -300,6 +309,24 @@ impl Executor {
                                             Metadata::new(),
                                         );
                                     }
+                                }
+                                if rec.state == crate::state::InstanceState::Started
+                                    && rec.deployed.is_some()
+                                    && st.generation > 0
+                                    && st.job_state == ProcessState::Stopped
+                                {
+                                    push(
+                                        &mut scan,
+                                        ProblemKind::StoppedJobs,
+                                        Some(rec),
+                                        &vm.cpi,
+                                        &vm.cid,
+                                        format!(
+                                            "the jobs of {name} are stopped but it should be running"
+                                        ),
+                                        vec![R::StartJobs, R::Skip],
+                                        Metadata::new(),
+                                    );
                                 }
                             }
                         }
@@ -502,6 +529,10 @@ impl Executor {
             Resolution::Reattach => {
                 self.reattach_disk(need()?).await?;
                 Ok("reattached and mounted".into())
+            }
+            Resolution::StartJobs => {
+                self.start_jobs(&need()?, DEFAULT_WATCH).await?;
+                Ok("jobs running".into())
             }
             Resolution::DeleteVmReference => {
                 let mut rec = need()?;

@@ -578,7 +578,7 @@ impl Executor {
             what: format!("creating VM for {subject}"),
             source: Box::new(source),
         })?;
-        failpoint("after-create-vm");
+        bosun_cpi::failpoint::hit("after-create-vm");
         let mut vm = NewVm {
             cid,
             agent_id,
@@ -1248,7 +1248,7 @@ impl Executor {
 
     /// Poll the agent until every job runs: first check after `min_ms`,
     /// then until `max_ms`.
-    async fn watch(
+    pub(crate) async fn watch(
         &self,
         client: &AgentClient,
         name: &str,
@@ -1319,16 +1319,6 @@ impl Executor {
         self.store.delete_deployment_record(name)?;
         self.event(name, None, "delete", "deployment", "ok");
         Ok(n)
-    }
-}
-
-/// Test hook: when `BOSUN_FAILPOINT` names this point, the process dies on
-/// the spot, as a director killed there would (the crash-recovery tests use
-/// it to leave a VM the state does not know).
-fn failpoint(name: &str) {
-    if std::env::var("BOSUN_FAILPOINT").is_ok_and(|v| v == name) {
-        eprintln!("failpoint {name}: aborting");
-        std::process::abort();
     }
 }
 

@@ -268,6 +268,30 @@ impl Executor {
             })
     }
 
+    /// Start every job of an instance again and wait until they run.
+    pub async fn start_jobs(
+        &self,
+        rec: &InstanceRecord,
+        watch: (u64, u64),
+    ) -> Result<(), ExecError> {
+        let name = instance_name(rec);
+        let vm = rec
+            .vm
+            .as_ref()
+            .ok_or_else(|| ExecError::Failed(format!("{name} has no VM")))?;
+        let client = self
+            .reach(vm, &name, self.opts.existing_agent_timeout)
+            .await?;
+        client
+            .restart_jobs(&RestartJobsParams { jobs: vec![] })
+            .await
+            .map_err(|source| ExecError::Agent {
+                what: format!("starting the jobs of {name}"),
+                source: Box::new(source),
+            })?;
+        self.watch(&client, &name, watch).await
+    }
+
     /// Attach and mount an instance's persistent disk again on its VM
     /// (whatever the records say), then restart its jobs so they see it.
     /// An instance that never ran (no deployed spec) has no jobs to restart:

@@ -11,6 +11,7 @@ mod addons;
 mod aws;
 mod cleanup;
 mod cpi_conformance;
+mod crash;
 mod day2;
 mod deploy;
 mod docker;

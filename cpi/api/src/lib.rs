@@ -11,6 +11,7 @@
 //!   delivers it unchanged (a file for local/docker, user-data for AWS).
 //! - [`conformance`]: a suite generic over `Cpi`.
 //! - [`records`]: atomic JSON record files for backends' own bookkeeping.
+//! - [`failpoint`]: crash-test hooks around every CPI call and agent action.
 //!
 //! This crate must not know about manifests, deployments or the agent
 //! protocol: it speaks only of stemcells, VMs, disks and metadata. It must not
@@ -25,6 +26,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 pub mod conformance;
+pub mod failpoint;
 pub mod logged;
 pub mod records;
 

@@ -3,6 +3,9 @@
 //! target `bosun_cpi::calls` (the director's task logs collect them for
 //! `bosun task ID --cpi`).
 //!
+//! Every call is also a pair of [`crate::failpoint`]s, `before-cpi-METHOD`
+//! and `after-cpi-METHOD`.
+//!
 //! It must not log request bodies: agent settings carry the VM's private
 //! host key, and metadata and cloud properties may carry secrets.
 
@@ -36,9 +39,11 @@ impl LoggedCpi {
         args: String,
         call: impl std::future::Future<Output = CpiResult<T>>,
     ) -> CpiResult<T> {
+        crate::failpoint::hit_with(|| format!("before-cpi-{method}"));
         let started = Instant::now();
         let r = call.await;
         let ms = started.elapsed().as_millis();
+        crate::failpoint::hit_with(|| format!("after-cpi-{method}"));
         match &r {
             Ok(v) => tracing::info!(
                 target: "bosun_cpi::calls",
