@@ -11,6 +11,7 @@
 //! - [`addons`]: the runtime-config and addon placement.
 //! - [`ipam`]: IP address management (pure).
 //! - [`release`]: BOSH-layout release directories and tarballs.
+//! - [`archive_limits`]: how much reading one release or stemcell tarball may unpack.
 //! - [`templates`]: Tera rendering with BOSH's template context.
 //! - [`interpolate`]: `bosh interpolate`: ops files, variables, generated values.
 //! - [`secrets`]: encryption at rest of generated variable values.
@@ -31,6 +32,7 @@
 //! event sink the CLI supplies.
 
 pub mod addons;
+pub mod archive_limits;
 pub mod cloud_config;
 pub mod cloudcheck;
 pub mod compiler;

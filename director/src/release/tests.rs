@@ -171,10 +171,10 @@ fn kv_release_reads_deterministically() {
     let e = a.package_closure(&["nope".to_string()]).unwrap_err();
     assert!(e.to_string().contains("'nope'"), "{e}");
 
-    let server = read_tgz(&a.package("kv-server").unwrap().archive).unwrap();
+    let server = read_tgz(&a.package("kv-server").unwrap().archive.to_vec().unwrap()).unwrap();
     let names: Vec<&str> = server.keys().map(String::as_str).collect();
     assert_eq!(names, vec!["kv-server/server.py", "packaging"]);
-    let job_files = read_tgz(&job.archive).unwrap();
+    let job_files = read_tgz(&job.archive.to_vec().unwrap()).unwrap();
     assert!(job_files.contains_key("job.MF"));
     assert!(job_files.contains_key("templates/config.json"));
 
@@ -247,7 +247,7 @@ fn globs_blobs_and_exclusions() {
     )
     .unwrap();
     let r = read_release_dir(&dir, None).unwrap();
-    let files = read_tgz(&r.package("kv-common").unwrap().archive).unwrap();
+    let files = read_tgz(&r.package("kv-common").unwrap().archive.to_vec().unwrap()).unwrap();
     let names: Vec<&str> = files.keys().map(String::as_str).collect();
     assert_eq!(
         names,
@@ -267,7 +267,7 @@ fn globs_blobs_and_exclusions() {
     .unwrap();
     let r = read_release_dir(&dir, None).unwrap();
     assert_eq!(
-        read_tgz(&r.package("kv-common").unwrap().archive)
+        read_tgz(&r.package("kv-common").unwrap().archive.to_vec().unwrap())
             .unwrap()
             .len(),
         2
