@@ -52,4 +52,6 @@ pub mod secrets;
 pub mod state;
 pub mod stemcell;
 pub mod templates;
+#[cfg(test)]
+mod test_alloc;
 pub mod yaml;

@@ -144,7 +144,7 @@ pub enum StemcellError {
     },
     /// A stemcell tarball that expands past a limit of [`ArchiveLimits`]
     /// (or a limit's setting that is not valid).
-    #[error("stemcell {}: {limit}", path.display())]
+    #[error("{}: {limit}", path.display())]
     Limit { path: PathBuf, limit: LimitError },
 }
 
