@@ -184,8 +184,24 @@ fn spool(content: &mut dyn Read, name: &str) -> Result<Spooled, WalkError> {
         .map_err(|e| WalkError::Io(format!("creating a temporary file for '{name}': {e}")))?;
     let mut out = BufWriter::new(tmp.as_file());
     let mut hasher = Sha256::new();
+    // Refuse what cannot be a tgz before copying any of it.
+    let mut magic = [0u8; 2];
+    match content.read_exact(&mut magic) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => magic = [0, 0],
+        Err(e) => return Err(WalkError::Invalid(format!("entry '{name}': {e}"))),
+    }
+    if magic != [0x1f, 0x8b] {
+        return Err(WalkError::Invalid(format!(
+            "entry '{name}' is not a gzipped archive"
+        )));
+    }
+    hasher.update(magic);
+    let write_err =
+        |e: io::Error| WalkError::Io(format!("copying '{name}' to {}: {e}", tmp.path().display()));
+    out.write_all(&magic).map_err(write_err)?;
     let mut buf = vec![0u8; 64 * 1024];
-    let mut len = 0u64;
+    let mut len = magic.len() as u64;
     loop {
         let n = content
             .read(&mut buf)
@@ -194,13 +210,10 @@ fn spool(content: &mut dyn Read, name: &str) -> Result<Spooled, WalkError> {
             break;
         }
         hasher.update(&buf[..n]);
-        out.write_all(&buf[..n]).map_err(|e| {
-            WalkError::Io(format!("copying '{name}' to {}: {e}", tmp.path().display()))
-        })?;
+        out.write_all(&buf[..n]).map_err(write_err)?;
         len += n as u64;
     }
-    out.flush()
-        .map_err(|e| WalkError::Io(format!("copying '{name}' to {}: {e}", tmp.path().display())))?;
+    out.flush().map_err(write_err)?;
     drop(out);
     Ok(Spooled {
         data: ArchiveData::from_temp_file(tmp.into_temp_path(), len),

@@ -478,6 +478,17 @@ fn a_gzip_of_zeros_past_the_size_limit_is_refused() {
     // read_release reads tarballs the same way.
     let e = read_release_with_limits(&bomb, None, &limits).unwrap_err();
     assert_eq!(e.kind, ReleaseErrorKind::Limit, "{e}");
+    // Within the defaults, it is refused at its first bytes: a job or
+    // package archive must be gzipped.
+    let (e, peak) =
+        peak_growth(|| read_tarball_with_limits(&bomb, &ArchiveLimits::default()).unwrap_err());
+    assert_eq!(e.kind, ReleaseErrorKind::Invalid, "{e}");
+    assert!(
+        e.to_string()
+            .contains("'packages/p.tgz' is not a gzipped archive"),
+        "{e}"
+    );
+    assert!(peak < 16 << 20, "{peak}");
 
     // Many entries, each under the limit: refused once they add up to it.
     let many = tmp.path().join("many.tgz");
