@@ -36,26 +36,27 @@ fn with_env(env: &Env, vars: &[(&str, &str)], args: &[&str]) -> Output {
 }
 
 fn blob_count(env: &Env) -> usize {
-    walkdir_count(&env.state())
+    blobs(&env.state()).len()
 }
 
-/// Regular files under `dir` whose name is a sha256 (blobs).
-fn walkdir_count(dir: &Path) -> usize {
+/// Regular files under `dir` named like a sha256 (blobs).
+fn blobs(dir: &Path) -> Vec<std::path::PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
+        return Vec::new();
     };
-    entries
-        .flatten()
-        .map(|e| {
-            let p = e.path();
-            if p.is_dir() {
-                walkdir_count(&p)
-            } else {
-                let name = e.file_name().to_string_lossy().into_owned();
-                usize::from(name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()))
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(blobs(&p));
+        } else {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+                out.push(p);
             }
-        })
-        .sum()
+        }
+    }
+    out
 }
 
 #[test]
@@ -116,6 +117,7 @@ fn a_real_release_uploads_within_small_limits_but_not_past_its_entry_count() {
     ]);
     assert!(o.status.success(), "{}", text(&o));
 
+    let blobs_before = blob_count(&env);
     let o = with_env(
         &env,
         &[("BOSUN_MAX_ARCHIVE_ENTRIES", "3")],
@@ -143,6 +145,19 @@ fn a_real_release_uploads_within_small_limits_but_not_past_its_entry_count() {
         "{}",
         text(&o)
     );
+    // Its job and package archives went from temporary files into the blob
+    // store whole: two jobs and two packages, each named by its sha256.
+    assert_eq!(blob_count(&env), blobs_before + 4);
+    for blob in blobs(&env.state()) {
+        let data = std::fs::read(&blob).unwrap();
+        let name = blob.file_name().unwrap().to_string_lossy().into_owned();
+        assert_eq!(
+            bosun_agent::blobs::sha256_hex(&data),
+            name,
+            "{}",
+            blob.display()
+        );
+    }
 }
 
 #[test]
