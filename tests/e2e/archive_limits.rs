@@ -35,6 +35,11 @@ fn with_env(env: &Env, vars: &[(&str, &str)], args: &[&str]) -> Output {
     c.output().unwrap()
 }
 
+/// Files left in the state's scratch directory (`tmp`).
+fn scratch_left(env: &Env) -> usize {
+    std::fs::read_dir(env.state().join("tmp")).map_or(0, |d| d.count())
+}
+
 fn blob_count(env: &Env) -> usize {
     blobs(&env.state()).len()
 }
@@ -89,6 +94,7 @@ fn upload_release_refuses_a_bomb_within_the_configured_limits() {
     let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(list, serde_json::json!([]), "nothing recorded");
     assert_eq!(blob_count(&env), blobs_before, "no blobs stored");
+    assert_eq!(scratch_left(&env), 0, "temporary copies removed");
 
     // A bad setting is an error, not ignored.
     let o = with_env(
@@ -148,6 +154,11 @@ fn a_real_release_uploads_within_small_limits_but_not_past_its_entry_count() {
     // Its job and package archives went from temporary files into the blob
     // store whole: two jobs and two packages, each named by its sha256.
     assert_eq!(blob_count(&env), blobs_before + 4);
+    assert!(
+        env.state().join("tmp").is_dir(),
+        "copied through the state's tmp"
+    );
+    assert_eq!(scratch_left(&env), 0, "temporary copies removed");
     for blob in blobs(&env.state()) {
         let data = std::fs::read(&blob).unwrap();
         let name = blob.file_name().unwrap().to_string_lossy().into_owned();

@@ -342,26 +342,38 @@ fn visit_in_order<'a>(
 
 /// Directory or tarball, by looking at `path`. `version` applies to
 /// directories only: a tarball carries its own version in `release.MF`.
-/// A tarball is read within the limits of [`ArchiveLimits::from_env`].
+/// A tarball is read within the limits of [`ArchiveLimits::from_env`], its
+/// job and package archives copied to the system's temporary directory.
 pub fn read_release(path: &Path, version: Option<&str>) -> Result<Release, ReleaseError> {
+    read_release_in(path, version, None)
+}
+
+/// [`read_release`], a tarball's job and package archives copied to
+/// `scratch_dir` (created if needed) when given.
+pub fn read_release_in(
+    path: &Path,
+    version: Option<&str>,
+    scratch_dir: Option<&Path>,
+) -> Result<Release, ReleaseError> {
     let limits = if path.is_file() {
         tarball::limits_from_env(path)?
     } else {
         ArchiveLimits::default()
     };
-    read_release_with_limits(path, version, &limits)
+    read_release_with_limits(path, version, &limits, scratch_dir)
 }
 
-/// [`read_release`], a tarball read within `limits`.
+/// [`read_release_in`], a tarball read within `limits`.
 pub fn read_release_with_limits(
     path: &Path,
     version: Option<&str>,
     limits: &ArchiveLimits,
+    scratch_dir: Option<&Path>,
 ) -> Result<Release, ReleaseError> {
     if path.is_dir() {
         read_release_dir(path, version)
     } else if path.is_file() {
-        read_tarball_with_limits(path, limits)
+        read_tarball_with_limits(path, limits, scratch_dir)
     } else {
         Err(ReleaseError::new(
             ReleaseErrorKind::Io,

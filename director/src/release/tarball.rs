@@ -115,18 +115,25 @@ pub(crate) fn limits_from_env(path: &Path) -> Result<ArchiveLimits, ReleaseError
 /// [`ArchiveLimits::from_env`].
 pub fn read_tarball(path: &Path) -> Result<Release, ReleaseError> {
     let limits = limits_from_env(path)?;
-    read_tarball_with_limits(path, &limits)
+    read_tarball_with_limits(path, &limits, None)
 }
 
 /// [`read_tarball`] within `limits`. The tarball is streamed: `release.MF`
 /// and the jobs' text files are read into memory (each up to a fixed size),
-/// job and package archives go to temporary files, and the files inside
-/// package archives are only hashed.
+/// job and package archives go to temporary files in `scratch_dir` (created
+/// if needed; default: the system's temporary directory), and the files
+/// inside package archives are only hashed.
 pub fn read_tarball_with_limits(
     path: &Path,
     limits: &ArchiveLimits,
+    scratch_dir: Option<&Path>,
 ) -> Result<Release, ReleaseError> {
-    read_inner(path, limits).map_err(|e| e.in_release(path))
+    if let Some(dir) = scratch_dir {
+        fs::create_dir_all(dir).map_err(|e| {
+            ReleaseError::io("", format!("creating {}: {e}", dir.display())).in_release(path)
+        })?;
+    }
+    read_inner(path, limits, scratch_dir).map_err(|e| e.in_release(path))
 }
 
 /// Longest `release.MF` read (it is held in memory).
@@ -177,11 +184,14 @@ fn read_capped(content: &mut dyn Read, max: u64, name: &str) -> Result<Vec<u8>, 
 
 /// Copies `content` (an entry named `name`) to a new temporary file,
 /// hashing it on the way.
-fn spool(content: &mut dyn Read, name: &str) -> Result<Spooled, WalkError> {
-    let tmp = tempfile::Builder::new()
-        .prefix(".bosun-release-")
-        .tempfile()
-        .map_err(|e| WalkError::Io(format!("creating a temporary file for '{name}': {e}")))?;
+fn spool(content: &mut dyn Read, name: &str, dir: Option<&Path>) -> Result<Spooled, WalkError> {
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".bosun-release-");
+    let tmp = match dir {
+        Some(dir) => builder.tempfile_in(dir),
+        None => builder.tempfile(),
+    }
+    .map_err(|e| WalkError::Io(format!("creating a temporary file for '{name}': {e}")))?;
     let mut out = BufWriter::new(tmp.as_file());
     let mut hasher = Sha256::new();
     // Refuse what cannot be a tgz before copying any of it.
@@ -273,7 +283,11 @@ fn job_files(
     Ok(out)
 }
 
-fn read_inner(path: &Path, limits: &ArchiveLimits) -> Result<Release, ReleaseError> {
+fn read_inner(
+    path: &Path,
+    limits: &ArchiveLimits,
+    scratch_dir: Option<&Path>,
+) -> Result<Release, ReleaseError> {
     let input = File::open(path).map_err(|e| ReleaseError::io("", e))?;
     let budget = Budget::new(*limits);
     let mut manifest_bytes = None;
@@ -282,7 +296,7 @@ fn read_inner(path: &Path, limits: &ArchiveLimits) -> Result<Release, ReleaseErr
         if name == MANIFEST {
             manifest_bytes = Some(read_capped(content, MAX_MANIFEST_BYTES, name)?);
         } else if is_member_archive(name) {
-            archives.insert(name.to_string(), spool(content, name)?);
+            archives.insert(name.to_string(), spool(content, name, scratch_dir)?);
         }
         Ok(())
     })

@@ -465,7 +465,7 @@ fn a_gzip_of_zeros_past_the_size_limit_is_refused() {
         vec![("packages/p.tgz".into(), 64 << 20, zeros(64 << 20))],
     );
     assert!(fs::metadata(&bomb).unwrap().len() < 1 << 20, "a bomb");
-    let e = read_tarball_with_limits(&bomb, &limits).unwrap_err();
+    let e = read_tarball_with_limits(&bomb, &limits, None).unwrap_err();
     assert_eq!(e.kind, ReleaseErrorKind::Limit, "{e}");
     let msg = e.to_string();
     for part in [
@@ -476,12 +476,13 @@ fn a_gzip_of_zeros_past_the_size_limit_is_refused() {
         assert!(msg.contains(part), "{part} in {msg}");
     }
     // read_release reads tarballs the same way.
-    let e = read_release_with_limits(&bomb, None, &limits).unwrap_err();
+    let e = read_release_with_limits(&bomb, None, &limits, None).unwrap_err();
     assert_eq!(e.kind, ReleaseErrorKind::Limit, "{e}");
     // Within the defaults, it is refused at its first bytes: a job or
     // package archive must be gzipped.
-    let (e, peak) =
-        peak_growth(|| read_tarball_with_limits(&bomb, &ArchiveLimits::default()).unwrap_err());
+    let (e, peak) = peak_growth(|| {
+        read_tarball_with_limits(&bomb, &ArchiveLimits::default(), None).unwrap_err()
+    });
     assert_eq!(e.kind, ReleaseErrorKind::Invalid, "{e}");
     assert!(
         e.to_string()
@@ -496,7 +497,7 @@ fn a_gzip_of_zeros_past_the_size_limit_is_refused() {
         .map(|i| (format!("junk/{i}"), 64 << 10, zeros(64 << 10)))
         .collect();
     stream_tgz(&many, entries);
-    let e = read_tarball_with_limits(&many, &limits).unwrap_err();
+    let e = read_tarball_with_limits(&many, &limits, None).unwrap_err();
     assert_eq!(e.kind, ReleaseErrorKind::Limit, "{e}");
     assert!(e.to_string().contains("BOSUN_MAX_ARCHIVE_SIZE"), "{e}");
 }
@@ -513,7 +514,7 @@ fn a_tar_with_more_entries_than_allowed_is_refused() {
         max_size: 1 << 30,
         max_entries: 100,
     };
-    let e = read_tarball_with_limits(&path, &limits).unwrap_err();
+    let e = read_tarball_with_limits(&path, &limits, None).unwrap_err();
     assert_eq!(e.kind, ReleaseErrorKind::Limit, "{e}");
     let msg = e.to_string();
     assert!(
@@ -540,18 +541,19 @@ fn nested_archives_count_towards_the_limits() {
         max_size: 4 << 20,
         max_entries: 1000,
     };
-    let e = read_tarball_with_limits(&path, &limits).unwrap_err();
+    let e = read_tarball_with_limits(&path, &limits, None).unwrap_err();
     assert_eq!(e.kind, ReleaseErrorKind::Limit, "{e}");
     assert_eq!(e.file, "packages/kv-common.tgz", "{e}");
     let limits = ArchiveLimits {
         max_size: 1 << 30,
         max_entries: 5,
     };
-    let e = read_tarball_with_limits(&path, &limits).unwrap_err();
+    let e = read_tarball_with_limits(&path, &limits, None).unwrap_err();
     assert!(e.to_string().contains("more than 5 entries"), "{e}");
 
     // Within the defaults it reads, identical to the directory.
-    let back = read_tarball_with_limits(&path, &ArchiveLimits::default()).unwrap();
+    let scratch = dir.parent().unwrap().join("scratch");
+    let back = read_tarball_with_limits(&path, &ArchiveLimits::default(), Some(&scratch)).unwrap();
     assert_eq!(back.manifest, r.manifest);
     assert_eq!(back.jobs, r.jobs);
     let (a, b) = (
@@ -559,7 +561,11 @@ fn nested_archives_count_towards_the_limits() {
         r.package("kv-common").unwrap(),
     );
     assert_eq!((&a.fingerprint, &a.archive), (&b.fingerprint, &b.archive));
-    assert!(a.archive.path().is_some(), "spooled to a file, not memory");
+    let spooled = a.archive.path().unwrap().to_path_buf();
+    assert!(spooled.starts_with(&scratch), "{}", spooled.display());
+    drop(back);
+    assert!(!spooled.exists(), "removed with the release");
+    assert_eq!(fs::read_dir(&scratch).unwrap().count(), 0);
 }
 
 #[test]
@@ -631,7 +637,7 @@ fn a_big_tarball_is_streamed_not_held() {
         max_size: 1 << 30,
         max_entries: 100,
     };
-    let (read, peak) = peak_growth(|| read_tarball_with_limits(&path, &limits));
+    let (read, peak) = peak_growth(|| read_tarball_with_limits(&path, &limits, None));
     let r = read.unwrap();
     assert_eq!(r.package("p").unwrap().spec.files, ["p/big.bin"]);
     assert!(

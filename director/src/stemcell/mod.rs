@@ -477,23 +477,33 @@ const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 /// sha256, within the limits of [`ArchiveLimits::from_env`]. Other entries
 /// of the tarball are skipped (but count towards the limits).
 pub fn open_stemcell(path: &Path) -> Result<OpenedStemcell, StemcellError> {
+    open_stemcell_in(path, None)
+}
+
+/// [`open_stemcell`], the temporary directory made in `scratch_dir`
+/// (created if needed) when given, else in the system's.
+pub fn open_stemcell_in(
+    path: &Path,
+    scratch_dir: Option<&Path>,
+) -> Result<OpenedStemcell, StemcellError> {
     let limits = ArchiveLimits::from_env().map_err(|limit| StemcellError::Limit {
         path: path.to_path_buf(),
         limit,
     })?;
-    open_stemcell_with_limits(path, &limits)
+    open_stemcell_with_limits(path, &limits, scratch_dir)
 }
 
-/// [`open_stemcell`] within `limits`. The image is streamed to the
+/// [`open_stemcell_in`] within `limits`. The image is streamed to the
 /// temporary directory, never held in memory.
 pub fn open_stemcell_with_limits(
     path: &Path,
     limits: &ArchiveLimits,
+    scratch_dir: Option<&Path>,
 ) -> Result<OpenedStemcell, StemcellError> {
     let budget = Budget::new(*limits);
     // A gzip or tar error caused by the meter stopping the stream is
     // really the limit.
-    open_metered(path, &budget).map_err(|e| match budget.exceeded() {
+    open_metered(path, &budget, scratch_dir).map_err(|e| match budget.exceeded() {
         Some(limit) => StemcellError::Limit {
             path: path.to_path_buf(),
             limit,
@@ -502,16 +512,26 @@ pub fn open_stemcell_with_limits(
     })
 }
 
-fn open_metered(path: &Path, budget: &Budget) -> Result<OpenedStemcell, StemcellError> {
+fn open_metered(
+    path: &Path,
+    budget: &Budget,
+    scratch_dir: Option<&Path>,
+) -> Result<OpenedStemcell, StemcellError> {
     let limit = |limit| StemcellError::Limit {
         path: path.to_path_buf(),
         limit,
     };
     let file = File::open(path).map_err(io_err("opening stemcell", path))?;
-    let dir = tempfile::Builder::new()
-        .prefix("bosun-stemcell-")
-        .tempdir()
-        .map_err(io_err("creating a temporary directory for", path))?;
+    let mut builder = tempfile::Builder::new();
+    builder.prefix("bosun-stemcell-");
+    let dir = match scratch_dir {
+        Some(scratch) => fs::create_dir_all(scratch)
+            .and_then(|()| builder.tempdir_in(scratch))
+            .map_err(io_err("creating a temporary directory for", path))?,
+        None => builder
+            .tempdir()
+            .map_err(io_err("creating a temporary directory for", path))?,
+    };
     let image_path = dir.path().join("image");
     let mut archive = tar::Archive::new(Metered::new(
         maybe_gunzip(BufReader::new(file)).map_err(io_err("reading stemcell", path))?,

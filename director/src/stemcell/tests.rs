@@ -502,7 +502,7 @@ fn a_stemcell_expanding_past_the_size_limit_is_refused() {
     let bomb = dir.path().join("bomb.tgz");
     zeros_stemcell(&bomb, 64 << 20, vec![]);
     assert!(fs::metadata(&bomb).unwrap().len() < 1 << 20, "a bomb");
-    let err = open_stemcell_with_limits(&bomb, &limits).unwrap_err();
+    let err = open_stemcell_with_limits(&bomb, &limits, None).unwrap_err();
     assert!(matches!(err, StemcellError::Limit { .. }), "{err}");
     let msg = err.to_string();
     for part in [
@@ -519,7 +519,7 @@ fn a_stemcell_expanding_past_the_size_limit_is_refused() {
         .map(|i| (format!("junk/{i}"), 64 << 10, zeros(64 << 10)))
         .collect();
     zeros_stemcell(&skipped, 1024, extra);
-    let err = open_stemcell_with_limits(&skipped, &limits).unwrap_err();
+    let err = open_stemcell_with_limits(&skipped, &limits, None).unwrap_err();
     assert!(matches!(err, StemcellError::Limit { .. }), "{err}");
 }
 
@@ -535,7 +535,7 @@ fn a_stemcell_with_more_entries_than_allowed_is_refused() {
         max_size: 1 << 30,
         max_entries: 100,
     };
-    let err = open_stemcell_with_limits(&path, &limits).unwrap_err();
+    let err = open_stemcell_with_limits(&path, &limits, None).unwrap_err();
     let msg = err.to_string();
     assert!(
         msg.contains("entries.tgz: has more than 100 entries"),
@@ -547,7 +547,7 @@ fn a_stemcell_with_more_entries_than_allowed_is_refused() {
         max_size: 1 << 30,
         max_entries: 400,
     };
-    open_stemcell_with_limits(&path, &limits).unwrap();
+    open_stemcell_with_limits(&path, &limits, None).unwrap();
 }
 
 #[test]
@@ -560,11 +560,15 @@ fn a_big_stemcell_is_streamed_not_held() {
         max_size: 1 << 30,
         max_entries: 100,
     };
-    let (opened, peak) =
-        crate::test_alloc::peak_growth(|| open_stemcell_with_limits(&path, &limits));
+    let (opened, peak) = crate::test_alloc::peak_growth(|| {
+        open_stemcell_with_limits(&path, &limits, Some(&dir.path().join("scratch")))
+    });
     let opened = opened.unwrap();
     assert_eq!(opened.manifest, manifest);
     assert_eq!(fs::metadata(&opened.image_path).unwrap().len(), BIG);
+    assert!(opened.image_path.starts_with(dir.path().join("scratch")));
+    drop(opened);
+    assert_eq!(fs::read_dir(dir.path().join("scratch")).unwrap().count(), 0);
     assert!(
         peak < 16 << 20,
         "opening 512 MiB of expanded content allocated {peak} bytes at its peak"
