@@ -446,10 +446,9 @@ impl Director {
         &self,
         path: &Path,
     ) -> Result<Vec<(StemcellRecord, bool)>, OpError> {
-        let opened = crate::stemcell::open_stemcell_in(path, Some(&self.store.dir().join("tmp")))
-            .map_err(|e| {
-            OpError::Stemcell(format!("reading stemcell {}: {e}", path.display()))
-        })?;
+        let scratch = self.store.dir().join("tmp");
+        let opened = crate::stemcell::open_stemcell_in(path, Some(&scratch))
+            .map_err(|e| OpError::Stemcell(format!("reading stemcell {}: {e}", path.display())))?;
         let m = &opened.manifest;
         let existing = self.store.stemcells()?;
         let mut out = Vec::new();
