@@ -9,6 +9,12 @@
 //! specs, template sources and byte-identical archives to the modules that
 //! do (`compiler`, `templates`, `desired`).
 //!
+//! Tarballs are streamed, within [`ArchiveLimits`]: a job or package
+//! archive read from a tarball lives in a temporary file (an
+//! [`ArchiveData`], in the scratch directory the caller names, removed when
+//! the last copy is dropped), never in memory; the files inside package
+//! archives are only hashed.
+//!
 //! Determinism: the same source gives the same fingerprints, the same dev
 //! version and byte-identical archives (entries sorted, mtime 0, uid/gid 0,
 //! modes 0644/0755, gzip header mtime 0).
