@@ -28,6 +28,12 @@ pub const DEFAULT_MAX_SIZE: u64 = 20 << 30;
 /// 200 000 entries: real releases have tens of thousands at most.
 pub const DEFAULT_MAX_ENTRIES: u64 = 200_000;
 
+/// Most bytes the tar reader may take to step from one entry to the next
+/// beyond what is left of the previous entry: the next header plus its
+/// long name and extended attributes, which the tar reader holds in
+/// memory. Not configurable: real ones are a few KiB.
+pub const MAX_HEADER_BYTES: u64 = 1 << 20;
+
 /// How much one archive read may unpack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ArchiveLimits {
@@ -68,6 +74,12 @@ pub enum LimitError {
         limit.saturating_mul(4)
     )]
     TooManyEntries { limit: u64 },
+    #[error(
+        "has an entry header (long name or extended attributes) of more than {}, \
+         which no genuine archive has",
+        human(*limit)
+    )]
+    HeaderTooLarge { limit: u64 },
 }
 
 impl ArchiveLimits {
@@ -181,6 +193,9 @@ pub struct Budget {
     limits: ArchiveLimits,
     bytes: Cell<u64>,
     entries: Cell<u64>,
+    /// While the tar reader steps to the next entry: how many more bytes it
+    /// may read.
+    stepping: Cell<Option<u64>>,
     exceeded: RefCell<Option<LimitError>>,
 }
 
@@ -190,6 +205,7 @@ impl Budget {
             limits,
             bytes: Cell::new(0),
             entries: Cell::new(0),
+            stepping: Cell::new(None),
             exceeded: RefCell::new(None),
         }
     }
@@ -230,10 +246,31 @@ impl Budget {
         Ok(())
     }
 
+    /// Runs `next`, the tar reader's step to its next entry, allowing it to
+    /// read `rest_of_previous` bytes (what is left of the previous entry,
+    /// padding included) plus [`MAX_HEADER_BYTES`]. Past that, reads fail
+    /// with [`LimitError::HeaderTooLarge`]: a huge long name is refused
+    /// before the tar reader holds it in memory.
+    pub fn step<T>(&self, rest_of_previous: u64, next: impl FnOnce() -> T) -> T {
+        self.stepping
+            .set(Some(rest_of_previous.saturating_add(MAX_HEADER_BYTES)));
+        let out = next();
+        self.stepping.set(None);
+        out
+    }
+
     /// `n` more expanded bytes.
     pub fn charge_bytes(&self, n: u64) -> Result<(), LimitError> {
         if let Some(e) = self.exceeded() {
             return Err(e);
+        }
+        if let Some(left) = self.stepping.get() {
+            if n > left {
+                return Err(self.fail(LimitError::HeaderTooLarge {
+                    limit: MAX_HEADER_BYTES,
+                }));
+            }
+            self.stepping.set(Some(left - n));
         }
         let total = self.bytes.get().saturating_add(n);
         self.bytes.set(total);
@@ -357,6 +394,34 @@ mod tests {
             "entries and bytes are separate"
         );
         assert!(budget.charge_bytes(1).is_err(), "but once exceeded, always");
+    }
+
+    #[test]
+    fn stepping_to_the_next_entry_reads_little() {
+        let budget = Budget::new(ArchiveLimits::default());
+        let mut r = Metered::new(io::repeat(0).take(8 << 20), &budget);
+        let mut buf = vec![0u8; 64 << 10];
+        // Skipping 2 MiB of the previous entry plus headers: fine.
+        budget
+            .step(2 << 20, || {
+                for _ in 0..(3 << 20) / buf.len() {
+                    r.read_exact(&mut buf)?;
+                }
+                io::Result::Ok(())
+            })
+            .unwrap();
+        // Outside a step, reads are only charged.
+        r.read_exact(&mut buf).unwrap();
+        let err = budget
+            .step(0, || io::copy(&mut r, &mut io::sink()))
+            .unwrap_err();
+        assert!(err.to_string().contains("entry header"), "{err}");
+        assert_eq!(
+            budget.exceeded(),
+            Some(LimitError::HeaderTooLarge {
+                limit: MAX_HEADER_BYTES
+            })
+        );
     }
 
     #[test]

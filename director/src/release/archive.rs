@@ -234,12 +234,14 @@ fn walk_inner<R: Read>(input: R, budget: &Budget, visit: &mut Visit<'_>) -> Resu
     let invalid = WalkError::Invalid;
     let mut archive = tar::Archive::new(Metered::new(GzDecoder::new(input), budget));
     let mut seen = BTreeSet::new();
-    let entries = archive
+    let mut entries = archive
         .entries()
         .map_err(|e| invalid(format!("not a tgz: {e}")))?;
-    for entry in entries {
+    let mut rest_of_previous = 0;
+    while let Some(entry) = budget.step(rest_of_previous, || entries.next()) {
         let mut entry = entry.map_err(|e| invalid(format!("corrupt archive: {e}")))?;
         budget.charge_entry().map_err(WalkError::Limit)?;
+        rest_of_previous = entry.size().div_ceil(512) * 512;
         let kind = entry.header().entry_type();
         let raw_path = entry
             .path()

@@ -645,3 +645,22 @@ fn a_big_tarball_is_streamed_not_held() {
         "reading 512 MiB of expanded content allocated {peak} bytes at its peak"
     );
 }
+
+#[test]
+fn a_huge_long_name_is_refused_before_it_is_held() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("long-name.tgz");
+    // The tar writer stores a path this long in a GNU long-name entry,
+    // which the tar reader reads into memory whole.
+    let name = "a".repeat(8 << 20);
+    stream_tgz(&path, vec![(name, 1, Box::new(b"x".as_slice()))]);
+    let (e, peak) = peak_growth(|| {
+        read_tarball_with_limits(&path, &ArchiveLimits::default(), None).unwrap_err()
+    });
+    assert_eq!(e.kind, ReleaseErrorKind::Limit, "{e}");
+    assert!(
+        e.to_string().contains("long-name.tgz: has an entry header (long name or extended attributes) of more than 1 MiB"),
+        "{e}"
+    );
+    assert!(peak < 4 << 20, "{peak}");
+}

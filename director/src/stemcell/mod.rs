@@ -539,13 +539,15 @@ fn open_metered(
     ));
     let mut manifest_text: Option<String> = None;
     let mut image_sha: Option<String> = None;
-    let entries = archive
+    let mut entries = archive
         .entries()
         .map_err(|e| StemcellError::invalid(path, format!("not a stemcell tarball: {e}")))?;
-    for entry in entries {
+    let mut rest_of_previous = 0;
+    while let Some(entry) = budget.step(rest_of_previous, || entries.next()) {
         let mut entry = entry
             .map_err(|e| StemcellError::invalid(path, format!("not a stemcell tarball: {e}")))?;
         budget.charge_entry().map_err(limit)?;
+        rest_of_previous = entry.size().div_ceil(512) * 512;
         budget.check_declared(entry.size()).map_err(limit)?;
         let name = entry
             .path()

@@ -574,3 +574,13 @@ fn a_big_stemcell_is_streamed_not_held() {
         "opening 512 MiB of expanded content allocated {peak} bytes at its peak"
     );
 }
+
+#[test]
+fn a_stemcell_with_a_huge_long_name_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("long-name.tgz");
+    zeros_stemcell(&path, 1024, vec![("a".repeat(8 << 20), 0, zeros(0))]);
+    let err = open_stemcell_with_limits(&path, &ArchiveLimits::default(), None).unwrap_err();
+    assert!(matches!(err, StemcellError::Limit { .. }), "{err}");
+    assert!(err.to_string().contains("entry header"), "{err}");
+}
