@@ -12,6 +12,7 @@
 //! - [`ipam`]: IP address management (pure).
 //! - [`names`]: the names operators give, checked before they become paths.
 //! - [`release`]: BOSH-layout release directories and tarballs.
+//! - [`archive_limits`]: how much reading one release or stemcell tarball may unpack.
 //! - [`templates`]: Tera rendering with BOSH's template context.
 //! - [`interpolate`]: `bosh interpolate`: ops files, variables, generated values.
 //! - [`secrets`]: encryption at rest of generated variable values.
@@ -32,6 +33,7 @@
 //! event sink the CLI supplies.
 
 pub mod addons;
+pub mod archive_limits;
 pub mod cloud_config;
 pub mod cloudcheck;
 pub mod compiler;
@@ -52,4 +54,6 @@ pub mod secrets;
 pub mod state;
 pub mod stemcell;
 pub mod templates;
+#[cfg(test)]
+mod test_alloc;
 pub mod yaml;

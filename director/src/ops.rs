@@ -446,7 +446,8 @@ impl Director {
         &self,
         path: &Path,
     ) -> Result<Vec<(StemcellRecord, bool)>, OpError> {
-        let opened = crate::stemcell::open_stemcell(path)
+        let scratch = self.store.dir().join("tmp");
+        let opened = crate::stemcell::open_stemcell_in(path, Some(&scratch))
             .map_err(|e| OpError::Stemcell(format!("reading stemcell {}: {e}", path.display())))?;
         let m = &opened.manifest;
         let existing = self.store.stemcells()?;
@@ -503,7 +504,7 @@ impl Director {
         path: &Path,
         version: Option<&str>,
     ) -> Result<(ReleaseRecord, bool), OpError> {
-        let rel = release::read_release(path, version)?;
+        let rel = release::read_release_in(path, version, Some(&self.store.dir().join("tmp")))?;
         let new = self.store.save_release(&rel)?;
         let rec = self
             .store

@@ -104,6 +104,33 @@ fn from_json<T: DeserializeOwned>(op: &str, s: &str) -> Result<T> {
     })
 }
 
+/// Streams a release's job or package archive into the blob store under
+/// `sha256` (verified: a mismatch keeps nothing).
+fn put_archive(
+    blobs: &BlobStore,
+    sha256: &str,
+    archive: &crate::release::ArchiveData,
+) -> std::result::Result<(), bosun_agent::blobs::BlobError> {
+    let read_err = |source| bosun_agent::blobs::BlobError::Io {
+        op: "reading",
+        path: archive
+            .path()
+            .map_or_else(|| "the archive".to_string(), |p| p.display().to_string()),
+        source,
+    };
+    let mut input = archive.open().map_err(read_err)?;
+    let mut w = blobs.writer()?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = std::io::Read::read(&mut input, &mut buf).map_err(read_err)?;
+        if n == 0 {
+            break;
+        }
+        w.write(&buf[..n])?;
+    }
+    w.finish(sha256)
+}
+
 /// Seconds since the epoch.
 pub fn now() -> i64 {
     now_ms() / 1000
@@ -605,12 +632,10 @@ impl Store {
             .map(|j| (&j.sha256, &j.archive))
             .chain(release.packages.iter().map(|p| (&p.sha256, &p.archive)));
         for (sha, data) in archives {
-            self.blobs
-                .put_verified(sha, data)
-                .map_err(|source| StateError::Blob {
-                    op: op.clone(),
-                    source,
-                })?;
+            put_archive(&self.blobs, sha, data).map_err(|source| StateError::Blob {
+                op: op.clone(),
+                source,
+            })?;
         }
         let rec = ReleaseRecord::from_release(release);
         let json = to_json(&op, &rec)?;

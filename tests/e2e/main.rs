@@ -8,6 +8,7 @@ mod variables;
 mod vars_store;
 
 mod addons;
+mod archive_limits;
 mod aws;
 mod cleanup;
 mod cpi_conformance;

@@ -1,12 +1,19 @@
 //! Deterministic tgz archives and content fingerprints.
 
-use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::fs::File;
+use std::io::{BufReader, Read, Write};
+use std::path::Path;
+use std::sync::Arc;
 
 use flate2::read::GzDecoder;
 use flate2::write::GzEncoder;
 use flate2::{Compression, GzBuilder};
 use sha2::{Digest, Sha256};
+use tempfile::TempPath;
+
+use crate::archive_limits::{Budget, LimitError, Metered};
 
 /// One regular file in an archive.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -14,6 +21,121 @@ pub(crate) struct FileEntry {
     pub data: Vec<u8>,
     pub executable: bool,
 }
+
+/// The bytes of a job or package archive: in memory (built from a release
+/// directory) or in a temporary file (streamed out of a release tarball;
+/// removed when the last clone is dropped). Two archives are equal when
+/// their contents are.
+#[derive(Clone)]
+pub struct ArchiveData(Stored);
+
+#[derive(Clone)]
+enum Stored {
+    Memory(Vec<u8>),
+    File { path: Arc<TempPath>, len: u64 },
+}
+
+impl ArchiveData {
+    pub fn from_bytes(data: Vec<u8>) -> Self {
+        ArchiveData(Stored::Memory(data))
+    }
+
+    /// A temporary file the archive owns from now on.
+    pub(crate) fn from_temp_file(path: TempPath, len: u64) -> Self {
+        ArchiveData(Stored::File {
+            path: Arc::new(path),
+            len,
+        })
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> u64 {
+        match &self.0 {
+            Stored::Memory(data) => data.len() as u64,
+            Stored::File { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The file holding the archive, when it is not in memory.
+    pub fn path(&self) -> Option<&Path> {
+        match &self.0 {
+            Stored::Memory(_) => None,
+            Stored::File { path, .. } => Some(path),
+        }
+    }
+
+    /// The content, streamed.
+    pub fn open(&self) -> std::io::Result<Box<dyn Read + '_>> {
+        match &self.0 {
+            Stored::Memory(data) => Ok(Box::new(data.as_slice())),
+            Stored::File { path, .. } => {
+                let path: &Path = path;
+                Ok(Box::new(BufReader::new(File::open(path)?)))
+            }
+        }
+    }
+
+    /// The content, in memory.
+    pub fn to_vec(&self) -> std::io::Result<Vec<u8>> {
+        match &self.0 {
+            Stored::Memory(data) => Ok(data.clone()),
+            Stored::File { path, .. } => {
+                let path: &Path = path;
+                std::fs::read(path)
+            }
+        }
+    }
+}
+
+impl From<Vec<u8>> for ArchiveData {
+    fn from(data: Vec<u8>) -> Self {
+        ArchiveData::from_bytes(data)
+    }
+}
+
+impl fmt::Debug for ArchiveData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Stored::Memory(data) => write!(f, "ArchiveData({} bytes in memory)", data.len()),
+            Stored::File { path, len } => {
+                write!(f, "ArchiveData({len} bytes in {})", path.display())
+            }
+        }
+    }
+}
+
+impl PartialEq for ArchiveData {
+    fn eq(&self, other: &Self) -> bool {
+        if self.len() != other.len() {
+            return false;
+        }
+        if let (Stored::Memory(a), Stored::Memory(b)) = (&self.0, &other.0) {
+            return a == b;
+        }
+        let (Ok(mut a), Ok(mut b)) = (self.open(), other.open()) else {
+            return false;
+        };
+        let (mut x, mut y) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+        loop {
+            let n = match a.read(&mut x) {
+                Ok(n) => n,
+                Err(_) => return false,
+            };
+            if n == 0 {
+                return b.read(&mut y[..1]).is_ok_and(|m| m == 0);
+            }
+            if b.read_exact(&mut y[..n]).is_err() || x[..n] != y[..n] {
+                return false;
+            }
+        }
+    }
+}
+
+impl Eq for ArchiveData {}
 
 /// Hex sha256.
 pub(crate) fn sha256_hex(data: &[u8]) -> String {
@@ -23,71 +145,153 @@ pub(crate) fn sha256_hex(data: &[u8]) -> String {
 /// A gzipped tar of `files` (path -> entry): entries sorted by path, mtime 0,
 /// uid/gid 0, no user/group names, mode 0644 or 0755, gzip mtime 0.
 pub(crate) fn build_tgz(files: &BTreeMap<String, FileEntry>) -> std::io::Result<Vec<u8>> {
-    let gz: GzEncoder<Vec<u8>> = GzBuilder::new()
+    write_tgz(
+        Vec::new(),
+        files.iter().map(|(path, entry)| {
+            Ok(TgzEntry {
+                path,
+                size: entry.data.len() as u64,
+                executable: entry.executable,
+                content: Box::new(entry.data.as_slice()),
+            })
+        }),
+    )
+}
+
+/// One entry for [`write_tgz`].
+pub(crate) struct TgzEntry<'a> {
+    pub path: &'a str,
+    /// Exactly the number of bytes `content` yields.
+    pub size: u64,
+    pub executable: bool,
+    pub content: Box<dyn Read + 'a>,
+}
+
+/// [`build_tgz`] streamed to `out`, entries in the order given (give them
+/// sorted by path for a deterministic archive). Returns `out`.
+pub(crate) fn write_tgz<'a, W: Write>(
+    out: W,
+    entries: impl IntoIterator<Item = std::io::Result<TgzEntry<'a>>>,
+) -> std::io::Result<W> {
+    let gz: GzEncoder<W> = GzBuilder::new()
         .mtime(0)
         .operating_system(255)
-        .write(Vec::new(), Compression::default());
+        .write(out, Compression::default());
     let mut tar = tar::Builder::new(gz);
     tar.mode(tar::HeaderMode::Deterministic);
-    for (path, entry) in files {
+    for entry in entries {
+        let entry = entry?;
         let mut header = tar::Header::new_gnu();
         header.set_entry_type(tar::EntryType::Regular);
-        header.set_size(entry.data.len() as u64);
+        header.set_size(entry.size);
         header.set_mode(if entry.executable { 0o755 } else { 0o644 });
         header.set_mtime(0);
         header.set_uid(0);
         header.set_gid(0);
-        tar.append_data(&mut header, path, entry.data.as_slice())?;
+        tar.append_data(&mut header, entry.path, entry.content)?;
     }
     let mut gz = tar.into_inner()?;
     gz.flush()?;
     gz.finish()
 }
 
-/// The regular files of a tgz, by normalised relative path. Directory
-/// entries are skipped; links, devices, absolute paths and `..` are errors.
-pub(crate) fn read_tgz(bytes: &[u8]) -> Result<BTreeMap<String, FileEntry>, String> {
-    let mut archive = tar::Archive::new(GzDecoder::new(bytes));
-    let mut out = BTreeMap::new();
-    let entries = archive.entries().map_err(|e| format!("not a tgz: {e}"))?;
-    for entry in entries {
-        let mut entry = entry.map_err(|e| format!("corrupt archive: {e}"))?;
+/// Why walking a tgz stopped.
+#[derive(Debug)]
+pub(crate) enum WalkError {
+    /// A limit of the [`Budget`] was exceeded.
+    Limit(LimitError),
+    /// The archive is not a tgz, is corrupt, or holds what it must not.
+    Invalid(String),
+    /// Writing what was read somewhere failed.
+    Io(String),
+}
+
+/// Streams the regular files of a tgz, in archive order, calling `visit`
+/// with each one's normalised relative path, executable bit and content
+/// (read as much or as little of it as needed). Directory entries are
+/// skipped; links, devices, absolute paths, `..` and a path appearing twice
+/// are errors. Every entry and every expanded byte (skipped ones included)
+/// is charged to `budget`; an entry whose declared size would exceed it is
+/// refused before it is read.
+pub(crate) fn walk_tgz<R: Read>(
+    input: R,
+    budget: &Budget,
+    mut visit: impl FnMut(&str, bool, &mut dyn Read) -> Result<(), WalkError>,
+) -> Result<(), WalkError> {
+    let result = walk_inner(input, budget, &mut visit);
+    // A decompressor or tar error caused by the meter stopping the stream
+    // is really the limit.
+    match (result, budget.exceeded()) {
+        (Err(_), Some(limit)) => Err(WalkError::Limit(limit)),
+        (result, _) => result,
+    }
+}
+
+/// What [`walk_tgz`] calls for each regular file: path, executable, content.
+type Visit<'v> = dyn FnMut(&str, bool, &mut dyn Read) -> Result<(), WalkError> + 'v;
+
+fn walk_inner<R: Read>(input: R, budget: &Budget, visit: &mut Visit<'_>) -> Result<(), WalkError> {
+    let invalid = WalkError::Invalid;
+    let mut archive = tar::Archive::new(Metered::new(GzDecoder::new(input), budget));
+    let mut seen = BTreeSet::new();
+    let mut entries = archive
+        .entries()
+        .map_err(|e| invalid(format!("not a tgz: {e}")))?;
+    let mut rest_of_previous = 0;
+    while let Some(entry) = budget.step(rest_of_previous, || entries.next()) {
+        let mut entry = entry.map_err(|e| invalid(format!("corrupt archive: {e}")))?;
+        budget.charge_entry().map_err(WalkError::Limit)?;
+        rest_of_previous = entry.size().div_ceil(512) * 512;
         let kind = entry.header().entry_type();
         let raw_path = entry
             .path()
-            .map_err(|e| format!("corrupt archive entry name: {e}"))?
+            .map_err(|e| invalid(format!("corrupt archive entry name: {e}")))?
             .to_string_lossy()
             .into_owned();
-        let path = normalise(&raw_path)?;
+        let path = normalise(&raw_path).map_err(invalid)?;
         if kind.is_dir() {
             continue;
         }
         if !(kind.is_file() || kind == tar::EntryType::Continuous) {
-            return Err(format!(
+            return Err(invalid(format!(
                 "entry '{raw_path}' is not a regular file ({kind:?})"
-            ));
+            )));
         }
         let mode = entry
             .header()
             .mode()
-            .map_err(|e| format!("entry '{raw_path}': bad mode: {e}"))?;
-        let mut data = Vec::new();
-        entry
-            .read_to_end(&mut data)
-            .map_err(|e| format!("entry '{raw_path}': {e}"))?;
-        if out
-            .insert(
-                path.clone(),
-                FileEntry {
-                    data,
-                    executable: mode & 0o111 != 0,
-                },
-            )
-            .is_some()
-        {
-            return Err(format!("entry '{path}' appears twice"));
+            .map_err(|e| invalid(format!("entry '{raw_path}': bad mode: {e}")))?;
+        budget
+            .check_declared(entry.size())
+            .map_err(WalkError::Limit)?;
+        if !seen.insert(path.clone()) {
+            return Err(invalid(format!("entry '{path}' appears twice")));
         }
+        visit(&path, mode & 0o111 != 0, &mut entry)?;
     }
+    Ok(())
+}
+
+/// The regular files of an in-memory tgz, by normalised relative path (see
+/// [`walk_tgz`]; no limits).
+#[cfg(test)]
+pub(crate) fn read_tgz(bytes: &[u8]) -> Result<BTreeMap<String, FileEntry>, String> {
+    let budget = Budget::new(crate::archive_limits::ArchiveLimits {
+        max_size: u64::MAX,
+        max_entries: u64::MAX,
+    });
+    let mut out = BTreeMap::new();
+    walk_tgz(bytes, &budget, |path, executable, r| {
+        let mut data = Vec::new();
+        r.read_to_end(&mut data)
+            .map_err(|e| WalkError::Invalid(format!("entry '{path}': {e}")))?;
+        out.insert(path.to_string(), FileEntry { data, executable });
+        Ok(())
+    })
+    .map_err(|e| match e {
+        WalkError::Limit(l) => l.to_string(),
+        WalkError::Invalid(m) | WalkError::Io(m) => m,
+    })?;
     Ok(out)
 }
 
@@ -116,15 +320,44 @@ pub(crate) fn package_fingerprint(
     files: &BTreeMap<String, FileEntry>,
     dependencies: &BTreeMap<String, String>,
 ) -> String {
+    let digests = files
+        .iter()
+        .map(|(path, f)| {
+            (
+                path.clone(),
+                FileDigest {
+                    executable: f.executable,
+                    sha256: sha256_hex(&f.data),
+                },
+            )
+        })
+        .collect();
+    package_fingerprint_of_digests(name, &sha256_hex(packaging), &digests, dependencies)
+}
+
+/// The executable bit and hex sha256 of one file of a package.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct FileDigest {
+    pub executable: bool,
+    pub sha256: String,
+}
+
+/// [`package_fingerprint`] from the sha256 of `packaging` and of every file.
+pub(crate) fn package_fingerprint_of_digests(
+    name: &str,
+    packaging_sha256: &str,
+    files: &BTreeMap<String, FileDigest>,
+    dependencies: &BTreeMap<String, String>,
+) -> String {
     let mut listing = String::new();
     listing.push_str(&format!("bosun-package-v1\nname {name}\n"));
-    listing.push_str(&format!("packaging {}\n", sha256_hex(packaging)));
+    listing.push_str(&format!("packaging {packaging_sha256}\n"));
     for (path, f) in files {
         listing.push_str(&format!(
             "file {} {} {}\n",
             sha256_hex(path.as_bytes()),
             if f.executable { "0755" } else { "0644" },
-            sha256_hex(&f.data)
+            f.sha256
         ));
     }
     for (dep, fp) in dependencies {

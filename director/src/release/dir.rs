@@ -282,7 +282,7 @@ fn read_packages(dir: &Path) -> Result<Vec<Package>, ReleaseError> {
                 spec: s.spec,
                 fingerprint,
                 sha256: sha256_hex(&archive),
-                archive,
+                archive: archive.into(),
             },
         );
     }
@@ -451,7 +451,7 @@ fn read_jobs(dir: &Path, packages: &[Package]) -> Result<Vec<Job>, ReleaseError>
             templates,
             monit,
             sha256: sha256_hex(&archive),
-            archive,
+            archive: archive.into(),
         });
     }
     Ok(jobs)

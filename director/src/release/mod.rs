@@ -9,6 +9,12 @@
 //! specs, template sources and byte-identical archives to the modules that
 //! do (`compiler`, `templates`, `desired`).
 //!
+//! Tarballs are streamed, within [`ArchiveLimits`]: a job or package
+//! archive read from a tarball lives in a temporary file (an
+//! [`ArchiveData`], in the scratch directory the caller names, removed when
+//! the last copy is dropped), never in memory; the files inside package
+//! archives are only hashed.
+//!
 //! Determinism: the same source gives the same fingerprints, the same dev
 //! version and byte-identical archives (entries sorted, mtime 0, uid/gid 0,
 //! modes 0644/0755, gzip header mtime 0).
@@ -30,11 +36,13 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::archive_limits::ArchiveLimits;
 use crate::problems::Problem;
 
+pub use archive::ArchiveData;
 pub use dir::read_release_dir;
 pub use spec::{parse_job_spec, parse_package_spec};
-pub use tarball::{read_tarball, write_tarball};
+pub use tarball::{read_tarball, read_tarball_with_limits, write_tarball};
 
 /// A job's `spec` file.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -103,7 +111,7 @@ pub struct Job {
     /// The `monit` file, if the job has one (bosun supervises from `bpm.yml`).
     pub monit: Option<String>,
     /// Deterministic tgz: `job.MF` (the spec text), `monit`, `templates/<src>`.
-    pub archive: Vec<u8>,
+    pub archive: ArchiveData,
     /// Hex sha256 of `archive`.
     pub sha256: String,
 }
@@ -115,7 +123,7 @@ pub struct Package {
     pub fingerprint: String,
     /// Deterministic tgz: `packaging` at the top and the selected files at
     /// their paths relative to `src/` or `blobs/`.
-    pub archive: Vec<u8>,
+    pub archive: ArchiveData,
     /// Hex sha256 of `archive`.
     pub sha256: String,
 }
@@ -171,6 +179,9 @@ pub enum ReleaseErrorKind {
     Invalid,
     /// A tarball's content does not match its recorded sha256 / fingerprint.
     Integrity,
+    /// A tarball expands past a limit of [`ArchiveLimits`] (or a limit's
+    /// setting is not valid).
+    Limit,
 }
 
 /// A problem with a release, naming the release (directory or tarball), the
@@ -337,11 +348,38 @@ fn visit_in_order<'a>(
 
 /// Directory or tarball, by looking at `path`. `version` applies to
 /// directories only: a tarball carries its own version in `release.MF`.
+/// A tarball is read within the limits of [`ArchiveLimits::from_env`], its
+/// job and package archives copied to the system's temporary directory.
 pub fn read_release(path: &Path, version: Option<&str>) -> Result<Release, ReleaseError> {
+    read_release_in(path, version, None)
+}
+
+/// [`read_release`], a tarball's job and package archives copied to
+/// `scratch_dir` (created if needed) when given.
+pub fn read_release_in(
+    path: &Path,
+    version: Option<&str>,
+    scratch_dir: Option<&Path>,
+) -> Result<Release, ReleaseError> {
+    let limits = if path.is_file() {
+        tarball::limits_from_env(path)?
+    } else {
+        ArchiveLimits::default()
+    };
+    read_release_with_limits(path, version, &limits, scratch_dir)
+}
+
+/// [`read_release_in`], a tarball read within `limits`.
+pub fn read_release_with_limits(
+    path: &Path,
+    version: Option<&str>,
+    limits: &ArchiveLimits,
+    scratch_dir: Option<&Path>,
+) -> Result<Release, ReleaseError> {
     if path.is_dir() {
         read_release_dir(path, version)
     } else if path.is_file() {
-        read_tarball(path)
+        read_tarball_with_limits(path, limits, scratch_dir)
     } else {
         Err(ReleaseError::new(
             ReleaseErrorKind::Io,

@@ -1,15 +1,20 @@
 //! Release tarballs: `release.MF`, `jobs/<name>.tgz`, `packages/<name>.tgz`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs;
+use std::fs::{self, File};
+use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::Path;
 
+use sha2::{Digest, Sha256};
+
 use super::archive::{
-    build_tgz, job_fingerprint, package_fingerprint, read_tgz, sha256_hex, FileEntry,
+    job_fingerprint, package_fingerprint_of_digests, walk_tgz, write_tgz, ArchiveData, FileDigest,
+    TgzEntry, WalkError,
 };
 use super::dir::topo_order;
 use super::spec::{check_name, parse_job_spec, parse_yaml};
-use super::{Job, Package, PackageSpec, Release, ReleaseError, ReleaseManifest};
+use super::{Job, Package, PackageSpec, Release, ReleaseError, ReleaseErrorKind, ReleaseManifest};
+use crate::archive_limits::{ArchiveLimits, Budget};
 
 const MANIFEST: &str = "release.MF";
 
@@ -19,18 +24,15 @@ pub fn write_tarball(release: &Release, out: &Path) -> Result<(), ReleaseError> 
     write_inner(release, out).map_err(|e| e.in_release(out))
 }
 
+/// What goes into a release tarball at one path.
+enum Member<'a> {
+    Archive(&'a ArchiveData),
+    Text(String),
+}
+
 fn write_inner(release: &Release, out: &Path) -> Result<(), ReleaseError> {
     let m = &release.manifest;
-    let mut files = BTreeMap::new();
-    let mut put = |path: String, data: Vec<u8>| {
-        files.insert(
-            path,
-            FileEntry {
-                data,
-                executable: false,
-            },
-        )
-    };
+    let mut members: BTreeMap<String, Member<'_>> = BTreeMap::new();
     if m.jobs.len() != release.jobs.len() || m.packages.len() != release.packages.len() {
         return Err(ReleaseError::invalid(
             MANIFEST,
@@ -47,7 +49,10 @@ fn write_inner(release: &Release, out: &Path) -> Result<(), ReleaseError> {
                     format!("job '{}' does not match its manifest entry", entry.name),
                 )
             })?;
-        put(format!("jobs/{}.tgz", entry.name), job.archive.clone());
+        members.insert(
+            format!("jobs/{}.tgz", entry.name),
+            Member::Archive(&job.archive),
+        );
     }
     for entry in &m.packages {
         let pkg = release
@@ -59,38 +64,246 @@ fn write_inner(release: &Release, out: &Path) -> Result<(), ReleaseError> {
                     format!("package '{}' does not match its manifest entry", entry.name),
                 )
             })?;
-        put(format!("packages/{}.tgz", entry.name), pkg.archive.clone());
+        members.insert(
+            format!("packages/{}.tgz", entry.name),
+            Member::Archive(&pkg.archive),
+        );
     }
     let text =
         serde_yaml_ng::to_string(m).map_err(|e| ReleaseError::invalid(MANIFEST, e.to_string()))?;
-    put(MANIFEST.to_string(), text.into_bytes());
+    members.insert(MANIFEST.to_string(), Member::Text(text));
 
-    let tgz = build_tgz(&files).map_err(|e| ReleaseError::io("", e))?;
     let file_name = out
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "release.tgz".to_string());
     let tmp = out.with_file_name(format!(".{file_name}.tmp"));
-    fs::write(&tmp, &tgz).map_err(|e| ReleaseError::io("", e))?;
-    fs::rename(&tmp, out).map_err(|e| {
+    let written = File::create(&tmp).and_then(|f| {
+        let entries = members.iter().map(|(path, member)| {
+            let (size, content): (u64, Box<dyn Read + '_>) = match member {
+                Member::Archive(a) => (a.len(), a.open()?),
+                Member::Text(t) => (t.len() as u64, Box::new(t.as_bytes())),
+            };
+            Ok(TgzEntry {
+                path,
+                size,
+                executable: false,
+                content,
+            })
+        });
+        let mut w = write_tgz(BufWriter::new(f), entries)?;
+        w.flush()?;
+        w.into_inner().map_err(|e| e.into_error())?.sync_all()
+    });
+    let result = written.and_then(|()| fs::rename(&tmp, out));
+    result.map_err(|e| {
+        // Best effort: the error being reported matters more than the leftover.
         let _ = fs::remove_file(&tmp);
         ReleaseError::io("", e)
     })
 }
 
-/// Read a release tarball, verifying every archive's sha256 and every
-/// recomputed fingerprint against `release.MF`.
-pub fn read_tarball(path: &Path) -> Result<Release, ReleaseError> {
-    let bytes = fs::read(path).map_err(|e| ReleaseError::io("", e).in_release(path))?;
-    read_tarball_bytes(&bytes).map_err(|e| e.in_release(path))
+/// The limits of [`ArchiveLimits::from_env`], a bad setting reported
+/// against the tarball being read.
+pub(crate) fn limits_from_env(path: &Path) -> Result<ArchiveLimits, ReleaseError> {
+    ArchiveLimits::from_env()
+        .map_err(|e| ReleaseError::new(ReleaseErrorKind::Limit, "", e.to_string()).in_release(path))
 }
 
-fn read_tarball_bytes(bytes: &[u8]) -> Result<Release, ReleaseError> {
-    let files = read_tgz(bytes).map_err(|m| ReleaseError::invalid("", m))?;
-    let text = files
-        .get(MANIFEST)
+/// Read a release tarball, verifying every archive's sha256 and every
+/// recomputed fingerprint against `release.MF`, within the limits of
+/// [`ArchiveLimits::from_env`].
+pub fn read_tarball(path: &Path) -> Result<Release, ReleaseError> {
+    let limits = limits_from_env(path)?;
+    read_tarball_with_limits(path, &limits, None)
+}
+
+/// [`read_tarball`] within `limits`. The tarball is streamed: `release.MF`
+/// and the jobs' text files are read into memory (each up to a fixed size),
+/// job and package archives go to temporary files in `scratch_dir` (created
+/// if needed; default: the system's temporary directory), and the files
+/// inside package archives are only hashed.
+pub fn read_tarball_with_limits(
+    path: &Path,
+    limits: &ArchiveLimits,
+    scratch_dir: Option<&Path>,
+) -> Result<Release, ReleaseError> {
+    if let Some(dir) = scratch_dir {
+        fs::create_dir_all(dir).map_err(|e| {
+            ReleaseError::io("", format!("creating {}: {e}", dir.display())).in_release(path)
+        })?;
+    }
+    read_inner(path, limits, scratch_dir).map_err(|e| e.in_release(path))
+}
+
+/// Longest `release.MF` read (it is held in memory).
+const MAX_MANIFEST_BYTES: u64 = 64 << 20;
+
+/// Longest `job.MF`, `monit` or template read (they are held in memory).
+const MAX_JOB_FILE_BYTES: u64 = 64 << 20;
+
+/// A job or package archive copied out of the tarball, with its sha256.
+struct Spooled {
+    data: ArchiveData,
+    sha256: String,
+}
+
+/// `file` (inside the release) for a walk that stopped.
+fn walk_error(file: &str, e: WalkError) -> ReleaseError {
+    match e {
+        WalkError::Limit(l) => ReleaseError::new(ReleaseErrorKind::Limit, file, l.to_string()),
+        WalkError::Invalid(m) => ReleaseError::invalid(file, m),
+        WalkError::Io(m) => ReleaseError::io(file, m),
+    }
+}
+
+/// `jobs/<name>.tgz` or `packages/<name>.tgz`.
+fn is_member_archive(path: &str) -> bool {
+    ["jobs/", "packages/"].iter().any(|dir| {
+        path.strip_prefix(dir)
+            .and_then(|rest| rest.strip_suffix(".tgz"))
+            .is_some_and(|name| !name.is_empty() && !name.contains('/'))
+    })
+}
+
+/// All of `content` (an entry named `name`), refused past `max` bytes.
+fn read_capped(content: &mut dyn Read, max: u64, name: &str) -> Result<Vec<u8>, WalkError> {
+    let mut data = Vec::new();
+    content
+        .take(max + 1)
+        .read_to_end(&mut data)
+        .map_err(|e| WalkError::Invalid(format!("entry '{name}': {e}")))?;
+    if data.len() as u64 > max {
+        return Err(WalkError::Invalid(format!(
+            "entry '{name}' is larger than {} MiB (it is read into memory)",
+            max >> 20
+        )));
+    }
+    Ok(data)
+}
+
+/// Copies `content` (an entry named `name`) to a new temporary file,
+/// hashing it on the way.
+fn spool(content: &mut dyn Read, name: &str, dir: Option<&Path>) -> Result<Spooled, WalkError> {
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".bosun-release-");
+    let tmp = match dir {
+        Some(dir) => builder.tempfile_in(dir),
+        None => builder.tempfile(),
+    }
+    .map_err(|e| WalkError::Io(format!("creating a temporary file for '{name}': {e}")))?;
+    let mut out = BufWriter::new(tmp.as_file());
+    let mut hasher = Sha256::new();
+    // Refuse what cannot be a tgz before copying any of it.
+    let mut magic = [0u8; 2];
+    match content.read_exact(&mut magic) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => magic = [0, 0],
+        Err(e) => return Err(WalkError::Invalid(format!("entry '{name}': {e}"))),
+    }
+    if magic != [0x1f, 0x8b] {
+        return Err(WalkError::Invalid(format!(
+            "entry '{name}' is not a gzipped archive"
+        )));
+    }
+    hasher.update(magic);
+    let write_err =
+        |e: io::Error| WalkError::Io(format!("copying '{name}' to {}: {e}", tmp.path().display()));
+    out.write_all(&magic).map_err(write_err)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut len = magic.len() as u64;
+    loop {
+        let n = content
+            .read(&mut buf)
+            .map_err(|e| WalkError::Invalid(format!("entry '{name}': {e}")))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n]).map_err(write_err)?;
+        len += n as u64;
+    }
+    out.flush().map_err(write_err)?;
+    drop(out);
+    Ok(Spooled {
+        data: ArchiveData::from_temp_file(tmp.into_temp_path(), len),
+        sha256: hex::encode(hasher.finalize()),
+    })
+}
+
+/// The sha256 of `packaging` and the digest of every other file of the
+/// package archive `archive` (at `file` in the release).
+fn package_digests(
+    archive: &ArchiveData,
+    file: &str,
+    budget: &Budget,
+) -> Result<(Option<String>, BTreeMap<String, FileDigest>), ReleaseError> {
+    let input = archive
+        .open()
+        .map_err(|e| ReleaseError::io(file, format!("reopening the archive: {e}")))?;
+    let mut packaging = None;
+    let mut files = BTreeMap::new();
+    walk_tgz(input, budget, |path, executable, content| {
+        let mut hasher = Sha256::new();
+        io::copy(content, &mut hasher)
+            .map_err(|e| WalkError::Invalid(format!("entry '{path}': {e}")))?;
+        let sha256 = hex::encode(hasher.finalize());
+        if path == "packaging" {
+            packaging = Some(sha256);
+        } else {
+            files.insert(path.to_string(), FileDigest { executable, sha256 });
+        }
+        Ok(())
+    })
+    .map_err(|e| walk_error(file, e))?;
+    Ok((packaging, files))
+}
+
+/// `job.MF`, `monit` and `templates/*` of the job archive `archive` (at
+/// `file` in the release); its other files are skipped.
+fn job_files(
+    archive: &ArchiveData,
+    file: &str,
+    budget: &Budget,
+) -> Result<BTreeMap<String, Vec<u8>>, ReleaseError> {
+    let input = archive
+        .open()
+        .map_err(|e| ReleaseError::io(file, format!("reopening the archive: {e}")))?;
+    let mut out = BTreeMap::new();
+    walk_tgz(input, budget, |path, _, content| {
+        if path == "job.MF" || path == "monit" || path.starts_with("templates/") {
+            out.insert(
+                path.to_string(),
+                read_capped(content, MAX_JOB_FILE_BYTES, path)?,
+            );
+        }
+        Ok(())
+    })
+    .map_err(|e| walk_error(file, e))?;
+    Ok(out)
+}
+
+fn read_inner(
+    path: &Path,
+    limits: &ArchiveLimits,
+    scratch_dir: Option<&Path>,
+) -> Result<Release, ReleaseError> {
+    let input = File::open(path).map_err(|e| ReleaseError::io("", e))?;
+    let budget = Budget::new(*limits);
+    let mut manifest_bytes = None;
+    let mut archives: BTreeMap<String, Spooled> = BTreeMap::new();
+    walk_tgz(BufReader::new(input), &budget, |name, _, content| {
+        if name == MANIFEST {
+            manifest_bytes = Some(read_capped(content, MAX_MANIFEST_BYTES, name)?);
+        } else if is_member_archive(name) {
+            archives.insert(name.to_string(), spool(content, name, scratch_dir)?);
+        }
+        Ok(())
+    })
+    .map_err(|e| walk_error("", e))?;
+    let text = manifest_bytes
         .ok_or_else(|| ReleaseError::invalid(MANIFEST, "missing from the tarball"))?;
-    let text = std::str::from_utf8(&text.data)
+    let text = std::str::from_utf8(&text)
         .map_err(|_| ReleaseError::invalid(MANIFEST, "not valid UTF-8 text"))?;
     let manifest: ReleaseManifest = parse_yaml(MANIFEST, text)?;
     check_name("release name", &manifest.name).map_err(|m| ReleaseError::invalid(MANIFEST, m))?;
@@ -142,10 +355,9 @@ fn read_tarball_bytes(bytes: &[u8]) -> Result<Release, ReleaseError> {
             continue;
         };
         let file = format!("packages/{name}.tgz");
-        let archive = verified_archive(&files, &file, &entry.sha256)?;
-        let mut contents = read_tgz(&archive).map_err(|m| ReleaseError::invalid(&file, m))?;
-        let packaging = contents
-            .remove("packaging")
+        let archive = verified_archive(&archives, &file, &entry.sha256)?;
+        let (packaging, contents) = package_digests(&archive, &file, &budget)?;
+        let packaging = packaging
             .ok_or_else(|| ReleaseError::invalid(&file, "no packaging script in the archive"))?;
         let dep_fps: BTreeMap<String, String> = entry
             .dependencies
@@ -156,7 +368,7 @@ fn read_tarball_bytes(bytes: &[u8]) -> Result<Release, ReleaseError> {
                     .map(|fp| (d.clone(), fp.to_string()))
             })
             .collect();
-        let fingerprint = package_fingerprint(name, &packaging.data, &contents, &dep_fps);
+        let fingerprint = package_fingerprint_of_digests(name, &packaging, &contents, &dep_fps);
         if fingerprint != entry.fingerprint {
             return Err(ReleaseError::integrity(
                 &file,
@@ -188,10 +400,10 @@ fn read_tarball_bytes(bytes: &[u8]) -> Result<Release, ReleaseError> {
         let name = &entry.name;
         check_name("job name", name).map_err(|m| ReleaseError::invalid(MANIFEST, m))?;
         let file = format!("jobs/{name}.tgz");
-        let archive = verified_archive(&files, &file, &entry.sha256)?;
-        let mut contents = read_tgz(&archive).map_err(|m| ReleaseError::invalid(&file, m))?;
-        let text_of = |e: FileEntry, what: &str| {
-            String::from_utf8(e.data)
+        let archive = verified_archive(&archives, &file, &entry.sha256)?;
+        let mut contents = job_files(&archive, &file, &budget)?;
+        let text_of = |data: Vec<u8>, what: &str| {
+            String::from_utf8(data)
                 .map_err(|_| ReleaseError::invalid(&file, format!("{what} is not valid UTF-8")))
         };
         let spec_text = match contents.remove("job.MF") {
@@ -272,18 +484,17 @@ fn read_tarball_bytes(bytes: &[u8]) -> Result<Release, ReleaseError> {
 
 /// The archive at `file` inside the tarball, after checking its sha256.
 fn verified_archive(
-    files: &BTreeMap<String, FileEntry>,
+    archives: &BTreeMap<String, Spooled>,
     file: &str,
     expected: &str,
-) -> Result<Vec<u8>, ReleaseError> {
-    let entry = files.get(file).ok_or_else(|| {
+) -> Result<ArchiveData, ReleaseError> {
+    let entry = archives.get(file).ok_or_else(|| {
         ReleaseError::invalid(file, "listed in release.MF but missing from the tarball")
     })?;
-    let actual = sha256_hex(&entry.data);
-    if !actual.eq_ignore_ascii_case(expected) {
+    if !entry.sha256.eq_ignore_ascii_case(expected) {
         return Err(ReleaseError::integrity(
             file,
-            format!("sha256 is {actual}, release.MF says {expected}"),
+            format!("sha256 is {}, release.MF says {expected}", entry.sha256),
         ));
     }
     Ok(entry.data.clone())

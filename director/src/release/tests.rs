@@ -3,6 +3,8 @@ use std::path::{Path, PathBuf};
 
 use super::archive::{build_tgz, read_tgz};
 use super::*;
+use crate::archive_limits::ArchiveLimits;
+use crate::test_alloc::peak_growth;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bosh-releases")
@@ -171,10 +173,10 @@ fn kv_release_reads_deterministically() {
     let e = a.package_closure(&["nope".to_string()]).unwrap_err();
     assert!(e.to_string().contains("'nope'"), "{e}");
 
-    let server = read_tgz(&a.package("kv-server").unwrap().archive).unwrap();
+    let server = read_tgz(&a.package("kv-server").unwrap().archive.to_vec().unwrap()).unwrap();
     let names: Vec<&str> = server.keys().map(String::as_str).collect();
     assert_eq!(names, vec!["kv-server/server.py", "packaging"]);
-    let job_files = read_tgz(&job.archive).unwrap();
+    let job_files = read_tgz(&job.archive.to_vec().unwrap()).unwrap();
     assert!(job_files.contains_key("job.MF"));
     assert!(job_files.contains_key("templates/config.json"));
 
@@ -247,7 +249,7 @@ fn globs_blobs_and_exclusions() {
     )
     .unwrap();
     let r = read_release_dir(&dir, None).unwrap();
-    let files = read_tgz(&r.package("kv-common").unwrap().archive).unwrap();
+    let files = read_tgz(&r.package("kv-common").unwrap().archive.to_vec().unwrap()).unwrap();
     let names: Vec<&str> = files.keys().map(String::as_str).collect();
     assert_eq!(
         names,
@@ -267,7 +269,7 @@ fn globs_blobs_and_exclusions() {
     .unwrap();
     let r = read_release_dir(&dir, None).unwrap();
     assert_eq!(
-        read_tgz(&r.package("kv-common").unwrap().archive)
+        read_tgz(&r.package("kv-common").unwrap().archive.to_vec().unwrap())
             .unwrap()
             .len(),
         2
@@ -420,4 +422,245 @@ fn tampered_tarballs_are_rejected() {
     fs::write(&bad_path, b"garbage").unwrap();
     assert!(read_tarball(&bad_path).is_err());
     assert!(read_release(&tmp.path().join("missing"), None).is_err());
+}
+
+/// A tgz at `path`, streamed from (name, size, content) entries.
+fn stream_tgz(path: &Path, entries: Vec<(String, u64, Box<dyn std::io::Read>)>) {
+    use std::io::Write;
+    let out = std::io::BufWriter::new(fs::File::create(path).unwrap());
+    let gz = flate2::GzBuilder::new().write(out, flate2::Compression::fast());
+    let mut tar = tar::Builder::new(gz);
+    for (name, size, content) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(size);
+        h.set_mode(0o644);
+        tar.append_data(&mut h, name, content).unwrap();
+    }
+    tar.into_inner().unwrap().finish().unwrap().flush().unwrap();
+}
+
+fn zeros(n: u64) -> Box<dyn std::io::Read> {
+    Box::new(std::io::Read::take(std::io::repeat(0), n))
+}
+
+fn sha256_of(mut r: impl std::io::Read) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut r, &mut h).unwrap();
+    hex::encode(h.finalize())
+}
+
+#[test]
+fn a_gzip_of_zeros_past_the_size_limit_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let limits = ArchiveLimits {
+        max_size: 1 << 20,
+        max_entries: 1000,
+    };
+    // One entry of 64 MiB: refused from its header, before it is read.
+    let bomb = tmp.path().join("bomb.tgz");
+    stream_tgz(
+        &bomb,
+        vec![("packages/p.tgz".into(), 64 << 20, zeros(64 << 20))],
+    );
+    assert!(fs::metadata(&bomb).unwrap().len() < 1 << 20, "a bomb");
+    let e = read_tarball_with_limits(&bomb, &limits, None).unwrap_err();
+    assert_eq!(e.kind, ReleaseErrorKind::Limit, "{e}");
+    let msg = e.to_string();
+    for part in [
+        &format!("release {}: ", bomb.display()),
+        "more than 1 MiB (1048576 bytes)",
+        "BOSUN_MAX_ARCHIVE_SIZE=4M",
+    ] {
+        assert!(msg.contains(part), "{part} in {msg}");
+    }
+    // read_release reads tarballs the same way.
+    let e = read_release_with_limits(&bomb, None, &limits, None).unwrap_err();
+    assert_eq!(e.kind, ReleaseErrorKind::Limit, "{e}");
+    // Within the defaults, it is refused at its first bytes: a job or
+    // package archive must be gzipped.
+    let (e, peak) = peak_growth(|| {
+        read_tarball_with_limits(&bomb, &ArchiveLimits::default(), None).unwrap_err()
+    });
+    assert_eq!(e.kind, ReleaseErrorKind::Invalid, "{e}");
+    assert!(
+        e.to_string()
+            .contains("'packages/p.tgz' is not a gzipped archive"),
+        "{e}"
+    );
+    assert!(peak < 16 << 20, "{peak}");
+
+    // Many entries, each under the limit: refused once they add up to it.
+    let many = tmp.path().join("many.tgz");
+    let entries = (0..64)
+        .map(|i| (format!("junk/{i}"), 64 << 10, zeros(64 << 10)))
+        .collect();
+    stream_tgz(&many, entries);
+    let e = read_tarball_with_limits(&many, &limits, None).unwrap_err();
+    assert_eq!(e.kind, ReleaseErrorKind::Limit, "{e}");
+    assert!(e.to_string().contains("BOSUN_MAX_ARCHIVE_SIZE"), "{e}");
+}
+
+#[test]
+fn a_tar_with_more_entries_than_allowed_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("entries.tgz");
+    let entries = (0..300)
+        .map(|i| (format!("junk/{i}"), 0, zeros(0)))
+        .collect();
+    stream_tgz(&path, entries);
+    let limits = ArchiveLimits {
+        max_size: 1 << 30,
+        max_entries: 100,
+    };
+    let e = read_tarball_with_limits(&path, &limits, None).unwrap_err();
+    assert_eq!(e.kind, ReleaseErrorKind::Limit, "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("entries.tgz: has more than 100 entries"),
+        "{msg}"
+    );
+    assert!(msg.contains("BOSUN_MAX_ARCHIVE_ENTRIES=400"), "{msg}");
+}
+
+#[test]
+fn nested_archives_count_towards_the_limits() {
+    let (_tmp, dir) = kv_copy();
+    fs::write(dir.join("src/kv-common/big.bin"), vec![0u8; 8 << 20]).unwrap();
+    let spec = dir.join("packages/kv-common/spec");
+    let text = fs::read_to_string(&spec).unwrap();
+    fs::write(&spec, format!("{text}- kv-common/big.bin\n")).unwrap();
+    let r = read_release_dir(&dir, Some("1")).unwrap();
+    let path = dir.parent().unwrap().join("kv-1.tgz");
+    write_tarball(&r, &path).unwrap();
+    assert!(fs::metadata(&path).unwrap().len() < 1 << 20);
+
+    // The outer tar is small; kv-common's archive expands past 4 MiB.
+    let limits = ArchiveLimits {
+        max_size: 4 << 20,
+        max_entries: 1000,
+    };
+    let e = read_tarball_with_limits(&path, &limits, None).unwrap_err();
+    assert_eq!(e.kind, ReleaseErrorKind::Limit, "{e}");
+    assert_eq!(e.file, "packages/kv-common.tgz", "{e}");
+    let limits = ArchiveLimits {
+        max_size: 1 << 30,
+        max_entries: 5,
+    };
+    let e = read_tarball_with_limits(&path, &limits, None).unwrap_err();
+    assert!(e.to_string().contains("more than 5 entries"), "{e}");
+
+    // Within the defaults it reads, identical to the directory.
+    let scratch = dir.parent().unwrap().join("scratch");
+    let back = read_tarball_with_limits(&path, &ArchiveLimits::default(), Some(&scratch)).unwrap();
+    assert_eq!(back.manifest, r.manifest);
+    assert_eq!(back.jobs, r.jobs);
+    let (a, b) = (
+        back.package("kv-common").unwrap(),
+        r.package("kv-common").unwrap(),
+    );
+    assert_eq!((&a.fingerprint, &a.archive), (&b.fingerprint, &b.archive));
+    let spooled = a.archive.path().unwrap().to_path_buf();
+    assert!(spooled.starts_with(&scratch), "{}", spooled.display());
+    drop(back);
+    assert!(!spooled.exists(), "removed with the release");
+    assert_eq!(fs::read_dir(&scratch).unwrap().count(), 0);
+}
+
+#[test]
+fn a_big_tarball_is_streamed_not_held() {
+    const BIG: u64 = 256 << 20;
+    let tmp = tempfile::tempdir().unwrap();
+    // A package archive holding a 256 MiB file.
+    let pkg = tmp.path().join("p.tgz");
+    let packaging = b"cp -a p/* ${BOSH_INSTALL_TARGET}\n";
+    stream_tgz(
+        &pkg,
+        vec![
+            (
+                "packaging".into(),
+                packaging.len() as u64,
+                Box::new(packaging.as_slice()),
+            ),
+            ("p/big.bin".into(), BIG, zeros(BIG)),
+        ],
+    );
+    let files = BTreeMap::from([(
+        "p/big.bin".to_string(),
+        archive::FileDigest {
+            executable: false,
+            sha256: sha256_of(zeros(BIG)),
+        },
+    )]);
+    let fingerprint = archive::package_fingerprint_of_digests(
+        "p",
+        &archive::sha256_hex(packaging),
+        &files,
+        &BTreeMap::new(),
+    );
+    let manifest = ReleaseManifest {
+        name: "big".into(),
+        version: "1".into(),
+        commit_hash: "unknown".into(),
+        uncommitted_changes: false,
+        jobs: vec![],
+        packages: vec![PackageEntry {
+            name: "p".into(),
+            version: fingerprint.clone(),
+            fingerprint,
+            sha256: sha256_of(fs::File::open(&pkg).unwrap()),
+            dependencies: vec![],
+        }],
+    };
+    let mf = serde_yaml_ng::to_string(&manifest).unwrap().into_bytes();
+    // The release: release.MF, the package and 256 MiB of something else.
+    let path = tmp.path().join("big.tgz");
+    stream_tgz(
+        &path,
+        vec![
+            (
+                "release.MF".into(),
+                mf.len() as u64,
+                Box::new(std::io::Cursor::new(mf)),
+            ),
+            (
+                "packages/p.tgz".into(),
+                fs::metadata(&pkg).unwrap().len(),
+                Box::new(fs::File::open(&pkg).unwrap()),
+            ),
+            ("extra/zeros".into(), BIG, zeros(BIG)),
+        ],
+    );
+
+    let limits = ArchiveLimits {
+        max_size: 1 << 30,
+        max_entries: 100,
+    };
+    let (read, peak) = peak_growth(|| read_tarball_with_limits(&path, &limits, None));
+    let r = read.unwrap();
+    assert_eq!(r.package("p").unwrap().spec.files, ["p/big.bin"]);
+    assert!(
+        peak < 16 << 20,
+        "reading 512 MiB of expanded content allocated {peak} bytes at its peak"
+    );
+}
+
+#[test]
+fn a_huge_long_name_is_refused_before_it_is_held() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("long-name.tgz");
+    // The tar writer stores a path this long in a GNU long-name entry,
+    // which the tar reader reads into memory whole.
+    let name = "a".repeat(8 << 20);
+    stream_tgz(&path, vec![(name, 1, Box::new(b"x".as_slice()))]);
+    let (e, peak) = peak_growth(|| {
+        read_tarball_with_limits(&path, &ArchiveLimits::default(), None).unwrap_err()
+    });
+    assert_eq!(e.kind, ReleaseErrorKind::Limit, "{e}");
+    assert!(
+        e.to_string().contains("long-name.tgz: has an entry header (long name or extended attributes) of more than 1 MiB"),
+        "{e}"
+    );
+    assert!(peak < 4 << 20, "{peak}");
 }

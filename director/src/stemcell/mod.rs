@@ -12,8 +12,9 @@
 //! `/var/vcap/bosh/bin/bosun` (one binary is director and agent, so the
 //! builder copies the running executable), BOSH's `/var/vcap` directories
 //! and `/etc/bosun-stemcell`; apt caches and package lists are dropped.
-//! [`open_stemcell`] unpacks a tarball into a temporary directory, verifies
-//! the image's sha256 and hands out a [`bosun_cpi::StemcellSpec`].
+//! [`open_stemcell`] unpacks a tarball into a temporary directory (streamed,
+//! within [`ArchiveLimits`]), verifies the image's sha256 and hands out a
+//! [`bosun_cpi::StemcellSpec`].
 //!
 //! This module owns the stemcell *format* and the builder only. It never
 //! talks to a CPI (uploading is the caller's business), keeps no state
@@ -35,6 +36,8 @@ use flate2::read::GzDecoder;
 use flate2::{Compression, GzBuilder};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use crate::archive_limits::{ArchiveLimits, Budget, LimitError, Metered};
 
 /// Operating systems the builder supports: stemcell `operating_system` and
 /// the Debian suite debootstrap installs.
@@ -139,6 +142,10 @@ pub enum StemcellError {
         expected: String,
         actual: String,
     },
+    /// A stemcell tarball that expands past a limit of [`ArchiveLimits`]
+    /// (or a limit's setting that is not valid).
+    #[error("{}: {limit}", path.display())]
+    Limit { path: PathBuf, limit: LimitError },
 }
 
 impl StemcellError {
@@ -467,25 +474,81 @@ const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 
 /// Unpacks the stemcell tarball at `path` (gzipped or plain tar) into a
 /// temporary directory, parses `stemcell.MF` and verifies the image's
-/// sha256. Other entries of the tarball are ignored.
+/// sha256, within the limits of [`ArchiveLimits::from_env`]. Other entries
+/// of the tarball are skipped (but count towards the limits).
 pub fn open_stemcell(path: &Path) -> Result<OpenedStemcell, StemcellError> {
+    open_stemcell_in(path, None)
+}
+
+/// [`open_stemcell`], the temporary directory made in `scratch_dir`
+/// (created if needed) when given, else in the system's.
+pub fn open_stemcell_in(
+    path: &Path,
+    scratch_dir: Option<&Path>,
+) -> Result<OpenedStemcell, StemcellError> {
+    let limits = ArchiveLimits::from_env().map_err(|limit| StemcellError::Limit {
+        path: path.to_path_buf(),
+        limit,
+    })?;
+    open_stemcell_with_limits(path, &limits, scratch_dir)
+}
+
+/// [`open_stemcell_in`] within `limits`. The image is streamed to the
+/// temporary directory, never held in memory.
+pub fn open_stemcell_with_limits(
+    path: &Path,
+    limits: &ArchiveLimits,
+    scratch_dir: Option<&Path>,
+) -> Result<OpenedStemcell, StemcellError> {
+    let budget = Budget::new(*limits);
+    // A gzip or tar error caused by the meter stopping the stream is
+    // really the limit.
+    open_metered(path, &budget, scratch_dir).map_err(|e| match budget.exceeded() {
+        Some(limit) => StemcellError::Limit {
+            path: path.to_path_buf(),
+            limit,
+        },
+        None => e,
+    })
+}
+
+fn open_metered(
+    path: &Path,
+    budget: &Budget,
+    scratch_dir: Option<&Path>,
+) -> Result<OpenedStemcell, StemcellError> {
+    let limit = |limit| StemcellError::Limit {
+        path: path.to_path_buf(),
+        limit,
+    };
     let file = File::open(path).map_err(io_err("opening stemcell", path))?;
-    let dir = tempfile::Builder::new()
-        .prefix("bosun-stemcell-")
-        .tempdir()
-        .map_err(io_err("creating a temporary directory for", path))?;
+    let mut builder = tempfile::Builder::new();
+    builder.prefix("bosun-stemcell-");
+    let dir = match scratch_dir {
+        Some(scratch) => fs::create_dir_all(scratch)
+            .and_then(|()| builder.tempdir_in(scratch))
+            .map_err(io_err("creating a temporary directory for", path))?,
+        None => builder
+            .tempdir()
+            .map_err(io_err("creating a temporary directory for", path))?,
+    };
     let image_path = dir.path().join("image");
-    let mut archive = tar::Archive::new(
+    let mut archive = tar::Archive::new(Metered::new(
         maybe_gunzip(BufReader::new(file)).map_err(io_err("reading stemcell", path))?,
-    );
+        budget,
+    ));
     let mut manifest_text: Option<String> = None;
     let mut image_sha: Option<String> = None;
-    let entries = archive
+    let mut entries = archive
         .entries()
         .map_err(|e| StemcellError::invalid(path, format!("not a stemcell tarball: {e}")))?;
-    for entry in entries {
+    let mut rest_of_previous = 0;
+    while let Some(entry) = budget.step(rest_of_previous, || entries.next()) {
         let mut entry = entry
             .map_err(|e| StemcellError::invalid(path, format!("not a stemcell tarball: {e}")))?;
+        budget.charge_entry().map_err(limit)?;
+        rest_of_previous = entry.size().div_ceil(512) * 512;
+        budget.check_declared(entry.size()).map_err(limit)?;
         let name = entry
             .path()
             .map_err(|e| StemcellError::invalid(path, format!("bad entry name: {e}")))?

@@ -448,3 +448,139 @@ fn real_build_imports_into_docker() {
     assert!(ok2 && py.contains("py ok"), "python3 in the image: {py}");
     eprintln!("inside the image: {}", out.trim());
 }
+
+/// A tgz at `path`, streamed from (name, size, content) entries.
+fn stream_tgz(path: &Path, entries: Vec<(String, u64, Box<dyn Read>)>) {
+    let out = io::BufWriter::new(File::create(path).unwrap());
+    let gz = GzBuilder::new().write(out, Compression::fast());
+    let mut tar = tar::Builder::new(gz);
+    for (name, size, content) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(size);
+        h.set_mode(0o644);
+        tar.append_data(&mut h, name, content).unwrap();
+    }
+    tar.into_inner().unwrap().finish().unwrap().flush().unwrap();
+}
+
+fn zeros(n: u64) -> Box<dyn Read> {
+    Box::new(io::repeat(0).take(n))
+}
+
+/// A stemcell whose image is `image_size` zeros, plus `extra` entries.
+fn zeros_stemcell(
+    path: &Path,
+    image_size: u64,
+    extra: Vec<(String, u64, Box<dyn Read>)>,
+) -> StemcellManifest {
+    let mut hasher = Sha256::new();
+    io::copy(&mut zeros(image_size), &mut hasher).unwrap();
+    let mut manifest = manifest_for(b"");
+    manifest.sha256 = hex::encode(hasher.finalize());
+    let mf = serde_yaml_ng::to_string(&manifest).unwrap().into_bytes();
+    let mut entries: Vec<(String, u64, Box<dyn Read>)> = vec![
+        (
+            "stemcell.MF".into(),
+            mf.len() as u64,
+            Box::new(io::Cursor::new(mf)),
+        ),
+        ("image".into(), image_size, zeros(image_size)),
+    ];
+    entries.extend(extra);
+    stream_tgz(path, entries);
+    manifest
+}
+
+#[test]
+fn a_stemcell_expanding_past_the_size_limit_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = ArchiveLimits {
+        max_size: 1 << 20,
+        max_entries: 1000,
+    };
+    let bomb = dir.path().join("bomb.tgz");
+    zeros_stemcell(&bomb, 64 << 20, vec![]);
+    assert!(fs::metadata(&bomb).unwrap().len() < 1 << 20, "a bomb");
+    let err = open_stemcell_with_limits(&bomb, &limits, None).unwrap_err();
+    assert!(matches!(err, StemcellError::Limit { .. }), "{err}");
+    let msg = err.to_string();
+    for part in [
+        &format!("{}: expands to more than 1 MiB", bomb.display()),
+        "BOSUN_MAX_ARCHIVE_SIZE=4M",
+    ] {
+        assert!(msg.contains(part), "{part} in {msg}");
+    }
+
+    // Entries that are skipped count too, and the meter stops the stream
+    // even when no single entry is too big.
+    let skipped = dir.path().join("skipped.tgz");
+    let extra = (0..64)
+        .map(|i| (format!("junk/{i}"), 64 << 10, zeros(64 << 10)))
+        .collect();
+    zeros_stemcell(&skipped, 1024, extra);
+    let err = open_stemcell_with_limits(&skipped, &limits, None).unwrap_err();
+    assert!(matches!(err, StemcellError::Limit { .. }), "{err}");
+}
+
+#[test]
+fn a_stemcell_with_more_entries_than_allowed_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("entries.tgz");
+    let extra = (0..300)
+        .map(|i| (format!("junk/{i}"), 0, zeros(0)))
+        .collect();
+    zeros_stemcell(&path, 1024, extra);
+    let limits = ArchiveLimits {
+        max_size: 1 << 30,
+        max_entries: 100,
+    };
+    let err = open_stemcell_with_limits(&path, &limits, None).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("entries.tgz: has more than 100 entries"),
+        "{msg}"
+    );
+    assert!(msg.contains("BOSUN_MAX_ARCHIVE_ENTRIES=400"), "{msg}");
+    // Within the limits, the same stemcell opens.
+    let limits = ArchiveLimits {
+        max_size: 1 << 30,
+        max_entries: 400,
+    };
+    open_stemcell_with_limits(&path, &limits, None).unwrap();
+}
+
+#[test]
+fn a_big_stemcell_is_streamed_not_held() {
+    const BIG: u64 = 256 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.tgz");
+    let manifest = zeros_stemcell(&path, BIG, vec![("extra".into(), BIG, zeros(BIG))]);
+    let limits = ArchiveLimits {
+        max_size: 1 << 30,
+        max_entries: 100,
+    };
+    let (opened, peak) = crate::test_alloc::peak_growth(|| {
+        open_stemcell_with_limits(&path, &limits, Some(&dir.path().join("scratch")))
+    });
+    let opened = opened.unwrap();
+    assert_eq!(opened.manifest, manifest);
+    assert_eq!(fs::metadata(&opened.image_path).unwrap().len(), BIG);
+    assert!(opened.image_path.starts_with(dir.path().join("scratch")));
+    drop(opened);
+    assert_eq!(fs::read_dir(dir.path().join("scratch")).unwrap().count(), 0);
+    assert!(
+        peak < 16 << 20,
+        "opening 512 MiB of expanded content allocated {peak} bytes at its peak"
+    );
+}
+
+#[test]
+fn a_stemcell_with_a_huge_long_name_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("long-name.tgz");
+    zeros_stemcell(&path, 1024, vec![("a".repeat(8 << 20), 0, zeros(0))]);
+    let err = open_stemcell_with_limits(&path, &ArchiveLimits::default(), None).unwrap_err();
+    assert!(matches!(err, StemcellError::Limit { .. }), "{err}");
+    assert!(err.to_string().contains("entry header"), "{err}");
+}
