@@ -462,6 +462,14 @@ impl Executor {
                 )),
             }
         }
+        // Problems are resolved in the order listed: unknown VMs first, as
+        // one may hold the address a VM about to be recreated needs (a
+        // director that died mid-recreate leaves exactly that).
+        scan.problems
+            .sort_by_key(|p| p.kind != ProblemKind::OrphanVm);
+        for (i, p) in scan.problems.iter_mut().enumerate() {
+            p.id = i + 1;
+        }
         Ok(scan)
     }
 

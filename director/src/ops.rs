@@ -782,6 +782,12 @@ impl Director {
         if opts.dry_run || plan.is_empty() {
             if !opts.dry_run {
                 self.store.release_ips(&manifest.name)?;
+                // Nothing to do on any VM, but a changed manifest (update
+                // or health settings, restart_policy) is the one deployed now.
+                if !diff.is_empty() && self.store.deployment(&manifest.name)?.is_some() {
+                    self.store
+                        .save_deployment(&deployment_record(&manifest, text, &plan))?;
+                }
             }
             return Ok(DeployOutcome {
                 diff,
@@ -794,14 +800,8 @@ impl Director {
             self.store.release_ips(&manifest.name)?;
             return Err(OpError::Cancelled);
         }
-        self.store.save_deployment(&DeploymentRecord {
-            name: manifest.name.clone(),
-            manifest: text,
-            releases: manifest.releases.iter().map(|r| r.name.clone()).collect(),
-            stemcells: manifest.stemcells.iter().map(|s| s.alias.clone()).collect(),
-            updated_at: crate::state::now(),
-            uses: Some(plan.uses.clone()),
-        })?;
+        self.store
+            .save_deployment(&deployment_record(&manifest, text, &plan))?;
         let progress: Arc<dyn Progress> = Arc::new(ReportProgress(report.clone()));
         let executed = self.executor(progress).execute(&plan).await;
         // Whatever happened, the instances now record the IPs they hold;
@@ -1779,6 +1779,18 @@ impl Director {
 }
 
 /// Whether `filter` (`GROUP`, `GROUP/ID` or `GROUP/INDEX`) names this instance.
+/// The record of `manifest` (its interpolated `text`) deployed as `plan` resolved it.
+fn deployment_record(manifest: &Manifest, text: String, plan: &Plan) -> DeploymentRecord {
+    DeploymentRecord {
+        name: manifest.name.clone(),
+        manifest: text,
+        releases: manifest.releases.iter().map(|r| r.name.clone()).collect(),
+        stemcells: manifest.stemcells.iter().map(|s| s.alias.clone()).collect(),
+        updated_at: crate::state::now(),
+        uses: Some(plan.uses.clone()),
+    }
+}
+
 pub fn instance_matches(r: &InstanceRecord, filter: Option<&str>) -> bool {
     let Some(f) = filter else {
         return true;

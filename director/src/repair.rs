@@ -294,8 +294,8 @@ impl Executor {
 
     /// Attach and mount an instance's persistent disk again on its VM
     /// (whatever the records say), then restart its jobs so they see it.
-    /// An instance that never ran (no deployed spec) has no jobs to restart:
-    /// its disk is attached and mounted for the next deploy.
+    /// A VM with no spec applied has no jobs to restart: its disk is
+    /// attached and mounted for the next deploy.
     pub async fn reattach_disk(&self, mut rec: InstanceRecord) -> Result<(), ExecError> {
         let name = instance_name(&rec);
         let (Some(vm), Some(_)) = (rec.vm.clone(), rec.disk.clone()) else {
@@ -310,7 +310,19 @@ impl Executor {
             dr.attached = false;
         }
         let client = self.attach_and_mount(&mut rec, client).await?;
-        if rec.deployed.is_none() {
+        // A VM with no spec applied (it never ran, or a recreate stopped
+        // before applying one) has no jobs to restart: the next deploy
+        // applies the spec onto the mounted disk.
+        let applied = client
+            .get_state()
+            .await
+            .map_err(|source| ExecError::Agent {
+                what: format!("reading the state of {name}"),
+                source: Box::new(source),
+            })?
+            .generation
+            > 0;
+        if rec.deployed.is_none() || !applied {
             return Ok(());
         }
         client

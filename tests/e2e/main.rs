@@ -19,4 +19,5 @@ mod docker;
 mod hardening;
 mod health;
 mod manifests;
+mod partition;
 mod releases;
