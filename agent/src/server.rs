@@ -17,8 +17,9 @@
 //! connections cannot take the agent down: each must authenticate within
 //! [`AUTH_DEADLINE`]; at most [`Limits::max_unauthenticated`] wait at once
 //! (and [`Limits::max_unauthenticated_per_source`] from one address), the
-//! oldest waiting one being closed to make room for a new one (a real client
-//! authenticates in milliseconds, so it is never the oldest); the
+//! one that sent the fewest bytes (the oldest of those) being closed to make
+//! room for a new one: an idle flood never pushes out a client in the middle
+//! of its handshake, which the director is for milliseconds; the
 //! descriptor limit is raised to its hard limit at start and the caps keep
 //! [`FD_RESERVE`] descriptors for authenticated sessions.
 //!
@@ -30,7 +31,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -296,6 +297,9 @@ struct Waiting {
     source: IpAddr,
     /// Sending (or dropping) it closes the connection if still unauthenticated.
     evict: tokio::sync::oneshot::Sender<()>,
+    /// Bytes the client sent so far: a real client is mid-handshake, an
+    /// idle flood has sent nothing.
+    received: Arc<AtomicU64>,
 }
 
 impl Gate {
@@ -315,10 +319,13 @@ impl Gate {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Register a new connection, first closing the oldest waiting one from
-    /// the same source (or from any) when a cap is reached.
+    /// Register a new connection, first closing a waiting one from the same
+    /// source (or from any) when a cap is reached: the one that sent the
+    /// fewest bytes, the oldest of those (so an idle flood makes room for a
+    /// client in the middle of its handshake, never the other way round).
     fn admit<S>(self: &Arc<Self>, stream: S, source: IpAddr) -> (Guarded<S>, Admission) {
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let received = Arc::new(AtomicU64::new(0));
         let mut inner = self.lock();
         let same_source = inner
             .waiting
@@ -326,24 +333,25 @@ impl Gate {
             .filter(|w| w.source == source)
             .count();
         if same_source >= self.limits.max_unauthenticated_per_source {
-            let oldest = inner
-                .waiting
-                .iter()
-                .find(|(_, w)| w.source == source)
-                .map(|(id, _)| *id);
-            if let Some(id) = oldest {
+            if let Some(id) = inner.least_advanced(|w| w.source == source) {
                 inner.evict(id);
             }
         }
         if inner.waiting.len() >= self.limits.max_unauthenticated {
-            let oldest = inner.waiting.keys().next().copied();
-            if let Some(id) = oldest {
+            if let Some(id) = inner.least_advanced(|_| true) {
                 inner.evict(id);
             }
         }
         let id = inner.next_id;
         inner.next_id += 1;
-        inner.waiting.insert(id, Waiting { source, evict: tx });
+        inner.waiting.insert(
+            id,
+            Waiting {
+                source,
+                evict: tx,
+                received: received.clone(),
+            },
+        );
         drop(inner);
         let authenticated = Arc::new(AtomicBool::new(false));
         let deadline = self.limits.auth_deadline;
@@ -361,6 +369,7 @@ impl Gate {
         let guarded = Guarded {
             inner: stream,
             authenticated,
+            received,
             kill: Some(kill),
             closed: None,
             ticket: Ticket {
@@ -402,6 +411,16 @@ impl Gate {
 }
 
 impl GateInner {
+    /// Of the waiting connections `which` selects, the one that sent the
+    /// fewest bytes (the oldest of those).
+    fn least_advanced(&self, which: impl Fn(&Waiting) -> bool) -> Option<u64> {
+        self.waiting
+            .iter()
+            .filter(|(_, w)| which(w))
+            .min_by_key(|(id, w)| (w.received.load(Ordering::Relaxed), **id))
+            .map(|(id, _)| *id)
+    }
+
     fn evict(&mut self, id: u64) {
         if let Some(w) = self.waiting.remove(&id) {
             // An error means the connection already ended: nothing to close.
@@ -443,6 +462,8 @@ impl Drop for Ticket {
 struct Guarded<S> {
     inner: S,
     authenticated: Arc<AtomicBool>,
+    /// Bytes read so far (counted until authentication).
+    received: Arc<AtomicU64>,
     kill: Option<Pin<Box<dyn Future<Output = Closed> + Send>>>,
     /// Set once `kill` completed (it must not be polled again).
     closed: Option<Closed>,
@@ -487,7 +508,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
         if let Err(e) = this.check(cx) {
             return Poll::Ready(Err(e));
         }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if this.kill.is_some() {
+            let n = buf.filled().len().saturating_sub(before);
+            this.received.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        polled
     }
 }
 
@@ -1489,6 +1516,31 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(within(b3.0.read(&mut buf)).await.unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn the_gate_evicts_idle_connections_before_talking_ones() {
+        let gate = Arc::new(Gate::new(limits(Duration::from_secs(3600), 8, 2)));
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let conn = || {
+            let (near, far) = tokio::io::duplex(64);
+            let (guarded, admission) = gate.admit(near, ip);
+            (guarded, admission, far)
+        };
+        let mut buf = [0u8; 8];
+        let mut talking = conn();
+        tokio::io::AsyncWriteExt::write_all(&mut talking.2, b"SSH-2.0")
+            .await
+            .unwrap();
+        assert_eq!(within(talking.0.read(&mut buf)).await.unwrap(), 7);
+        let mut idle = conn();
+        let _newcomer = conn();
+        // The idle one goes although the talking one is older.
+        assert!(within(idle.0.read(&mut buf)).await.is_err());
+        tokio::io::AsyncWriteExt::write_all(&mut talking.2, b"x")
+            .await
+            .unwrap();
+        assert_eq!(within(talking.0.read(&mut buf)).await.unwrap(), 1);
     }
 
     #[test]
