@@ -7,6 +7,7 @@ mod support;
 mod variables;
 
 mod addons;
+mod agent_hardening;
 mod aws;
 mod cleanup;
 mod cpi_conformance;
