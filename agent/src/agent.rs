@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -45,6 +45,17 @@ const ERRAND_TAIL_LINES: usize = 2000;
 const COMPILE_TAIL_LINES: usize = 40;
 /// Bytes of script output read back (the tail is cut from these).
 const OUTPUT_READ_BYTES: u64 = 64 * 1024;
+/// Rendered job files (templates carry secrets): owner and group only.
+const JOB_FILE_MODE: u32 = 0o640;
+/// Executables of a job (`bin/` and files rendered executable).
+const JOB_EXEC_MODE: u32 = 0o750;
+/// A job's directories (`jobs/<name>` and below).
+const JOB_DIR_MODE: u32 = 0o750;
+/// The group given read access to rendered job files, where the VM has it
+/// (BOSH's stemcells do); elsewhere they stay the agent's (root's) alone.
+const JOB_GROUP: &str = "vcap";
+/// Where [`JOB_GROUP`] is looked up.
+const GROUP_FILE: &str = "/etc/group";
 
 /// Why the agent could not start or run (action failures are
 /// [`ActionFailure`]s instead).
@@ -1431,13 +1442,17 @@ fn lay_down(
         )))?;
     }
     let jobs_dir = root.join("jobs");
+    let group = group_id(Path::new(GROUP_FILE), JOB_GROUP).map_err(io_fail(format!(
+        "{op}: looking up group {JOB_GROUP} in {GROUP_FILE}"
+    )))?;
     for j in &spec.jobs {
         let unchanged = current
             .and_then(|c| c.jobs.iter().find(|o| o.name == j.name))
             .is_some_and(|o| o == j)
-            && jobs_dir.join(&j.name).is_dir();
+            && job_dir_is_current(&jobs_dir.join(&j.name), group);
         if !unchanged {
-            write_job(&jobs_dir, j).map_err(io_fail(format!("{op}: writing job {}", j.name)))?;
+            write_job(&jobs_dir, j, group)
+                .map_err(io_fail(format!("{op}: writing job {}", j.name)))?;
         }
     }
 
@@ -1544,22 +1559,91 @@ fn install_package(root: &Path, blobs: &BlobStore, name: &str, sha: &str) -> io:
     Ok(())
 }
 
+/// The gid of `name` in a group file (`name:x:gid:members` lines); None
+/// when the file or the group does not exist.
+fn group_id(group_file: &Path, name: &str) -> io::Result<Option<u32>> {
+    let text = match fs::read_to_string(group_file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    Ok(text.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        (fields.next() == Some(name))
+            .then(|| fields.nth(1)?.trim().parse().ok())
+            .flatten()
+    }))
+}
+
+/// Whether a job directory exists with the mode (and group) this agent lays
+/// job directories down with; one written otherwise (by an older agent)
+/// is rewritten.
+fn job_dir_is_current(dir: &Path, group: Option<u32>) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    fs::symlink_metadata(dir).is_ok_and(|md| {
+        md.is_dir() && md.mode() & 0o7777 == JOB_DIR_MODE && group.is_none_or(|gid| md.gid() == gid)
+    })
+}
+
+/// Gives a job's file or directory to `group` (owner unchanged: the agent,
+/// root) and sets its mode, in that order (chown clears set-id bits).
+fn restrict(path: &Path, group: Option<u32>, mode: u32) -> io::Result<()> {
+    if let Some(gid) = group {
+        std::os::unix::fs::lchown(path, None, Some(gid))?;
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+}
+
+/// Creates the directories from `base` down to `dir` that do not exist yet,
+/// each [`JOB_DIR_MODE`] and given to `group`.
+fn make_job_dirs(base: &Path, dir: &Path, group: Option<u32>) -> io::Result<()> {
+    let Ok(rel) = dir.strip_prefix(base) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not under {}", dir.display(), base.display()),
+        ));
+    };
+    let mut at = base.to_path_buf();
+    for part in rel.components() {
+        at.push(part);
+        match fs::DirBuilder::new().mode(0o700).create(&at) {
+            Ok(()) => restrict(&at, group, JOB_DIR_MODE)?,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && at.is_dir() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Writes a job's files to a fresh dir and swaps it in as `jobs/<name>`.
-fn write_job(jobs_dir: &Path, job: &RenderedJob) -> io::Result<()> {
+/// Files are [`JOB_FILE_MODE`] ([`JOB_EXEC_MODE`] for executables) and
+/// directories [`JOB_DIR_MODE`], owned by the agent with group `group`;
+/// nothing is readable by others at any moment (the fresh dir is 0700 until
+/// complete).
+fn write_job(jobs_dir: &Path, job: &RenderedJob, group: Option<u32>) -> io::Result<()> {
     let fresh = jobs_dir.join(format!(".{}.new-{}", job.name, rand_suffix()));
     let res = (|| {
-        fs::create_dir_all(&fresh)?;
+        fs::DirBuilder::new().mode(0o700).create(&fresh)?;
         for f in &job.files {
             let path = fresh.join(&f.path);
             if let Some(parent) = path.parent() {
-                fs::create_dir_all(parent)?;
+                make_job_dirs(&fresh, parent, group)?;
             }
             let exec = f.executable || Path::new(&f.path).starts_with("bin");
-            let mode = if exec { 0o755 } else { 0o644 };
-            let mut out = File::create(&path)?;
+            let mode = if exec { JOB_EXEC_MODE } else { JOB_FILE_MODE };
+            let mut out = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)?;
             out.write_all(f.content.as_bytes())?;
+            if let Some(gid) = group {
+                std::os::unix::fs::fchown(&out, None, Some(gid))?;
+            }
             out.set_permissions(fs::Permissions::from_mode(mode))?;
         }
+        restrict(&fresh, group, JOB_DIR_MODE)?;
         let dest = jobs_dir.join(&job.name);
         if fs::symlink_metadata(&dest).is_ok() {
             if rename_exchange(&fresh, &dest).is_ok() {
@@ -2050,8 +2134,10 @@ mod tests {
         );
         assert!(link.join("bin/tool").is_file());
         let mode = |p: &str| fs::metadata(fx.root.join(p)).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode("jobs/web/bin/ctl"), 0o755);
-        assert_eq!(mode("jobs/web/config/web.conf"), 0o644);
+        assert_eq!(mode("jobs/web/bin/ctl"), 0o750);
+        assert_eq!(mode("jobs/web/config/web.conf"), 0o640);
+        assert_eq!(mode("jobs/web/config"), 0o750);
+        assert_eq!(mode("jobs/web"), 0o750);
         assert!(fx.root.join("bosh/spec.json").is_file());
 
         // Same spec again: a no-op (a marker in the job dir survives).
@@ -2598,6 +2684,81 @@ mod tests {
             })
             .await
             .unwrap();
+    }
+
+    #[test]
+    fn job_files_are_for_owner_and_group_only() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let jobs = tmp.path().join("jobs");
+        fs::create_dir(&jobs).unwrap();
+        let mut run = file("bin/run", "#!/bin/sh\n");
+        run.executable = false;
+        let mut tool = file("libexec/tool", "#!/bin/sh\n");
+        tool.executable = true;
+        let kv = job(
+            "kv",
+            vec![
+                file("config/deep/er/secret.conf", "password=s3cr3t\n"),
+                run,
+                tool,
+            ],
+        );
+        // nogroup's gid: any group the test (root) can give files to.
+        let gid = 65534;
+        write_job(&jobs, &kv, Some(gid)).unwrap();
+        let md = |p: &str| fs::symlink_metadata(jobs.join("kv").join(p)).unwrap();
+        for (p, mode) in [
+            ("", 0o750),
+            ("config", 0o750),
+            ("config/deep", 0o750),
+            ("config/deep/er", 0o750),
+            ("config/deep/er/secret.conf", 0o640),
+            ("bin", 0o750),
+            ("bin/run", 0o750),
+            ("libexec/tool", 0o750),
+        ] {
+            assert_eq!(md(p).mode() & 0o7777, mode, "mode of {p:?}");
+            assert_eq!(md(p).gid(), gid, "group of {p:?}");
+        }
+        assert!(job_dir_is_current(&jobs.join("kv"), Some(gid)));
+        assert!(!job_dir_is_current(&jobs.join("kv"), Some(gid + 1)));
+        // Without the group, files stay the agent's own group.
+        write_job(&jobs, &kv, None).unwrap();
+        let own = fs::metadata(&jobs).unwrap().gid();
+        assert_eq!(md("config/deep/er/secret.conf").gid(), own);
+        assert_eq!(md("config/deep/er/secret.conf").mode() & 0o777, 0o640);
+    }
+
+    #[tokio::test]
+    async fn a_job_laid_down_world_readable_is_rewritten() {
+        let fx = fixture();
+        let web = job("web", vec![file("config/web.conf", "password=1\n")]);
+        let s1 = spec(1, vec![], vec![web.clone()]);
+        fx.agent.apply(s1.clone()).await.unwrap();
+        // As an older agent left it.
+        let conf = fx.root.join("jobs/web/config/web.conf");
+        fs::set_permissions(&conf, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::set_permissions(fx.root.join("jobs/web"), fs::Permissions::from_mode(0o755)).unwrap();
+        fx.agent.apply(spec(2, vec![], vec![web])).await.unwrap();
+        let mode = fs::metadata(&conf).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640);
+    }
+
+    #[test]
+    fn group_ids_from_a_group_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let f = tmp.path().join("group");
+        fs::write(
+            &f,
+            "root:x:0:\nvcapx:x:7:\nvcap:x:1000:alice,bob\nbroken:x\n",
+        )
+        .unwrap();
+        assert_eq!(group_id(&f, "vcap").unwrap(), Some(1000));
+        assert_eq!(group_id(&f, "root").unwrap(), Some(0));
+        assert_eq!(group_id(&f, "vca").unwrap(), None);
+        assert_eq!(group_id(&f, "broken").unwrap(), None);
+        assert_eq!(group_id(&tmp.path().join("none"), "vcap").unwrap(), None);
     }
 
     #[test]

@@ -13,18 +13,32 @@
 //! `window-change`). Only the director's key gets in, so a session creates
 //! no user or key on the VM and leaves nothing behind.
 //!
+//! Unauthenticated connections are bounded so that a flood of idle TCP
+//! connections cannot take the agent down: each must authenticate within
+//! [`AUTH_DEADLINE`]; at most [`Limits::max_unauthenticated`] wait at once
+//! (and [`Limits::max_unauthenticated_per_source`] from one address), the
+//! one that sent the fewest bytes (the oldest of those) being closed to make
+//! room for a new one: an idle flood never pushes out a client in the middle
+//! of its handshake, which the director is for milliseconds; the
+//! descriptor limit is raised to its hard limit at start and the caps keep
+//! [`FD_RESERVE`] descriptors for authenticated sessions.
+//!
 //! It must not interpret actions: every action goes to the [`ActionHandler`]
 //! (the agent proper). It must not offer port forwarding, agent forwarding
 //! or any other SSH service, and it keeps no blob it has not verified.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 
 use crate::blobs::{is_valid_name, BlobError, BlobStore};
@@ -38,6 +52,16 @@ const MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
 const BLOB_CHUNK: usize = 32 * 1024;
 /// SSH extended-data code of stderr.
 const STDERR: u32 = 1;
+/// How long a connection may take from TCP accept to a successful
+/// authentication (the director needs milliseconds).
+pub const AUTH_DEADLINE: Duration = Duration::from_secs(5);
+/// Descriptors never handed to unauthenticated connections: authenticated
+/// sessions, their channels, job processes' pipes and blob files use them.
+pub const FD_RESERVE: u64 = 512;
+/// Upper bound of [`Limits::max_unauthenticated`].
+const MAX_UNAUTHENTICATED: usize = 256;
+/// At most one warning about closed unauthenticated connections per this.
+const FLOOD_WARNING_EVERY: Duration = Duration::from_secs(10);
 
 /// The agent proper: answers one action.
 #[async_trait::async_trait]
@@ -60,6 +84,59 @@ pub enum ServerError {
     },
 }
 
+/// Bounds on connections that have not authenticated yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// From accept to successful authentication.
+    pub auth_deadline: Duration,
+    /// Unauthenticated connections at once, from all sources.
+    pub max_unauthenticated: usize,
+    /// Unauthenticated connections at once from one IP address.
+    pub max_unauthenticated_per_source: usize,
+}
+
+impl Limits {
+    /// The limits for a process allowed `nofile` open descriptors: what is
+    /// left after [`FD_RESERVE`], halved (the agent opens descriptors of its
+    /// own), at most [`MAX_UNAUTHENTICATED`]; a quarter of that per source.
+    pub fn for_descriptors(nofile: u64) -> Limits {
+        let spare = nofile.saturating_sub(FD_RESERVE) / 2;
+        let total = usize::try_from(spare)
+            .unwrap_or(MAX_UNAUTHENTICATED)
+            .clamp(8, MAX_UNAUTHENTICATED);
+        Limits {
+            auth_deadline: AUTH_DEADLINE,
+            max_unauthenticated: total,
+            max_unauthenticated_per_source: (total / 4).max(2),
+        }
+    }
+}
+
+/// Raise this process's soft RLIMIT_NOFILE to its hard limit; the soft
+/// limit in force afterwards.
+pub fn raise_descriptor_limit() -> std::io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads the struct we own.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        lim = raised;
+    }
+    Ok(lim.rlim_cur)
+}
+
 /// Bind `settings.listen_ip:settings.listen_port` and serve forever.
 pub async fn serve(
     settings: &bosun_cpi::AgentSettings,
@@ -74,15 +151,48 @@ pub async fn serve(
             addr: format!("{ip}:{}", settings.listen_port),
             source,
         })?;
-    serve_on(listener, settings, blobs, handler).await
+    let nofile = match raise_descriptor_limit() {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "raising the open-files limit (RLIMIT_NOFILE) failed; keeping it");
+            1024
+        }
+    };
+    let limits = Limits::for_descriptors(nofile);
+    tracing::info!(
+        nofile,
+        max_unauthenticated = limits.max_unauthenticated,
+        per_source = limits.max_unauthenticated_per_source,
+        "connection limits"
+    );
+    serve_with_limits(listener, settings, blobs, handler, limits).await
 }
 
-/// Same as [`serve`], on an already bound listener (tests bind 127.0.0.1:0).
+/// Same as [`serve`], on an already bound listener (tests bind 127.0.0.1:0),
+/// with the limits of a 1024-descriptor process.
 pub async fn serve_on(
     listener: TcpListener,
     settings: &bosun_cpi::AgentSettings,
     blobs: Arc<BlobStore>,
     handler: Arc<dyn ActionHandler>,
+) -> Result<(), ServerError> {
+    serve_with_limits(
+        listener,
+        settings,
+        blobs,
+        handler,
+        Limits::for_descriptors(1024),
+    )
+    .await
+}
+
+/// [`serve_on`] with explicit limits on unauthenticated connections.
+pub async fn serve_with_limits(
+    listener: TcpListener,
+    settings: &bosun_cpi::AgentSettings,
+    blobs: Arc<BlobStore>,
+    handler: Arc<dyn ActionHandler>,
+    limits: Limits,
 ) -> Result<(), ServerError> {
     let host_key = parse_private_key(&settings.host_private_key).map_err(ServerError::HostKey)?;
     let director_key =
@@ -93,6 +203,7 @@ pub async fn serve_on(
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "?".into());
     tracing::info!(addr = %local, "agent SSH server listening");
+    let gate = Arc::new(Gate::new(limits));
 
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -105,7 +216,9 @@ pub async fn serve_on(
             }
         };
         let _ = stream.set_nodelay(true);
+        let (stream, admission) = gate.admit(stream, peer.ip());
         let conn = Connection {
+            admission,
             director_key: director_key.clone(),
             blobs: blobs.clone(),
             actions: handler.clone(),
@@ -149,8 +262,292 @@ fn server_config(host_key: russh::keys::PrivateKey) -> russh::server::Config {
     }
 }
 
+/// Why an unauthenticated connection is closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Closed {
+    Deadline,
+    Evicted,
+}
+
+impl Closed {
+    fn message(self) -> &'static str {
+        match self {
+            Closed::Deadline => "no successful authentication within the deadline",
+            Closed::Evicted => "closed to make room: too many connections waiting to authenticate",
+        }
+    }
+}
+
+/// The unauthenticated connections waiting, oldest first.
+struct Gate {
+    limits: Limits,
+    inner: Mutex<GateInner>,
+}
+
+struct GateInner {
+    next_id: u64,
+    /// By admission order (ids only grow), so the first is the oldest.
+    waiting: BTreeMap<u64, Waiting>,
+    /// Connections closed (deadline or eviction) since the last warning.
+    closed_since_warning: u64,
+    last_warning: Option<Instant>,
+}
+
+struct Waiting {
+    source: IpAddr,
+    /// Sending (or dropping) it closes the connection if still unauthenticated.
+    evict: tokio::sync::oneshot::Sender<()>,
+    /// Bytes the client sent so far: a real client is mid-handshake, an
+    /// idle flood has sent nothing.
+    received: Arc<AtomicU64>,
+}
+
+impl Gate {
+    fn new(limits: Limits) -> Gate {
+        Gate {
+            limits,
+            inner: Mutex::new(GateInner {
+                next_id: 0,
+                waiting: BTreeMap::new(),
+                closed_since_warning: 0,
+                last_warning: None,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Register a new connection, first closing a waiting one from the same
+    /// source (or from any) when a cap is reached: the one that sent the
+    /// fewest bytes, the oldest of those (so an idle flood makes room for a
+    /// client in the middle of its handshake, never the other way round).
+    fn admit<S>(self: &Arc<Self>, stream: S, source: IpAddr) -> (Guarded<S>, Admission) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let received = Arc::new(AtomicU64::new(0));
+        let mut inner = self.lock();
+        let same_source = inner
+            .waiting
+            .values()
+            .filter(|w| w.source == source)
+            .count();
+        if same_source >= self.limits.max_unauthenticated_per_source {
+            if let Some(id) = inner.least_advanced(|w| w.source == source) {
+                inner.evict(id);
+            }
+        }
+        if inner.waiting.len() >= self.limits.max_unauthenticated {
+            if let Some(id) = inner.least_advanced(|_| true) {
+                inner.evict(id);
+            }
+        }
+        let id = inner.next_id;
+        inner.next_id += 1;
+        inner.waiting.insert(
+            id,
+            Waiting {
+                source,
+                evict: tx,
+                received: received.clone(),
+            },
+        );
+        drop(inner);
+        let authenticated = Arc::new(AtomicBool::new(false));
+        let deadline = self.limits.auth_deadline;
+        let kill = Box::pin(async move {
+            tokio::select! {
+                () = tokio::time::sleep(deadline) => Closed::Deadline,
+                _ = rx => Closed::Evicted,
+            }
+        });
+        let admission = Admission {
+            gate: self.clone(),
+            id,
+            authenticated: authenticated.clone(),
+        };
+        let guarded = Guarded {
+            inner: stream,
+            authenticated,
+            received,
+            kill: Some(kill),
+            closed: None,
+            ticket: Ticket {
+                gate: self.clone(),
+                id,
+            },
+        };
+        (guarded, admission)
+    }
+
+    /// Forget a connection (authenticated or gone).
+    fn forget(&self, id: u64) {
+        self.lock().waiting.remove(&id);
+    }
+
+    /// Count a connection closed by the deadline or the cap; warn now and then.
+    fn closed(&self, why: Closed) {
+        let mut inner = self.lock();
+        inner.closed_since_warning += 1;
+        let due = inner
+            .last_warning
+            .is_none_or(|t| t.elapsed() >= FLOOD_WARNING_EVERY);
+        if due {
+            tracing::warn!(
+                closed = inner.closed_since_warning,
+                waiting = inner.waiting.len(),
+                last_reason = why.message(),
+                "closed unauthenticated SSH connections"
+            );
+            inner.closed_since_warning = 0;
+            inner.last_warning = Some(Instant::now());
+        }
+    }
+
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
+        self.lock().waiting.len()
+    }
+}
+
+impl GateInner {
+    /// Of the waiting connections `which` selects, the one that sent the
+    /// fewest bytes (the oldest of those).
+    fn least_advanced(&self, which: impl Fn(&Waiting) -> bool) -> Option<u64> {
+        self.waiting
+            .iter()
+            .filter(|(_, w)| which(w))
+            .min_by_key(|(id, w)| (w.received.load(Ordering::Relaxed), **id))
+            .map(|(id, _)| *id)
+    }
+
+    fn evict(&mut self, id: u64) {
+        if let Some(w) = self.waiting.remove(&id) {
+            // An error means the connection already ended: nothing to close.
+            let _ = w.evict.send(());
+        }
+    }
+}
+
+/// A connection's place in the [`Gate`] until it authenticates.
+struct Admission {
+    gate: Arc<Gate>,
+    id: u64,
+    authenticated: Arc<AtomicBool>,
+}
+
+impl Admission {
+    /// The connection authenticated: no deadline, no eviction any more.
+    fn authenticated(&self) {
+        self.authenticated.store(true, Ordering::Release);
+        self.gate.forget(self.id);
+    }
+}
+
+/// Removes its connection from the [`Gate`] when the connection ends.
+struct Ticket {
+    gate: Arc<Gate>,
+    id: u64,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.gate.forget(self.id);
+    }
+}
+
+/// A connection's stream that fails (and so ends the SSH session, which
+/// closes the socket) once the deadline passes or the gate evicts it, unless
+/// it authenticated first.
+struct Guarded<S> {
+    inner: S,
+    authenticated: Arc<AtomicBool>,
+    /// Bytes read so far (counted until authentication).
+    received: Arc<AtomicU64>,
+    kill: Option<Pin<Box<dyn Future<Output = Closed> + Send>>>,
+    /// Set once `kill` completed (it must not be polled again).
+    closed: Option<Closed>,
+    ticket: Ticket,
+}
+
+impl<S> Guarded<S> {
+    /// Ok while the stream may be used; registers the waker on the deadline.
+    fn check(&mut self, cx: &mut Context<'_>) -> std::io::Result<()> {
+        if let Some(why) = self.closed {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                why.message(),
+            ));
+        }
+        if self.authenticated.load(Ordering::Acquire) {
+            self.kill = None;
+            return Ok(());
+        }
+        if let Some(kill) = self.kill.as_mut() {
+            if let Poll::Ready(why) = kill.as_mut().poll(cx) {
+                self.kill = None;
+                self.closed = Some(why);
+                self.ticket.gate.closed(why);
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    why.message(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if let Err(e) = this.check(cx) {
+            return Poll::Ready(Err(e));
+        }
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if this.kill.is_some() {
+            let n = buf.filled().len().saturating_sub(before);
+            this.received.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if let Err(e) = this.check(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if let Err(e) = this.check(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
 /// One SSH connection from the director.
 struct Connection {
+    /// Until authentication succeeds: subject to the deadline and the caps.
+    admission: Admission,
     director_key: russh::keys::PublicKey,
     blobs: Arc<BlobStore>,
     actions: Arc<dyn ActionHandler>,
@@ -195,6 +592,11 @@ impl russh::server::Handler for Connection {
 
     // auth_none, auth_password, auth_keyboard_interactive and
     // auth_openssh_certificate keep russh's defaults: reject.
+
+    async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {
+        self.admission.authenticated();
+        Ok(())
+    }
 
     async fn auth_publickey_offered(
         &mut self,
@@ -854,6 +1256,8 @@ async fn get_blob(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::AgentClient;
+    use crate::keys::{generate_keypair, KeyPair};
 
     struct Echo;
 
@@ -892,5 +1296,262 @@ mod tests {
         .await;
         assert_eq!(r.id, 6);
         assert_eq!(r.result.unwrap()["method"], "ping");
+    }
+
+    /// Answers ping as an agent does.
+    struct Pong;
+
+    #[async_trait::async_trait]
+    impl ActionHandler for Pong {
+        async fn handle(&self, _action: Action) -> Result<serde_json::Value, ActionFailure> {
+            Ok(serde_json::to_value(protocol::PingResult {
+                agent_id: "agent-1".into(),
+                protocol_version: protocol::PROTOCOL_VERSION,
+            })
+            .unwrap())
+        }
+    }
+
+    fn limits(deadline: Duration, total: usize, per_source: usize) -> Limits {
+        Limits {
+            auth_deadline: deadline,
+            max_unauthenticated: total,
+            max_unauthenticated_per_source: per_source,
+        }
+    }
+
+    /// A bound on how long a test waits for something that must happen.
+    const PATIENCE: Duration = Duration::from_secs(20);
+
+    struct Served {
+        addr: SocketAddr,
+        director: KeyPair,
+        host: KeyPair,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn serve_test(limits: Limits) -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        let director = generate_keypair().unwrap();
+        let host = generate_keypair().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let settings = bosun_cpi::AgentSettings {
+            agent_id: "agent-1".into(),
+            director_public_key: director.public_openssh.clone(),
+            host_private_key: host.private_openssh.clone(),
+            listen_ip: "127.0.0.1".into(),
+            listen_port: addr.port(),
+            networks: Default::default(),
+            disks: Default::default(),
+            env: serde_json::Value::Null,
+        };
+        let blobs = Arc::new(BlobStore::open(dir.path().join("blobs")).unwrap());
+        tokio::spawn(async move {
+            serve_with_limits(listener, &settings, blobs, Arc::new(Pong), limits)
+                .await
+                .unwrap();
+        });
+        Served {
+            addr,
+            director,
+            host,
+            _dir: dir,
+        }
+    }
+
+    /// Read until the server closes the connection (the SSH id line comes
+    /// first); panics if it stays open past [`PATIENCE`].
+    async fn closed_by_server(stream: &mut tokio::net::TcpStream) {
+        let mut buf = [0u8; 4096];
+        let read_all = async {
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        };
+        tokio::time::timeout(PATIENCE, read_all)
+            .await
+            .expect("the server closes the idle connection");
+    }
+
+    /// True when the server has sent its id and not closed the connection
+    /// within `wait`.
+    async fn still_open(stream: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+        let mut buf = [0u8; 4096];
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+                Err(_) => return true,
+                Ok(Ok(0)) | Ok(Err(_)) => return false,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_closed_at_the_auth_deadline() {
+        let s = serve_test(limits(Duration::from_millis(200), 64, 64)).await;
+        let mut idle = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        closed_by_server(&mut idle).await;
+        // One that sent its id and stalled in the key exchange too.
+        let mut stalled = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut stalled, b"SSH-2.0-idle\r\n")
+            .await
+            .unwrap();
+        closed_by_server(&mut stalled).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_authenticated_session_outlives_the_deadline() {
+        let deadline = Duration::from_millis(200);
+        let s = serve_test(limits(deadline, 64, 64)).await;
+        let client = AgentClient::connect(s.addr, &s.director, &s.host.public_openssh, PATIENCE)
+            .await
+            .unwrap();
+        tokio::time::sleep(deadline * 5).await;
+        assert_eq!(client.ping().await.unwrap().agent_id, "agent-1");
+    }
+
+    #[tokio::test]
+    async fn the_cap_closes_the_oldest_waiting_connection_of_the_source() {
+        let s = serve_test(limits(Duration::from_secs(3600), 8, 2)).await;
+        let mut first = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        let mut second = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        // Both admitted before the third arrives.
+        assert!(still_open(&mut first, Duration::from_millis(200)).await);
+        assert!(still_open(&mut second, Duration::from_millis(200)).await);
+        let mut third = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        closed_by_server(&mut first).await;
+        assert!(still_open(&mut second, Duration::from_millis(300)).await);
+        assert!(still_open(&mut third, Duration::from_millis(300)).await);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_director_gets_in_while_a_flood_fills_the_cap() {
+        let s = serve_test(limits(Duration::from_secs(3600), 16, 4)).await;
+        let mut flood = Vec::new();
+        for _ in 0..200 {
+            flood.push(tokio::net::TcpStream::connect(s.addr).await.unwrap());
+        }
+        // Same source as the flood (loopback), as on the local CPI.
+        let client = AgentClient::connect(s.addr, &s.director, &s.host.public_openssh, PATIENCE)
+            .await
+            .unwrap();
+        assert_eq!(client.ping().await.unwrap().agent_id, "agent-1");
+        // The flood keeps coming: the authenticated session is not evicted.
+        for _ in 0..50 {
+            flood.push(tokio::net::TcpStream::connect(s.addr).await.unwrap());
+        }
+        assert_eq!(client.ping().await.unwrap().agent_id, "agent-1");
+        // Of the flood, at most the cap is still waiting.
+        let mut open = 0;
+        for stream in flood.iter_mut().rev().take(40) {
+            if still_open(stream, Duration::from_millis(20)).await {
+                open += 1;
+            }
+        }
+        assert!(open <= 4, "{open} flood connections still open");
+    }
+
+    /// `f`'s output; panics if it takes longer than [`PATIENCE`].
+    async fn within<T>(f: impl Future<Output = T>) -> T {
+        tokio::time::timeout(PATIENCE, f)
+            .await
+            .expect("finished in time")
+    }
+
+    #[tokio::test]
+    async fn the_gate_caps_per_source_and_in_total() {
+        let gate = Arc::new(Gate::new(limits(Duration::from_secs(3600), 3, 2)));
+        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        let b: IpAddr = "127.0.0.2".parse().unwrap();
+        let conn = |ip| {
+            let (near, far) = tokio::io::duplex(64);
+            let (guarded, admission) = gate.admit(near, ip);
+            (guarded, admission, far)
+        };
+        let mut a1 = conn(a);
+        let mut a2 = conn(a);
+        let mut b1 = conn(b);
+        assert_eq!(gate.waiting(), 3);
+        // A third from `a`: a's oldest goes (per-source cap); b1 stays.
+        let mut a3 = conn(a);
+        let mut buf = [0u8; 8];
+        let err = within(a1.0.read(&mut buf)).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert!(err.to_string().contains("too many"), "{err}");
+        assert_eq!(gate.waiting(), 3);
+        // An authenticated connection leaves the gate and is never evicted.
+        a2.1.authenticated();
+        assert_eq!(gate.waiting(), 2);
+        let mut b2 = conn(b);
+        let mut b3 = conn(b);
+        // b's cap evicted b1, the total cap had room for the rest.
+        assert!(within(b1.0.read(&mut buf)).await.is_err());
+        tokio::io::AsyncWriteExt::write_all(&mut a2.2, b"hi")
+            .await
+            .unwrap();
+        assert_eq!(within(a2.0.read(&mut buf)).await.unwrap(), 2);
+        tokio::io::AsyncWriteExt::write_all(&mut a3.2, b"hi")
+            .await
+            .unwrap();
+        assert_eq!(within(a3.0.read(&mut buf)).await.unwrap(), 2);
+        // A connection that ends leaves the gate.
+        drop(a3);
+        assert_eq!(gate.waiting(), 2);
+        // The total cap: a new source's connection evicts the oldest of all.
+        let c: IpAddr = "127.0.0.3".parse().unwrap();
+        let _c1 = conn(c);
+        assert_eq!(gate.waiting(), 3);
+        let _c2 = conn(c);
+        assert_eq!(gate.waiting(), 3);
+        assert!(
+            within(b2.0.read(&mut buf)).await.is_err(),
+            "b2 was the oldest"
+        );
+        tokio::io::AsyncWriteExt::write_all(&mut b3.2, b"hi")
+            .await
+            .unwrap();
+        assert_eq!(within(b3.0.read(&mut buf)).await.unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn the_gate_evicts_idle_connections_before_talking_ones() {
+        let gate = Arc::new(Gate::new(limits(Duration::from_secs(3600), 8, 2)));
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let conn = || {
+            let (near, far) = tokio::io::duplex(64);
+            let (guarded, admission) = gate.admit(near, ip);
+            (guarded, admission, far)
+        };
+        let mut buf = [0u8; 8];
+        let mut talking = conn();
+        tokio::io::AsyncWriteExt::write_all(&mut talking.2, b"SSH-2.0")
+            .await
+            .unwrap();
+        assert_eq!(within(talking.0.read(&mut buf)).await.unwrap(), 7);
+        let mut idle = conn();
+        let _newcomer = conn();
+        // The idle one goes although the talking one is older.
+        assert!(within(idle.0.read(&mut buf)).await.is_err());
+        tokio::io::AsyncWriteExt::write_all(&mut talking.2, b"x")
+            .await
+            .unwrap();
+        assert_eq!(within(talking.0.read(&mut buf)).await.unwrap(), 1);
+    }
+
+    #[test]
+    fn limits_keep_a_reserve_of_descriptors() {
+        let small = Limits::for_descriptors(1024);
+        assert_eq!(small.max_unauthenticated, 256);
+        assert_eq!(small.max_unauthenticated_per_source, 64);
+        let tiny = Limits::for_descriptors(600);
+        assert_eq!(tiny.max_unauthenticated, 44);
+        assert!(tiny.max_unauthenticated as u64 + FD_RESERVE <= 600);
+        assert_eq!(Limits::for_descriptors(100).max_unauthenticated, 8);
+        assert_eq!(Limits::for_descriptors(1 << 20).max_unauthenticated, 256);
     }
 }

@@ -8,6 +8,7 @@ mod variables;
 mod vars_store;
 
 mod addons;
+mod agent_hardening;
 mod archive_limits;
 mod aws;
 mod cleanup;

@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! stemcells/<cid>.json        the recorded StemcellSpec (the stemcell is the host itself)
+//! vms/<cid>/                  a VM, 0700 (root's alone: the settings hold its host key)
 //! vms/<cid>/vcap/             the VM's /var/vcap (bosh/settings.json, data/, store/, sys/log/, jobs/, packages/)
 //! vms/<cid>/meta.json         agent id, stemcell, cloud properties, metadata
 //! vms/<cid>/pid               the agent process (host pid)
@@ -11,7 +12,12 @@
 //! disks/<cid>/                a persistent disk (a directory)
 //! disks/<cid>.json            its size, metadata and the VM it is attached to
 //! snapshots/<cid>/ + .json    a copy of a disk and its metadata
+//! vms/.creating-<cid>/ + .lock  a VM being laid out, and its builder's lock
 //! ```
+//!
+//! A staging directory whose builder died (its lock released) is removed
+//! by the next `create_vm`, `delete_vm` or `find_vms`, so a crash in the
+//! middle of `create_vm` leaks no host key.
 //!
 //! A VM is an agent process (`agent_command --settings /var/vcap/bosh/settings.json
 //! --vm-root <vm>/vcap`) that calls [`enter_vm_namespace`] first: it then runs
@@ -188,19 +194,167 @@ struct SnapshotRecord {
     metadata: Metadata,
 }
 
-/// How old a staging (`.creating-*`) or trash (`.deleting-*`) directory must
-/// be to count as left behind by a crash: each lives for milliseconds.
+/// How old a trash (`.deleting-*`) directory, or a staging one without its
+/// lock file, must be to count as left behind by a crash: each lives for
+/// milliseconds.
 const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Remove `path` when it is a staging or trash directory older than
-/// [`ABANDONED_AFTER`] (best effort).
-fn remove_if_abandoned(path: &Path) {
-    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-        return;
-    };
-    if !(name.starts_with(".creating-") || name.starts_with(".deleting-")) {
-        return;
+/// Prefix of staging directories (and of their lock files).
+const STAGING_PREFIX: &str = ".creating-";
+/// Suffix of a staging directory's lock file.
+const LOCK_SUFFIX: &str = ".lock";
+
+/// A directory being built aside (`<parent>/.creating-<name>`, 0700) before
+/// it is renamed into place. While it lives, its lock file
+/// (`.creating-<name>.lock`, created first) is locked (flock), so a sweep
+/// ([`sweep_staging`]) tells a staging directory in use from one whose
+/// builder died (a crash or abort releases the lock): that one is removed at
+/// once, whatever its age. Dropped without [`Staging::commit`], the
+/// directory is removed.
+struct Staging {
+    path: PathBuf,
+    lock_path: PathBuf,
+    _lock: fs::File,
+}
+
+impl Staging {
+    fn create(parent: &Path, name: &str) -> Result<Staging> {
+        use std::os::unix::fs::DirBuilderExt;
+        let path = parent.join(format!("{STAGING_PREFIX}{name}"));
+        let lock_path = parent.join(format!("{STAGING_PREFIX}{name}{LOCK_SUFFIX}"));
+        let lock = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(io_err("creating", &lock_path))?;
+        let staging = Staging {
+            path,
+            lock_path,
+            _lock: lock,
+        };
+        let locked = try_lock(&staging._lock).map_err(io_err("locking", &staging.lock_path))?;
+        if !locked {
+            return Err(LocalCpiError::Internal(format!(
+                "{} is locked by another process",
+                staging.lock_path.display()
+            )));
+        }
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&staging.path)
+            .map_err(io_err("creating", &staging.path))?;
+        Ok(staging)
     }
+
+    /// Renames the directory into place (then the lock file goes).
+    fn commit(self, dest: &Path) -> Result<()> {
+        fs::rename(&self.path, dest).map_err(io_err("renaming into place", dest))
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        // Committed: the directory is gone already. Otherwise a failed build.
+        match fs::remove_dir_all(&self.path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                tracing::warn!(path = %self.path.display(), error = %e, "local CPI: cannot remove a staging directory")
+            }
+            _ => {}
+        }
+        if let Err(e) = fs::remove_file(&self.lock_path) {
+            tracing::warn!(path = %self.lock_path.display(), error = %e, "local CPI: cannot remove a staging lock file");
+        }
+    }
+}
+
+/// Takes an exclusive flock without waiting: false when another open file
+/// holds it.
+fn try_lock(file: &fs::File) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+/// Removes what a crash left in `dir`: staging directories whose builder is
+/// gone (their lock file unlocked; without one, older than
+/// [`ABANDONED_AFTER`]), their lock files, and trash directories older than
+/// [`ABANDONED_AFTER`]. Best effort: failures are logged.
+fn sweep_staging(dir: &Path) {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(path = %dir.display(), error = %e, "local CPI: cannot list for leftovers of a crash");
+            return;
+        }
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let path = entry.path();
+        if let Some(staged) = name
+            .strip_prefix(STAGING_PREFIX)
+            .and_then(|n| n.strip_suffix(LOCK_SUFFIX))
+        {
+            remove_if_builder_gone(&dir.join(format!("{STAGING_PREFIX}{staged}")), &path);
+        } else if name.starts_with(STAGING_PREFIX) {
+            let lock = dir.join(format!("{name}{LOCK_SUFFIX}"));
+            if !lock.exists() {
+                remove_if_abandoned(&path);
+            }
+        } else if name.starts_with(".deleting-") {
+            remove_if_abandoned(&path);
+        }
+    }
+}
+
+/// Removes `staging` and its lock file when no process holds the lock.
+fn remove_if_builder_gone(staging: &Path, lock_path: &Path) {
+    let lock = match fs::File::open(lock_path) {
+        Ok(f) => f,
+        // Committed or removed meanwhile.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+        Err(e) => {
+            tracing::warn!(path = %lock_path.display(), error = %e, "local CPI: cannot open a staging lock file");
+            return;
+        }
+    };
+    match try_lock(&lock) {
+        Ok(true) => {}
+        Ok(false) => return, // in use
+        Err(e) => {
+            tracing::warn!(path = %lock_path.display(), error = %e, "local CPI: cannot lock a staging lock file");
+            return;
+        }
+    }
+    match fs::remove_dir_all(staging) {
+        Ok(()) => {
+            tracing::info!(path = %staging.display(), "local CPI: removed a directory left by a crash")
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(path = %staging.display(), error = %e, "local CPI: cannot remove a directory left by a crash");
+            return;
+        }
+    }
+    match fs::remove_file(lock_path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            tracing::warn!(path = %lock_path.display(), error = %e, "local CPI: cannot remove a staging lock file")
+        }
+        _ => {}
+    }
+}
+
+/// Remove `path` when it is older than [`ABANDONED_AFTER`] (best effort).
+fn remove_if_abandoned(path: &Path) {
     let old = fs::symlink_metadata(path)
         .and_then(|m| m.modified())
         .ok()
@@ -483,32 +637,28 @@ impl Inner {
             return Err(LocalCpiError::StemcellNotFound(req.stemcell.clone()));
         }
         let cid = VmCid(format!("vm-{}", uuid::Uuid::new_v4()));
-        let staging = self.root.join("vms").join(format!(".creating-{cid}"));
-        let result = (|| {
-            let vcap = staging.join("vcap");
-            for sub in ["bosh", "data", "store", "sys/log", "jobs", "packages"] {
-                let d = vcap.join(sub);
-                fs::create_dir_all(&d).map_err(io_err("creating", &d))?;
-            }
-            let bosh = vcap.join("bosh");
-            fs::set_permissions(&bosh, fs::Permissions::from_mode(0o700))
-                .map_err(io_err("setting permissions of", &bosh))?;
-            write_json(&bosh.join("settings.json"), &req.settings, 0o600)?;
-            let meta = VmMeta {
-                cid: cid.clone(),
-                agent_id: req.agent_id.clone(),
-                stemcell: req.stemcell.clone(),
-                cloud_properties: req.cloud_properties.clone(),
-                metadata: req.metadata.clone(),
-            };
-            write_json(&staging.join("meta.json"), &meta, 0o644)?;
-            let final_dir = self.vm_dir(&cid);
-            fs::rename(&staging, &final_dir).map_err(io_err("renaming into place", &final_dir))
-        })();
-        if let Err(e) = result {
-            let _ = fs::remove_dir_all(&staging);
-            return Err(e);
+        let vms = self.root.join("vms");
+        sweep_staging(&vms);
+        // 0700 from the start: the settings hold the agent's host key.
+        let staging = Staging::create(&vms, &cid.0)?;
+        let vcap = staging.path.join("vcap");
+        for sub in ["bosh", "data", "store", "sys/log", "jobs", "packages"] {
+            let d = vcap.join(sub);
+            fs::create_dir_all(&d).map_err(io_err("creating", &d))?;
         }
+        let bosh = vcap.join("bosh");
+        fs::set_permissions(&bosh, fs::Permissions::from_mode(0o700))
+            .map_err(io_err("setting permissions of", &bosh))?;
+        write_json(&bosh.join("settings.json"), &req.settings, 0o600)?;
+        let meta = VmMeta {
+            cid: cid.clone(),
+            agent_id: req.agent_id.clone(),
+            stemcell: req.stemcell.clone(),
+            cloud_properties: req.cloud_properties.clone(),
+            metadata: req.metadata.clone(),
+        };
+        write_json(&staging.path.join("meta.json"), &meta, 0o644)?;
+        staging.commit(&self.vm_dir(&cid))?;
         Ok(cid)
     }
 
@@ -527,6 +677,10 @@ impl Inner {
     fn spawn_agent(&self, cid: &VmCid) -> Result<()> {
         let dir = self.vm_dir(cid);
         let vcap = self.vcap_dir(cid);
+        // Only root on the host may look inside (rendered secrets, host key);
+        // a VM created by an older version is restricted at its next start.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+            .map_err(io_err("setting permissions of", &dir))?;
         let log_path = dir.join("agent.log");
         let log = fs::OpenOptions::new()
             .create(true)
@@ -635,6 +789,7 @@ impl Inner {
     }
 
     fn delete_vm(&self, cid: &VmCid) -> Result<()> {
+        sweep_staging(&self.root.join("vms"));
         if !self.vm_exists(cid) {
             return Ok(());
         }
@@ -688,14 +843,14 @@ impl Inner {
     /// listing is skipped.
     fn find_vms(&self, filter: &Metadata) -> Result<Vec<(VmCid, Metadata)>> {
         let dir = self.root.join("vms");
+        // Staging (.creating-*) and trash (.deleting-*) directories are not
+        // VMs; those left by a crash are removed here.
+        sweep_staging(&dir);
         let mut out = Vec::new();
         for entry in fs::read_dir(&dir).map_err(io_err("listing", &dir))? {
             let entry = entry.map_err(io_err("listing", &dir))?;
             let name = entry.file_name();
             let Some(name) = name.to_str().filter(|n| valid_cid(n)) else {
-                // Staging (.creating-*) and trash (.deleting-*) directories
-                // are not VMs; one left by a crash is removed here.
-                remove_if_abandoned(&entry.path());
                 continue;
             };
             let cid = VmCid(name.to_string());
@@ -1433,11 +1588,65 @@ mod tests {
         let settings = c.inner.settings_file(&vm);
         let mode = fs::metadata(&settings).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+        let mode = fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "the VM directory is root's alone");
         let s: AgentSettings = read_json(&settings).unwrap().unwrap();
         assert_eq!(s.agent_id, "agent-1");
         let meta: VmMeta = read_json(&dir.join("meta.json")).unwrap().unwrap();
         assert_eq!(meta.metadata["token"], "t");
         // No staging leftovers.
+        let names: Vec<_> = fs::read_dir(c.root().join("vms"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, vec![vm.0.clone()]);
+    }
+
+    /// What a builder killed mid-way leaves: the lock file (unlocked, its
+    /// holder dead) and a staging directory holding a host key.
+    fn crashed_staging(c: &LocalCpi, name: &str) -> (PathBuf, PathBuf) {
+        let vms = c.root().join("vms");
+        let dir = vms.join(format!(".creating-{name}"));
+        let lock = vms.join(format!(".creating-{name}.lock"));
+        fs::write(&lock, "").unwrap();
+        fs::create_dir_all(dir.join("vcap/bosh")).unwrap();
+        fs::write(
+            dir.join("vcap/bosh/settings.json"),
+            "{\"host_private_key\":\"k\"}",
+        )
+        .unwrap();
+        (dir, lock)
+    }
+
+    #[tokio::test]
+    async fn a_staging_directory_left_by_a_crash_goes_at_the_next_call() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = cpi(tmp.path());
+        // One still being built (its lock held), even if old, stays.
+        let busy = Staging::create(&c.root().join("vms"), "vm-busy").unwrap();
+        fs::File::open(&busy.path)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - 2 * ABANDONED_AFTER)
+            .unwrap();
+        // Deleting any VM (even one already gone) sweeps: fresh or not, a
+        // staging directory whose builder died goes.
+        let (dir, lock) = crashed_staging(&c, "vm-a");
+        c.delete_vm(&VmCid("vm-gone".into())).await.unwrap();
+        assert!(!dir.exists() && !lock.exists(), "swept by delete_vm");
+        assert!(
+            busy.path.exists() && busy.lock_path.exists(),
+            "in use: kept"
+        );
+        let (dir, lock) = crashed_staging(&c, "vm-b");
+        c.find_vms(&Metadata::new()).await.unwrap();
+        assert!(!dir.exists() && !lock.exists(), "swept by find_vms");
+        let (dir, _) = crashed_staging(&c, "vm-c");
+        let vm = fake_vm(&c);
+        assert!(!dir.exists(), "swept by create_vm");
+        // A build that fails or is dropped uncommitted leaves nothing.
+        let (path, lock_path) = (busy.path.clone(), busy.lock_path.clone());
+        drop(busy);
+        assert!(!path.exists() && !lock_path.exists());
         let names: Vec<_> = fs::read_dir(c.root().join("vms"))
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
