@@ -11,7 +11,7 @@
 use std::collections::{HashMap, HashSet};
 
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser, Tag};
-use yaml_rust2::scanner::{Marker, TScalarStyle};
+use yaml_rust2::scanner::{Marker, ScanError, TScalarStyle};
 
 use crate::problems::{Problem, Problems, SourceMap};
 
@@ -126,8 +126,7 @@ pub fn parse(file: &str, text: &str) -> Result<Node, Problem> {
         });
     }
     let mut builder = Builder::default();
-    let mut parser = Parser::new_from_str(text);
-    if let Err(e) = parser.load(&mut builder, false) {
+    if let Err(e) = feed(text, &mut builder, |b| b.error.is_some() || b.done) {
         return Err(Problem {
             file: file.to_string(),
             path: String::new(),
@@ -393,11 +392,32 @@ pub fn check_limits(text: &str) -> Result<(), (usize, String)> {
         return Ok(());
     }
     let mut counter = AliasCounter::default();
-    let mut parser = Parser::new_from_str(text);
-    match (parser.load(&mut counter, false), counter.error) {
+    match (
+        feed(text, &mut counter, |c| c.error.is_some() || c.done),
+        counter.error,
+    ) {
         (_, Some(e)) => Err(e),
         // A syntax error is the caller's reader's to report, with its own position.
         (Err(_), None) | (Ok(()), None) => Ok(()),
+    }
+}
+
+/// Feed the events of `text` to `recv`, one at a time, until the first
+/// document ends or `stop(recv)`. (yaml-rust2's own `Parser::load` recurses
+/// once per level of nesting: a deep enough document overflows the stack.)
+fn feed<R: MarkedEventReceiver>(
+    text: &str,
+    recv: &mut R,
+    stop: fn(&R) -> bool,
+) -> Result<(), ScanError> {
+    let mut parser = Parser::new_from_str(text);
+    loop {
+        let (ev, mark) = parser.next_token()?;
+        let last = matches!(ev, Event::DocumentEnd | Event::StreamEnd);
+        recv.on_event(ev, mark);
+        if last || stop(recv) {
+            return Ok(());
+        }
     }
 }
 
@@ -1342,6 +1362,16 @@ mod tests {
         let e = parse("deep.yml", &text).expect_err("too deep");
         assert_eq!(e.line, Some(4), "{e}");
         assert!(e.message.contains("nested more than"), "{e}");
+    }
+
+    #[test]
+    fn yaml_very_deep_nesting_is_refused_without_overflowing_the_stack() {
+        let text = format!("a:\n  {}*x\n", "- ".repeat(200_000));
+        let e = parse("deep.yml", &text).expect_err("too deep");
+        assert!(e.message.contains("nested more than 256 levels"), "{e}");
+        assert_eq!(check_limits(&text), Ok(()));
+        let text = format!("{}x{}\n", "[".repeat(250), "]".repeat(250));
+        assert!(parse("flow.yml", &text).is_ok());
     }
 
     #[test]

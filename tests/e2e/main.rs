@@ -14,5 +14,6 @@ mod day2;
 mod deploy;
 mod docker;
 mod health;
+mod limits;
 mod manifests;
 mod releases;
