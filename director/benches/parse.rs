@@ -27,13 +27,8 @@ fn manifest(size: usize, variant: &str) -> String {
     );
     let mut g = 0;
     while m.len() < size {
-        let instances = if variant == "huge" && m.len() + 40_000 >= size {
-            10_000_000
-        } else {
-            0
-        };
         m.push_str(&format!(
-            "- name: g{g}\n  instances: {instances}\n  azs: [z1]\n  vm_type: default\n  \
+            "- name: g{g}\n  instances: 0\n  azs: [z1]\n  vm_type: default\n  \
              stemcell: default\n  networks:\n  - name: default\n  jobs:\n  - name: kv\n    \
              release: kv\n    properties:\n      kv:\n        port: 8080\n        extra:\n"
         ));
@@ -44,6 +39,11 @@ fn manifest(size: usize, variant: &str) -> String {
     }
     if variant == "dup" {
         m.push_str("          key7: again\n");
+    }
+    if variant == "huge" {
+        if let Some(at) = m.rfind("  instances: 0\n") {
+            m.replace_range(at..at + 15, "  instances: 10000000\n");
+        }
     }
     m
 }

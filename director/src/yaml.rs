@@ -424,22 +424,42 @@ fn feed<R: MarkedEventReceiver>(
 /// Counts what the aliases of a document copy (see [`check_limits`]).
 #[derive(Default)]
 struct AliasCounter {
-    /// Open lists and maps: anchor, size so far.
-    stack: Vec<(usize, Size)>,
+    /// Open lists and maps.
+    stack: Vec<CountFrame>,
     anchors: HashMap<usize, Size>,
     budget: Budget,
     done: bool,
     error: Option<(usize, String)>,
 }
 
+/// An open list or map of [`AliasCounter`].
+struct CountFrame {
+    anchor: usize,
+    size: Size,
+    /// A map whose next child is a key (counted as [`Builder`] counts keys).
+    key_next: Option<bool>,
+}
+
 impl AliasCounter {
-    fn complete(&mut self, size: Size, anchor: usize) {
+    fn complete(&mut self, size: Size, anchor: usize, text: Option<&str>) {
         if anchor > 0 {
             self.anchors.insert(anchor, size);
         }
-        if let Some((_, parent)) = self.stack.last_mut() {
-            parent.add_child(size);
+        if let Some(top) = self.stack.last_mut() {
+            match (top.key_next, text) {
+                (Some(true), Some(key)) => top.size.add_key(key),
+                _ => top.size.add_child(size),
+            }
+            top.key_next = top.key_next.map(|k| !k);
         }
+    }
+
+    fn push(&mut self, anchor: usize, map: bool) {
+        self.stack.push(CountFrame {
+            anchor,
+            size: Size::container(),
+            key_next: map.then_some(true),
+        });
     }
 }
 
@@ -454,18 +474,17 @@ impl MarkedEventReceiver for AliasCounter {
             Event::Alias(id) => {
                 if let Some(size) = self.anchors.get(&id).copied() {
                     match self.budget.alias(size) {
-                        Ok(()) => self.complete(size, 0),
+                        Ok(()) => self.complete(size, 0, None),
                         Err(m) => self.error = Some((mark.line().max(1), m)),
                     }
                 }
             }
-            Event::Scalar(v, _, anchor, _) => self.complete(Size::scalar(&v), anchor),
-            Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
-                self.stack.push((anchor, Size::container()))
-            }
+            Event::Scalar(v, _, anchor, _) => self.complete(Size::scalar(&v), anchor, Some(&v)),
+            Event::SequenceStart(anchor, _) => self.push(anchor, false),
+            Event::MappingStart(anchor, _) => self.push(anchor, true),
             Event::SequenceEnd | Event::MappingEnd => {
-                if let Some((anchor, size)) = self.stack.pop() {
-                    self.complete(size, anchor);
+                if let Some(f) = self.stack.pop() {
+                    self.complete(f.size, f.anchor, None);
                 }
             }
             Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentStart => {}
@@ -1313,6 +1332,25 @@ mod tests {
         assert_eq!(e.line, Some(2), "{e}");
         assert!(e.message.contains("more than 32 MiB of text"), "{e}");
         assert!(check_limits(&text).is_err());
+    }
+
+    #[test]
+    fn yaml_check_limits_counts_maps_as_parse_does() {
+        // A map of 999 entries is 1000 nodes: 1000 copies are exactly the limit.
+        let mut text = String::from("base: &b\n");
+        for i in 0..999 {
+            text.push_str(&format!("  k{i}: v\n"));
+        }
+        text.push_str("copies:\n");
+        text.push_str(&"- *b\n".repeat(1000));
+        assert!(parse("maps.yml", &text).is_ok());
+        assert_eq!(check_limits(&text), Ok(()));
+        text.push_str("- *b\n");
+        assert_eq!(
+            parse("maps.yml", &text).map_err(|e| e.line),
+            Err(Some(2002))
+        );
+        assert_eq!(check_limits(&text).map_err(|e| e.0), Err(2002));
     }
 
     #[test]
