@@ -828,7 +828,9 @@ pub fn default_local() -> CloudConfig {
 /// static IP not inside any subnet of that network whose azs intersect the group's azs, or not in a
 /// `static` range ("static IP 10.1.0.9 is outside the subnet's static ranges (127.77.0.2-127.77.0.100)");
 /// same static IP used twice; a manual network used by a group must have a subnet in each of the group's azs;
-/// number of static_ips, if any, must equal instances.
+/// number of static_ips, if any, must equal instances; a group's instances must fit in the
+/// dynamic IPs of its manual networks and never be more than [`MAX_INSTANCES`]. These checks
+/// come before anything is made per instance.
 pub fn validate_manifest(manifest: &Manifest, cc: &CloudConfig) -> Result<(), Problems> {
     let src = &manifest.source;
     let mut problems = Problems::default();
@@ -844,6 +846,8 @@ pub fn validate_manifest(manifest: &Manifest, cc: &CloudConfig) -> Result<(), Pr
 
     for (gi, g) in manifest.instance_groups.iter().enumerate() {
         let gp = format!("instance_groups[{gi}]");
+        // Whether `instances` was found too many for a network.
+        let mut too_many = false;
         for (i, az) in g.azs.iter().enumerate() {
             if cc.az(az).is_none() {
                 push(format!("{gp}.azs[{i}]"), unknown("az", az, &az_names));
@@ -913,6 +917,28 @@ pub fn validate_manifest(manifest: &Manifest, cc: &CloudConfig) -> Result<(), Pr
                             );
                         }
                     }
+                    if nr.static_ips.is_empty() {
+                        // Counting stops past MAX_INSTANCES: a /8 costs no more than a /24.
+                        let wanted = g.instances as usize;
+                        let limit = wanted.min(MAX_INSTANCES as usize + 1);
+                        let room = dynamic_room(net, &g.azs, limit);
+                        if room < limit {
+                            too_many = true;
+                            push(
+                                format!("{gp}.instances"),
+                                format!(
+                                    "{} instances but network '{}' can hold at most {room} dynamic IPs{}",
+                                    g.instances,
+                                    net.name,
+                                    if g.azs.is_empty() {
+                                        String::new()
+                                    } else {
+                                        format!(" in az {}", g.azs.join(", "))
+                                    }
+                                ),
+                            );
+                        }
+                    }
                 }
                 NetworkKind::Dynamic => {
                     if !nr.static_ips.is_empty() {
@@ -977,8 +1003,37 @@ pub fn validate_manifest(manifest: &Manifest, cc: &CloudConfig) -> Result<(), Pr
                 }
             }
         }
+        if g.instances > MAX_INSTANCES && !too_many {
+            push(
+                format!("{gp}.instances"),
+                format!(
+                    "{} instances: an instance group may have at most {MAX_INSTANCES}",
+                    g.instances
+                ),
+            );
+        }
     }
     problems.into_result()
+}
+
+/// Most instances one instance group may have, whatever its networks.
+pub const MAX_INSTANCES: u32 = 10_000;
+
+/// How many dynamic IPs the subnets of `net` that serve `azs` (all of them
+/// when `azs` is empty) hold, counting no further than `limit`.
+fn dynamic_room(net: &Network, azs: &[String], limit: usize) -> usize {
+    let serving = net
+        .subnets
+        .iter()
+        .filter(|s| s.azs.is_empty() || azs.is_empty() || s.azs.iter().any(|a| azs.contains(a)));
+    let mut room = 0;
+    for s in serving {
+        if room >= limit {
+            break;
+        }
+        room += ipam::dynamic_pool(s).take(limit - room).count();
+    }
+    room
 }
 
 #[cfg(test)]
@@ -1115,6 +1170,76 @@ compilation: {workers: 1, az: z2, network: m, vm_type: b}
             "{e}"
         );
         assert!(e.to_string().contains("did you mean 10.0.0.0/24?"), "{e}");
+    }
+
+    /// A manifest with one group of `instances` on `network`, without static
+    /// IPs; `instances` is on line 16.
+    fn one_group(instances: u32, network: &str) -> String {
+        format!(
+            "name: big\nreleases:\n- name: kv\n  version: latest\nstemcells:\n- alias: default\n  \
+             os: x\n  version: latest\nupdate:\n  canaries: 1\n  max_in_flight: 1\n  \
+             canary_watch_time: 1000\n  update_watch_time: 1000\ninstance_groups:\n- name: kv\n  \
+             instances: {instances}\n  azs: [z1]\n  vm_type: default\n  stemcell: default\n  \
+             networks:\n  - name: {network}\n  jobs:\n  - name: kv\n    release: kv\n"
+        )
+    }
+
+    /// Parse and cross-check, as `deploy` does before planning.
+    fn check(instances: u32, network: &str, cc: &CloudConfig) -> Result<(), Vec<String>> {
+        let m = parse_manifest("m.yml", &one_group(instances, network), Path::new("/"))
+            .map_err(|p| p.0.iter().map(|p| p.to_string()).collect::<Vec<_>>())?;
+        validate_manifest(&m, cc).map_err(|p| p.0.iter().map(|p| p.to_string()).collect())
+    }
+
+    #[test]
+    fn cloud_config_instances_must_fit_the_manual_network() {
+        let cc = default_local();
+        // 127.77.0.0/24 less network, broadcast, gateway and 99 static IPs.
+        assert_eq!(check(154, "default", &cc), Ok(()));
+        let msg = |n: u32| {
+            format!(
+                "m.yml:16: instance_groups[0].instances: {n} instances but network 'default' \
+                 can hold at most 154 dynamic IPs in az z1"
+            )
+        };
+        assert_eq!(check(155, "default", &cc), Err(vec![msg(155)]));
+        assert_eq!(
+            check(10_000_000, "default", &cc),
+            Err(vec![msg(10_000_000)])
+        );
+        assert_eq!(check(u32::MAX, "default", &cc), Err(vec![msg(u32::MAX)]));
+    }
+
+    #[test]
+    fn cloud_config_instances_have_a_cap_on_any_network() {
+        let cc = parse_cloud_config(
+            "cc.yml",
+            "azs: [{name: z1}]
+networks:
+- name: dyn
+  type: dynamic
+- name: wide
+  type: manual
+  subnets: [{range: 10.0.0.0/8, gateway: 10.0.0.1, azs: [z1]}]
+vm_types: [{name: default}]
+compilation: {workers: 1, az: z1, network: wide}
+",
+        )
+        .expect("cc");
+        let cap = |n: u32| {
+            vec![format!(
+                "m.yml:16: instance_groups[0].instances: {n} instances: \
+                 an instance group may have at most 10000"
+            )]
+        };
+        for net in ["dyn", "wide"] {
+            assert_eq!(check(MAX_INSTANCES, net, &cc), Ok(()), "{net}");
+            assert_eq!(
+                check(MAX_INSTANCES + 1, net, &cc),
+                Err(cap(MAX_INSTANCES + 1))
+            );
+            assert_eq!(check(10_000_000, net, &cc), Err(cap(10_000_000)), "{net}");
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! Deliberate differences from BOSH: `update` is required; releases may name
 //! a local `path` and no `url`; global v1 `properties` are refused.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -584,10 +584,12 @@ fn decode(d: &mut Decoder, root: &Node, base_dir: &Path) -> Option<Manifest> {
     }
     let name = names::decode(d, &f, "name", "deployment name");
 
+    // Names already listed, one set per list (lists may be long).
     let mut releases = Vec::new();
+    let mut seen = HashSet::new();
     for it in d.opt_seq(&f, "releases") {
         if let Some(r) = release(d, &it, base_dir) {
-            if releases.iter().any(|x: &ReleaseRef| x.name == r.name) {
+            if !seen.insert(r.name.clone()) {
                 d.problem(
                     &yaml::child_path(&it.path, "name"),
                     format!("release '{}' is listed twice", r.name),
@@ -598,9 +600,10 @@ fn decode(d: &mut Decoder, root: &Node, base_dir: &Path) -> Option<Manifest> {
     }
 
     let mut stemcells = Vec::new();
+    let mut seen = HashSet::new();
     for it in d.opt_seq(&f, "stemcells") {
         if let Some(s) = stemcell(d, &it) {
-            if stemcells.iter().any(|x: &StemcellRef| x.alias == s.alias) {
+            if !seen.insert(s.alias.clone()) {
                 d.problem(
                     &yaml::child_path(&it.path, "alias"),
                     format!("stemcell alias '{}' is used twice", s.alias),
@@ -620,9 +623,10 @@ fn decode(d: &mut Decoder, root: &Node, base_dir: &Path) -> Option<Manifest> {
     };
 
     let mut groups: Vec<InstanceGroup> = Vec::new();
+    let mut seen = HashSet::new();
     for it in d.opt_seq(&f, "instance_groups") {
         if let Some(g) = instance_group(d, &it, &releases, &stemcells) {
-            if groups.iter().any(|x| x.name == g.name) {
+            if !seen.insert(g.name.clone()) {
                 d.problem(
                     &yaml::child_path(&it.path, "name"),
                     format!("instance group name '{}' is used twice", g.name),
@@ -633,9 +637,10 @@ fn decode(d: &mut Decoder, root: &Node, base_dir: &Path) -> Option<Manifest> {
     }
 
     let mut variables: Vec<VariableDef> = Vec::new();
+    let mut seen = HashSet::new();
     for it in d.opt_seq(&f, "variables") {
         if let Some(v) = variable(d, &it) {
-            if variables.iter().any(|x| x.name == v.name) {
+            if !seen.insert(v.name.clone()) {
                 d.problem(
                     &yaml::child_path(&it.path, "name"),
                     format!("variable '{}' is declared twice", v.name),
@@ -870,9 +875,10 @@ fn instance_group(
     };
 
     let mut jobs: Vec<JobRef> = Vec::new();
+    let mut seen = HashSet::new();
     for j in d.seq(&f, "jobs") {
         if let Some(job) = job(d, &j, releases) {
-            if jobs.iter().any(|x| x.name == job.name) {
+            if !seen.insert(job.name.clone()) {
                 d.problem(
                     &yaml::child_path(&j.path, "name"),
                     format!("job '{}' is listed twice in this instance group", job.name),
@@ -883,9 +889,10 @@ fn instance_group(
     }
 
     let mut networks: Vec<NetworkRef> = Vec::new();
+    let mut seen = HashSet::new();
     for nit in d.seq(&f, "networks") {
         if let Some(net) = network_ref(d, &nit, instances) {
-            if networks.iter().any(|x| x.name == net.name) {
+            if !seen.insert(net.name.clone()) {
                 d.problem(
                     &yaml::child_path(&nit.path, "name"),
                     format!(
@@ -1442,5 +1449,43 @@ instance_groups:
         );
         assert!("-5".parse::<WatchTime>().is_err());
         assert!("abc".parse::<WatchTime>().is_err());
+    }
+
+    #[test]
+    fn manifest_names_listed_twice_in_long_lists() {
+        let n = 5000;
+        let mut text = String::from(
+            "name: long\nreleases:\n- {name: r, version: '1'}\n- {name: r, version: '2'}\n\
+             stemcells:\n- {alias: s, os: x}\n- {alias: s, os: y}\nupdate: {canaries: 1, \
+             max_in_flight: 1, canary_watch_time: 1000, update_watch_time: 1000}\n\
+             variables:\n- {name: v, type: password}\n- {name: v, type: password}\n\
+             instance_groups:\n",
+        );
+        for i in 0..n {
+            text.push_str(&format!(
+                "- {{name: g{i}, instances: 0, azs: [z1], vm_type: default, stemcell: s, \
+                 networks: [{{name: a}}, {{name: a}}], jobs: [{{name: j, release: r}}, {{name: j, release: r}}]}}\n"
+            ));
+        }
+        text.push_str("- {name: g7, instances: 0, azs: [z1], vm_type: default, stemcell: s, networks: [{name: a}], jobs: [{name: j, release: r}]}\n");
+        let e = parse_manifest("m.yml", &text, Path::new("/")).expect_err("duplicates");
+        let msgs: Vec<String> = e.0.iter().map(|p| p.to_string()).collect();
+        let twice = msgs.iter().filter(|m| m.contains(" twice")).count();
+        assert_eq!(twice, 3 + 2 * n + 1);
+        assert_eq!(
+            msgs[0],
+            "m.yml:4: releases[1].name: release 'r' is listed twice"
+        );
+        assert!(msgs.contains(
+            &"m.yml:7: stemcells[1].alias: stemcell alias 's' is used twice".to_string()
+        ));
+        assert!(msgs
+            .contains(&"m.yml:11: variables[1].name: variable 'v' is declared twice".to_string()));
+        assert!(msgs.contains(&"m.yml:13: instance_groups[0].jobs[1].name: job 'j' is listed twice in this instance group".to_string()));
+        assert!(msgs.contains(&"m.yml:13: instance_groups[0].networks[1].name: network 'a' is listed twice in this instance group".to_string()));
+        assert!(msgs.contains(&format!(
+            "m.yml:{}: instance_groups[{n}].name: instance group name 'g7' is used twice",
+            13 + n
+        )));
     }
 }

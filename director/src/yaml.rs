@@ -8,10 +8,10 @@
 //! about manifests, cloud-configs, releases or any other document kind (those
 //! modules use the kit), and it never panics on operator input.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser, Tag};
-use yaml_rust2::scanner::{Marker, TScalarStyle};
+use yaml_rust2::scanner::{Marker, ScanError, TScalarStyle};
 
 use crate::problems::{Problem, Problems, SourceMap};
 
@@ -112,12 +112,21 @@ impl Node {
 }
 
 /// Parse one YAML document (only the first of a stream). An empty document
-/// is [`NodeValue::Null`]. Syntax errors, duplicate keys and unknown aliases
-/// become a [`Problem`] naming `file` and the line.
+/// is [`NodeValue::Null`]. Syntax errors, duplicate keys, unknown aliases, NUL
+/// bytes and documents over the limits ([`MAX_ALIASES`], [`MAX_COPIED_NODES`],
+/// [`MAX_COPIED_BYTES`], [`MAX_DEPTH`]) become a [`Problem`] naming `file`
+/// and the line. Time and memory grow linearly with the text.
 pub fn parse(file: &str, text: &str) -> Result<Node, Problem> {
+    if let Some(line) = nul_line(text) {
+        return Err(Problem {
+            file: file.to_string(),
+            path: String::new(),
+            line: Some(line),
+            message: NUL_MESSAGE.to_string(),
+        });
+    }
     let mut builder = Builder::default();
-    let mut parser = Parser::new_from_str(text);
-    if let Err(e) = parser.load(&mut builder, false) {
+    if let Err(e) = feed(text, &mut builder, |b| b.error.is_some() || b.done) {
         return Err(Problem {
             file: file.to_string(),
             path: String::new(),
@@ -259,16 +268,248 @@ fn resolve_tagged(v: &str, tag: &Tag) -> Result<NodeValue, String> {
     }
 }
 
+// ---------------------------------------------------------------------------
+// Limits
+// ---------------------------------------------------------------------------
+
+/// Most aliases (`*name`) one document may use.
+pub const MAX_ALIASES: usize = 100_000;
+/// Most nodes that aliases may copy into one document (an alias to a map of
+/// ten entries copies eleven nodes, counting the map itself; the keys are not
+/// counted). Anchors nested inside other anchors count as copies too.
+pub const MAX_COPIED_NODES: usize = 1_000_000;
+/// Most bytes of scalar text (keys and values) that aliases may copy into
+/// one document.
+pub const MAX_COPIED_BYTES: usize = 32 << 20;
+/// Deepest nesting of lists and maps in one document.
+pub const MAX_DEPTH: usize = 256;
+
+const NUL_MESSAGE: &str = "the text contains a NUL byte (\\0), which YAML does not allow";
+
+/// The 1-based line of the first NUL byte of `text`, if it has one.
+pub fn nul_line(text: &str) -> Option<usize> {
+    let at = text.bytes().position(|b| b == 0)?;
+    Some(
+        text.as_bytes()[..at]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1,
+    )
+}
+
+fn depth_message() -> String {
+    format!("lists and maps are nested more than {MAX_DEPTH} levels deep")
+}
+
+/// What a node holds: nodes (itself included), bytes of scalar text, and
+/// height (0 for a scalar, 1 + its highest child for a list or map).
+#[derive(Clone, Copy, Debug)]
+struct Size {
+    nodes: usize,
+    bytes: usize,
+    height: usize,
+}
+
+impl Size {
+    fn scalar(text: &str) -> Size {
+        Size {
+            nodes: 1,
+            bytes: text.len(),
+            height: 0,
+        }
+    }
+
+    fn container() -> Size {
+        Size {
+            nodes: 1,
+            bytes: 0,
+            height: 1,
+        }
+    }
+
+    /// Keys count for their text only (they are not nodes of the tree).
+    fn add_key(&mut self, text: &str) {
+        self.bytes = self.bytes.saturating_add(text.len());
+    }
+
+    fn add_child(&mut self, child: Size) {
+        self.nodes = self.nodes.saturating_add(child.nodes);
+        self.bytes = self.bytes.saturating_add(child.bytes);
+        self.height = self.height.max(child.height.saturating_add(1));
+    }
+}
+
+/// What aliases have copied so far in one document.
+#[derive(Default)]
+struct Budget {
+    aliases: usize,
+    nodes: usize,
+    bytes: usize,
+}
+
+impl Budget {
+    /// One alias to a node of `size`.
+    fn alias(&mut self, size: Size) -> Result<(), String> {
+        self.aliases += 1;
+        if self.aliases > MAX_ALIASES {
+            return Err(format!("more than {MAX_ALIASES} aliases in one document"));
+        }
+        self.copy(size)
+    }
+
+    /// A copy of a node of `size`.
+    fn copy(&mut self, size: Size) -> Result<(), String> {
+        self.nodes = self.nodes.saturating_add(size.nodes);
+        self.bytes = self.bytes.saturating_add(size.bytes);
+        if self.nodes > MAX_COPIED_NODES {
+            return Err(format!(
+                "aliases expand to more than {MAX_COPIED_NODES} nodes \
+                 (the most one document may copy through anchors and aliases)"
+            ));
+        }
+        if self.bytes > MAX_COPIED_BYTES {
+            return Err(format!(
+                "aliases expand to more than {} MiB of text \
+                 (the most one document may copy through anchors and aliases)",
+                MAX_COPIED_BYTES >> 20
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Check `text` against the limits [`parse`] enforces on NUL bytes and
+/// aliases, without building a tree: for readers other than [`parse`] that
+/// expand aliases themselves. Returns the 1-based line and a message. Syntax
+/// errors are not reported here; the caller's reader reports them.
+pub fn check_limits(text: &str) -> Result<(), (usize, String)> {
+    if let Some(line) = nul_line(text) {
+        return Err((line, NUL_MESSAGE.to_string()));
+    }
+    // Without a '*' there is no alias.
+    if !text.contains('*') {
+        return Ok(());
+    }
+    let mut counter = AliasCounter::default();
+    match (
+        feed(text, &mut counter, |c| c.error.is_some() || c.done),
+        counter.error,
+    ) {
+        (_, Some(e)) => Err(e),
+        // A syntax error is the caller's reader's to report, with its own position.
+        (Err(_), None) | (Ok(()), None) => Ok(()),
+    }
+}
+
+/// Feed the events of `text` to `recv`, one at a time, until the first
+/// document ends or `stop(recv)`. (yaml-rust2's own `Parser::load` recurses
+/// once per level of nesting: a deep enough document overflows the stack.)
+fn feed<R: MarkedEventReceiver>(
+    text: &str,
+    recv: &mut R,
+    stop: fn(&R) -> bool,
+) -> Result<(), ScanError> {
+    let mut parser = Parser::new_from_str(text);
+    loop {
+        let (ev, mark) = parser.next_token()?;
+        let last = matches!(ev, Event::DocumentEnd | Event::StreamEnd);
+        recv.on_event(ev, mark);
+        if last || stop(recv) {
+            return Ok(());
+        }
+    }
+}
+
+/// Counts what the aliases of a document copy (see [`check_limits`]).
+#[derive(Default)]
+struct AliasCounter {
+    /// Open lists and maps.
+    stack: Vec<CountFrame>,
+    anchors: HashMap<usize, Size>,
+    budget: Budget,
+    done: bool,
+    error: Option<(usize, String)>,
+}
+
+/// An open list or map of [`AliasCounter`].
+struct CountFrame {
+    anchor: usize,
+    size: Size,
+    /// A map whose next child is a key (counted as [`Builder`] counts keys).
+    key_next: Option<bool>,
+}
+
+impl AliasCounter {
+    fn complete(&mut self, size: Size, anchor: usize, text: Option<&str>) {
+        if anchor > 0 {
+            self.anchors.insert(anchor, size);
+        }
+        if let Some(top) = self.stack.last_mut() {
+            match (top.key_next, text) {
+                (Some(true), Some(key)) => top.size.add_key(key),
+                _ => top.size.add_child(size),
+            }
+            top.key_next = top.key_next.map(|k| !k);
+        }
+    }
+
+    fn push(&mut self, anchor: usize, map: bool) {
+        self.stack.push(CountFrame {
+            anchor,
+            size: Size::container(),
+            key_next: map.then_some(true),
+        });
+    }
+}
+
+impl MarkedEventReceiver for AliasCounter {
+    fn on_event(&mut self, ev: Event, mark: Marker) {
+        if self.error.is_some() || self.done {
+            return;
+        }
+        match ev {
+            Event::DocumentEnd => self.done = true,
+            // An unknown anchor is the reader's to report.
+            Event::Alias(id) => {
+                if let Some(size) = self.anchors.get(&id).copied() {
+                    match self.budget.alias(size) {
+                        Ok(()) => self.complete(size, 0, None),
+                        Err(m) => self.error = Some((mark.line().max(1), m)),
+                    }
+                }
+            }
+            Event::Scalar(v, _, anchor, _) => self.complete(Size::scalar(&v), anchor, Some(&v)),
+            Event::SequenceStart(anchor, _) => self.push(anchor, false),
+            Event::MappingStart(anchor, _) => self.push(anchor, true),
+            Event::SequenceEnd | Event::MappingEnd => {
+                if let Some(f) = self.stack.pop() {
+                    self.complete(f.size, f.anchor, None);
+                }
+            }
+            Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentStart => {}
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Tree builder
+// ---------------------------------------------------------------------------
+
 enum Frame {
     Seq {
         line: usize,
         anchor: usize,
+        size: Size,
         items: Vec<Node>,
     },
     Map {
         line: usize,
         anchor: usize,
+        size: Size,
         entries: Vec<(String, Node)>,
+        /// The keys of `entries`, for finding duplicates in constant time.
+        seen: HashSet<String>,
         /// Key waiting for its value: text, line, whether it is a `<<` merge key.
         key: Option<(String, usize, bool)>,
         /// Maps merged in with `<<` (explicit keys win over them).
@@ -276,11 +517,23 @@ enum Frame {
     },
 }
 
+impl Frame {
+    fn anchor(&self) -> usize {
+        match self {
+            Frame::Seq { anchor, .. } | Frame::Map { anchor, .. } => *anchor,
+        }
+    }
+}
+
 /// Builds a [`Node`] tree from parser events; records the first error.
 #[derive(Default)]
 struct Builder {
     stack: Vec<Frame>,
-    anchors: HashMap<usize, Node>,
+    /// Anchored nodes, to be copied by aliases.
+    anchors: HashMap<usize, (Node, Size)>,
+    /// How many frames of `stack` carry an anchor.
+    open_anchors: usize,
+    budget: Budget,
     root: Option<Node>,
     done: bool,
     /// line, path-ish context, message
@@ -313,11 +566,33 @@ impl Builder {
         p
     }
 
+    fn push(&mut self, frame: Frame, line: usize) {
+        if self.stack.len() >= MAX_DEPTH {
+            return self.fail(line, depth_message());
+        }
+        if frame.anchor() > 0 {
+            self.open_anchors += 1;
+        }
+        self.stack.push(frame);
+    }
+
     /// A node is complete: remember its anchor, attach it to its parent.
-    /// `plain_text` is the source text of a plain scalar (used for keys).
-    fn complete(&mut self, mut node: Node, anchor: usize, key_text: Option<(String, bool)>) {
+    /// `key_text` is the source text of a scalar (used for keys).
+    fn complete(
+        &mut self,
+        mut node: Node,
+        size: Size,
+        anchor: usize,
+        key_text: Option<(String, bool)>,
+    ) {
         if anchor > 0 {
-            self.anchors.insert(anchor, node.clone());
+            // An anchor inside another anchor is copied once more with it.
+            if self.open_anchors > 0 {
+                if let Err(m) = self.budget.copy(size) {
+                    return self.fail(node.line, m);
+                }
+            }
+            self.anchors.insert(anchor, (node.clone(), size));
         }
         let Some(top) = self.stack.last_mut() else {
             if self.root.is_none() {
@@ -326,16 +601,22 @@ impl Builder {
             return;
         };
         match top {
-            Frame::Seq { items, .. } => items.push(node),
+            Frame::Seq { items, size: s, .. } => {
+                s.add_child(size);
+                items.push(node);
+            }
             Frame::Map {
                 entries,
+                seen,
                 key,
                 merges,
+                size: s,
                 ..
             } => match key.take() {
                 None => match key_text {
                     Some((text, is_merge)) => {
-                        if !is_merge && entries.iter().any(|(k, _)| *k == text) {
+                        s.add_key(&text);
+                        if !is_merge && !seen.insert(text.clone()) {
                             let line = node.line;
                             *key = Some((text.clone(), line, false));
                             self.fail(line, format!("duplicate key '{text}'"));
@@ -350,12 +631,13 @@ impl Builder {
                     }
                 },
                 Some((k, key_line, is_merge)) => {
+                    s.add_child(size);
                     node.line = key_line;
                     if is_merge {
-                        match &node.value {
+                        match node.value {
                             NodeValue::Map(_) => merges.push(node),
                             NodeValue::Seq(list) if list.iter().all(|n| n.as_map().is_some()) => {
-                                merges.extend(list.iter().cloned())
+                                merges.extend(list)
                             }
                             _ => self.fail(
                                 key_line,
@@ -380,15 +662,23 @@ impl MarkedEventReceiver for Builder {
         match ev {
             Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentStart => {}
             Event::DocumentEnd => self.done = true,
-            Event::Alias(id) => match self.anchors.get(&id) {
-                Some(n) => {
+            Event::Alias(id) => {
+                let Some(size) = self.anchors.get(&id).map(|(_, s)| *s) else {
+                    return self.fail(line, "alias to an unknown anchor".to_string());
+                };
+                if self.stack.len().saturating_add(size.height) > MAX_DEPTH {
+                    return self.fail(line, depth_message());
+                }
+                if let Err(m) = self.budget.alias(size) {
+                    return self.fail(line, m);
+                }
+                if let Some((n, _)) = self.anchors.get(&id) {
                     let mut n = n.clone();
                     n.line = line;
                     let key = scalar_key_text(&n);
-                    self.complete(n, 0, key);
+                    self.complete(n, size, 0, key);
                 }
-                None => self.fail(line, "alias to an unknown anchor".to_string()),
-            },
+            }
             Event::Scalar(v, style, anchor, tag) => {
                 let value = match &tag {
                     Some(t) => match resolve_tagged(&v, t) {
@@ -399,46 +689,67 @@ impl MarkedEventReceiver for Builder {
                     None => resolve_plain(&v),
                 };
                 let is_merge = style == TScalarStyle::Plain && tag.is_none() && v == "<<";
-                self.complete(Node::new(line, value), anchor, Some((v, is_merge)));
+                let size = Size::scalar(&v);
+                self.complete(Node::new(line, value), size, anchor, Some((v, is_merge)));
             }
-            Event::SequenceStart(anchor, _) => self.stack.push(Frame::Seq {
-                line,
-                anchor,
-                items: Vec::new(),
-            }),
-            Event::MappingStart(anchor, _) => self.stack.push(Frame::Map {
-                line,
-                anchor,
-                entries: Vec::new(),
-                key: None,
-                merges: Vec::new(),
-            }),
-            Event::SequenceEnd | Event::MappingEnd => match self.stack.pop() {
-                Some(Frame::Seq {
+            Event::SequenceStart(anchor, _) => self.push(
+                Frame::Seq {
                     line,
                     anchor,
-                    items,
-                }) => self.complete(Node::new(line, NodeValue::Seq(items)), anchor, None),
-                Some(Frame::Map {
+                    size: Size::container(),
+                    items: Vec::new(),
+                },
+                line,
+            ),
+            Event::MappingStart(anchor, _) => self.push(
+                Frame::Map {
                     line,
                     anchor,
-                    mut entries,
-                    merges,
-                    ..
-                }) => {
-                    for m in merges {
-                        if let NodeValue::Map(extra) = m.value {
-                            for (k, v) in extra {
-                                if !entries.iter().any(|(e, _)| *e == k) {
-                                    entries.push((k, v));
+                    size: Size::container(),
+                    entries: Vec::new(),
+                    seen: HashSet::new(),
+                    key: None,
+                    merges: Vec::new(),
+                },
+                line,
+            ),
+            Event::SequenceEnd | Event::MappingEnd => {
+                let Some(frame) = self.stack.pop() else {
+                    return self.fail(line, "unbalanced YAML structure".to_string());
+                };
+                if frame.anchor() > 0 {
+                    self.open_anchors -= 1;
+                }
+                match frame {
+                    Frame::Seq {
+                        line,
+                        anchor,
+                        size,
+                        items,
+                    } => self.complete(Node::new(line, NodeValue::Seq(items)), size, anchor, None),
+                    Frame::Map {
+                        line,
+                        anchor,
+                        size,
+                        mut entries,
+                        mut seen,
+                        merges,
+                        ..
+                    } => {
+                        for m in merges {
+                            if let NodeValue::Map(extra) = m.value {
+                                for (k, v) in extra {
+                                    if !seen.contains(&k) {
+                                        seen.insert(k.clone());
+                                        entries.push((k, v));
+                                    }
                                 }
                             }
                         }
+                        self.complete(Node::new(line, NodeValue::Map(entries)), size, anchor, None)
                     }
-                    self.complete(Node::new(line, NodeValue::Map(entries)), anchor, None)
                 }
-                None => self.fail(line, "unbalanced YAML structure".to_string()),
-            },
+            }
         }
     }
 }
@@ -957,6 +1268,206 @@ mod tests {
                 "t.yml:5: list: expected a list, found a map",
             ]
         );
+    }
+
+    /// Ten levels of nine aliases each: 9^10 nodes if expanded.
+    fn billion_laughs() -> String {
+        let mut text = "a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n".to_string();
+        for i in 1..10 {
+            let refs = vec![format!("*a{}", i - 1); 9].join(", ");
+            text.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
+        }
+        text
+    }
+
+    #[test]
+    fn yaml_billion_laughs_is_refused_at_the_alias_over_the_limit() {
+        let e = parse("laughs.yml", &billion_laughs()).expect_err("over the limit");
+        assert_eq!(e.file, "laughs.yml");
+        // a5 holds 597871 nodes: its first copy goes over 1000000 in all.
+        assert_eq!(e.line, Some(7), "{e}");
+        assert_eq!(e.path, "a6[0]");
+        assert!(
+            e.message
+                .contains("aliases expand to more than 1000000 nodes"),
+            "{e}"
+        );
+        let e = check_limits(&billion_laughs()).expect_err("over the limit");
+        assert_eq!(e.0, 7, "{e:?}");
+        assert!(e.1.contains("more than 1000000 nodes"), "{e:?}");
+    }
+
+    #[test]
+    fn yaml_many_aliases_of_a_wide_anchor_are_refused() {
+        // Not exponential, but 2000 copies of 1001 nodes.
+        let mut text = String::from("base: &b\n");
+        for i in 0..1000 {
+            text.push_str(&format!("- x{i}\n"));
+        }
+        text.push_str("copies:\n");
+        text.push_str(&"- *b\n".repeat(2000));
+        let e = parse("wide.yml", &text).expect_err("over the limit");
+        // The 1000th copy brings the total over 1000000.
+        assert_eq!(e.line, Some(1002 + 1000), "{e}");
+        assert!(e.message.contains("more than 1000000 nodes"), "{e}");
+        assert!(check_limits(&text).is_err());
+        // Fewer copies are fine.
+        let text = text.replace(&"- *b\n".repeat(1500), "");
+        let n = p(&text);
+        assert_eq!(
+            n.get("copies").and_then(Node::as_seq).map(<[Node]>::len),
+            Some(500)
+        );
+        assert_eq!(check_limits(&text), Ok(()));
+    }
+
+    #[test]
+    fn yaml_aliases_of_a_long_string_are_refused_by_size() {
+        let text = format!(
+            "s: &s '{}'\nl: [{}]\n",
+            "x".repeat(1 << 20),
+            ["*s"; 40].join(", ")
+        );
+        let e = parse("long.yml", &text).expect_err("over the limit");
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(e.message.contains("more than 32 MiB of text"), "{e}");
+        assert!(check_limits(&text).is_err());
+    }
+
+    #[test]
+    fn yaml_check_limits_counts_maps_as_parse_does() {
+        // A map of 999 entries is 1000 nodes: 1000 copies are exactly the limit.
+        let mut text = String::from("base: &b\n");
+        for i in 0..999 {
+            text.push_str(&format!("  k{i}: v\n"));
+        }
+        text.push_str("copies:\n");
+        text.push_str(&"- *b\n".repeat(1000));
+        assert!(parse("maps.yml", &text).is_ok());
+        assert_eq!(check_limits(&text), Ok(()));
+        text.push_str("- *b\n");
+        assert_eq!(
+            parse("maps.yml", &text).map_err(|e| e.line),
+            Err(Some(2002))
+        );
+        assert_eq!(check_limits(&text).map_err(|e| e.0), Err(2002));
+    }
+
+    #[test]
+    fn yaml_too_many_aliases_are_refused() {
+        let text = format!("s: &s x\nl:\n{}", "- *s\n".repeat(MAX_ALIASES + 1));
+        let e = parse("many.yml", &text).expect_err("over the limit");
+        assert_eq!(e.line, Some(MAX_ALIASES + 3), "{e}");
+        assert!(e.message.contains("more than 100000 aliases"), "{e}");
+        let e = check_limits(&text).expect_err("over the limit");
+        assert_eq!(e.0, MAX_ALIASES + 3);
+        // One fewer is fine.
+        let text = format!("s: &s x\nl:\n{}", "- *s\n".repeat(MAX_ALIASES));
+        assert_eq!(
+            p(&text).get("l").and_then(Node::as_seq).map(<[Node]>::len),
+            Some(MAX_ALIASES)
+        );
+    }
+
+    #[test]
+    fn yaml_nested_anchors_count_as_copies() {
+        // Every level is anchored, so every level is copied with its parent.
+        let mut text = String::from("a: ");
+        for i in 0..20 {
+            text.push_str(&format!("&l{i} [[x, y, z, w, v], "));
+        }
+        text.push_str(&"q".repeat(1 << 21));
+        text.push_str(&"]".repeat(20));
+        text.push('\n');
+        let e = parse("nested.yml", &text).expect_err("over the limit");
+        assert!(e.message.contains("MiB of text"), "{e}");
+        // Anchors that are not nested cost nothing.
+        let text = "a: &a [x]\nb: &b [y]\nc: [*a, *b]\n";
+        assert_eq!(p(text).to_json()["c"], serde_json::json!([["x"], ["y"]]));
+    }
+
+    #[test]
+    fn yaml_deep_nesting_is_refused() {
+        let text = format!("a:\n  {}x\n", "- ".repeat(MAX_DEPTH + 1));
+        let e = parse("deep.yml", &text).expect_err("too deep");
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(e.message.contains("nested more than 256 levels"), "{e}");
+        // The deepest allowed: the root map and MAX_DEPTH - 1 lists.
+        let text = format!("a:\n  {}x\n", "- ".repeat(MAX_DEPTH - 1));
+        assert!(parse("deep.yml", &text).is_ok());
+        // An alias may not carry a deep anchor deeper.
+        let text = format!("a: &a\n  {}x\nb:\n  - - - *a\n", "- ".repeat(MAX_DEPTH - 2));
+        let e = parse("deep.yml", &text).expect_err("too deep");
+        assert_eq!(e.line, Some(4), "{e}");
+        assert!(e.message.contains("nested more than"), "{e}");
+    }
+
+    #[test]
+    fn yaml_very_deep_nesting_is_refused_without_overflowing_the_stack() {
+        let text = format!("a:\n  {}*x\n", "- ".repeat(200_000));
+        let e = parse("deep.yml", &text).expect_err("too deep");
+        assert!(e.message.contains("nested more than 256 levels"), "{e}");
+        assert_eq!(check_limits(&text), Ok(()));
+        let text = format!("{}x{}\n", "[".repeat(250), "]".repeat(250));
+        assert!(parse("flow.yml", &text).is_ok());
+    }
+
+    #[test]
+    fn yaml_big_map_parses_and_a_late_duplicate_is_found() {
+        let n = 100_000;
+        let mut text = String::from("big:\n");
+        for i in 0..n {
+            text.push_str(&format!("  key{i}: {i}\n"));
+        }
+        let node = p(&text);
+        let big = node.get("big").and_then(Node::as_map).expect("map");
+        assert_eq!(big.len(), n);
+        assert_eq!(big[n - 1].1.line, n + 1);
+        text.push_str("  key17: again\n");
+        let e = parse("big.yml", &text).expect_err("duplicate");
+        assert_eq!(e.line, Some(n + 2), "{e}");
+        assert_eq!(e.path, "big.key17");
+        assert!(e.message.contains("duplicate key 'key17'"), "{e}");
+    }
+
+    #[test]
+    fn yaml_big_merge_keeps_explicit_keys_and_first_merge_wins() {
+        let n = 50_000;
+        let mut text = String::from("base: &b\n");
+        for i in 0..n {
+            text.push_str(&format!("  key{i}: base\n"));
+        }
+        text.push_str("more: &m {key0: more, extra: more}\n");
+        text.push_str("merged:\n  <<: [*b, *m]\n  key1: own\n");
+        let node = p(&text);
+        let merged = node.get("merged").expect("merged");
+        assert_eq!(merged.as_map().map(<[_]>::len), Some(n + 1));
+        assert_eq!(merged.get("key1").and_then(Node::as_str), Some("own"));
+        assert_eq!(merged.get("key0").and_then(Node::as_str), Some("base"));
+        assert_eq!(merged.get("extra").and_then(Node::as_str), Some("more"));
+        assert_eq!(merged.get("key9").and_then(Node::as_str), Some("base"));
+    }
+
+    #[test]
+    fn yaml_nul_byte_is_refused_with_its_line() {
+        let e = parse("nul.yml", "a: 1\nb: x\0y\nc: [\n").expect_err("NUL");
+        assert_eq!(e.file, "nul.yml");
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(e.message.contains("NUL byte"), "{e}");
+        assert_eq!(e.to_string(), format!("nul.yml:2: {NUL_MESSAGE}"));
+        assert_eq!(
+            check_limits("a: 1\n\n\0"),
+            Err((3, NUL_MESSAGE.to_string()))
+        );
+        assert_eq!(nul_line("\0"), Some(1));
+        assert_eq!(nul_line("a\nb"), None);
+    }
+
+    #[test]
+    fn yaml_check_limits_leaves_syntax_errors_to_the_reader() {
+        assert_eq!(check_limits("a: [*x, \n  b: 2\n"), Ok(()));
+        assert_eq!(check_limits("a: *unknown\n"), Ok(()));
+        assert_eq!(check_limits("a: '*'\n"), Ok(()));
     }
 
     #[test]

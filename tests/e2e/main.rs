@@ -19,6 +19,7 @@ mod deploy;
 mod docker;
 mod hardening;
 mod health;
+mod limits;
 mod manifests;
 mod partition;
 mod releases;

@@ -4,6 +4,7 @@
 
 mod api;
 mod generate;
+mod limits;
 mod ops;
 mod pointer;
 mod vars;
