@@ -773,7 +773,7 @@ impl Monitor {
                     )
                     .await
                 {
-                    Ok(()) => {
+                    Ok(_) => {
                         self.event(&current, seen, "restart-job", &object, "ok");
                         Ok(true)
                     }

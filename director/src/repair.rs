@@ -11,6 +11,7 @@
 
 use std::time::{Duration, Instant};
 
+use bosun_agent::client::AgentClient;
 use bosun_agent::protocol::{DrainKind, DrainParams, RestartJobsParams};
 use bosun_cpi::{DiskCid, VmCid};
 
@@ -244,13 +245,14 @@ impl Executor {
         Ok(())
     }
 
-    /// Restart the named jobs of an instance through its agent.
+    /// Restart the named jobs of an instance (every job when `jobs` is
+    /// empty) through its agent; returns the agent.
     pub async fn restart_jobs(
         &self,
         rec: &InstanceRecord,
         jobs: &[String],
         timeout: Duration,
-    ) -> Result<(), ExecError> {
+    ) -> Result<AgentClient, ExecError> {
         let name = instance_name(rec);
         let vm = rec
             .vm
@@ -263,9 +265,13 @@ impl Executor {
             })
             .await
             .map_err(|source| ExecError::Agent {
-                what: format!("restarting jobs {} on {name}", jobs.join(", ")),
+                what: match jobs {
+                    [] => format!("restarting the jobs of {name}"),
+                    _ => format!("restarting jobs {} on {name}", jobs.join(", ")),
+                },
                 source: Box::new(source),
-            })
+            })?;
+        Ok(client)
     }
 
     /// Start every job of an instance again and wait until they run.
@@ -274,22 +280,10 @@ impl Executor {
         rec: &InstanceRecord,
         watch: (u64, u64),
     ) -> Result<(), ExecError> {
-        let name = instance_name(rec);
-        let vm = rec
-            .vm
-            .as_ref()
-            .ok_or_else(|| ExecError::Failed(format!("{name} has no VM")))?;
         let client = self
-            .reach(vm, &name, self.opts.existing_agent_timeout)
+            .restart_jobs(rec, &[], self.opts.existing_agent_timeout)
             .await?;
-        client
-            .restart_jobs(&RestartJobsParams { jobs: vec![] })
-            .await
-            .map_err(|source| ExecError::Agent {
-                what: format!("starting the jobs of {name}"),
-                source: Box::new(source),
-            })?;
-        self.watch(&client, &name, watch).await
+        self.watch(&client, &instance_name(rec), watch).await
     }
 
     /// Attach and mount an instance's persistent disk again on its VM
