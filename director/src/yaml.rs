@@ -276,11 +276,19 @@ enum Frame {
     },
 }
 
+/// Most nodes that aliases may copy into one document. Each alias copies
+/// the whole anchored node, so a few hundred bytes of nested aliases would
+/// otherwise expand to billions of nodes; real documents copy a few hundred.
+pub const MAX_ALIAS_NODES: usize = 100_000;
+
 /// Builds a [`Node`] tree from parser events; records the first error.
 #[derive(Default)]
 struct Builder {
     stack: Vec<Frame>,
-    anchors: HashMap<usize, Node>,
+    /// Anchored nodes with their size in nodes.
+    anchors: HashMap<usize, (Node, usize)>,
+    /// Nodes copied by aliases so far (at most [`MAX_ALIAS_NODES`]).
+    alias_nodes: usize,
     root: Option<Node>,
     done: bool,
     /// line, path-ish context, message
@@ -317,7 +325,8 @@ impl Builder {
     /// `plain_text` is the source text of a plain scalar (used for keys).
     fn complete(&mut self, mut node: Node, anchor: usize, key_text: Option<(String, bool)>) {
         if anchor > 0 {
-            self.anchors.insert(anchor, node.clone());
+            self.anchors
+                .insert(anchor, (node.clone(), node_count(&node)));
         }
         let Some(top) = self.stack.last_mut() else {
             if self.root.is_none() {
@@ -381,7 +390,15 @@ impl MarkedEventReceiver for Builder {
             Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentStart => {}
             Event::DocumentEnd => self.done = true,
             Event::Alias(id) => match self.anchors.get(&id) {
-                Some(n) => {
+                Some((_, size)) if self.alias_nodes + size > MAX_ALIAS_NODES => self.fail(
+                    line,
+                    format!(
+                        "aliases expand to more than {MAX_ALIAS_NODES} nodes \
+                         (nested aliases that multiply the document)"
+                    ),
+                ),
+                Some((n, size)) => {
+                    self.alias_nodes += size;
                     let mut n = n.clone();
                     n.line = line;
                     let key = scalar_key_text(&n);
@@ -441,6 +458,21 @@ impl MarkedEventReceiver for Builder {
             },
         }
     }
+}
+
+/// How many nodes `node` holds, itself included.
+fn node_count(node: &Node) -> usize {
+    let mut count = 0;
+    let mut todo = vec![node];
+    while let Some(n) = todo.pop() {
+        count += 1;
+        match &n.value {
+            NodeValue::Seq(items) => todo.extend(items),
+            NodeValue::Map(entries) => todo.extend(entries.iter().map(|(_, v)| v)),
+            _ => {}
+        }
+    }
+    count
 }
 
 /// The text an aliased scalar contributes when used as a map key.
@@ -905,6 +937,25 @@ mod tests {
             j["list"],
             serde_json::json!([{"x": 1, "y": 2}, "str", "str"])
         );
+    }
+
+    #[test]
+    fn yaml_alias_bomb_is_a_problem_not_an_allocation() {
+        // Ten aliases a level: 10^N copied nodes for N levels, from a few
+        // hundred bytes. Six levels (over a million nodes) still fit in a
+        // test's memory when nothing stops them; nine would not.
+        let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..6 {
+            let refs = vec![format!("*a{}", i - 1); 10].join(", ");
+            text.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
+        }
+        let e = parse("bomb.yml", &text).expect_err("refused");
+        assert_eq!(e.file, "bomb.yml");
+        assert!(e.message.contains("aliases expand to more than"), "{e}");
+        assert_eq!(e.line, Some(5), "{e}");
+        // Within the limit, aliases still copy.
+        let n = p("a: &a [1, 2]\nb: [*a, *a]\n");
+        assert_eq!(n.to_json()["b"], serde_json::json!([[1, 2], [1, 2]]));
     }
 
     #[test]
