@@ -1,0 +1,44 @@
+//! Release tarballs: the input is written to a file and read by
+//! `release::read_tarball_with_limits` (the reader `bosun upload-release`
+//! uses), within small archive limits so that a decompression bomb is
+//! refused quickly and a hang is a finding.
+#![no_main]
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use bosun_director::archive_limits::ArchiveLimits;
+use bosun_director::release;
+use libfuzzer_sys::fuzz_target;
+
+/// A scratch directory for this fuzzing process, under `TMPDIR` (which
+/// `scripts/fuzz` points at a directory it removes).
+fn scratch() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("bosun-fuzz-release-")
+            .tempdir()
+            .expect("creating the fuzzer's scratch directory");
+        dir.keep()
+    })
+}
+
+const LIMITS: ArchiveLimits = ArchiveLimits {
+    max_size: 16 << 20,
+    max_entries: 1000,
+};
+
+fuzz_target!(|data: &[u8]| {
+    let dir = scratch();
+    let tarball = dir.join("release.tgz");
+    std::fs::write(&tarball, data).expect("writing the fuzz input");
+    match release::read_tarball_with_limits(&tarball, &LIMITS, Some(&dir.join("spool"))) {
+        Ok(r) => {
+            let _shown = format!("{} {}", r.manifest.name, r.manifest.version);
+        }
+        Err(e) => {
+            let _shown = e.to_string();
+        }
+    }
+});
