@@ -979,23 +979,11 @@ impl Store {
             op: "locking IP assignment".to_string(),
             source,
         };
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(io)?;
+        let file = open_lock_file(&path).map_err(io)?;
         let deadline = std::time::Instant::now() + wait;
         loop {
-            // SAFETY: flock on a file descriptor we own; no memory is touched.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-            if rc == 0 {
+            if try_flock(&file).map_err(io)? {
                 return Ok(IpLock { _file: file });
-            }
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
-                return Err(io(err));
             }
             if std::time::Instant::now() >= deadline {
                 return Err(StateError::Locked {
@@ -1366,16 +1354,8 @@ impl Store {
             op: format!("locking deployment {name}"),
             source,
         };
-        let mut file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(io)?;
-        // SAFETY: flock on a file descriptor we own; no memory is touched.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
+        let mut file = open_lock_file(&path).map_err(io)?;
+        if !try_flock(&file).map_err(io)? {
             let mut holder = String::new();
             let _ = file.read_to_string(&mut holder);
             return Err(StateError::Locked {
@@ -1394,6 +1374,32 @@ impl Store {
         )
         .map_err(io)?;
         Ok(DeploymentLock { _file: file })
+    }
+}
+
+/// A lock file under `locks/`, created if needed and never truncated on open
+/// (it names its holder).
+fn open_lock_file(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)
+}
+
+/// Take an exclusive flock on `file` without waiting: `false` when another
+/// holder has it. The lock dies with the process that holds it.
+fn try_flock(file: &File) -> std::io::Result<bool> {
+    // SAFETY: flock on a file descriptor we own; no memory is touched.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EWOULDBLOCK) => Ok(false),
+        _ => Err(err),
     }
 }
 
