@@ -712,12 +712,7 @@ impl Director {
             .all_instances()?
             .into_iter()
             .filter(|i| i.deployment != manifest.name)
-            .flat_map(|i| {
-                i.networks
-                    .into_iter()
-                    .map(|(n, s)| (n, s.ip))
-                    .collect::<Vec<_>>()
-            });
+            .flat_map(|i| i.networks.into_iter().map(|(n, s)| (n, s.ip)));
         let others_reserved = self
             .store
             .ip_reservations()?
