@@ -25,6 +25,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+pub mod chain;
 pub mod conformance;
 pub mod failpoint;
 pub mod logged;
