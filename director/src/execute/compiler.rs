@@ -13,11 +13,12 @@ use tokio::sync::{Mutex, Notify};
 
 use bosun_agent::client::AgentClient;
 use bosun_agent::protocol::{CompileRequest, PackageRef};
+use bosun_cpi::chain::{chain, Chain};
 use bosun_cpi::{Metadata, VmCid};
 
-use crate::executor::{futures_join_all, ExecError, Executor};
-use crate::planner::{CompileStep, Plan};
-use crate::state::CompiledPackage;
+use crate::execute::executor::{futures_join_all, ExecError, Executor};
+use crate::plan::planner::{CompileStep, Plan};
+use crate::store::CompiledPackage;
 
 struct Queue {
     pending: Vec<CompileStep>,
@@ -94,10 +95,10 @@ pub async fn compile(exec: &Executor, plan: &Plan) -> Result<usize, ExecError> {
                         "{subject}: agent did not answer"
                     ))),
                 },
-                Err(e) => Err(ExecError::Compile(format!("{subject}: {e}"))),
+                Err(e) => Err(ExecError::Compile(format!("{subject}: {e}", e = Chain(&e)))),
             };
             if let Err(e) = &result {
-                queue.lock().await.failed.get_or_insert(e.to_string());
+                queue.lock().await.failed.get_or_insert(chain(&e));
                 notify.notify_waiters();
             }
             drop(vm);
@@ -106,14 +107,16 @@ pub async fn compile(exec: &Executor, plan: &Plan) -> Result<usize, ExecError> {
                 exec.progress.stage(&subject, "deleting VM");
                 let cpi = exec.cpis.get(&cp.cpi)?;
                 if let Err(e) = cpi.delete_vm(&cid).await {
-                    exec.progress
-                        .stage(&subject, &format!("deleting VM {cid} failed: {e}"));
+                    exec.progress.stage(
+                        &subject,
+                        &format!("deleting VM {cid} failed: {e}", e = Chain(&e)),
+                    );
                     exec.event(
                         &plan.deployment,
                         Some(&subject),
                         "delete-vm",
                         &cid.0,
-                        &format!("error: {e}"),
+                        &format!("error: {e}", e = Chain(&e)),
                     );
                 }
             }
@@ -181,7 +184,7 @@ async fn run_worker(
                     .insert((step.fingerprint.clone(), step.stemcell.clone()));
             }
             Err(e) => {
-                q.failed.get_or_insert(e.to_string());
+                q.failed.get_or_insert(chain(&e));
                 drop(q);
                 notify.notify_waiters();
                 return Err(e);
@@ -228,11 +231,10 @@ async fn compile_one(
         .await
         .map_err(agent_err(format!("listing blobs on {subject}")))?;
     for sha in missing {
-        let data = exec
-            .store
-            .blobs()
-            .read(&sha)
-            .map_err(|e| ExecError::Compile(format!("reading blob {sha}: {e}")))?;
+        let data =
+            exec.store.blobs().read(&sha).map_err(|e| {
+                ExecError::Compile(format!("reading blob {sha}: {e}", e = Chain(&e)))
+            })?;
         client
             .put_blob(&sha, &data)
             .await
@@ -273,7 +275,13 @@ async fn compile_one(
     exec.store
         .blobs()
         .put_verified(&result.sha256, &data)
-        .map_err(|e| ExecError::Compile(format!("storing compiled {}: {e}", step.name)))?;
+        .map_err(|e| {
+            ExecError::Compile(format!(
+                "storing compiled {}: {e}",
+                step.name,
+                e = Chain(&e)
+            ))
+        })?;
     exec.store.save_compiled_package(&CompiledPackage {
         name: step.name.clone(),
         fingerprint: step.fingerprint.clone(),

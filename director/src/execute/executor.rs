@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,29 +27,28 @@ use bosun_agent::protocol::{
     ApplySpec, DrainKind, DrainParams, MountDiskParams, ProcessState, RunScriptParams,
     UnmountDiskParams,
 };
+use bosun_cpi::chain::Chain;
 use bosun_cpi::{
     AgentSettings, Cpi, CpiError, CreateDiskRequest, CreateVmRequest, DiskCid, Metadata,
     NetworkSettings, StemcellCid, VmCid, AGENT_PORT,
 };
 
-use crate::planner::{
-    primary_ip, Change, DiskAction, GroupPlan, InstancePlan, Plan, VmAction, VmCreate,
-};
-use crate::state::{
+use crate::plan::planner::{primary_ip, DiskAction, InstancePlan, VmAction};
+use crate::store::{
     now, AppliedRecord, DeployedSpec, DiskRecord, Event, InstanceRecord, InstanceState, OrphanDisk,
-    StateError, Store, VmRecord,
+    StateError, Store, VmCreate, VmRecord,
 };
 
 /// An execution failure, naming the instance and the step.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Cpi {
         what: String,
         #[source]
         source: Box<CpiError>,
     },
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Agent {
         what: String,
         #[source]
@@ -176,15 +175,6 @@ impl Default for ExecOptions {
     }
 }
 
-/// What an execution did.
-#[derive(Clone, Debug, Default)]
-pub struct ExecSummary {
-    pub compiled: usize,
-    pub created: usize,
-    pub updated: usize,
-    pub deleted: usize,
-}
-
 pub struct Executor {
     pub store: Arc<Store>,
     pub cpis: Cpis,
@@ -223,232 +213,11 @@ impl Executor {
         object: &str,
         result: &str,
     ) {
-        let _ = self.store.add_event(
+        self.store.record_event(
             &Event::new(&self.source, deployment, instance)
                 .did(action, object)
                 .result(result),
         );
-    }
-
-    /// Carry out a plan.
-    pub async fn execute(&self, plan: &Plan) -> Result<ExecSummary, ExecError> {
-        let mut summary = ExecSummary::default();
-        if !plan.compile.is_empty() {
-            summary.compiled = crate::compiler::compile(self, plan).await?;
-        }
-        for d in &plan.deletes {
-            if self.opts.cancel.load(Ordering::SeqCst) {
-                return Err(ExecError::Cancelled(
-                    "before deleting the next instance".into(),
-                ));
-            }
-            let mut rec = d.clone();
-            let name = instance_name(&rec);
-            self.progress.stage(&name, "deleting");
-            self.teardown_vm(&mut rec, DrainKind::Shutdown, NextState::InstanceDeleted)
-                .await?;
-            self.orphan_disk(&mut rec).await?;
-            self.store.delete_instance(&rec.id)?;
-            self.event(&plan.deployment, Some(&name), "delete", "instance", "ok");
-            summary.deleted += 1;
-        }
-
-        // New instances get their VMs (and disks) up front, in parallel.
-        let fresh: Vec<&InstancePlan> = plan
-            .groups
-            .iter()
-            .flat_map(|g| g.instances.iter())
-            .filter(|i| i.change == Change::Create)
-            .collect();
-        let mut created: BTreeMap<String, InstanceRecord> = BTreeMap::new();
-        {
-            let sem = Arc::new(Semaphore::new(self.opts.create_parallelism.max(1)));
-            let futs = fresh.iter().map(|ip| {
-                let sem = sem.clone();
-                async move {
-                    let _permit = sem.acquire().await;
-                    let mut rec = ip.record.clone();
-                    self.prepare_vm(ip, &mut rec).await.map(|_| rec)
-                }
-            });
-            let results = futures_join_all(futs).await;
-            let mut first_err = None;
-            for r in results {
-                match r {
-                    Ok(rec) => {
-                        created.insert(rec.id.clone(), rec);
-                    }
-                    Err(e) => {
-                        if first_err.is_none() {
-                            first_err = Some(e);
-                        }
-                    }
-                }
-            }
-            if let Some(e) = first_err {
-                return Err(e);
-            }
-            summary.created = created.len();
-        }
-
-        // Groups in stages: a serial group starts a new stage.
-        let mut stages: Vec<Vec<&GroupPlan>> = Vec::new();
-        for g in &plan.groups {
-            match stages.last_mut() {
-                Some(stage) if !g.update.serial => stage.push(g),
-                _ => stages.push(vec![g]),
-            }
-        }
-        let created = Arc::new(tokio::sync::Mutex::new(created));
-        for stage in stages {
-            if self.opts.cancel.load(Ordering::SeqCst) {
-                return Err(ExecError::Cancelled(format!(
-                    "instance group {} was not started",
-                    stage
-                        .iter()
-                        .map(|g| g.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )));
-            }
-            let futs = stage
-                .into_iter()
-                .map(|g| self.update_group(&plan.deployment, g, created.clone()));
-            let results = futures_join_all(futs).await;
-            for r in results {
-                summary.updated += r?;
-            }
-        }
-        if summary.updated > 0 || summary.deleted > 0 {
-            self.post_deploy(plan).await?;
-        }
-        Ok(summary)
-    }
-
-    async fn update_group(
-        &self,
-        deployment: &str,
-        g: &GroupPlan,
-        created: Arc<tokio::sync::Mutex<BTreeMap<String, InstanceRecord>>>,
-    ) -> Result<usize, ExecError> {
-        if g.lifecycle == crate::manifest::Lifecycle::Errand {
-            return self.record_errand_specs(deployment, g);
-        }
-        let changing: Vec<&InstancePlan> = g
-            .instances
-            .iter()
-            .filter(|i| i.change != Change::None)
-            .collect();
-        if changing.is_empty() {
-            return Ok(0);
-        }
-        let canaries = (g.update.canaries as usize).min(changing.len());
-        let max_in_flight = g
-            .update
-            .max_in_flight
-            .resolve(g.instances.len() as u32)
-            .max(1) as usize;
-        let (canary, rest) = changing.split_at(canaries);
-        let failed = Arc::new(AtomicBool::new(false));
-        for (batch, watch, label) in [
-            (canary, g.update.canary_watch_time, "canary"),
-            (rest, g.update.update_watch_time, ""),
-        ] {
-            if batch.is_empty() {
-                continue;
-            }
-            let width = if label == "canary" {
-                canaries.max(1)
-            } else {
-                max_in_flight
-            };
-            let sem = Arc::new(Semaphore::new(width));
-            let futs = batch.iter().map(|ip| {
-                let sem = sem.clone();
-                let failed = failed.clone();
-                let created = created.clone();
-                async move {
-                    let _permit = sem.acquire().await;
-                    if failed.load(Ordering::SeqCst) {
-                        return Ok(false);
-                    }
-                    if self.opts.cancel.load(Ordering::SeqCst) {
-                        failed.store(true, Ordering::SeqCst);
-                        return Err(ExecError::Cancelled(format!(
-                            "{} was not started",
-                            instance_name(&ip.record)
-                        )));
-                    }
-                    let rec = match created.lock().await.remove(&ip.record.id) {
-                        Some(r) => r,
-                        None => ip.record.clone(),
-                    };
-                    let name = instance_name(&rec);
-                    let r = self
-                        .update_instance(ip, rec, (watch.min_ms, watch.max_ms), label)
-                        .await;
-                    match &r {
-                        Ok(()) => self.event(deployment, Some(&name), "update", "instance", "ok"),
-                        Err(e) => {
-                            failed.store(true, Ordering::SeqCst);
-                            self.progress.stage(&name, &format!("failed: {e}"));
-                            self.event(
-                                deployment,
-                                Some(&name),
-                                "update",
-                                "instance",
-                                &format!("error: {e}"),
-                            );
-                        }
-                    }
-                    r.map(|_| true)
-                }
-            });
-            let results = futures_join_all(futs).await;
-            let mut first_err = None;
-            for r in results {
-                if let Err(e) = r {
-                    first_err.get_or_insert(e);
-                }
-            }
-            if let Some(e) = first_err {
-                return Err(match label {
-                    _ if matches!(e, ExecError::Cancelled(_)) => e,
-                    "canary" => ExecError::Failed(format!(
-                        "canary of instance group '{}' failed, the remaining instances were left untouched: {e}",
-                        g.name
-                    )),
-                    _ => e,
-                });
-            }
-        }
-        Ok(changing.len())
-    }
-
-    /// An errand group's instances: record the spec and VM each will run
-    /// with (IPs stay reserved); no VM is created.
-    fn record_errand_specs(&self, deployment: &str, g: &GroupPlan) -> Result<usize, ExecError> {
-        let mut n = 0;
-        for ip in g.instances.iter().filter(|i| i.change != Change::None) {
-            let mut rec = ip.record.clone();
-            rec.state = InstanceState::Errand;
-            rec.deployed = Some(DeployedSpec {
-                vm: ip.vm_target.clone(),
-                spec: ip.spec.clone(),
-                applied: ip.applied.clone(),
-                stemcell: ip.stemcell.clone(),
-            });
-            self.store.save_instance(&rec)?;
-            self.event(
-                deployment,
-                Some(&instance_name(&rec)),
-                "record",
-                "errand spec",
-                "ok",
-            );
-            n += 1;
-        }
-        Ok(n)
     }
 
     /// Move an instance's data to a new persistent disk (jobs stopped, the
@@ -490,7 +259,12 @@ impl Executor {
         self.store
             .blobs()
             .put_verified(&packed.sha256, &data)
-            .map_err(|e| ExecError::Failed(format!("keeping the disk data of {name}: {e}")))?;
+            .map_err(|e| {
+                ExecError::Failed(format!(
+                    "keeping the disk data of {name}: {e}",
+                    e = Chain(&e)
+                ))
+            })?;
         if let Some(d) = &rec.disk {
             client
                 .unmount_disk(&UnmountDiskParams { cid: d.cid.clone() })
@@ -517,7 +291,13 @@ impl Executor {
             .await
             .map_err(agent(format!("filling the new disk of {name}")))?;
         // The new disk holds the data now (and the old disk still does).
-        let _ = self.store.blobs().delete(&packed.sha256);
+        if let Err(e) = self.store.blobs().delete(&packed.sha256) {
+            tracing::warn!(
+                "removing the copied disk data {}: {e}",
+                packed.sha256,
+                e = Chain(&e)
+            );
+        }
         self.event(
             &rec.deployment,
             Some(&name),
@@ -546,8 +326,12 @@ impl Executor {
         on_created: impl FnOnce(&NewVm) -> Result<(), ExecError>,
     ) -> Result<NewVm, ExecError> {
         let cpi = self.cpis.get(cpi_name)?;
-        let host = generate_keypair()
-            .map_err(|e| ExecError::Failed(format!("generating host key for {subject}: {e}")))?;
+        let host = generate_keypair().map_err(|e| {
+            ExecError::Failed(format!(
+                "generating host key for {subject}: {e}",
+                e = Chain(&e)
+            ))
+        })?;
         let agent_id = uuid::Uuid::new_v4().to_string();
         let address = primary_ip(networks);
         let settings = AgentSettings {
@@ -601,7 +385,8 @@ impl Executor {
                 "agent for {subject} on {} did not answer within {} s (waited {:.1} s): {e}",
                 vm.cid,
                 self.opts.agent_timeout.as_secs(),
-                started.elapsed().as_secs_f64()
+                started.elapsed().as_secs_f64(),
+                e = Chain(&e)
             ))
         })?;
         vm.client = Some(client);
@@ -683,7 +468,7 @@ impl Executor {
     }
 
     /// For a new instance: VM, disk, attach and mount.
-    async fn prepare_vm(
+    pub(super) async fn prepare_vm(
         &self,
         ip: &InstancePlan,
         rec: &mut InstanceRecord,
@@ -747,9 +532,15 @@ impl Executor {
         }
         if matches!(ip.disk, DiskAction::Orphan) {
             if let Some(d) = &rec.disk {
-                let _ = client
+                if let Err(e) = client
                     .unmount_disk(&UnmountDiskParams { cid: d.cid.clone() })
-                    .await;
+                    .await
+                {
+                    self.progress.stage(
+                        &name,
+                        &format!("unmounting disk {} anyway: {e}", d.cid, e = Chain(&e)),
+                    );
+                }
             }
             self.detach_disk(rec).await?;
             self.orphan_disk(rec).await?;
@@ -847,7 +638,7 @@ impl Executor {
         Ok(())
     }
 
-    async fn orphan_disk(&self, rec: &mut InstanceRecord) -> Result<(), ExecError> {
+    pub(super) async fn orphan_disk(&self, rec: &mut InstanceRecord) -> Result<(), ExecError> {
         self.detach_disk(rec).await?;
         if let Some(d) = rec.disk.take() {
             self.store.save_orphan_disk(&OrphanDisk {
@@ -941,7 +732,21 @@ impl Executor {
         };
         let name = instance_name(rec);
         let cpi = self.cpis.get(&vm.cpi)?;
-        let alive = cpi.has_vm(&VmCid(vm.cid.clone())).await.unwrap_or(true);
+        // A CPI that cannot say counts the VM as alive: it is drained first.
+        let alive = match cpi.has_vm(&VmCid(vm.cid.clone())).await {
+            Ok(alive) => alive,
+            Err(e) => {
+                self.progress.stage(
+                    &name,
+                    &format!(
+                        "asking the CPI about VM {}: {e}; draining it",
+                        vm.cid,
+                        e = Chain(&e)
+                    ),
+                );
+                true
+            }
+        };
         if alive {
             if let Ok(client) = self.connect(&vm, Duration::from_secs(5)).await {
                 // Best effort: the VM goes away whatever its scripts say.
@@ -955,13 +760,23 @@ impl Executor {
                     next_job_state: Some(job_state(next_size)),
                 });
                 if let Err(e) = self.drain_and_stop(&client, &name, drain, next).await {
-                    self.progress.stage(&name, &format!("stopping anyway: {e}"));
-                    let _ = client.stop().await;
+                    self.progress
+                        .stage(&name, &format!("stopping anyway: {e}", e = Chain(&e)));
+                    if let Err(e) = client.stop().await {
+                        self.progress
+                            .stage(&name, &format!("stopping jobs: {e}", e = Chain(&e)));
+                    }
                 }
                 if let Some(d) = &rec.disk {
-                    let _ = client
+                    if let Err(e) = client
                         .unmount_disk(&UnmountDiskParams { cid: d.cid.clone() })
-                        .await;
+                        .await
+                    {
+                        self.progress.stage(
+                            &name,
+                            &format!("unmounting disk {} anyway: {e}", d.cid, e = Chain(&e)),
+                        );
+                    }
                 }
             }
         }
@@ -1182,26 +997,6 @@ impl Executor {
         self.run_lifecycle(client, name, "post-stop").await
     }
 
-    /// After every instance was updated: `post-deploy` on each running one.
-    async fn post_deploy(&self, plan: &Plan) -> Result<(), ExecError> {
-        let recs = self.store.instances(&plan.deployment)?;
-        let futs = recs
-            .iter()
-            .filter(|r| r.state == InstanceState::Started)
-            .filter_map(|r| r.vm.clone().map(|vm| (r, vm)))
-            .map(|(r, vm)| async move {
-                let name = instance_name(r);
-                let client = self
-                    .reach(&vm, &name, self.opts.existing_agent_timeout)
-                    .await?;
-                self.run_lifecycle(&client, &name, "post-deploy").await
-            });
-        for r in futures_join_all(futs).await {
-            r?;
-        }
-        Ok(())
-    }
-
     /// Fill compiled package blobs into the spec and make sure the agent has them.
     async fn fill_packages(
         &self,
@@ -1231,10 +1026,9 @@ impl Executor {
                 source: Box::new(source),
             })?;
         for sha in missing {
-            let data =
-                self.store.blobs().read(&sha).map_err(|e| {
-                    ExecError::Failed(format!("reading blob {sha} for {name}: {e}"))
-                })?;
+            let data = self.store.blobs().read(&sha).map_err(|e| {
+                ExecError::Failed(format!("reading blob {sha} for {name}: {e}", e = Chain(&e)))
+            })?;
             client
                 .put_blob(&sha, &data)
                 .await

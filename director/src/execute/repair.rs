@@ -13,12 +13,12 @@ use std::time::{Duration, Instant};
 
 use bosun_agent::client::AgentClient;
 use bosun_agent::protocol::{DrainKind, DrainParams, RestartJobsParams};
+use bosun_cpi::chain::Chain;
 use bosun_cpi::{DiskCid, VmCid};
 
-use crate::executor::{instance_name, job_state, ExecError, Executor, NextState};
-use crate::ops::StateChange;
-use crate::planner::{Change, DiskAction, InstancePlan, VmAction};
-use crate::state::{Event, InstanceRecord, InstanceState};
+use crate::execute::executor::{instance_name, job_state, ExecError, Executor, NextState};
+use crate::plan::planner::{Change, DiskAction, InstancePlan, VmAction};
+use crate::store::{Event, InstanceRecord, InstanceState};
 
 /// How long fencing waits for the CPI to confirm a deleted VM gone.
 const FENCE_CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
@@ -35,7 +35,7 @@ impl Executor {
         object: &str,
         result: &str,
     ) {
-        let _ = self.store.add_event(
+        self.store.record_event(
             &Event::new(&self.source, &rec.deployment, Some(&instance_name(rec)))
                 .seen(seen)
                 .did(action, object)
@@ -66,7 +66,8 @@ impl Executor {
             Err(e) if confirm => {
                 let msg = format!(
                     "could not delete VM {} of {name}: {e}; its persistent disk was not moved",
-                    vm.cid
+                    vm.cid,
+                    e = Chain(&e)
                 );
                 self.repair_event(rec, seen, "fence", &object, &format!("error: {msg}"));
                 return Err(ExecError::Failed(msg));
@@ -76,7 +77,10 @@ impl Executor {
                 seen,
                 "fence",
                 &object,
-                &format!("delete failed ({e}); restart_policy available: going on"),
+                &format!(
+                    "delete failed ({e}); restart_policy available: going on",
+                    e = Chain(&e)
+                ),
             ),
         }
         if confirm {
@@ -103,7 +107,14 @@ impl Executor {
         if let Some(d) = rec.disk.clone().filter(|d| d.attached) {
             // The CPI may keep its own record of the attachment.
             if let Ok(c) = self.cpis.get(&d.cpi) {
-                let _ = c.detach_disk(&cid, &DiskCid(d.cid.clone())).await;
+                if let Err(e) = c.detach_disk(&cid, &DiskCid(d.cid.clone())).await {
+                    // The VM is gone; the CPI may have forgotten it too.
+                    tracing::info!(
+                        "detaching disk {} from the fenced VM {cid}: {e}",
+                        d.cid,
+                        e = Chain(&e)
+                    );
+                }
             }
             if let Some(dr) = rec.disk.as_mut() {
                 dr.attached = false;
@@ -189,7 +200,7 @@ impl Executor {
         }
         self.progress
             .stage(&name, &format!("{} done", change.verb()));
-        let _ = self.store.add_event(
+        self.store.record_event(
             &Event::new(&self.source, &rec.deployment, Some(&name))
                 .did(change.verb(), "instance")
                 .result("ok"),
@@ -326,5 +337,31 @@ impl Executor {
                 what: format!("restarting the jobs of {name} after reattaching its disk"),
                 source: Box::new(source),
             })
+    }
+}
+
+/// What `start`, `stop`, `restart` and `recreate` do to each instance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateChange {
+    Start,
+    /// `hard`: delete the VM too, keeping the persistent disk and the IPs.
+    Stop {
+        hard: bool,
+    },
+    Restart,
+    /// A new VM with the same IPs, disk and spec.
+    Recreate,
+}
+
+impl StateChange {
+    /// The command, as the operator typed it.
+    pub fn verb(self) -> &'static str {
+        match self {
+            StateChange::Start => "start",
+            StateChange::Stop { hard: false } => "stop",
+            StateChange::Stop { hard: true } => "stop --hard",
+            StateChange::Restart => "restart",
+            StateChange::Recreate => "recreate",
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! `cloud-check`: compares a deployment's recorded state with what the CPIs
 //! and agents say, lists each problem with the resolutions it allows (the
 //! first is the safe default `--auto` applies), and carries out chosen
-//! resolutions through [`crate::repair`].
+//! resolutions through [`crate::execute::repair`].
 //!
 //! Problems: a recorded VM the CPI no longer has; an agent that does not
 //! answer; a recorded disk the CPI no longer has; a disk not attached to or
@@ -20,19 +20,20 @@ use std::time::Duration;
 use serde::Serialize;
 
 use bosun_agent::protocol::ProcessState;
+use bosun_cpi::chain::{chain, Chain};
 use bosun_cpi::{describe_filter, CpiError, DiskCid, Metadata, VmCid};
 
-use crate::executor::{instance_name, ExecError, Executor};
-use crate::planner::primary_ip;
-use crate::repair::DEFAULT_WATCH;
-use crate::state::{now, Event, InstanceRecord, OrphanDisk, StateError};
+use crate::execute::executor::{instance_name, ExecError, Executor};
+use crate::execute::repair::DEFAULT_WATCH;
+use crate::plan::planner::primary_ip;
+use crate::store::{now, Event, InstanceRecord, OrphanDisk, StateError};
 
 /// A cloud-check failure (the scan itself; resolutions report per problem).
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
     #[error(transparent)]
     State(#[from] StateError),
-    #[error("cloud-check of {deployment}: asking the {cpi} CPI for {what}: {source}")]
+    #[error("cloud-check of {deployment}: asking the {cpi} CPI for {what}")]
     Cpi {
         deployment: String,
         cpi: String,
@@ -40,7 +41,7 @@ pub enum CheckError {
         #[source]
         source: Box<CpiError>,
     },
-    #[error("cloud-check: resolving problem {id} with {resolution}: {source}")]
+    #[error("cloud-check: resolving problem {id} with {resolution}")]
     Resolve {
         id: usize,
         resolution: &'static str,
@@ -209,7 +210,7 @@ impl Executor {
                     deployment: deployment.to_string(),
                     cpi: vm.cpi.clone(),
                     what: format!("VM {}", vm.cid),
-                    source: Box::new(CpiError::fatal(e.to_string())),
+                    source: Box::new(CpiError::fatal(chain(&e))),
                 })?;
                 let cid = VmCid(vm.cid.clone());
                 match cpi.has_vm(&cid).await {
@@ -228,15 +229,14 @@ impl Executor {
                     ),
                     Err(e) => scan.notes.push(format!(
                         "could not ask the {} CPI about VM {} of {name}: {e}",
-                        vm.cpi, vm.cid
+                        vm.cpi,
+                        vm.cid,
+                        e = Chain(&e)
                     )),
                     Ok(true) => {
                         let state = match self.connect(vm, AGENT_WAIT).await {
-                            Ok(c) => c
-                                .get_state_within(AGENT_WAIT)
-                                .await
-                                .map_err(|e| e.to_string()),
-                            Err(e) => Err(e.to_string()),
+                            Ok(c) => c.get_state_within(AGENT_WAIT).await.map_err(|e| chain(&e)),
+                            Err(e) => Err(chain(&e)),
                         };
                         match state {
                             Err(e) => push(
@@ -310,7 +310,7 @@ impl Executor {
                                         );
                                     }
                                 }
-                                if rec.state == crate::state::InstanceState::Started
+                                if rec.state == crate::store::InstanceState::Started
                                     && rec.deployed.is_some()
                                     && st.generation > 0
                                     && st.job_state == ProcessState::Stopped
@@ -332,7 +332,7 @@ impl Executor {
                         }
                     }
                 }
-            } else if rec.deployed.is_some() && rec.state == crate::state::InstanceState::Started {
+            } else if rec.deployed.is_some() && rec.state == crate::store::InstanceState::Started {
                 push(
                     &mut scan,
                     ProblemKind::MissingVm,
@@ -363,7 +363,9 @@ impl Executor {
                         Ok(true) => {}
                         Err(e) => scan.notes.push(format!(
                             "could not ask the {} CPI about disk {} of {name}: {e}",
-                            d.cpi, d.cid
+                            d.cpi,
+                            d.cid,
+                            e = Chain(&e)
                         )),
                     }
                 }
@@ -431,7 +433,8 @@ impl Executor {
                 )),
                 Err(e) => scan.notes.push(format!(
                     "listing VMs tagged {} on the {cpi_name} CPI: {e}",
-                    describe_filter(&filter)
+                    describe_filter(&filter),
+                    e = Chain(&e)
                 )),
             }
             match cpi.find_disks(&filter).await {
@@ -459,7 +462,7 @@ impl Executor {
                 Err(e) => scan.notes.push(format!(
                     "listing disks tagged {} on the {cpi_name} CPI: {e}",
                     describe_filter(&filter)
-                )),
+                , e = Chain(&e))),
             }
         }
         // Problems are resolved in the order listed: unknown VMs first, as
@@ -488,7 +491,7 @@ impl Executor {
             });
         }
         let event = |result: &str| {
-            let _ = self.store.add_event(
+            self.store.record_event(
                 &Event::new(&self.source, deployment, p.instance.as_deref())
                     .seen(&p.description)
                     .did(r.name(), format!("{:?} {}", p.kind, p.cid).to_lowercase())
@@ -498,7 +501,7 @@ impl Executor {
         let outcome = self.resolve_inner(deployment, p, r).await;
         match &outcome {
             Ok(msg) => event(msg),
-            Err(e) => event(&format!("error: {e}")),
+            Err(e) => event(&format!("error: {e}", e = Chain(&e))),
         }
         outcome.map_err(|e| CheckError::Resolve {
             id: p.id,

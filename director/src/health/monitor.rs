@@ -21,7 +21,7 @@
 //! while someone else (a deploy) holds the deployment lock, and holds the
 //! lock itself while repairing. Everything it sees and does is an event.
 //!
-//! The monitor decides; [`crate::repair`] carries repairs out.
+//! The monitor decides; [`crate::execute::repair`] carries repairs out.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -30,12 +30,16 @@ use std::time::{Duration, Instant};
 
 use bosun_agent::client::AgentClient;
 use bosun_agent::protocol::{AgentState, ProcessState};
+use bosun_cpi::chain::{chain, Chain};
 use bosun_cpi::VmCid;
 
-use crate::executor::{futures_join_all, instance_name, Cpis, ExecOptions, Executor, Progress};
-use crate::manifest::{self, HealthPolicy, RestartPolicy};
-use crate::repair::DEFAULT_WATCH;
-use crate::state::{Event, InstanceRecord, StateError, Store};
+use crate::execute::executor::{
+    futures_join_all, instance_name, Cpis, ExecOptions, Executor, Progress,
+};
+use crate::execute::repair::DEFAULT_WATCH;
+use crate::model::manifest::{self, HealthPolicy};
+use crate::model::values::RestartPolicy;
+use crate::store::{Event, InstanceRecord, StateError, Store};
 
 /// A monitor failure (reading state; repairs report through events).
 #[derive(Debug, thiserror::Error)]
@@ -162,7 +166,7 @@ pub const MAX_PARALLEL_REPAIRS: usize = 4;
 struct DeploymentRepairs {
     slots: Arc<tokio::sync::Semaphore>,
     /// The deployment lock, while any of its repairs runs.
-    held: std::sync::Weak<crate::state::DeploymentLock>,
+    held: std::sync::Weak<crate::store::DeploymentLock>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -204,7 +208,7 @@ impl Monitor {
     }
 
     fn event(&self, rec: &InstanceRecord, seen: &str, action: &str, object: &str, result: &str) {
-        let _ = self.store.add_event(
+        self.store.record_event(
             &Event::new("monitor", &rec.deployment, Some(&instance_name(rec)))
                 .seen(seen)
                 .did(action, object)
@@ -373,7 +377,7 @@ impl Monitor {
         // Instances the operator stopped are left alone.
         let watched: Vec<&InstanceRecord> = recs
             .iter()
-            .filter(|r| r.state == crate::state::InstanceState::Started)
+            .filter(|r| r.state == crate::store::InstanceState::Started)
             .filter(|r| !lock(&self.trackers).get(&r.id).is_some_and(|t| t.repairing))
             .collect();
         let futs = watched.iter().map(|r| {
@@ -417,7 +421,7 @@ impl Monitor {
             let e = Event::new("monitor", name, None)
                 .seen(format!("{down} of {total} instances down"))
                 .did(if meltdown { "alert" } else { "resume" }, "deployment");
-            let _ = self.store.add_event(&if meltdown {
+            self.store.record_event(&if meltdown {
                 e.result("meltdown: not repairing until fewer instances are down")
             } else {
                 e.result("meltdown over: repairing again")
@@ -473,16 +477,16 @@ impl Monitor {
         let error = match client {
             Ok(c) => match c.get_state_within(wait).await {
                 Ok(st) => return (Observation::State(Box::new(st)), Some(c)),
-                Err(e) => e.to_string(),
+                Err(e) => chain(&e),
             },
-            Err(e) => e.to_string(),
+            Err(e) => chain(&e),
         };
         let vm_exists = self.vm_exists(vm).await;
         (Observation::Silent { error, vm_exists }, None)
     }
 
     /// The CPI's word on whether a VM exists (`None`: it did not say in time).
-    async fn vm_exists(&self, vm: &crate::state::VmRecord) -> Option<bool> {
+    async fn vm_exists(&self, vm: &crate::store::VmRecord) -> Option<bool> {
         let cpi = self.cpis.get(&vm.cpi).ok()?;
         tokio::time::timeout(Duration::from_secs(5), cpi.has_vm(&VmCid(vm.cid.clone())))
             .await
@@ -683,7 +687,7 @@ impl Monitor {
         &self,
         deployment: &str,
         name: &str,
-    ) -> Option<Arc<crate::state::DeploymentLock>> {
+    ) -> Option<Arc<crate::store::DeploymentLock>> {
         let mut all = lock(&self.repairs);
         let entry = all.get_mut(deployment)?;
         if let Some(held) = entry.held.upgrade() {
@@ -730,7 +734,10 @@ impl Monitor {
                 &seen,
                 "alert",
                 "instance",
-                &format!("repair of {name} failed: {e}; not repairing until it runs again"),
+                &format!(
+                    "repair of {name} failed: {e}; not repairing until it runs again",
+                    e = Chain(&e)
+                ),
             );
         }
     }
@@ -742,7 +749,7 @@ impl Monitor {
         rec: &InstanceRecord,
         repair: &Repair,
         seen: &str,
-    ) -> Result<bool, crate::executor::ExecError> {
+    ) -> Result<bool, crate::execute::executor::ExecError> {
         // Act on the instance as recorded now, and only if it is still the
         // one that was judged.
         let Some(current) = self
@@ -783,7 +790,7 @@ impl Monitor {
                             seen,
                             "restart-job",
                             &object,
-                            &format!("error: {e}"),
+                            &format!("error: {e}", e = Chain(&e)),
                         );
                         Err(e)
                     }
@@ -813,7 +820,7 @@ impl Monitor {
                             seen,
                             "recreate",
                             "instance",
-                            &format!("error after {took}: {e}"),
+                            &format!("error after {took}: {e}", e = Chain(&e)),
                         );
                         Err(e)
                     }
@@ -838,7 +845,7 @@ mod tests {
         Metadata, SnapshotCid, StemcellCid, StemcellSpec,
     };
 
-    use crate::state::VmRecord;
+    use crate::store::VmRecord;
 
     /// A CPI whose VMs in `gone` no longer exist; the rest exist but have
     /// no agent. Deleting a VM in `stall` waits for `release`. Everything

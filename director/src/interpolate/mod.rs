@@ -100,13 +100,13 @@ pub enum InterpolateError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("--path '{path}': {source}")]
+    #[error("--path '{path}'")]
     PathSyntax {
         path: String,
         #[source]
         source: PointerError,
     },
-    #[error("--path: {0}")]
+    #[error("--path")]
     Path(#[source] PatchError),
     #[error("writing YAML: {0}")]
     Output(String),
@@ -244,12 +244,12 @@ pub fn to_output(value: &Value, raw_strings: bool) -> Result<String, Interpolate
 /// Parse one YAML document into a value with merge keys (`<<`) applied.
 /// An empty document is `null`. Errors carry the 1-based line when known.
 /// NUL bytes and aliases are held to the limits of the manifest reader
-/// ([`crate::yaml::check_limits`]) before anything is expanded.
+/// ([`crate::model::yaml::check_limits`]) before anything is expanded.
 pub(crate) fn parse_yaml(text: &str) -> Result<Value, (Option<usize>, String)> {
     if text.trim().is_empty() {
         return Ok(Value::Null);
     }
-    crate::yaml::check_limits(text)
+    crate::model::yaml::check_limits(text)
         .map_err(|(line, message)| (Some(line), format!("{message} at line {line}")))?;
     let mut v: Value = serde_yaml_ng::from_str(text)
         .map_err(|e| (e.location().map(|l| l.line()), e.to_string()))?;

@@ -64,7 +64,7 @@ pub enum OpsError {
         line: Option<usize>,
         message: String,
     },
-    #[error("operation [{index}] in {file} failed{}: {source}", at_line(.line))]
+    #[error("operation [{index}] in {file} failed{}", at_line(.line))]
     Failed {
         file: String,
         index: usize,

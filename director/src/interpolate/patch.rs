@@ -63,7 +63,7 @@ pub enum PatchError {
     #[error("Expected to not find '{path}'")]
     TestNotAbsent { path: String },
     /// An operation's own `error:` message wrapped around the failure.
-    #[error("Error '{message}': {source}")]
+    #[error("Error '{message}'")]
     Described {
         message: String,
         source: Box<PatchError>,

@@ -50,7 +50,7 @@ const DIGESTS_HEADER: &str =
 /// A store that cannot be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("vars store {path}: {source}")]
+    #[error("vars store {path}")]
     Io {
         path: PathBuf,
         #[source]

@@ -34,7 +34,7 @@ use super::store::{StoreError, VariableStore};
 pub enum VarsError {
     #[error("Expected to find variables:{}", list(.0))]
     Missing(Vec<String>),
-    #[error("Finding variable '{name}': {source}")]
+    #[error("Finding variable '{name}'")]
     Finding {
         name: String,
         #[source]
@@ -59,7 +59,7 @@ pub enum VarsError {
     /// A `-v` argument (its value is never shown).
     #[error("-v '{name}=...': {message}")]
     BadVar { name: String, message: String },
-    #[error("Finding variable '{name}': {source}")]
+    #[error("Finding variable '{name}'")]
     BadName {
         name: String,
         #[source]
@@ -77,7 +77,7 @@ pub enum VarsError {
     Definition { index: usize, message: String },
     #[error("variables: expected an array of definitions but found {0}")]
     DefinitionsNotArray(&'static str),
-    #[error("variable '{name}' (type {kind}): {source}")]
+    #[error("variable '{name}' (type {kind})")]
     Generate {
         name: String,
         kind: String,

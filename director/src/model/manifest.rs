@@ -9,16 +9,19 @@
 //! a local `path` and no `url`; global v1 `properties` are refused.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::fmt;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::str::FromStr;
 
 use serde::Serialize;
 
-use crate::names;
-use crate::problems::{Problems, SourceMap};
-use crate::yaml::{self, Decoder, Fields, Item, Node};
+use crate::model::names;
+use crate::model::problems::{Problems, SourceMap};
+use crate::model::refs::{job_ref, release_ref, JobRef, ReleaseRef};
+use crate::model::values::{
+    Lifecycle, MaxInFlight, RestartPolicy, Seconds, ValueError, VmStrategy, WatchTime,
+};
+use crate::model::yaml::{self, Decoder, Fields, Item, Node};
 
 /// A deployment manifest.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -33,7 +36,7 @@ pub struct Manifest {
     pub variables: Vec<VariableDef>,
     pub tags: BTreeMap<String, String>,
     /// The manifest's own addons (placed like the runtime-config's).
-    pub addons: Vec<crate::addons::Addon>,
+    pub addons: Vec<crate::model::addons::Addon>,
     /// `{}` when absent.
     pub features: serde_json::Value,
     /// Path -> line for this file.
@@ -41,15 +44,6 @@ pub struct Manifest {
     pub source: SourceMap,
     /// The whole document as JSON (addons included, as written).
     pub raw: serde_json::Value,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct ReleaseRef {
-    pub name: String,
-    /// `"latest"` when absent.
-    pub version: String,
-    /// A local release directory or tarball, resolved against the manifest's directory.
-    pub path: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -84,18 +78,6 @@ pub struct InstanceGroup {
     /// group has a persistent disk, available otherwise.
     pub restart_policy: Option<RestartPolicy>,
     pub migrated_from: Vec<serde_json::Value>,
-}
-
-/// How the resurrector replaces a VM that went silent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RestartPolicy {
-    /// Fence first: the old VM is deleted and the CPI must confirm it gone
-    /// before its persistent disk moves to the replacement.
-    Consistent,
-    /// Replace at once: the old VM is deleted without waiting for the
-    /// CPI's confirmation (and the replacement proceeds if that fails).
-    Available,
 }
 
 /// The health monitor's ladder, per instance group. Durations in the
@@ -174,53 +156,6 @@ impl HealthPolicy {
     }
 }
 
-/// A duration as the manifest writes it: seconds (`5`, `0.5`) or with a
-/// unit (`500ms`, `5s`, `2m`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Seconds(pub std::time::Duration);
-
-impl FromStr for Seconds {
-    type Err = ValueError;
-    fn from_str(s: &str) -> Result<Self, ValueError> {
-        let t = s.trim();
-        let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
-            (n, 0.001)
-        } else if let Some(n) = t.strip_suffix('s') {
-            (n, 1.0)
-        } else if let Some(n) = t.strip_suffix('m') {
-            (n, 60.0)
-        } else {
-            (t, 1.0)
-        };
-        match num.trim().parse::<f64>() {
-            Ok(v) if v.is_finite() && v >= 0.0 && v * scale < 1e9 => {
-                Ok(Seconds(std::time::Duration::from_secs_f64(v * scale)))
-            }
-            _ => Err(ValueError::Duration(s.to_string())),
-        }
-    }
-}
-
-impl FromStr for RestartPolicy {
-    type Err = ValueError;
-    fn from_str(s: &str) -> Result<Self, ValueError> {
-        match s {
-            "consistent" => Ok(RestartPolicy::Consistent),
-            "available" => Ok(RestartPolicy::Available),
-            _ => Err(ValueError::RestartPolicy(s.to_string())),
-        }
-    }
-}
-
-impl fmt::Display for RestartPolicy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            RestartPolicy::Consistent => "consistent",
-            RestartPolicy::Available => "available",
-        })
-    }
-}
-
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PersistentDisk {
@@ -228,24 +163,6 @@ pub enum PersistentDisk {
     SizeMb(u64),
     /// `persistent_disk_type: name` (a cloud-config disk type).
     Type(String),
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Lifecycle {
-    Service,
-    Errand,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct JobRef {
-    pub name: String,
-    pub release: String,
-    /// An object, `{}` when absent.
-    pub properties: serde_json::Value,
-    pub consumes: BTreeMap<String, serde_json::Value>,
-    pub provides: BTreeMap<String, serde_json::Value>,
-    pub custom_provider_definitions: Vec<serde_json::Value>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -278,28 +195,6 @@ pub struct UpdateOverride {
     pub vm_strategy: Option<VmStrategy>,
 }
 
-/// `max_in_flight`: a count (`2`) or a percentage of the group (`"25%"`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MaxInFlight {
-    Count(u32),
-    Percent(u32),
-}
-
-/// A watch time in ms: `5000` (min = max) or `"1000-30000"`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct WatchTime {
-    pub min_ms: u64,
-    pub max_ms: u64,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum VmStrategy {
-    DeleteCreate,
-    CreateSwapDelete,
-}
-
 /// A declared variable (`type` is kept in `kind`).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct VariableDef {
@@ -307,28 +202,6 @@ pub struct VariableDef {
     pub kind: String,
     /// `{}` when absent.
     pub options: serde_json::Value,
-}
-
-/// A malformed value in a manifest field (the text form of update settings,
-/// lifecycle, ...). Parsing collects these as [`Problems`].
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum ValueError {
-    #[error("expected a positive number or a percentage like '25%', found '{0}'")]
-    MaxInFlight(String),
-    #[error("expected milliseconds like 5000 or a range like '1000-30000', found '{0}'")]
-    WatchTime(String),
-    #[error("watch time range '{0}' has its minimum above its maximum")]
-    WatchTimeOrder(String),
-    #[error("expected 'delete-create' or 'create-swap-delete', found '{0}'")]
-    VmStrategy(String),
-    #[error("expected 'service' or 'errand', found '{0}'")]
-    Lifecycle(String),
-    #[error("expected seconds like 5 or 0.5, or a duration like '500ms', '5s', '2m', found '{0}'")]
-    Duration(String),
-    #[error("expected 'consistent' or 'available', found '{0}'")]
-    RestartPolicy(String),
-    #[error("expected a percentage from 0 to 100, found '{0}'")]
-    Percent(String),
 }
 
 impl UpdatePolicy {
@@ -345,120 +218,6 @@ impl UpdatePolicy {
             serial: o.serial.unwrap_or(self.serial),
             vm_strategy: o.vm_strategy.unwrap_or(self.vm_strategy),
         }
-    }
-}
-
-impl MaxInFlight {
-    /// How many of `instances` may be updated at once: percentages round up;
-    /// never more than `instances`, never less than 1.
-    pub fn resolve(&self, instances: u32) -> u32 {
-        let n = match *self {
-            MaxInFlight::Count(n) => n,
-            MaxInFlight::Percent(p) => {
-                let v = (u64::from(instances) * u64::from(p)).div_ceil(100);
-                u32::try_from(v).unwrap_or(u32::MAX)
-            }
-        };
-        n.min(instances).max(1)
-    }
-}
-
-impl FromStr for MaxInFlight {
-    type Err = ValueError;
-    fn from_str(s: &str) -> Result<Self, ValueError> {
-        let t = s.trim();
-        let err = || ValueError::MaxInFlight(s.to_string());
-        if let Some(p) = t.strip_suffix('%') {
-            let p: u32 = p.trim().parse().map_err(|_| err())?;
-            if p == 0 || p > 100 {
-                return Err(err());
-            }
-            Ok(MaxInFlight::Percent(p))
-        } else {
-            let n: u32 = t.parse().map_err(|_| err())?;
-            if n == 0 {
-                return Err(err());
-            }
-            Ok(MaxInFlight::Count(n))
-        }
-    }
-}
-
-impl fmt::Display for MaxInFlight {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            MaxInFlight::Count(n) => write!(f, "{n}"),
-            MaxInFlight::Percent(p) => write!(f, "{p}%"),
-        }
-    }
-}
-
-impl FromStr for WatchTime {
-    type Err = ValueError;
-    fn from_str(s: &str) -> Result<Self, ValueError> {
-        let err = || ValueError::WatchTime(s.to_string());
-        let num = |t: &str| t.trim().parse::<u64>().map_err(|_| err());
-        let (min_ms, max_ms) = match s.split_once('-') {
-            Some((a, b)) => (num(a)?, num(b)?),
-            None => {
-                let v = num(s)?;
-                (v, v)
-            }
-        };
-        if min_ms > max_ms {
-            return Err(ValueError::WatchTimeOrder(s.to_string()));
-        }
-        Ok(WatchTime { min_ms, max_ms })
-    }
-}
-
-impl fmt::Display for WatchTime {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.min_ms == self.max_ms {
-            write!(f, "{}", self.min_ms)
-        } else {
-            write!(f, "{}-{}", self.min_ms, self.max_ms)
-        }
-    }
-}
-
-impl FromStr for VmStrategy {
-    type Err = ValueError;
-    fn from_str(s: &str) -> Result<Self, ValueError> {
-        match s {
-            "delete-create" => Ok(VmStrategy::DeleteCreate),
-            "create-swap-delete" => Ok(VmStrategy::CreateSwapDelete),
-            _ => Err(ValueError::VmStrategy(s.to_string())),
-        }
-    }
-}
-
-impl fmt::Display for VmStrategy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            VmStrategy::DeleteCreate => "delete-create",
-            VmStrategy::CreateSwapDelete => "create-swap-delete",
-        })
-    }
-}
-
-impl FromStr for Lifecycle {
-    type Err = ValueError;
-    fn from_str(s: &str) -> Result<Self, ValueError> {
-        match s {
-            "service" => Ok(Lifecycle::Service),
-            "errand" => Ok(Lifecycle::Errand),
-            _ => Err(ValueError::Lifecycle(s.to_string())),
-        }
-    }
-}
-
-impl fmt::Display for Lifecycle {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Lifecycle::Service => "service",
-            Lifecycle::Errand => "errand",
-        })
     }
 }
 
@@ -498,7 +257,6 @@ const TOP_KEYS: &[&str] = &[
     "properties",
     "health",
 ];
-const RELEASE_KEYS: &[&str] = &["version", "path", "url", "sha1"];
 const STEMCELL_KEYS: &[&str] = &["os", "name", "version"];
 const GROUP_REQUIRED: &[&str] = &[
     "name",
@@ -532,12 +290,6 @@ const HEALTH_KEYS: &[&str] = &[
     "meltdown",
 ];
 const MELTDOWN_KEYS: &[&str] = &["minimum_down", "percent"];
-const JOB_KEYS: &[&str] = &[
-    "properties",
-    "consumes",
-    "provides",
-    "custom_provider_definitions",
-];
 const UPDATE_REQUIRED: &[&str] = &[
     "canaries",
     "max_in_flight",
@@ -588,7 +340,7 @@ fn decode(d: &mut Decoder, root: &Node, base_dir: &Path) -> Option<Manifest> {
     let mut releases = Vec::new();
     let mut seen = HashSet::new();
     for it in d.opt_seq(&f, "releases") {
-        if let Some(r) = release(d, &it, base_dir) {
+        if let Some(r) = release_ref(d, &it, base_dir) {
             if !seen.insert(r.name.clone()) {
                 d.problem(
                     &yaml::child_path(&it.path, "name"),
@@ -662,7 +414,7 @@ fn decode(d: &mut Decoder, root: &Node, base_dir: &Path) -> Option<Manifest> {
         }
     }
     let features = d.json_object(&f, "features");
-    let addons = crate::addons::addons(d, &f, &releases);
+    let addons = crate::model::addons::addons(d, &f, &releases);
 
     Some(Manifest {
         name: name?,
@@ -677,43 +429,6 @@ fn decode(d: &mut Decoder, root: &Node, base_dir: &Path) -> Option<Manifest> {
         addons,
         source: SourceMap::default(),
         raw: root.to_json(),
-    })
-}
-
-/// A `releases[]` entry (shared with the runtime-config).
-pub(crate) fn release_ref(d: &mut Decoder, it: &Item, base_dir: &Path) -> Option<ReleaseRef> {
-    release(d, it, base_dir)
-}
-
-/// A `jobs[]` entry (shared with addons).
-pub(crate) fn job_ref(d: &mut Decoder, it: &Item, releases: &[ReleaseRef]) -> Option<JobRef> {
-    job(d, it, releases)
-}
-
-fn release(d: &mut Decoder, it: &Item, base_dir: &Path) -> Option<ReleaseRef> {
-    let f = d.map(it.node, &it.path, &["name"], RELEASE_KEYS)?;
-    for k in ["url", "sha1"] {
-        if f.get(k).is_some() {
-            d.problem(
-                &f.child(k),
-                format!("release '{k}' is not supported; point 'path' at a local release directory or tarball"),
-            );
-        }
-    }
-    let name = d.str(&f, "name");
-    let version = d.opt_text(&f, "version").unwrap_or_else(|| "latest".into());
-    let path = d.opt_str(&f, "path").map(|p| {
-        let p = PathBuf::from(p);
-        if p.is_absolute() {
-            p
-        } else {
-            base_dir.join(p)
-        }
-    });
-    Some(ReleaseRef {
-        name: name?,
-        version,
-        path,
     })
 }
 
@@ -877,7 +592,7 @@ fn instance_group(
     let mut jobs: Vec<JobRef> = Vec::new();
     let mut seen = HashSet::new();
     for j in d.seq(&f, "jobs") {
-        if let Some(job) = job(d, &j, releases) {
+        if let Some(job) = job_ref(d, &j, releases) {
             if !seen.insert(job.name.clone()) {
                 d.problem(
                     &yaml::child_path(&j.path, "name"),
@@ -956,45 +671,6 @@ fn instance_group(
         restart_policy,
         migrated_from,
     })
-}
-
-fn job(d: &mut Decoder, it: &Item, releases: &[ReleaseRef]) -> Option<JobRef> {
-    let f = d.map(it.node, &it.path, &["name", "release"], JOB_KEYS)?;
-    let name = names::decode(d, &f, "name", "job name");
-    let release = d.str(&f, "release");
-    if let Some(r) = &release {
-        if !releases.iter().any(|x| &x.name == r) {
-            let names: Vec<&str> = releases.iter().map(|x| x.name.as_str()).collect();
-            let hint = yaml::did_you_mean(r, &names);
-            d.problem(
-                &f.child("release"),
-                format!("release '{r}' is not declared in 'releases'{hint}"),
-            );
-        }
-    }
-    let properties = d.json_object(&f, "properties");
-    let consumes = json_entries(d, &f, "consumes");
-    let provides = json_entries(d, &f, "provides");
-    let custom_provider_definitions = d
-        .opt_seq(&f, "custom_provider_definitions")
-        .into_iter()
-        .map(|it| it.node.to_json())
-        .collect();
-    Some(JobRef {
-        name: name?,
-        release: release?,
-        properties,
-        consumes,
-        provides,
-        custom_provider_definitions,
-    })
-}
-
-fn json_entries(d: &mut Decoder, f: &Fields, key: &str) -> BTreeMap<String, serde_json::Value> {
-    match d.json_object(f, key) {
-        serde_json::Value::Object(m) => m.into_iter().collect(),
-        _ => BTreeMap::new(),
-    }
 }
 
 fn network_ref(d: &mut Decoder, it: &Item, instances: Option<u32>) -> Option<NetworkRef> {
@@ -1135,6 +811,7 @@ tags:
 mod tests {
     use super::*;
     use serde_json::json;
+    use std::path::PathBuf;
 
     const QUICKSTART: &str = tests_support::QUICKSTART;
 

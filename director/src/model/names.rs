@@ -7,7 +7,7 @@
 //! This module only says whether a name is acceptable. It must not build
 //! paths itself: callers that turn a name into a path check it here first.
 
-use crate::yaml::{Decoder, Fields};
+use crate::model::yaml::{Decoder, Fields};
 
 /// The longest name accepted (well under a file name's 255 bytes, so a
 /// name plus a suffix such as `.lock` always fits).

@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser, Tag};
 use yaml_rust2::scanner::{Marker, ScanError, TScalarStyle};
 
-use crate::problems::{Problem, Problems, SourceMap};
+use crate::model::problems::{Problem, Problems, SourceMap};
 
 /// One YAML node and the 1-based line it starts on. A map value carries the
 /// line of its key, so problems about a nested map point at the key.
@@ -1159,6 +1159,17 @@ fn article(kind: &str) -> &'static str {
         "an"
     } else {
         "a"
+    }
+}
+
+/// "unknown KIND 'x' (did you mean 'y'?)" or "... (known: a, b)".
+pub(crate) fn unknown(kind: &str, name: &str, known: &[&str]) -> String {
+    match suggest(name, known) {
+        Some(s) => format!("unknown {kind} '{name}' (did you mean '{s}'?)"),
+        None if known.is_empty() => {
+            format!("unknown {kind} '{name}' (the cloud-config defines none)")
+        }
+        None => format!("unknown {kind} '{name}' (known: {})", known.join(", ")),
     }
 }
 

@@ -12,10 +12,12 @@ use std::sync::Arc;
 
 use serde_json::{json, Value as Json};
 
-use crate::cloud_config::{CloudConfig, Network};
-use crate::manifest::{InstanceGroup, Lifecycle, Manifest, PersistentDisk, UpdatePolicy};
-use crate::problems::{Problem, Problems};
-use crate::state::{ReleaseRecord, StemcellRecord};
+use crate::model::cloud_config::{CloudConfig, Network};
+use crate::model::json::{get_path, merge_json, set_path};
+use crate::model::manifest::{InstanceGroup, Manifest, PersistentDisk, UpdatePolicy};
+use crate::model::problems::{Problem, Problems};
+use crate::model::values::Lifecycle;
+use crate::store::{ReleaseRecord, StemcellRecord};
 use crate::templates::{JobTemplates, TemplateError};
 
 #[derive(Debug, thiserror::Error)]
@@ -123,44 +125,6 @@ pub struct NeededPackage {
 /// Stemcell key used for compiled packages.
 pub fn stemcell_key(s: &StemcellRecord) -> String {
     format!("{}/{}", s.os, s.version)
-}
-
-/// Deep-merge `over` into `base` (maps merge, other values replace; nulls do not).
-pub fn merge_json(base: &mut Json, over: &Json) {
-    match (base, over) {
-        (Json::Object(b), Json::Object(o)) => {
-            for (k, v) in o {
-                merge_json(b.entry(k.clone()).or_insert(Json::Null), v);
-            }
-        }
-        (b, o) if !o.is_null() => *b = o.clone(),
-        _ => {}
-    }
-}
-
-/// Set `value` at a dotted path in a nested object.
-fn set_path(root: &mut Json, dotted: &str, value: Json) {
-    let mut cur = root;
-    let parts: Vec<&str> = dotted.split('.').collect();
-    for (i, part) in parts.iter().enumerate() {
-        if !cur.is_object() {
-            *cur = json!({});
-        }
-        let Json::Object(map) = cur else { return };
-        if i + 1 == parts.len() {
-            map.insert(part.to_string(), value);
-            return;
-        }
-        cur = map.entry(part.to_string()).or_insert_with(|| json!({}));
-    }
-}
-
-fn get_path<'a>(root: &'a Json, dotted: &str) -> Option<&'a Json> {
-    let mut cur = root;
-    for part in dotted.split('.') {
-        cur = cur.as_object()?.get(part)?;
-    }
-    (!cur.is_null()).then_some(cur)
 }
 
 /// Resolve the desired state. `releases` holds every release the manifest
@@ -671,8 +635,8 @@ fn needed_packages(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cloud_config::default_local;
-    use crate::manifest::parse_manifest;
+    use crate::model::cloud_config::default_local;
+    use crate::model::manifest::parse_manifest;
     use crate::release::read_release_dir;
     use std::path::Path;
 

@@ -9,44 +9,7 @@
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
-use crate::cloud_config::{Network, Subnet};
-
-/// Addresses the director may hand out dynamically in a subnet: range minus network & broadcast
-/// addresses, gateway, reserved and static ranges.
-pub fn dynamic_pool(subnet: &Subnet) -> impl Iterator<Item = Ipv4Addr> + '_ {
-    let net = subnet.range;
-    let (first, last) = (u32::from(net.network()), u32::from(net.broadcast()));
-    // /31 and /32 have no network or broadcast address to skip (RFC 3021).
-    let (first, last) = if net.prefix_len() >= 31 {
-        (first, last)
-    } else {
-        (first + 1, last - 1)
-    };
-    (first..=last).map(Ipv4Addr::from).filter(move |ip| {
-        Some(*ip) != subnet.gateway
-            && !subnet.reserved.iter().any(|r| r.contains(*ip))
-            && !subnet.static_ips.iter().any(|r| r.contains(*ip))
-    })
-}
-
-/// Whether `ip` lies in one of the subnet's `static` ranges.
-pub fn is_static(subnet: &Subnet, ip: Ipv4Addr) -> bool {
-    subnet.static_ips.iter().any(|r| r.contains(ip))
-}
-
-/// The subnet of `network` whose range contains `ip`.
-pub fn subnet_for_ip(network: &Network, ip: Ipv4Addr) -> Option<&Subnet> {
-    network.subnets.iter().find(|s| s.range.contains(&ip))
-}
-
-/// The first subnet of `network` that serves `az`; a subnet without azs serves every az.
-pub fn subnet_for_az<'a>(network: &'a Network, az: &str) -> Option<&'a Subnet> {
-    network.subnets.iter().find(|s| serves_az(s, az))
-}
-
-fn serves_az(subnet: &Subnet, az: &str) -> bool {
-    subnet.azs.is_empty() || subnet.azs.iter().any(|a| a == az)
-}
+use crate::model::cloud_config::{dynamic_pool, serves_az, Network, Subnet};
 
 /// First free dynamic address in the network's subnet for `az`, skipping `used`.
 /// When several subnets serve `az`, they are tried in order.
@@ -70,7 +33,8 @@ pub fn netmask(subnet: &Subnet) -> Ipv4Addr {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cloud_config::{default_local, parse_cloud_config, IpRange};
+    use crate::model::cloud_config::{default_local, parse_cloud_config, IpRange};
+    use crate::model::cloud_config::{is_static, subnet_for_az, subnet_for_ip};
     use bosun_cpi::NetworkKind;
 
     fn ip(s: &str) -> Ipv4Addr {

@@ -17,11 +17,13 @@ use sha2::{Digest, Sha256};
 use bosun_agent::protocol::{ApplySpec, PackageRef, RenderedJob};
 use bosun_cpi::NetworkSettings;
 
-use crate::cloud_config::Network;
-use crate::desired::{merge_json, stemcell_key, DesiredGroup, DesiredState, NeededPackage};
-use crate::ipam;
-use crate::manifest::{Lifecycle, UpdatePolicy};
-use crate::state::{AppliedRecord, InstanceRecord};
+use crate::model::cloud_config::{self, Network};
+use crate::model::json::merge_json;
+use crate::model::manifest::UpdatePolicy;
+use crate::model::values::Lifecycle;
+use crate::plan::desired::{stemcell_key, DesiredGroup, DesiredState, NeededPackage};
+use crate::plan::ipam;
+use crate::store::{AppliedRecord, InstanceRecord, VmCreate};
 use crate::templates::{
     InstanceContext, LinkContext, LinkInstance, NameOnly, SpecContext, TemplateError,
 };
@@ -48,7 +50,7 @@ pub enum PlanError {
     },
     #[error("planning {group}: instance group has no azs")]
     NoAz { group: String },
-    #[error("rendering templates for {instance}: {source}")]
+    #[error("rendering templates for {instance}")]
     Template {
         instance: String,
         #[source]
@@ -82,7 +84,7 @@ pub struct Plan {
     pub groups: Vec<GroupPlan>,
     /// The release versions and stemcells the desired state resolved to.
     #[serde(skip)]
-    pub uses: crate::state::Uses,
+    pub uses: crate::store::Uses,
 }
 
 /// Compilation workers: one VM per entry of `workers`, each with its networks.
@@ -145,16 +147,6 @@ pub enum VmAction {
     Create(VmCreate),
     /// Delete the current VM, then create this one.
     Recreate(VmCreate),
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
-pub struct VmCreate {
-    pub cpi: String,
-    pub stemcell_cid: String,
-    pub cloud_properties: Json,
-    pub networks: BTreeMap<String, NetworkSettings>,
-    pub env: Json,
-    pub vm_digest: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -370,7 +362,7 @@ pub fn plan(
         }
         Some(compilation_plan(desired, compile.len(), &mut used)?)
     };
-    let uses = crate::state::Uses {
+    let uses = crate::store::Uses {
         releases: desired
             .groups
             .iter()
@@ -381,7 +373,7 @@ pub fn plan(
             .groups
             .iter()
             .flat_map(|g| g.stemcells.values())
-            .map(crate::desired::stemcell_key)
+            .map(crate::plan::desired::stemcell_key)
             .collect(),
     };
     Ok(Plan {
@@ -414,7 +406,8 @@ fn network_settings(
     ip: Ipv4Addr,
     default: &[String],
 ) -> Option<NetworkSettings> {
-    let subnet = ipam::subnet_for_ip(network, ip).or_else(|| ipam::subnet_for_az(network, az))?;
+    let subnet = cloud_config::subnet_for_ip(network, ip)
+        .or_else(|| cloud_config::subnet_for_az(network, az))?;
     Some(NetworkSettings {
         kind: network.kind,
         ip: ip.to_string(),
@@ -452,9 +445,9 @@ fn assign_ips(
                 let ip: Ipv4Addr = r.networks.get(&dn.name)?.ip.parse().ok()?;
                 let valid = if dn.static_ips.is_empty() {
                     // Still in a dynamic pool of a subnet serving its az.
-                    ipam::subnet_for_ip(&dn.network, ip).is_some_and(|s| {
+                    cloud_config::subnet_for_ip(&dn.network, ip).is_some_and(|s| {
                         (s.azs.is_empty() || s.azs.contains(&r.az))
-                            && ipam::dynamic_pool(s).any(|a| a == ip)
+                            && cloud_config::dynamic_pool(s).any(|a| a == ip)
                     })
                 } else {
                     dn.static_ips.contains(&ip)
@@ -490,7 +483,7 @@ fn assign_ips(
                         .filter(|(n, _)| n == &dn.name)
                         .map(|(_, ip)| *ip)
                         .collect();
-                    if ipam::subnet_for_az(&dn.network, &r.az).is_none() {
+                    if cloud_config::subnet_for_az(&dn.network, &r.az).is_none() {
                         return Err(PlanError::NoSubnet {
                             group: g.name.clone(),
                             network: dn.name.clone(),
@@ -794,7 +787,7 @@ fn plan_instance(
         (change, VmAction::Keep, DiskAction::None)
     // Stopped with --hard: it stays without a VM until `start` brings back
     // the spec it last ran (a deploy after that applies newer changes).
-    } else if rec.state == crate::state::InstanceState::Detached {
+    } else if rec.state == crate::store::InstanceState::Detached {
         reasons.clear();
         let disk = if rec.disk.is_some() {
             DiskAction::Keep
@@ -820,8 +813,8 @@ fn plan_instance(
 
 fn vm_change_reason(
     rec: &InstanceRecord,
-    v: &crate::state::VmRecord,
-    stemcell: &crate::state::StemcellRecord,
+    v: &crate::store::VmRecord,
+    stemcell: &crate::store::StemcellRecord,
     cpi: &str,
 ) -> String {
     if v.cpi != cpi {
@@ -889,11 +882,11 @@ fn compile_steps(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cloud_config::default_local;
-    use crate::desired::resolve;
-    use crate::manifest::parse_manifest;
+    use crate::model::cloud_config::default_local;
+    use crate::model::manifest::parse_manifest;
+    use crate::plan::desired::resolve;
     use crate::release::read_release_dir;
-    use crate::state::{DiskRecord, ReleaseRecord, StemcellRecord, VmRecord};
+    use crate::store::{DiskRecord, ReleaseRecord, StemcellRecord, VmRecord};
     use std::path::Path;
 
     fn kv_release() -> ReleaseRecord {

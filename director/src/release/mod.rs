@@ -37,7 +37,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::archive_limits::ArchiveLimits;
-use crate::problems::Problem;
+use crate::model::problems::Problem;
 
 pub use archive::ArchiveData;
 pub use dir::read_release_dir;

@@ -17,7 +17,7 @@ use rand::RngCore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SecretsError {
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}")]
     Io {
         op: &'static str,
         path: PathBuf,

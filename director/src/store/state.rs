@@ -14,51 +14,54 @@
 //! every write is a single statement. This module must not call CPIs or
 //! agents, and must not decide anything: it stores what it is told.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde::{de::DeserializeOwned, Serialize};
 
 use bosun_agent::blobs::BlobStore;
 use bosun_agent::keys::{load_or_create_private_key, KeyPair};
-use bosun_cpi::NetworkSettings;
+use bosun_cpi::chain::Chain;
 
-use crate::release::{JobSpec, PackageSpec, Release, ReleaseManifest};
+use crate::release::Release;
+use crate::store::records::{
+    now, CompiledPackage, DeploymentRecord, Event, InstanceRecord, OrphanDisk, ReleaseRecord,
+    StemcellRecord, TaskRecord, VariableRecord,
+};
 
 /// A state store failure, naming the operation.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("opening state in {dir}: {source}")]
+    #[error("opening state in {dir}")]
     Open {
         dir: PathBuf,
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error("{op}: {source}")]
+    #[error("{op}")]
     Db {
         op: String,
         #[source]
         source: rusqlite::Error,
     },
-    #[error("{op}: {source}")]
+    #[error("{op}")]
     Json {
         op: String,
         #[source]
         source: serde_json::Error,
     },
-    #[error("{op}: {source}")]
+    #[error("{op}")]
     Io {
         op: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("{op}: {source}")]
+    #[error("{op}")]
     Blob {
         op: String,
         #[source]
@@ -72,12 +75,12 @@ pub enum StateError {
     EmptyDatabase { path: PathBuf },
     /// A name that would become a path is not a valid name.
     #[error(transparent)]
-    Name(#[from] crate::names::NameError),
-    #[error("{op}: {source}")]
+    Name(#[from] crate::model::names::NameError),
+    #[error("{op}")]
     Secret {
         op: String,
         #[source]
-        source: crate::secrets::SecretsError,
+        source: crate::store::secrets::SecretsError,
     },
 }
 
@@ -131,313 +134,10 @@ fn put_archive(
     w.finish(sha256)
 }
 
-/// Seconds since the epoch.
-pub fn now() -> i64 {
-    now_ms() / 1000
-}
-
-/// Milliseconds since the epoch.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-/// An uploaded release, without its archives (they are blobs).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ReleaseRecord {
-    pub manifest: ReleaseManifest,
-    pub jobs: Vec<JobRecord>,
-    pub packages: Vec<PackageRecord>,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct JobRecord {
-    pub spec: JobSpec,
-    pub fingerprint: String,
-    pub templates: BTreeMap<String, String>,
-    pub sha256: String,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct PackageRecord {
-    pub spec: PackageSpec,
-    pub fingerprint: String,
-    /// Blob of the source archive (`packaging` + files).
-    pub sha256: String,
-}
-
-impl ReleaseRecord {
-    /// The record of a release; its archives are blobs named by sha256.
-    pub fn from_release(r: &Release) -> ReleaseRecord {
-        ReleaseRecord {
-            manifest: r.manifest.clone(),
-            jobs: r
-                .jobs
-                .iter()
-                .map(|j| JobRecord {
-                    spec: j.spec.clone(),
-                    fingerprint: j.fingerprint.clone(),
-                    templates: j.templates.clone(),
-                    sha256: j.sha256.clone(),
-                })
-                .collect(),
-            packages: r
-                .packages
-                .iter()
-                .map(|p| PackageRecord {
-                    spec: p.spec.clone(),
-                    fingerprint: p.fingerprint.clone(),
-                    sha256: p.sha256.clone(),
-                })
-                .collect(),
-        }
-    }
-
-    pub fn name(&self) -> &str {
-        &self.manifest.name
-    }
-    pub fn version(&self) -> &str {
-        &self.manifest.version
-    }
-    pub fn job(&self, name: &str) -> Option<&JobRecord> {
-        self.jobs.iter().find(|j| j.spec.name == name)
-    }
-    pub fn package(&self, name: &str) -> Option<&PackageRecord> {
-        self.packages.iter().find(|p| p.spec.name == name)
-    }
-}
-
-/// A stemcell known to a CPI.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StemcellRecord {
-    pub name: String,
-    pub os: String,
-    pub version: String,
-    pub cpi: String,
-    pub cid: String,
-}
-
-/// A package compiled for a stemcell.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CompiledPackage {
-    pub name: String,
-    pub fingerprint: String,
-    /// `os/version` of the stemcell it was compiled on.
-    pub stemcell: String,
-    pub sha256: String,
-    pub size: u64,
-}
-
-/// A deployment as last deployed.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct DeploymentRecord {
-    pub name: String,
-    /// The manifest text as given (after interpolation).
-    pub manifest: String,
-    pub releases: Vec<String>,
-    pub stemcells: Vec<String>,
-    pub updated_at: i64,
-    /// The release versions and stemcells the deploy resolved to (absent in
-    /// records of older directors: `clean-up` then keeps every version of
-    /// the deployment's releases and every stemcell).
-    #[serde(default)]
-    pub uses: Option<Uses>,
-}
-
-/// What a deployment's jobs and VMs were resolved to.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Uses {
-    /// `name/version`.
-    pub releases: BTreeSet<String>,
-    /// Stemcell keys, `os/version`.
-    pub stemcells: BTreeSet<String>,
-}
-
-/// What the director recorded about one instance.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct InstanceRecord {
-    pub id: String,
-    pub deployment: String,
-    pub group: String,
-    pub index: u32,
-    pub az: String,
-    pub bootstrap: bool,
-    /// IPs reserved for it, by network name.
-    pub networks: BTreeMap<String, NetworkSettings>,
-    pub vm: Option<VmRecord>,
-    /// Set before `create_vm` is called, cleared once its cid is recorded:
-    /// a crash in between leaves a VM that carries this token in its tags.
-    pub pending_vm_token: Option<String>,
-    pub disk: Option<DiskRecord>,
-    pub applied: Option<AppliedRecord>,
-    /// What was last deployed to this instance and seen running: enough to
-    /// recreate its VM without the manifest or the releases (the resurrector
-    /// and cloud-check use it).
-    #[serde(default)]
-    pub deployed: Option<DeployedSpec>,
-    /// What the operator asked for (`start`, `stop`, `stop --hard`).
-    #[serde(default)]
-    pub state: InstanceState,
-}
-
-/// The state the operator wants an instance in.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum InstanceState {
-    /// Running (the default).
-    #[default]
-    Started,
-    /// Jobs stopped, VM kept (`stop`).
-    Stopped,
-    /// No VM; disk and IPs kept (`stop --hard`).
-    Detached,
-    /// An errand's instance: a VM only while `run-errand` runs it.
-    Errand,
-}
-
-/// The VM, spec and packages an instance last ran with.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct DeployedSpec {
-    pub vm: crate::planner::VmCreate,
-    pub spec: bosun_agent::protocol::ApplySpec,
-    pub applied: AppliedRecord,
-    /// Stemcell key (`os/version`) the packages are compiled for.
-    pub stemcell: String,
-}
-
-impl InstanceRecord {
-    /// A new instance: nothing created, nothing applied, no IPs yet.
-    pub fn new(id: String, deployment: &str, group: &str, index: u32, az: &str) -> InstanceRecord {
-        InstanceRecord {
-            id,
-            deployment: deployment.to_string(),
-            group: group.to_string(),
-            index,
-            az: az.to_string(),
-            bootstrap: index == 0,
-            networks: BTreeMap::new(),
-            vm: None,
-            pending_vm_token: None,
-            disk: None,
-            applied: None,
-            deployed: None,
-            state: InstanceState::Started,
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct VmRecord {
-    pub cid: String,
-    pub cpi: String,
-    pub agent_id: String,
-    /// The agent's pinned SSH host key (OpenSSH public key).
-    pub host_public_key: String,
-    /// Address the director dials.
-    pub address: String,
-    /// Digest of what the VM was created from (stemcell, cloud properties, networks).
-    pub vm_digest: String,
-    /// Last spec generation sent to this VM's agent.
-    pub generation: u64,
-    pub created_at: i64,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct DiskRecord {
-    pub cid: String,
-    pub cpi: String,
-    pub size_mb: u64,
-    /// Digest of size and cloud properties.
-    pub digest: String,
-    pub attached: bool,
-}
-
-/// The spec last applied and seen running.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct AppliedRecord {
-    pub digest: String,
-    /// Digest per job, to say which job changed.
-    pub job_digests: BTreeMap<String, String>,
-    pub package_fingerprints: BTreeMap<String, String>,
-}
-
-/// A persistent disk no instance owns any more (kept until deleted).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct OrphanDisk {
-    pub cid: String,
-    pub cpi: String,
-    pub size_mb: u64,
-    pub deployment: String,
-    pub instance: String,
-    pub orphaned_at: i64,
-}
-
-/// One thing that happened, for `bosun events`: what was seen, what was
-/// done about it, and how that went.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Event {
-    /// Position in the event log (assigned by the store).
-    #[serde(default)]
-    pub id: i64,
-    /// Seconds since the epoch.
-    pub time: i64,
-    /// Milliseconds since the epoch (0 in events of older versions).
-    #[serde(default)]
-    pub time_ms: i64,
-    /// `deploy`, `monitor`, `cloud-check`, ...
-    #[serde(default)]
-    pub source: String,
-    pub deployment: Option<String>,
-    pub instance: Option<String>,
-    /// What was observed (`agent unresponsive for 5.0 s`), empty when the
-    /// event is an action the operator asked for.
-    #[serde(default)]
-    pub seen: String,
-    /// What was done (`create`, `fence`, `restart-job`, `alert`, ...).
-    pub action: String,
-    pub object: String,
-    /// `ok`, `error: ...`, or a note.
-    pub result: String,
-}
-
-impl Event {
-    /// An event stamped now.
-    pub fn new(source: &str, deployment: &str, instance: Option<&str>) -> Event {
-        let ms = now_ms();
-        Event {
-            id: 0,
-            time: ms / 1000,
-            time_ms: ms,
-            source: source.to_string(),
-            deployment: Some(deployment.to_string()),
-            instance: instance.map(str::to_string),
-            seen: String::new(),
-            action: String::new(),
-            object: String::new(),
-            result: String::new(),
-        }
-    }
-    pub fn seen(mut self, s: impl Into<String>) -> Event {
-        self.seen = s.into();
-        self
-    }
-    pub fn did(mut self, action: &str, object: impl Into<String>) -> Event {
-        self.action = action.to_string();
-        self.object = object.into();
-        self
-    }
-    pub fn result(mut self, r: impl Into<String>) -> Event {
-        self.result = r.into();
-        self
-    }
-}
-
 /// The store. Cheap to share (`Arc`).
 pub struct Store {
     dir: PathBuf,
-    secrets: crate::secrets::SecretBox,
+    secrets: crate::store::secrets::SecretBox,
     conn: Mutex<Connection>,
     blobs: BlobStore,
     key: KeyPair,
@@ -467,39 +167,6 @@ CREATE TABLE IF NOT EXISTS variables (deployment TEXT NOT NULL, name TEXT NOT NU
 CREATE TABLE IF NOT EXISTS ip_reservations (network TEXT NOT NULL, ip TEXT NOT NULL,
   deployment TEXT NOT NULL, PRIMARY KEY (network, ip));
 ";
-
-/// One director operation (`deploy`, `stop`, ...) and how it ended. Its
-/// logs live in `tasks/<id>/` under the state dir.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TaskRecord {
-    #[serde(default)]
-    pub id: i64,
-    /// The command line, without secrets (`deploy manifest.yml`).
-    pub description: String,
-    pub deployment: Option<String>,
-    /// `running`, `done`, `error`, `cancelled`.
-    pub state: String,
-    pub started_at: i64,
-    pub ended_at: Option<i64>,
-    /// What it did, or why it failed.
-    pub result: String,
-    pub pid: u32,
-}
-
-/// A generated variable of a deployment, without its value (which is kept
-/// sealed beside it).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VariableRecord {
-    pub deployment: String,
-    pub name: String,
-    /// Changes whenever the value is (re)generated.
-    pub id: String,
-    /// `password`, `certificate`, `ssh`, `rsa`.
-    pub kind: String,
-    /// Digest of the definition it was generated from.
-    pub definition_digest: String,
-    pub created_at: i64,
-}
 
 impl Store {
     /// Open (creating if needed) the state in `dir`.
@@ -531,7 +198,7 @@ impl Store {
             std::os::unix::fs::PermissionsExt::from_mode(0o600),
         )
         .map_err(|e| open_err(Box::new(e)))?;
-        let secrets = crate::secrets::SecretBox::open_or_create(&dir.join("secrets.key"))
+        let secrets = crate::store::secrets::SecretBox::open_or_create(&dir.join("secrets.key"))
             .map_err(|e| open_err(Box::new(e)))?;
         let blobs = BlobStore::open(dir.join("blobs")).map_err(|e| open_err(Box::new(e)))?;
         let key = load_or_create_private_key(&dir.join("director_ed25519"))
@@ -1250,6 +917,21 @@ impl Store {
 
     // ---- events ----
 
+    /// Record an event that describes an operation already done: a failed
+    /// write must not fail that operation, so it is logged here, once, with
+    /// its cause chain, instead of being returned.
+    pub fn record_event(&self, e: &Event) {
+        if let Err(err) = self.add_event(e) {
+            tracing::warn!(
+                source = %e.source,
+                action = %e.action,
+                object = %e.object,
+                "event not recorded: {}",
+                Chain(&err)
+            );
+        }
+    }
+
     pub fn add_event(&self, e: &Event) -> Result<()> {
         let json = to_json("recording event", e)?;
         db(
@@ -1348,7 +1030,7 @@ impl Store {
 
     fn lock_once(&self, name: &str, purpose: &str) -> Result<DeploymentLock> {
         // The name becomes a file name: never let it leave `locks/`.
-        crate::names::check("deployment name", name)?;
+        crate::model::names::check("deployment name", name)?;
         let path = self.dir.join("locks").join(format!("{name}.lock"));
         let io = |source| StateError::Io {
             op: format!("locking deployment {name}"),

@@ -22,7 +22,7 @@ const OVER_AT: usize = 1002 + 1000;
 fn err(file: &str, text: &str, opts: &InterpolateOptions) -> String {
     match interpolate(file, text, opts) {
         Ok(_) => panic!("{file} should be refused"),
-        Err(e) => e.to_string(),
+        Err(e) => bosun_cpi::chain::chain(&e),
     }
 }
 

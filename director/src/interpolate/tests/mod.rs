@@ -22,7 +22,8 @@ pub(super) fn y(text: &str) -> Value {
 pub(super) fn apply(doc: &str, ops: &str) -> Result<Value, String> {
     let mut d = y(doc);
     let file = parse_ops("ops.yml", ops).map_err(|e| e.to_string())?;
-    file.apply(&mut d).map_err(|e| e.to_string())?;
+    file.apply(&mut d)
+        .map_err(|e| bosun_cpi::chain::chain(&e))?;
     Ok(d)
 }
 
@@ -54,7 +55,7 @@ pub(super) fn int_ok(text: &str, opts: &InterpolateOptions) -> String {
 pub(super) fn int_err(text: &str, opts: &InterpolateOptions) -> String {
     match interpolate("manifest.yml", text, opts) {
         Ok(s) => panic!("interpolate succeeded: {s}"),
-        Err(e) => e.to_string(),
+        Err(e) => bosun_cpi::chain::chain(&e),
     }
 }
 

@@ -541,7 +541,7 @@ fn op_value_rules() {
 #[test]
 fn invalid_yaml_in_an_ops_file_names_file_and_line() {
     let e = parse_ops("o.yml", "- type: replace\n  path: [unclosed\n").unwrap_err();
-    let msg = e.to_string();
+    let msg = bosun_cpi::chain::chain(&e);
     assert!(msg.starts_with("ops file o.yml: invalid YAML:"), "{msg}");
     match e {
         crate::interpolate::OpsError::Yaml { line, .. } => assert!(line.is_some()),

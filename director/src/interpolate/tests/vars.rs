@@ -54,7 +54,7 @@ fn embedding_a_map_is_an_error_naming_variable_and_path() {
     let mut d = y("groups:\n- name: web\n  url: http://((cert))/\n");
     let e = substitute(&mut d, &mut map(&[("cert", "{ca: x}")])).unwrap_err();
     assert_eq!(
-        e.to_string(),
+        bosun_cpi::chain::chain(&e),
         "Invalid type 'a map' for variable 'cert' at path '/groups/0/url': only strings, numbers and booleans can be interpolated within a string"
     );
 }
@@ -82,7 +82,7 @@ fn dot_key_access_to_a_missing_key_is_an_error() {
     let mut d = y("x: ((cert.nope))");
     let e = substitute(&mut d, &mut map(&[("cert", "{ca: CA, certificate: CRT}")])).unwrap_err();
     assert_eq!(
-        e.to_string(),
+        bosun_cpi::chain::chain(&e),
         "Finding variable 'cert.nope': Expected to find a map key 'nope' for path '/nope' (found map keys: 'ca', 'certificate')"
     );
 }
@@ -157,7 +157,7 @@ fn map_keys_are_interpolated() {
     let mut d = y("((k)): 1\nkey: 2\n");
     let e = substitute(&mut d, &mut map(&[("k", "key")])).unwrap_err();
     assert_eq!(
-        e.to_string(),
+        bosun_cpi::chain::chain(&e),
         "duplicate map key 'key' after interpolation at path ''"
     );
 }
@@ -279,7 +279,7 @@ fn bad_key_path_in_a_placeholder_is_an_error() {
     let e = crate::interpolate::vars::lookup_full(&mut map(&[("v", "{b: 1}")]), "v.b:sideways")
         .unwrap_err();
     assert_eq!(
-        e.to_string(),
+        bosun_cpi::chain::chain(&e),
         "Finding variable 'v.b:sideways': Expected to find one of the following modifiers: 'prev', 'next', 'before', or 'after' but found 'sideways'"
     );
 }
