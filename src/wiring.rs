@@ -1,0 +1,139 @@
+//! Wiring: the CPI backends a command's director gets (local always, those
+//! the stored cloud-config declares, Docker when wanted), the execution
+//! options from the environment, and the default state and cache
+//! directories. It must not run director operations or print anything but
+//! warnings.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use bosun_cpi::logged::LoggedCpi;
+use bosun_cpi::Cpi;
+use bosun_cpi_aws::{AwsCpi, AwsCpiConfig};
+use bosun_cpi_docker::{DockerCpi, DockerCpiConfig};
+use bosun_cpi_local::{LocalCpi, LocalCpiConfig};
+use bosun_director::cloud_config::{parse_cloud_config, CloudConfig, CpiConfig};
+use bosun_director::executor::{Cpis, ExecOptions};
+use bosun_director::ops::Director;
+use bosun_director::state::Store;
+
+/// The CPIs: local always; those the cloud-config declares under `cpis`;
+/// Docker when the cloud-config names it (then it must be reachable), when
+/// stemcells were uploaded to it, or when the command offers it a stemcell.
+pub async fn director(store: Arc<Store>, try_docker: bool) -> Result<Director> {
+    let exe = std::env::current_exe().context("finding the bosun executable")?;
+    let local = LocalCpi::new(LocalCpiConfig {
+        root: store.dir().join("local-cpi"),
+        agent_command: vec![exe.display().to_string(), "agent".into()],
+    })?;
+    let mut cpis = Cpis::new();
+    cpis.insert("local", logged("local", Arc::new(local)));
+    let cc = stored_cloud_config(&store)?;
+    let cloud_wants_docker = cc
+        .as_ref()
+        .is_some_and(|cc| cc.azs.iter().any(|a| a.cpi == "docker"));
+    // CPIs the cloud-config declares under `cpis`.
+    for c in cc.iter().flat_map(|cc| cc.cpis.iter()) {
+        let cpi = declared_cpi(&store, c).await?;
+        cpis.insert(&c.name, logged(&c.name, cpi));
+    }
+    let has_docker_stemcells = store.stemcells()?.iter().any(|s| s.cpi == "docker");
+    if try_docker || cloud_wants_docker || has_docker_stemcells {
+        let config = DockerCpiConfig {
+            root: store.dir().join("docker-cpi"),
+            socket: None,
+            prefix: "bosun".into(),
+        };
+        match DockerCpi::connect(config).await {
+            Ok(docker) => cpis.insert("docker", logged("docker", Arc::new(docker))),
+            Err(e) if cloud_wants_docker => {
+                return Err(anyhow::Error::new(e).context("the docker CPI is needed"))
+            }
+            Err(e) => eprintln!("warning: the docker CPI is unavailable: {e}"),
+        }
+    }
+    let opts = exec_options();
+    Ok(Director { store, cpis, opts })
+}
+
+/// The cloud-config in force, parsed (none when it is invalid).
+fn stored_cloud_config(store: &Store) -> Result<Option<CloudConfig>> {
+    let Some((id, text)) = store.cloud_config()? else {
+        return Ok(None);
+    };
+    Ok(parse_cloud_config(&format!("cloud-config #{id}"), &text).ok())
+}
+
+/// A CPI the cloud-config declares under `cpis`, started.
+async fn declared_cpi(store: &Store, c: &CpiConfig) -> Result<Arc<dyn Cpi>> {
+    match c.kind.as_str() {
+        "aws" => {
+            let config = AwsCpiConfig::from_properties(&c.properties)
+                .with_context(|| format!("configuring CPI '{}' (type aws)", c.name))?;
+            let aws = AwsCpi::new(config)
+                .await
+                .with_context(|| format!("starting CPI '{}' (type aws)", c.name))?;
+            Ok(Arc::new(aws))
+        }
+        "docker" => {
+            let config = DockerCpiConfig {
+                root: store.dir().join(format!("docker-cpi-{}", c.name)),
+                socket: c.properties["socket"].as_str().map(str::to_string),
+                prefix: c.properties["prefix"]
+                    .as_str()
+                    .unwrap_or("bosun")
+                    .to_string(),
+            };
+            let docker = DockerCpi::connect(config)
+                .await
+                .with_context(|| format!("starting CPI '{}' (type docker)", c.name))?;
+            Ok(Arc::new(docker))
+        }
+        other => bail!("CPI '{}' has an unknown type '{other}'", c.name),
+    }
+}
+
+/// Execution options: defaults, and `BOSUN_AGENT_TIMEOUT` (whole seconds)
+/// when set.
+fn exec_options() -> ExecOptions {
+    let mut opts = ExecOptions::default();
+    if let Some(secs) = std::env::var("BOSUN_AGENT_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    {
+        opts.agent_timeout = Duration::from_secs(secs);
+    }
+    opts
+}
+
+/// A CPI whose every call goes to the running task's CPI log.
+pub fn logged(name: &str, cpi: Arc<dyn Cpi>) -> Arc<dyn Cpi> {
+    Arc::new(LoggedCpi::new(name, cpi))
+}
+
+/// Where the director keeps its state unless told: `$XDG_DATA_HOME/bosun`,
+/// `~/.local/share/bosun`, or `.bosun-state`.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(d).join("bosun");
+    }
+    if let Some(h) = std::env::var_os("HOME") {
+        return PathBuf::from(h).join(".local/share/bosun");
+    }
+    PathBuf::from(".bosun-state")
+}
+
+/// Where downloads and built root filesystems are cached:
+/// `$XDG_CACHE_HOME/bosun`, `~/.cache/bosun`, or a temporary directory.
+pub fn default_cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(d).join("bosun");
+    }
+    if let Some(h) = std::env::var_os("HOME") {
+        return PathBuf::from(h).join(".cache/bosun");
+    }
+    std::env::temp_dir().join("bosun-cache")
+}
