@@ -20,10 +20,20 @@ use bosun_director::executor::{Cpis, ExecOptions};
 use bosun_director::ops::Director;
 use bosun_director::state::Store;
 
+/// What a command needs of the wiring.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Wants {
+    /// The command offers Docker a stemcell: connect to it when it is reachable.
+    pub try_docker: bool,
+    /// The command prints or replaces the stored cloud-config, so an invalid
+    /// one is only warned about (it must not lock the operator out of fixing it).
+    pub invalid_cloud_config_ok: bool,
+}
+
 /// The CPIs: local always; those the cloud-config declares under `cpis`;
 /// Docker when the cloud-config names it (then it must be reachable), when
 /// stemcells were uploaded to it, or when the command offers it a stemcell.
-pub async fn director(store: Arc<Store>, try_docker: bool) -> Result<Director> {
+pub async fn director(store: Arc<Store>, wants: Wants) -> Result<Director> {
     let exe = std::env::current_exe().context("finding the bosun executable")?;
     let local = LocalCpi::new(LocalCpiConfig {
         root: store.dir().join("local-cpi"),
@@ -31,7 +41,7 @@ pub async fn director(store: Arc<Store>, try_docker: bool) -> Result<Director> {
     })?;
     let mut cpis = Cpis::new();
     cpis.insert("local", logged("local", Arc::new(local)));
-    let cc = stored_cloud_config(&store)?;
+    let cc = stored_cloud_config(&store, wants.invalid_cloud_config_ok)?;
     let cloud_wants_docker = cc
         .as_ref()
         .is_some_and(|cc| cc.azs.iter().any(|a| a.cpi == "docker"));
@@ -41,7 +51,7 @@ pub async fn director(store: Arc<Store>, try_docker: bool) -> Result<Director> {
         cpis.insert(&c.name, logged(&c.name, cpi));
     }
     let has_docker_stemcells = store.stemcells()?.iter().any(|s| s.cpi == "docker");
-    if try_docker || cloud_wants_docker || has_docker_stemcells {
+    if wants.try_docker || cloud_wants_docker || has_docker_stemcells {
         let config = DockerCpiConfig {
             root: store.dir().join("docker-cpi"),
             socket: None,
@@ -59,12 +69,26 @@ pub async fn director(store: Arc<Store>, try_docker: bool) -> Result<Director> {
     Ok(Director { store, cpis, opts })
 }
 
-/// The cloud-config in force, parsed (none when it is invalid).
-fn stored_cloud_config(store: &Store) -> Result<Option<CloudConfig>> {
+/// The cloud-config in force, parsed. An invalid one is an error, or with
+/// `invalid_ok` a warning (and no cloud-config).
+fn stored_cloud_config(store: &Store, invalid_ok: bool) -> Result<Option<CloudConfig>> {
     let Some((id, text)) = store.cloud_config()? else {
         return Ok(None);
     };
-    Ok(parse_cloud_config(&format!("cloud-config #{id}"), &text).ok())
+    let parsed = parse_cloud_config(&format!("cloud-config #{id}"), &text).with_context(|| {
+        format!(
+            "the stored cloud-config #{id} is invalid \
+             (upload a valid one with `bosun update-cloud-config`)"
+        )
+    });
+    match parsed {
+        Ok(cc) => Ok(Some(cc)),
+        Err(e) if invalid_ok => {
+            eprintln!("warning: {e:#}");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// A CPI the cloud-config declares under `cpis`, started.
@@ -136,4 +160,27 @@ pub fn default_cache_dir() -> PathBuf {
         return PathBuf::from(h).join(".cache/bosun");
     }
     std::env::temp_dir().join("bosun-cache")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_invalid_stored_cloud_config_is_an_error_that_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert!(stored_cloud_config(&store, false).unwrap().is_none());
+        let id = store.save_cloud_config("azs: 3\n").unwrap();
+        let e = stored_cloud_config(&store, false).unwrap_err();
+        let chain = format!("{e:#}");
+        let head = format!(
+            "the stored cloud-config #{id} is invalid \
+             (upload a valid one with `bosun update-cloud-config`): "
+        );
+        assert!(chain.starts_with(&head), "{chain}");
+        assert!(chain.contains("problem"), "{chain}");
+        // Commands that print or replace it only warn.
+        assert!(stored_cloud_config(&store, true).unwrap().is_none());
+    }
 }

@@ -21,7 +21,7 @@ use bosun_director::state::Store;
 use crate::cli::{Cli, Command};
 use crate::print::{ask, Printer};
 use crate::tasklog::task_event_line;
-use crate::wiring::director;
+use crate::wiring::{director, Wants};
 
 /// What every command gets: the director and how the command line asked.
 pub struct Ctx {
@@ -55,9 +55,16 @@ impl Ctx {
 
 /// Run the command line's command against the state in `store`; the exit code.
 pub async fn run(cli: Cli, store: Arc<Store>) -> Result<i32> {
-    // upload-stemcell offers the stemcell to Docker when it is reachable.
-    let try_docker = matches!(cli.command, Command::UploadStemcell { .. });
-    let director = director(store.clone(), try_docker).await?;
+    let wants = Wants {
+        // upload-stemcell offers the stemcell to Docker when it is reachable.
+        try_docker: matches!(cli.command, Command::UploadStemcell { .. }),
+        // Printing or replacing the cloud-config works even when it is invalid.
+        invalid_cloud_config_ok: matches!(
+            cli.command,
+            Command::CloudConfig | Command::UpdateCloudConfig { .. }
+        ),
+    };
+    let director = director(store.clone(), wants).await?;
     // (monitor, logs -f and an interactive ssh handle Ctrl-C themselves.)
     if !matches!(
         cli.command,
