@@ -27,7 +27,10 @@ pub fn ask(question: &str) -> bool {
     print!("{question} [yN] ");
     let _ = std::io::stdout().flush();
     let mut line = String::new();
-    let _ = std::io::stdin().lock().read_line(&mut line);
+    if let Err(e) = std::io::stdin().lock().read_line(&mut line) {
+        eprintln!("reading the answer: {e}");
+        return false;
+    }
     matches!(line.trim(), "y" | "Y" | "yes")
 }
 

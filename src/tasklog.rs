@@ -6,6 +6,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use anyhow::{Context, Result};
@@ -46,6 +47,9 @@ pub fn init_logging(agent: bool) {
 
 /// The open log files of the task this process runs, if any.
 static TASK_LOGS: Mutex<Option<TaskFiles>> = Mutex::new(None);
+
+/// Whether a failed write to the event log was reported already (once is enough).
+static EVENT_LOG_FAILED: AtomicBool = AtomicBool::new(false);
 
 struct TaskFiles {
     event: std::fs::File,
@@ -88,7 +92,11 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for TaskLog {
 
 /// Append a line to the running task's event log (what the command printed).
 pub fn task_event_line(line: &str) {
-    let _ = writeln!(TaskLog::Event, "{line}");
+    if let Err(e) = writeln!(TaskLog::Event, "{line}") {
+        if !EVENT_LOG_FAILED.swap(true, Ordering::Relaxed) {
+            eprintln!("warning: writing the task's event log: {e}");
+        }
+    }
 }
 
 /// The task a command is recorded as, if it changes anything: its

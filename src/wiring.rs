@@ -65,7 +65,7 @@ pub async fn director(store: Arc<Store>, wants: Wants) -> Result<Director> {
             Err(e) => eprintln!("warning: the docker CPI is unavailable: {e}"),
         }
     }
-    let opts = exec_options();
+    let opts = exec_options()?;
     Ok(Director { store, cpis, opts })
 }
 
@@ -122,15 +122,20 @@ async fn declared_cpi(store: &Store, c: &CpiConfig) -> Result<Arc<dyn Cpi>> {
 
 /// Execution options: defaults, and `BOSUN_AGENT_TIMEOUT` (whole seconds)
 /// when set.
-fn exec_options() -> ExecOptions {
+fn exec_options() -> Result<ExecOptions> {
     let mut opts = ExecOptions::default();
-    if let Some(secs) = std::env::var("BOSUN_AGENT_TIMEOUT")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-    {
-        opts.agent_timeout = Duration::from_secs(secs);
+    if let Some(secs) = std::env::var_os("BOSUN_AGENT_TIMEOUT") {
+        opts.agent_timeout = agent_timeout(&secs.to_string_lossy())?;
     }
-    opts
+    Ok(opts)
+}
+
+fn agent_timeout(secs: &str) -> Result<Duration> {
+    let secs = secs
+        .parse::<u64>()
+        .ok()
+        .with_context(|| format!("BOSUN_AGENT_TIMEOUT={secs}: expected whole seconds"))?;
+    Ok(Duration::from_secs(secs))
 }
 
 /// A CPI whose every call goes to the running task's CPI log.
@@ -165,6 +170,17 @@ pub fn default_cache_dir() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_agent_timeout_is_whole_seconds() {
+        assert_eq!(agent_timeout("30").unwrap(), Duration::from_secs(30));
+        assert_eq!(agent_timeout("0").unwrap(), Duration::ZERO);
+        let e = agent_timeout("3s").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "BOSUN_AGENT_TIMEOUT=3s: expected whole seconds"
+        );
+    }
 
     #[test]
     fn an_invalid_stored_cloud_config_is_an_error_that_says_why() {

@@ -67,13 +67,11 @@ pub fn deployments(ctx: &Ctx) -> Result<i32> {
     let store = &ctx.store;
     let deps = store.deployments()?;
     if ctx.json {
-        let v: Vec<_> = deps
-            .iter()
-            .map(|d| {
-                let instances = store.instances(&d.name).map(|i| i.len()).unwrap_or(0);
-                serde_json::json!({"name": d.name, "instances": instances, "releases": d.releases, "stemcells": d.stemcells})
-            })
-            .collect();
+        let mut v = Vec::new();
+        for d in &deps {
+            let instances = store.instances(&d.name)?.len();
+            v.push(serde_json::json!({"name": d.name, "instances": instances, "releases": d.releases, "stemcells": d.stemcells}));
+        }
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("{:<24} {:<10} releases", "name", "instances");

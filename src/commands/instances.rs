@@ -155,7 +155,9 @@ impl RawTerminal {
 
 impl Drop for RawTerminal {
     fn drop(&mut self) {
-        let _ = crossterm::terminal::disable_raw_mode();
+        if let Err(e) = crossterm::terminal::disable_raw_mode() {
+            eprintln!("warning: taking the terminal out of raw mode: {e} (try `reset`)");
+        }
     }
 }
 

@@ -2,6 +2,8 @@
 //! event, debug or CPI log. It must not change any task: they are recorded
 //! by `tasklog`.
 
+use std::path::Path;
+
 use anyhow::{Context, Result};
 
 use super::Ctx;
@@ -50,8 +52,8 @@ pub fn task(ctx: &Ctx, id: i64, debug: bool, cpi: bool) -> Result<i32> {
     } else {
         "event.log"
     };
-    let path = ctx.store.task_dir(id).join(file);
-    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    let text = read_log(&ctx.store.task_dir(id).join(file))
+        .with_context(|| format!("reading the {file} of task {id}"))?;
     if ctx.json {
         println!(
             "{}",
@@ -68,4 +70,28 @@ pub fn task(ctx: &Ctx, id: i64, debug: bool, cpi: bool) -> Result<i32> {
         print!("{text}");
     }
     Ok(0)
+}
+
+/// A task log; one never written (no such file) is empty.
+fn read_log(path: &Path) -> std::io::Result<String> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(String::from_utf8_lossy(&bytes).into_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_log;
+
+    #[test]
+    fn a_missing_log_is_empty_and_others_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read_log(&dir.path().join("none.log")).unwrap(), "");
+        std::fs::write(dir.path().join("event.log"), "a\n").unwrap();
+        assert_eq!(read_log(&dir.path().join("event.log")).unwrap(), "a\n");
+        // A directory is not a log: that is an error, not an empty log.
+        assert!(read_log(dir.path()).is_err());
+    }
 }
