@@ -27,7 +27,7 @@ fn main() {
     } = &cli.command
     {
         if let Err(e) = bosun_cpi_local::enter_vm_namespace(root) {
-            eprintln!("bosun agent: {e}");
+            eprintln!("bosun agent: {}", print::chain(&e));
             std::process::exit(1);
         }
     }

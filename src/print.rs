@@ -277,14 +277,36 @@ impl Report for Printer {
     }
 }
 
+/// An error and its causes, outermost first, joined by ": " (as the edge
+/// prints a command's error), for errors reported along the way.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
-    use super::fmt_time;
+    use super::{chain, fmt_time};
 
     #[test]
     fn times_are_utc_with_milliseconds() {
         assert_eq!(fmt_time(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(fmt_time(951_782_400_123), "2000-02-29T00:00:00.123Z");
         assert_eq!(fmt_time(-1), "1969-12-31T23:59:59.999Z");
+    }
+
+    #[test]
+    fn a_chain_is_every_cause_once() {
+        let e = anyhow::anyhow!("root cause")
+            .context("middle")
+            .context("outer");
+        let e: &(dyn std::error::Error + 'static) = e.as_ref();
+        assert_eq!(chain(e), "outer: middle: root cause");
     }
 }

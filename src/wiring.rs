@@ -62,7 +62,10 @@ pub async fn director(store: Arc<Store>, wants: Wants) -> Result<Director> {
             Err(e) if cloud_wants_docker => {
                 return Err(anyhow::Error::new(e).context("the docker CPI is needed"))
             }
-            Err(e) => eprintln!("warning: the docker CPI is unavailable: {e}"),
+            Err(e) => eprintln!(
+                "warning: the docker CPI is unavailable: {:#}",
+                anyhow::Error::new(e)
+            ),
         }
     }
     let opts = exec_options()?;

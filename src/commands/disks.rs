@@ -7,6 +7,7 @@ use bosun_director::ops::CleanUpPlan;
 use bosun_director::state::OrphanDisk;
 
 use super::Ctx;
+use crate::print::chain;
 
 /// `disks`: the orphaned disks.
 pub fn disks(ctx: &Ctx) -> Result<i32> {
@@ -74,7 +75,7 @@ pub async fn clean_up(ctx: &Ctx, all: bool) -> Result<i32> {
     for d in &disks {
         match ctx.director.delete_orphan_disk(&d.cid).await {
             Ok(_) => deleted_disks.push(d.cid.clone()),
-            Err(e) => problems.push(format!("deleting orphaned disk {}: {e}", d.cid)),
+            Err(e) => problems.push(format!("deleting orphaned disk {}: {}", d.cid, chain(&e))),
         }
     }
     if ctx.json {

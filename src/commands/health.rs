@@ -12,7 +12,7 @@ use bosun_director::executor::Executor;
 use bosun_director::monitor::Monitor;
 
 use super::Ctx;
-use crate::print::{choose, print_event, print_scan};
+use crate::print::{chain, choose, print_event, print_scan};
 
 /// `monitor [--duration S]`: repair until Ctrl-C, SIGTERM or the duration
 /// is up, printing each new event.
@@ -142,7 +142,7 @@ async fn resolve(
             Ok(msg) => println!("  {id}: {}: {msg}", res.name()),
             Err(e) => {
                 failed += 1;
-                println!("  {id}: {}: failed: {e}", res.name());
+                println!("  {id}: {}: failed: {}", res.name(), chain(&e));
             }
         }
     }
