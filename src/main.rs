@@ -14,6 +14,8 @@ mod wiring;
 use anyhow::{Context, Result};
 use clap::Parser;
 
+use bosun_agent::agent::run_from_settings_file;
+use bosun_cpi_local::enter_vm_namespace;
 use bosun_director::state::Store;
 
 use crate::cli::{Cli, Command};
@@ -26,7 +28,7 @@ fn main() {
         ..
     } = &cli.command
     {
-        if let Err(e) = bosun_cpi_local::enter_vm_namespace(root) {
+        if let Err(e) = enter_vm_namespace(root) {
             eprintln!("bosun agent: {}", print::chain(&e));
             std::process::exit(1);
         }
@@ -54,7 +56,7 @@ fn main() {
 async fn run(cli: Cli) -> Result<i32> {
     if let Command::Agent { settings, .. } = &cli.command {
         tasklog::init_logging(true);
-        bosun_agent::agent::run_from_settings_file(settings)
+        run_from_settings_file(settings)
             .await
             .context("running the agent")?;
         return Ok(0);
