@@ -1,0 +1,174 @@
+//! What deployments are made of: releases (`create-release`,
+//! `upload-release`, `releases`), stemcells (`build-stemcell`,
+//! `upload-stemcell`, `stemcells`) and the cloud- and runtime-configs.
+//! It must not read or build release and stemcell contents itself: the
+//! director's `release` and `stemcell` modules do.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+
+use bosun_director::release::{read_release_dir, write_tarball};
+use bosun_director::stemcell::{build_stemcell as build, BuildOptions};
+
+use super::Ctx;
+use crate::wiring::default_cache_dir;
+
+/// `create-release [DIR]`: a release tarball from a release directory.
+pub fn create_release(
+    dir: &Path,
+    tarball: Option<PathBuf>,
+    version: Option<String>,
+) -> Result<i32> {
+    let rel = read_release_dir(dir, version.as_deref())?;
+    let out = tarball.unwrap_or_else(|| {
+        PathBuf::from(format!(
+            "{}-{}.tgz",
+            rel.manifest.name, rel.manifest.version
+        ))
+    });
+    write_tarball(&rel, &out)?;
+    println!(
+        "Created release {}/{} ({} jobs, {} packages) at {}",
+        rel.manifest.name,
+        rel.manifest.version,
+        rel.jobs.len(),
+        rel.packages.len(),
+        out.display()
+    );
+    Ok(0)
+}
+
+/// `upload-release PATH`: a release directory or tarball.
+pub fn upload_release(ctx: &Ctx, path: &Path, version: Option<String>) -> Result<i32> {
+    let (rec, new) = ctx.director.upload_release(path, version.as_deref())?;
+    println!(
+        "{} release {}/{}",
+        if new { "Uploaded" } else { "Already uploaded:" },
+        rec.name(),
+        rec.version()
+    );
+    Ok(0)
+}
+
+/// `releases`: the uploaded release versions.
+pub fn releases(ctx: &Ctx) -> Result<i32> {
+    let rels = ctx.store.releases()?;
+    if ctx.json {
+        let v: Vec<_> = rels
+            .iter()
+            .map(|(n, v, _)| serde_json::json!({"name": n, "version": v}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{:<24} version", "name");
+        for (n, v, _) in rels {
+            println!("{n:<24} {v}");
+        }
+    }
+    Ok(0)
+}
+
+/// `stemcells`: the uploaded stemcells (the local CPI's host stemcell
+/// registered first if it is not yet).
+pub async fn stemcells(ctx: &Ctx) -> Result<i32> {
+    ctx.director.ensure_local_stemcell().await?;
+    let list = ctx.store.stemcells()?;
+    if ctx.json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else {
+        println!(
+            "{:<24} {:<16} {:<10} {:<8} cid",
+            "name", "os", "version", "cpi"
+        );
+        for s in list {
+            println!(
+                "{:<24} {:<16} {:<10} {:<8} {}",
+                s.name, s.os, s.version, s.cpi, s.cid
+            );
+        }
+    }
+    Ok(0)
+}
+
+/// `build-stemcell`: a Docker stemcell from a debootstrap root filesystem,
+/// with this executable as its agent.
+pub fn build_stemcell(
+    os: String,
+    include: Vec<String>,
+    out: PathBuf,
+    version: Option<String>,
+    cache: Option<PathBuf>,
+    mirror: String,
+) -> Result<i32> {
+    let started = Instant::now();
+    let opts = BuildOptions {
+        os,
+        include,
+        out: out.clone(),
+        agent_binary: std::env::current_exe().context("finding the bosun executable")?,
+        cache_dir: Some(cache.unwrap_or_else(|| default_cache_dir().join("rootfs"))),
+        version,
+        mirror,
+    };
+    let m = build(&opts, &mut |line| println!("{line}"))?;
+    println!(
+        "Built stemcell {}/{} ({}) at {} in {:.1}s",
+        m.name,
+        m.version,
+        m.operating_system,
+        out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(0)
+}
+
+/// `upload-stemcell PATH`: to every CPI that takes its format.
+pub async fn upload_stemcell(ctx: &Ctx, path: &Path) -> Result<i32> {
+    for (rec, new) in ctx.director.upload_stemcell(path).await? {
+        println!(
+            "{} stemcell {}/{} ({}) to the {} CPI: {}",
+            if new { "Uploaded" } else { "Already uploaded:" },
+            rec.name,
+            rec.version,
+            rec.os,
+            rec.cpi,
+            rec.cid
+        );
+    }
+    Ok(0)
+}
+
+/// `cloud-config`: the one in force, as uploaded.
+pub fn cloud_config(ctx: &Ctx) -> Result<i32> {
+    match ctx.store.cloud_config()? {
+        Some((_, text)) => print!("{text}"),
+        None => println!("# No cloud-config uploaded; the built-in local default is in force."),
+    }
+    Ok(0)
+}
+
+/// `update-cloud-config FILE`: checked, then stored as the one in force.
+pub fn update_cloud_config(ctx: &Ctx, file: &Path) -> Result<i32> {
+    let id = ctx.director.update_cloud_config(file)?;
+    println!("Updated cloud-config (#{id})");
+    Ok(0)
+}
+
+/// `runtime-config`: the one in force, as uploaded.
+pub fn runtime_config(ctx: &Ctx) -> Result<i32> {
+    match ctx.store.runtime_config()? {
+        Some((_, text, _)) => print!("{text}"),
+        None => println!("# No runtime-config uploaded."),
+    }
+    Ok(0)
+}
+
+/// `update-runtime-config FILE`: addons for every deployment, from each
+/// one's next deploy.
+pub fn update_runtime_config(ctx: &Ctx, file: &Path) -> Result<i32> {
+    let id = ctx.director.update_runtime_config(file)?;
+    println!("Updated runtime-config (#{id}); it applies from each deployment's next deploy");
+    Ok(0)
+}
