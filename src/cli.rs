@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use bosun_director::interpolate::InterpolateOptions;
-use bosun_director::names;
+use bosun_director::model::names;
 
 #[derive(Parser)]
 #[command(

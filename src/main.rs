@@ -16,7 +16,7 @@ use clap::Parser;
 
 use bosun_agent::agent::run_from_settings_file;
 use bosun_cpi_local::enter_vm_namespace;
-use bosun_director::state::Store;
+use bosun_director::Store;
 
 use crate::cli::{Cli, Command};
 
@@ -29,7 +29,7 @@ fn main() {
     } = &cli.command
     {
         if let Err(e) = enter_vm_namespace(root) {
-            eprintln!("bosun agent: {}", print::chain(&e));
+            eprintln!("bosun agent: {}", bosun_cpi::chain::chain(&e));
             std::process::exit(1);
         }
     }

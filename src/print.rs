@@ -8,12 +8,11 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use bosun_director::cloudcheck::{CheckProblem, Resolution, Scan};
-use bosun_director::diff::{DiffLine, DiffTag};
-use bosun_director::executor::Progress;
-use bosun_director::ops::{InstanceInfo, Report};
-use bosun_director::planner::Plan;
-use bosun_director::state::Event;
+use bosun_director::Event;
+use bosun_director::Progress;
+use bosun_director::{CheckProblem, Resolution, Scan};
+use bosun_director::{DiffLine, DiffTag};
+use bosun_director::{InstanceInfo, Report};
 
 use crate::tasklog::task_event_line;
 
@@ -224,19 +223,17 @@ pub fn print_instances(list: &[InstanceInfo], ps: bool, vitals: bool, details: b
     println!("\n{} instances", list.len());
 }
 
-/// Prints progress lines and asks for confirmation.
+/// Prints progress lines and notices (the director's `Report`).
 pub struct Printer {
     started: Instant,
-    non_interactive: bool,
     /// With --json, stdout is for the JSON: progress goes to stderr.
     json: bool,
 }
 
 impl Printer {
-    pub fn new(non_interactive: bool, json: bool) -> Printer {
+    pub fn new(json: bool) -> Printer {
         Printer {
             started: Instant::now(),
-            non_interactive,
             json,
         }
     }
@@ -266,47 +263,16 @@ impl Report for Printer {
             println!("{msg}");
         }
     }
-
-    fn confirm(&self, diff: &[Vec<DiffLine>], plan: &Plan) -> bool {
-        print_diff(diff);
-        print!("{plan}");
-        if self.non_interactive {
-            return true;
-        }
-        ask("Continue?")
-    }
-}
-
-/// An error and its causes, outermost first, joined by ": " (as the edge
-/// prints a command's error), for errors reported along the way.
-pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{chain, fmt_time};
+    use super::fmt_time;
 
     #[test]
     fn times_are_utc_with_milliseconds() {
         assert_eq!(fmt_time(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(fmt_time(951_782_400_123), "2000-02-29T00:00:00.123Z");
         assert_eq!(fmt_time(-1), "1969-12-31T23:59:59.999Z");
-    }
-
-    #[test]
-    fn a_chain_is_every_cause_once() {
-        let e = anyhow::anyhow!("root cause")
-            .context("middle")
-            .context("outer");
-        let e: &(dyn std::error::Error + 'static) = e.as_ref();
-        assert_eq!(chain(e), "outer: middle: root cause");
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Mutex;
 
 use anyhow::{Context, Result};
 
-use bosun_director::state::{now, Store, TaskRecord};
+use bosun_director::{now, Store, TaskRecord};
 
 use crate::cli::{Cli, Command};
 

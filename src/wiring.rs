@@ -15,10 +15,10 @@ use bosun_cpi::Cpi;
 use bosun_cpi_aws::{AwsCpi, AwsCpiConfig};
 use bosun_cpi_docker::{DockerCpi, DockerCpiConfig};
 use bosun_cpi_local::{LocalCpi, LocalCpiConfig};
-use bosun_director::cloud_config::{parse_cloud_config, CloudConfig, CpiConfig};
-use bosun_director::executor::{Cpis, ExecOptions};
-use bosun_director::ops::Director;
-use bosun_director::state::Store;
+use bosun_director::model::cloud_config::{parse_cloud_config, CloudConfig, CpiConfig};
+use bosun_director::Director;
+use bosun_director::Store;
+use bosun_director::{Cpis, ExecOptions};
 
 /// What a command needs of the wiring.
 #[derive(Clone, Copy, Debug, Default)]

@@ -13,10 +13,10 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bosun_director::model::cloud_config::default_local;
-use bosun_director::plan::validate::validate_manifest;
 use bosun_director::interpolate::{interpolate_value, InterpolateOptions};
+use bosun_director::model::cloud_config::default_local;
 use bosun_director::model::manifest::parse_manifest;
+use bosun_director::validate_manifest;
 
 const RUNS: usize = 3;
 

@@ -25,15 +25,31 @@
 //! event sink the CLI supplies.
 
 pub mod archive_limits;
-pub mod execute;
-pub mod health;
+pub(crate) mod execute;
+pub(crate) mod health;
 pub mod interpolate;
 pub mod model;
-pub mod ops;
-pub mod plan;
+pub(crate) mod ops;
+pub(crate) mod plan;
 pub mod release;
 pub mod stemcell;
-pub mod store;
-pub mod templates;
+pub(crate) mod store;
+pub(crate) mod templates;
 #[cfg(test)]
 mod test_alloc;
+
+// The face the CLI uses: operations, their options and outcomes, and the
+// records and events it shows.
+pub use execute::executor::Executor;
+pub use execute::repair::StateChange;
+pub use execute::{Cpis, ExecOptions, Progress};
+pub use health::cloudcheck::{CheckProblem, Resolution, Scan};
+pub use health::monitor::Monitor;
+pub use ops::{
+    host_os, CleanUpPlan, CommandRun, DeployOptions, DeployOutcome, Director, ErrandOptions,
+    ErrandRun, InstanceInfo, LineSink, OpError, Prepared, ProcessInfo, Report,
+};
+pub use plan::diff::{DiffLine, DiffTag};
+pub use plan::validate::validate_manifest;
+pub use plan::Plan;
+pub use store::{now, Event, OrphanDisk, StateError, Store, TaskRecord};

@@ -22,7 +22,6 @@
 //! rendered files go.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use serde::Serialize;
 use serde_json::Value as Json;
@@ -280,11 +279,12 @@ const POSITIONAL_FNS: [&str; 6] = ["p", "if_p", "has_p", "link", "if_link", "has
 /// Rewrite `p("a", x)` into `p(name="a", default=x)` (and `link("l")` into
 /// `link(name="l")`) inside `{{ }}` and `{% %}` tags. Inserts text only, never
 /// newlines, so line numbers stay.
-pub fn rewrite_positional_calls(src: &str) -> String {
+#[cfg(test)]
+fn rewrite_positional_calls(src: &str) -> String {
     rewrite_calls(src).0
 }
 
-/// [`rewrite_positional_calls`], also returning each literal `link("name")`
+/// Rewrite positional calls (as `rewrite_positional_calls`), also returning each literal `link("name")`
 /// with its 1-based line.
 fn rewrite_calls(src: &str) -> (String, Vec<(String, usize)>) {
     let mut link_names = Vec::new();
@@ -417,9 +417,6 @@ fn is_kwarg_at(b: &[u8], i: usize) -> bool {
     let k = skip_ws(b, j);
     k < b.len() && b[k] == b'=' && (k + 1 >= b.len() || b[k + 1] != b'=')
 }
-
-/// Shared, immutable job templates keyed by job fingerprint.
-pub type TemplateCache = BTreeMap<String, Arc<JobTemplates>>;
 
 #[cfg(test)]
 mod tests {

@@ -2,7 +2,7 @@
 //! rendered as an operator sees it.
 #![no_main]
 
-use bosun_director::cloud_config;
+use bosun_director::model::cloud_config;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

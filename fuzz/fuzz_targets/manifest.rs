@@ -1,11 +1,11 @@
 //! Deployment manifests: `manifest::parse_manifest`, then, for one that
-//! parses, `cloud_config::validate_manifest` against the local CPI's
+//! parses, `validate_manifest` against the local CPI's
 //! default cloud-config. Every error is rendered as an operator sees it.
 #![no_main]
 
 use std::path::Path;
 
-use bosun_director::{cloud_config, manifest};
+use bosun_director::model::{cloud_config, manifest};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -15,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
     match manifest::parse_manifest("fuzz.yml", text, Path::new("/nonexistent/bosun-fuzz")) {
         Ok(m) => {
             if let Err(problems) =
-                cloud_config::validate_manifest(&m, &cloud_config::default_local())
+                bosun_director::validate_manifest(&m, &cloud_config::default_local())
             {
                 let _shown = problems.to_string();
             }

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use bosun_director::addons;
+use bosun_director::model::addons;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

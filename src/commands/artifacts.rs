@@ -73,7 +73,7 @@ pub fn releases(ctx: &Ctx) -> Result<i32> {
 /// `stemcells`: the uploaded stemcells (the local CPI's host stemcell
 /// registered first if it is not yet).
 pub async fn stemcells(ctx: &Ctx) -> Result<i32> {
-    ctx.director.ensure_local_stemcell().await?;
+    ctx.director.ensure_local_stemcell(true).await?;
     let list = ctx.store.stemcells()?;
     if ctx.json {
         println!("{}", serde_json::to_string_pretty(&list)?);

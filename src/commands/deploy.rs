@@ -6,17 +6,17 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 use bosun_director::interpolate::interpolate as interpolate_text;
-use bosun_director::ops::DeployOptions;
+use bosun_director::DeployOptions;
 
 use super::Ctx;
 use crate::cli::VarArgs;
-use crate::print::print_diff;
+use crate::print::{ask, print_diff};
 
-/// `deploy MANIFEST`: plan, confirm, converge (or with --dry-run show the
-/// diff and the plan).
+/// `deploy MANIFEST`: prepare (stage inputs, diff, plan under the lock),
+/// show and confirm, then apply (with --dry-run show the diff and the plan).
 pub async fn deploy(
     ctx: &Ctx,
     manifest: &Path,
@@ -27,17 +27,23 @@ pub async fn deploy(
     let started = Instant::now();
     let mut interpolate = vars.options()?;
     interpolate.regenerate = regenerate;
-    let outcome = ctx
+    let opts = DeployOptions {
+        dry_run,
+        interpolate,
+    };
+    let prepared = ctx
         .director
-        .deploy(
-            manifest,
-            &DeployOptions {
-                dry_run,
-                interpolate,
-            },
-            ctx.printer.clone(),
-        )
+        .prepare(manifest, &opts, ctx.printer.as_ref())
         .await?;
+    if prepared.changes_vms() {
+        print_diff(prepared.diff());
+        print!("{}", prepared.plan());
+        if !ctx.non_interactive && !ask("Continue?") {
+            ctx.director.cancel(prepared)?;
+            bail!("deploy cancelled");
+        }
+    }
+    let outcome = ctx.director.apply(prepared, ctx.printer.clone()).await?;
     if dry_run {
         print_diff(&outcome.diff);
         print!("{}", outcome.plan);

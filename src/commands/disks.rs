@@ -3,11 +3,11 @@
 
 use anyhow::Result;
 
-use bosun_director::ops::CleanUpPlan;
-use bosun_director::state::OrphanDisk;
+use bosun_director::CleanUpPlan;
+use bosun_director::OrphanDisk;
 
 use super::Ctx;
-use crate::print::chain;
+use bosun_cpi::chain::chain;
 
 /// `disks`: the orphaned disks.
 pub fn disks(ctx: &Ctx) -> Result<i32> {

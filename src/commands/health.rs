@@ -7,12 +7,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use bosun_director::cloudcheck::{Resolution, Scan};
-use bosun_director::executor::Executor;
-use bosun_director::monitor::Monitor;
+use bosun_director::Executor;
+use bosun_director::Monitor;
+use bosun_director::{Resolution, Scan};
 
 use super::Ctx;
-use crate::print::{chain, choose, print_event, print_scan};
+use bosun_cpi::chain::chain;
+
+use crate::print::{choose, print_event, print_scan};
 
 /// `monitor [--duration S]`: repair until Ctrl-C, SIGTERM or the duration
 /// is up, printing each new event.

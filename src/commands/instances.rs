@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
-use bosun_director::ops::{Director, ErrandOptions, LineSink, StateChange};
+use bosun_director::{Director, ErrandOptions, LineSink, StateChange};
 
 use super::Ctx;
 use crate::print::print_instances;

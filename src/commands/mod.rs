@@ -15,8 +15,8 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 
-use bosun_director::ops::{Director, StateChange};
-use bosun_director::state::Store;
+use bosun_director::Store;
+use bosun_director::{Director, StateChange};
 
 use crate::cli::{Cli, Command};
 use crate::print::{ask, Printer};
@@ -77,7 +77,7 @@ pub async fn run(cli: Cli, store: Arc<Store>) -> Result<i32> {
     let ctx = Ctx {
         store,
         director,
-        printer: Arc::new(Printer::new(cli.non_interactive, cli.json)),
+        printer: Arc::new(Printer::new(cli.json)),
         deployment: cli.deployment,
         non_interactive: cli.non_interactive,
         json: cli.json,

@@ -66,7 +66,7 @@ impl Env {
                 "{release}",
                 repo().join("releases/kv").to_str().expect("utf8"),
             )
-            .replace("{os}", &bosun_director::ops::host_os());
+            .replace("{os}", &bosun_director::host_os());
         std::fs::write(&p, body).expect("write manifest");
         p
     }

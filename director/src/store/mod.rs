@@ -10,4 +10,4 @@ pub mod secrets;
 pub mod state;
 
 pub use records::*;
-pub use state::{DeploymentLock, IpLock, StateError, Store};
+pub use state::{DeploymentLock, StateError, Store};
