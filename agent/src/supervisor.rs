@@ -44,7 +44,7 @@ pub(crate) const DEFAULT_PATH: &str =
 pub enum SupervisorError {
     #[error("job {job}: invalid process config: {message}")]
     InvalidConfig { job: String, message: String },
-    #[error("job {job}: {op}: {source}")]
+    #[error("job {job}: {op}")]
     Io {
         job: String,
         op: String,

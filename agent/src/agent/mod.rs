@@ -60,7 +60,7 @@ use system::{
 pub enum AgentError {
     #[error("reading agent settings {path}: {message}")]
     Settings { path: PathBuf, message: String },
-    #[error("{op}: {source}")]
+    #[error("{op}")]
     Io {
         op: String,
         #[source]
@@ -70,8 +70,8 @@ pub enum AgentError {
     Spec { path: PathBuf, message: String },
     #[error("opening blob store {path}: {message}")]
     Blobs { path: PathBuf, message: String },
-    #[error("agent server failed: {0}")]
-    Server(String),
+    #[error("agent server failed")]
+    Server(#[source] server::ServerError),
 }
 
 fn agent_io(op: impl Into<String>) -> impl FnOnce(io::Error) -> AgentError {
@@ -460,7 +460,12 @@ impl Agent {
             self.supervisor
                 .start_job(&job.name, dir, cfg)
                 .await
-                .map_err(|e| failure("invalid", format!("starting job {}: {e}", job.name)))?;
+                .map_err(|e| {
+                    failure(
+                        "invalid",
+                        format!("starting job {}: {}", job.name, crate::error_chain(&e)),
+                    )
+                })?;
             lock(&self.started).insert(job.name.clone(), job.digest.clone());
         }
         write_atomic(&self.started_marker(), b"started\n", 0o644)
@@ -1149,7 +1154,7 @@ pub async fn run_with_root(settings: AgentSettings, root: PathBuf) -> Result<(),
     let handler: Arc<dyn ActionHandler> = agent.clone();
     tracing::info!(agent_id = %settings.agent_id, "agent serving");
     let result = tokio::select! {
-        r = server::serve(&settings, blobs, handler) => r.map_err(|e| AgentError::Server(e.to_string())),
+        r = server::serve(&settings, blobs, handler) => r.map_err(AgentError::Server),
         _ = term.recv() => {
             tracing::info!("SIGTERM: stopping job processes");
             Ok(())
