@@ -243,7 +243,13 @@ impl BlobWriter {
 impl Drop for BlobWriter {
     fn drop(&mut self) {
         // After a successful rename the temp path no longer exists.
-        let _ = std::fs::remove_file(&self.tmp);
+        match std::fs::remove_file(&self.tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(file = %self.tmp.display(), error = %e, "removing an unfinished blob failed")
+            }
+        }
     }
 }
 

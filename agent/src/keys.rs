@@ -26,7 +26,7 @@ pub enum KeyError {
     ParsePublic(String),
     #[error("encoding key in OpenSSH format: {0}")]
     Encode(String),
-    #[error("private key file {path}: {source}")]
+    #[error("private key file {path}")]
     Io {
         path: String,
         #[source]

@@ -72,11 +72,11 @@ pub trait ActionHandler: Send + Sync + 'static {
 /// Why the server could not start or keep serving.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("agent SSH server: host_private_key in agent settings: {0}")]
+    #[error("agent SSH server: host_private_key in agent settings")]
     HostKey(#[source] KeyError),
-    #[error("agent SSH server: director_public_key in agent settings: {0}")]
+    #[error("agent SSH server: director_public_key in agent settings")]
     DirectorKey(#[source] KeyError),
-    #[error("agent SSH server: binding {addr}: {source}")]
+    #[error("agent SSH server: binding {addr}")]
     Bind {
         addr: String,
         #[source]

@@ -44,7 +44,7 @@ pub(crate) const DEFAULT_PATH: &str =
 pub enum SupervisorError {
     #[error("job {job}: invalid process config: {message}")]
     InvalidConfig { job: String, message: String },
-    #[error("job {job}: {op}: {source}")]
+    #[error("job {job}: {op}")]
     Io {
         job: String,
         op: String,
@@ -489,7 +489,10 @@ async fn run_process(
             s.started_at = Some(started);
             s.healthy = spec.health.is_none();
         }
-        let _ = fs::write(&spec.pid_file, format!("{pid}\n"));
+        if let Err(e) = fs::write(&spec.pid_file, format!("{pid}\n")) {
+            // Without it, an agent restarted meanwhile cannot find this group.
+            tracing::warn!(job = %spec.job, process = %spec.name, file = %spec.pid_file.display(), error = %e, "writing the pid file failed");
+        }
         let probe = spec
             .health
             .clone()
@@ -538,7 +541,18 @@ async fn run_process(
             }
         }
     }
-    let _ = fs::remove_file(&spec.pid_file);
+    remove_pid_file(&spec.pid_file);
+}
+
+/// Removes a pid file; absent is fine, any other failure is logged.
+fn remove_pid_file(path: &Path) {
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "removing the pid file failed")
+        }
+    }
 }
 
 /// SIGTERM to the group, wait up to `timeout`, then SIGKILL; always reaps.
@@ -653,7 +667,7 @@ pub(crate) fn kill_leftovers(run_root: &Path) {
                     kill_group(pid, libc::SIGKILL);
                 }
             }
-            let _ = fs::remove_file(&path);
+            remove_pid_file(&path);
         }
     }
 }

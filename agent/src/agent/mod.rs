@@ -8,54 +8,51 @@
 //! were started). It lays files down, runs lifecycle and packaging scripts,
 //! and tells the [`Supervisor`] which processes to run.
 //!
+//! Beside the handler (this file):
+//! - `layout`: checking a spec and laying packages and jobs down on disk.
+//! - `scripts`: running job and packaging scripts and keeping their output.
+//! - `system`: mounts, vitals and tgz archives.
+//!
 //! It must not call the CPI or the director, must not speak the wire protocol
 //! (that is `server`), must keep only what the applied spec names, and must
 //! never log rendered files, environments or settings (they carry secrets).
 
+mod layout;
+mod scripts;
+mod system;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
-use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Component, Path, PathBuf};
-use std::process::Stdio;
+use std::io::{self, BufReader, BufWriter};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bosun_cpi::{AgentSettings, DiskHint};
 use serde::{Deserialize, Serialize};
-use tokio::process::Command;
 
 use crate::blobs::BlobStore;
 use crate::protocol::{
     Action, ActionFailure, AgentState, ApplySpec, BpmConfig, CompileRequest, CompileResult,
-    DrainKind, DrainParams, DrainResult, FetchLogsParams, FetchLogsResult, InstallFileParams,
-    JobStatus, MountDiskParams, PingResult, ProcessState, RenderedJob, RestartJobsParams,
-    RunScriptParams, ScriptResult, ScriptResults, UnmountDiskParams, UnpackDiskParams, Vitals,
-    PROTOCOL_VERSION,
+    DrainParams, DrainResult, FetchLogsParams, FetchLogsResult, InstallFileParams, JobStatus,
+    MountDiskParams, PingResult, ProcessState, RenderedJob, RestartJobsParams, RunScriptParams,
+    ScriptResult, ScriptResults, UnmountDiskParams, UnpackDiskParams, Vitals, PROTOCOL_VERSION,
 };
 use crate::server::{self, ActionHandler};
-use crate::supervisor::{self, Supervisor, DEFAULT_PATH};
-
-/// Lines of output kept from a failed pre-start / lifecycle script.
-const SCRIPT_TAIL_LINES: usize = 30;
-/// Lines of an errand's (`bin/run`) output returned to the director.
-const ERRAND_TAIL_LINES: usize = 2000;
-/// Lines of output kept from a packaging script.
-const COMPILE_TAIL_LINES: usize = 40;
-/// Bytes of script output read back (the tail is cut from these).
-const OUTPUT_READ_BYTES: u64 = 64 * 1024;
-/// Rendered job files (templates carry secrets): owner and group only.
-const JOB_FILE_MODE: u32 = 0o640;
-/// Executables of a job (`bin/` and files rendered executable).
-const JOB_EXEC_MODE: u32 = 0o750;
-/// A job's directories (`jobs/<name>` and below).
-const JOB_DIR_MODE: u32 = 0o750;
-/// The group given read access to rendered job files, where the VM has it
-/// (BOSH's stemcells do); elsewhere they stay the agent's (root's) alone.
-const JOB_GROUP: &str = "vcap";
-/// Where [`JOB_GROUP`] is looked up.
-const GROUP_FILE: &str = "/etc/group";
+use crate::supervisor::{self, Supervisor};
+use layout::{
+    blob_from_tmp, install_package, lay_down, remove_any, remove_leftover, valid_name,
+    validate_spec, write_atomic,
+};
+use scripts::{
+    drain_job, run_command, tail_lines, ScriptCtx, ScriptRun, COMPILE_TAIL_LINES,
+    ERRAND_TAIL_LINES, SCRIPT_TAIL_LINES,
+};
+use system::{
+    cpath, disk_hint_path, disk_percent, is_mount_point, mount_block_device, read_loadavg,
+    read_meminfo, sys_mount, unpack_tgz, write_tgz,
+};
 
 /// Why the agent could not start or run (action failures are
 /// [`ActionFailure`]s instead).
@@ -63,7 +60,7 @@ const GROUP_FILE: &str = "/etc/group";
 pub enum AgentError {
     #[error("reading agent settings {path}: {message}")]
     Settings { path: PathBuf, message: String },
-    #[error("{op}: {source}")]
+    #[error("{op}")]
     Io {
         op: String,
         #[source]
@@ -73,8 +70,8 @@ pub enum AgentError {
     Spec { path: PathBuf, message: String },
     #[error("opening blob store {path}: {message}")]
     Blobs { path: PathBuf, message: String },
-    #[error("agent server failed: {0}")]
-    Server(String),
+    #[error("agent server failed")]
+    Server(#[source] server::ServerError),
 }
 
 fn agent_io(op: impl Into<String>) -> impl FnOnce(io::Error) -> AgentError {
@@ -89,11 +86,11 @@ struct DiskRecord {
     path: String,
 }
 
-/// The action handler. Mutating actions are serialized; `ping` and
-/// `get_state` answer while one runs.
 /// The persistent disk mount point on a VM.
 const VCAP_STORE: &str = "/var/vcap/store";
 
+/// The action handler. Mutating actions are serialized; `ping` and
+/// `get_state` answer while one runs.
 pub struct Agent {
     settings: AgentSettings,
     root: PathBuf,
@@ -127,30 +124,6 @@ fn short(sha: &str) -> String {
     format!("{}..", &sha[..end])
 }
 
-/// A name usable as one path component (jobs, packages, processes, scripts).
-fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s != "."
-        && s != ".."
-        && !s.starts_with('.')
-        && !s.contains('/')
-        && !s.contains('\0')
-}
-
-/// A relative path without `..`, absolute or empty components.
-fn valid_rel_path(p: &str) -> bool {
-    !p.is_empty()
-        && !p.contains('\0')
-        && Path::new(p)
-            .components()
-            .all(|c| matches!(c, Component::Normal(_)))
-}
-
-fn tail_lines(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
 fn rand_suffix() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
@@ -168,6 +141,31 @@ async fn blocking<T: Send + 'static>(
 
 fn to_json<T: Serialize>(v: &T) -> Result<serde_json::Value, ActionFailure> {
     serde_json::to_value(v).map_err(|e| failure("io", format!("encoding result: {e}")))
+}
+
+/// How a packaging run ended: the tail of its output when it succeeded, a
+/// `compile_failed` failure (with that tail) when it failed or timed out.
+fn packaging_outcome(
+    name: &str,
+    timeout_secs: u64,
+    run: &ScriptRun,
+) -> Result<String, ActionFailure> {
+    let tail = tail_lines(&run.output, COMPILE_TAIL_LINES);
+    if run.timed_out {
+        return Err(ActionFailure {
+            kind: "compile_failed".into(),
+            message: format!("compiling package {name} timed out after {timeout_secs}s"),
+            output_tail: Some(tail),
+        });
+    }
+    if run.exit_code != 0 {
+        return Err(ActionFailure {
+            kind: "compile_failed".into(),
+            message: format!("compiling package {name} failed (exit {})", run.exit_code),
+            output_tail: Some(tail),
+        });
+    }
+    Ok(tail)
 }
 
 impl Agent {
@@ -462,7 +460,12 @@ impl Agent {
             self.supervisor
                 .start_job(&job.name, dir, cfg)
                 .await
-                .map_err(|e| failure("invalid", format!("starting job {}: {e}", job.name)))?;
+                .map_err(|e| {
+                    failure(
+                        "invalid",
+                        format!("starting job {}: {}", job.name, crate::error_chain(&e)),
+                    )
+                })?;
             lock(&self.started).insert(job.name.clone(), job.digest.clone());
         }
         write_atomic(&self.started_marker(), b"started\n", 0o644)
@@ -656,10 +659,28 @@ impl Agent {
         Ok(ScriptResults { results })
     }
 
-    /// `compile_package`.
+    /// `compile_package`: the source unpacked in `data/compile/<name>`, its
+    /// dependencies installed, `packaging` run, and the install target kept
+    /// as a blob.
     pub async fn compile_package(&self, r: CompileRequest) -> Result<CompileResult, ActionFailure> {
         let _g = self.ops.lock().await;
         let op = format!("compiling package {}", r.name);
+        self.check_compile_request(&r, &op)?;
+        let (compile_dir, install) = self.prepare_compile(&r, &op).await?;
+        let tail = self.run_packaging(&r, &compile_dir, &install, &op).await?;
+        let (sha256, size) = self
+            .pack_compiled(&r.name, compile_dir, install, &op)
+            .await?;
+        tracing::info!(package = %r.name, sha256 = %sha256, size, "compiled package");
+        Ok(CompileResult {
+            sha256,
+            size,
+            output_tail: tail,
+        })
+    }
+
+    /// A compilation names valid packages whose blobs are all here.
+    fn check_compile_request(&self, r: &CompileRequest, op: &str) -> Result<(), ActionFailure> {
         if !valid_name(&r.name) {
             return Err(failure("invalid", format!("{op}: invalid package name")));
         }
@@ -687,11 +708,21 @@ impl Agent {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// Installs the dependencies, unpacks the source into a fresh compile
+    /// dir and makes an empty install target: (compile dir, install target).
+    async fn prepare_compile(
+        &self,
+        r: &CompileRequest,
+        op: &str,
+    ) -> Result<(PathBuf, PathBuf), ActionFailure> {
         let root = self.root.clone();
         let blobs = self.blobs.clone();
         let req = r.clone();
-        let op2 = op.clone();
-        let (compile_dir, install) = blocking(&op, move || {
+        let op2 = op.to_string();
+        blocking(op, move || {
             for d in &req.dependencies {
                 install_package(&root, &blobs, &d.name, &d.sha256)
                     .map_err(io_fail(format!("{op2}: installing dependency {}", d.name)))?;
@@ -714,31 +745,21 @@ impl Agent {
                 .map_err(io_fail(format!("{op2}: creating install target")))?;
             Ok((compile_dir, install))
         })
-        .await?;
+        .await
+    }
 
-        let bash = ["/bin/bash", "/usr/bin/bash"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .unwrap_or("bash");
-        let mut cmd = Command::new(bash);
-        cmd.arg("-e").arg("packaging").current_dir(&compile_dir);
-        let env: Vec<(String, String)> = vec![
-            (
-                "BOSH_COMPILE_TARGET".into(),
-                compile_dir.to_string_lossy().into_owned(),
-            ),
-            (
-                "BOSH_INSTALL_TARGET".into(),
-                install.to_string_lossy().into_owned(),
-            ),
-            (
-                "BOSH_PACKAGES_DIR".into(),
-                self.root.join("packages").to_string_lossy().into_owned(),
-            ),
-            ("BOSH_PACKAGE_NAME".into(), r.name.clone()),
-            ("BOSH_PACKAGE_VERSION".into(), r.fingerprint.clone()),
-        ];
-        self.base_env(&mut cmd, &env);
+    /// Runs the source's `packaging` script: the tail of its output, or a
+    /// `compile_failed` failure carrying it.
+    async fn run_packaging(
+        &self,
+        r: &CompileRequest,
+        compile_dir: &Path,
+        install: &Path,
+        op: &str,
+    ) -> Result<String, ActionFailure> {
+        let cmd = self
+            .script_ctx()
+            .packaging(compile_dir, install, &r.name, &r.fingerprint);
         tracing::info!(package = %r.name, "compiling package");
         let run = run_command(
             cmd,
@@ -748,34 +769,26 @@ impl Agent {
         )
         .await
         .map_err(io_fail(format!("{op}: running packaging")))?;
-        let tail = tail_lines(&run.output, COMPILE_TAIL_LINES);
-        if run.timed_out {
-            return Err(ActionFailure {
-                kind: "compile_failed".into(),
-                message: format!(
-                    "compiling package {} timed out after {}s",
-                    r.name, r.timeout_secs
-                ),
-                output_tail: Some(tail),
-            });
-        }
-        if run.exit_code != 0 {
-            return Err(ActionFailure {
-                kind: "compile_failed".into(),
-                message: format!(
-                    "compiling package {} failed (exit {})",
-                    r.name, run.exit_code
-                ),
-                output_tail: Some(tail),
-            });
-        }
-        let tmp =
-            self.root
-                .join("data/tmp")
-                .join(format!("compiled-{}-{}.tgz", r.name, rand_suffix()));
+        packaging_outcome(&r.name, r.timeout_secs, &run)
+    }
+
+    /// Packs the install target into a blob, then removes the packed file,
+    /// the install target and the compile dir (whatever happened):
+    /// the blob's sha256 and size.
+    async fn pack_compiled(
+        &self,
+        name: &str,
+        compile_dir: PathBuf,
+        install: PathBuf,
+        op: &str,
+    ) -> Result<(String, u64), ActionFailure> {
+        let tmp = self
+            .root
+            .join("data/tmp")
+            .join(format!("compiled-{name}-{}.tgz", rand_suffix()));
         let blobs = self.blobs.clone();
-        let op2 = op.clone();
-        let (sha256, size) = blocking(&op, move || {
+        let op2 = op.to_string();
+        blocking(op, move || {
             let res = (|| {
                 write_tgz(&tmp, &[(install.clone(), PathBuf::new(), false)])
                     .map_err(io_fail(format!("{op2}: packing install target")))?;
@@ -787,18 +800,12 @@ impl Agent {
                     .map_err(|e| failure("io", format!("{op2}: storing compiled blob: {e}")))?;
                 Ok((sha, size))
             })();
-            let _ = fs::remove_file(&tmp);
-            let _ = remove_any(&install);
-            let _ = remove_any(&compile_dir);
+            remove_leftover(&tmp);
+            remove_leftover(&install);
+            remove_leftover(&compile_dir);
             res
         })
-        .await?;
-        tracing::info!(package = %r.name, sha256 = %sha256, size, "compiled package");
-        Ok(CompileResult {
-            sha256,
-            size,
-            output_tail: tail,
-        })
+        .await
     }
 
     /// `fetch_logs`: a tgz of `sys/log/<job>/...` in the blob store.
@@ -1054,10 +1061,6 @@ impl Agent {
         }
     }
 
-    fn base_env(&self, cmd: &mut Command, extra: &[(String, String)]) {
-        self.script_ctx().env(cmd, extra);
-    }
-
     async fn run_job_script(
         &self,
         job: &str,
@@ -1151,7 +1154,7 @@ pub async fn run_with_root(settings: AgentSettings, root: PathBuf) -> Result<(),
     let handler: Arc<dyn ActionHandler> = agent.clone();
     tracing::info!(agent_id = %settings.agent_id, "agent serving");
     let result = tokio::select! {
-        r = server::serve(&settings, blobs, handler) => r.map_err(|e| AgentError::Server(e.to_string())),
+        r = server::serve(&settings, blobs, handler) => r.map_err(AgentError::Server),
         _ = term.recv() => {
             tracing::info!("SIGTERM: stopping job processes");
             Ok(())
@@ -1165,812 +1168,13 @@ pub async fn run_with_root(settings: AgentSettings, root: PathBuf) -> Result<(),
     result
 }
 
-/// A disk hint from settings: `"path"` or `{"path": "..."}`.
-fn disk_hint_path(v: &serde_json::Value) -> Option<String> {
-    match v {
-        serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
-        serde_json::Value::Object(m) => m.get("path")?.as_str().map(str::to_string),
-        _ => None,
-    }
-}
-
-// ---------------------------------------------------------------- scripts
-
-/// What a script run produced.
-struct ScriptRun {
-    exit_code: i32,
-    /// Combined stdout+stderr (its last 64 KiB).
-    output: String,
-    timed_out: bool,
-}
-
-/// What a job script needs, cheap to move into a task.
-#[derive(Clone)]
-struct ScriptCtx {
-    root: PathBuf,
-}
-
-impl ScriptCtx {
-    fn env(&self, cmd: &mut Command, extra: &[(String, String)]) {
-        cmd.env_clear()
-            .env("PATH", DEFAULT_PATH)
-            .env("HOME", &self.root)
-            .env("LANG", "C.UTF-8");
-        for (k, v) in extra {
-            cmd.env(k, v);
-        }
-    }
-
-    /// Runs `<dir>/bin/<script> args...` in `dir`; its output is also
-    /// appended to `sys/log/<job>/<script>.log`.
-    async fn run(
-        &self,
-        job: &str,
-        dir: &Path,
-        script: &str,
-        args: &[&str],
-        env: &[(String, String)],
-        timeout: Option<Duration>,
-    ) -> Result<ScriptRun, ActionFailure> {
-        self.run_to(job, dir, script, (args, env), timeout, None)
-            .await
-    }
-
-    /// [`ScriptCtx::run`], the output written as it comes to `out_name`
-    /// under `data/tmp` when given (else a random name there).
-    async fn run_to(
-        &self,
-        job: &str,
-        dir: &Path,
-        script: &str,
-        (args, env): (&[&str], &[(String, String)]),
-        timeout: Option<Duration>,
-        out_name: Option<&str>,
-    ) -> Result<ScriptRun, ActionFailure> {
-        let mut cmd = Command::new(dir.join("bin").join(script));
-        cmd.args(args).current_dir(dir);
-        self.env(&mut cmd, env);
-        let run = run_command(cmd, &self.root.join("data/tmp"), timeout, out_name)
-            .await
-            .map_err(io_fail(format!("running job {job} {script}")))?;
-        let log_dir = self.root.join("sys/log").join(job);
-        if fs::create_dir_all(&log_dir).is_ok() {
-            if let Ok(mut f) = fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(log_dir.join(format!("{script}.log")))
-            {
-                let _ = f.write_all(run.output.as_bytes());
-            }
-        }
-        Ok(run)
-    }
-}
-
-/// Spawns `cmd` in its own process group with stdout+stderr into one file
-/// under `tmp_dir`, waits (killing the group on timeout) and reads the output.
-async fn run_command(
-    mut cmd: Command,
-    tmp_dir: &Path,
-    timeout: Option<Duration>,
-    out_name: Option<&str>,
-) -> io::Result<ScriptRun> {
-    fs::create_dir_all(tmp_dir)?;
-    let out_path = match out_name {
-        Some(n) => tmp_dir.join(n),
-        None => tmp_dir.join(format!("script-{}.log", rand_suffix())),
-    };
-    let out = fs::OpenOptions::new()
-        .create(true)
-        .truncate(out_name.is_some())
-        .append(out_name.is_none())
-        .write(true)
-        .read(true)
-        .open(&out_path)?;
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::from(out.try_clone()?))
-        .stderr(Stdio::from(out.try_clone()?))
-        .process_group(0)
-        .kill_on_drop(true);
-    let result = async {
-        let mut child = spawn_retrying(&mut cmd)?;
-        let pid = child.id();
-        let (status, timed_out) = match timeout {
-            None => (child.wait().await?, false),
-            Some(t) => match tokio::time::timeout(t, child.wait()).await {
-                Ok(st) => (st?, false),
-                Err(_) => {
-                    if let Some(pid) = pid {
-                        supervisor::kill_group(pid, libc::SIGKILL);
-                    }
-                    (child.wait().await?, true)
-                }
-            },
-        };
-        let exit_code = match status.code() {
-            Some(c) => c,
-            None => {
-                use std::os::unix::process::ExitStatusExt;
-                128 + status.signal().unwrap_or(0)
-            }
-        };
-        let output = read_tail(&out_path)?;
-        Ok(ScriptRun {
-            exit_code,
-            output,
-            timed_out,
-        })
-    }
-    .await;
-    drop(out);
-    let _ = fs::remove_file(&out_path);
-    result
-}
-
-fn spawn_retrying(cmd: &mut Command) -> io::Result<tokio::process::Child> {
-    let mut tries = 0;
-    loop {
-        match cmd.spawn() {
-            // A just-written script may be briefly busy while another
-            // thread's fork still holds its write descriptor.
-            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 20 => {
-                tries += 1;
-                std::thread::sleep(Duration::from_millis(25));
-            }
-            other => return other,
-        }
-    }
-}
-
-fn read_tail(path: &Path) -> io::Result<String> {
-    let mut f = File::open(path)?;
-    let len = f.metadata()?.len();
-    if len > OUTPUT_READ_BYTES {
-        f.seek(SeekFrom::Start(len - OUTPUT_READ_BYTES))?;
-    }
-    let mut buf = Vec::new();
-    f.read_to_end(&mut buf)?;
-    Ok(String::from_utf8_lossy(&buf).into_owned())
-}
-
-/// One job's drain: run, then wait as it says; dynamic drains poll again
-/// with `job_check_status` until they print a non-negative number.
-async fn drain_job(
-    ctx: ScriptCtx,
-    (job, dir): (String, PathBuf),
-    kind: DrainKind,
-    changed: bool,
-    env: Vec<(String, String)>,
-    deadline: Instant,
-) -> Result<(), ActionFailure> {
-    let first = match kind {
-        DrainKind::Update if changed => "job_changed",
-        DrainKind::Update => "job_unchanged",
-        DrainKind::Shutdown => "job_shutdown",
-    };
-    let mut args = [first, "hash_unchanged"];
-    loop {
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        if remaining.is_zero() {
-            tracing::warn!(job = %job, "drain timed out");
-            return Ok(());
-        }
-        let run = ctx
-            .run(&job, &dir, "drain", &args, &env, Some(remaining))
-            .await?;
-        if run.timed_out {
-            tracing::warn!(job = %job, "drain script timed out");
-            return Ok(());
-        }
-        let fail = |msg: String| ActionFailure {
-            kind: "script_failed".into(),
-            message: msg,
-            output_tail: Some(tail_lines(&run.output, SCRIPT_TAIL_LINES)),
-        };
-        if run.exit_code != 0 {
-            return Err(fail(format!(
-                "draining job {job}: drain failed (exit {})",
-                run.exit_code
-            )));
-        }
-        let n: i64 = run
-            .output
-            .lines()
-            .map(str::trim)
-            .rfind(|l| !l.is_empty())
-            .and_then(|l| l.parse().ok())
-            .ok_or_else(|| {
-                fail(format!(
-                    "draining job {job}: drain did not print an integer"
-                ))
-            })?;
-        let wait = Duration::from_secs(n.unsigned_abs());
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        tokio::time::sleep(wait.min(remaining)).await;
-        if n >= 0 {
-            return Ok(());
-        }
-        args = ["job_check_status", "hash_unchanged"];
-    }
-}
-
-// ---------------------------------------------------------------- files
-
-fn validate_spec(spec: &ApplySpec) -> Result<(), String> {
-    let mut seen = BTreeSet::new();
-    for p in &spec.packages {
-        if !valid_name(&p.name) {
-            return Err(format!("invalid package name {:?}", p.name));
-        }
-        if !seen.insert(&p.name) {
-            return Err(format!("package {} named twice", p.name));
-        }
-        if p.sha256.is_empty() || !p.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(format!("package {}: invalid sha256", p.name));
-        }
-    }
-    let mut seen = BTreeSet::new();
-    for j in &spec.jobs {
-        if !valid_name(&j.name) {
-            return Err(format!("invalid job name {:?}", j.name));
-        }
-        if !seen.insert(&j.name) {
-            return Err(format!("job {} named twice", j.name));
-        }
-        for f in &j.files {
-            if !valid_rel_path(&f.path) {
-                return Err(format!("job {}: invalid file path {:?}", j.name, f.path));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Installs packages, writes changed jobs, removes what the spec no longer names.
-fn lay_down(
-    root: &Path,
-    blobs: &BlobStore,
-    spec: &ApplySpec,
-    current: Option<&ApplySpec>,
-    op: &str,
-) -> Result<(), ActionFailure> {
-    for p in &spec.packages {
-        install_package(root, blobs, &p.name, &p.sha256).map_err(io_fail(format!(
-            "{op}: installing package {} blob {}",
-            p.name,
-            short(&p.sha256)
-        )))?;
-    }
-    let jobs_dir = root.join("jobs");
-    let group = group_id(Path::new(GROUP_FILE), JOB_GROUP).map_err(io_fail(format!(
-        "{op}: looking up group {JOB_GROUP} in {GROUP_FILE}"
-    )))?;
-    for j in &spec.jobs {
-        let unchanged = current
-            .and_then(|c| c.jobs.iter().find(|o| o.name == j.name))
-            .is_some_and(|o| o == j)
-            && job_dir_is_current(&jobs_dir.join(&j.name), group);
-        if !unchanged {
-            write_job(&jobs_dir, j, group)
-                .map_err(io_fail(format!("{op}: writing job {}", j.name)))?;
-        }
-    }
-
-    // Jobs the spec does not name (their processes are already stopped), and
-    // leftovers of interrupted swaps.
-    let named_jobs: BTreeSet<&str> = spec.jobs.iter().map(|j| j.name.as_str()).collect();
-    for e in fs::read_dir(&jobs_dir)
-        .map_err(io_fail(format!("{op}: listing jobs")))?
-        .flatten()
-    {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !named_jobs.contains(name.as_str()) {
-            remove_any(&e.path()).map_err(io_fail(format!("{op}: removing job {name}")))?;
-        }
-    }
-
-    // Packages: keep the spec's versions (and the previous spec's, which
-    // running processes of changed jobs may still use until restarted).
-    let mut keep: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-    for p in &spec.packages {
-        keep.entry(&p.name).or_default().insert(&p.sha256);
-    }
-    let links = root.join("packages");
-    for e in fs::read_dir(&links)
-        .map_err(io_fail(format!("{op}: listing packages")))?
-        .flatten()
-    {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !keep.contains_key(name.as_str()) {
-            remove_any(&e.path()).map_err(io_fail(format!("{op}: removing package {name}")))?;
-        }
-    }
-    if let Some(cur) = current {
-        for p in &cur.packages {
-            if let Some(k) = keep.get_mut(p.name.as_str()) {
-                k.insert(&p.sha256);
-            }
-        }
-    }
-    let store = root.join("data/packages");
-    for e in fs::read_dir(&store)
-        .map_err(io_fail(format!("{op}: listing package store")))?
-        .flatten()
-    {
-        let name = e.file_name().to_string_lossy().into_owned();
-        match keep.get(name.as_str()) {
-            None => {
-                remove_any(&e.path()).map_err(io_fail(format!("{op}: removing package {name}")))?
-            }
-            Some(shas) => {
-                for v in fs::read_dir(e.path())
-                    .map_err(io_fail(format!("{op}: listing package {name}")))?
-                    .flatten()
-                {
-                    let sha = v.file_name().to_string_lossy().into_owned();
-                    if !shas.contains(sha.as_str()) {
-                        remove_any(&v.path()).map_err(io_fail(format!(
-                            "{op}: removing package {name} version {}",
-                            short(&sha)
-                        )))?;
-                    }
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Unpacks a package blob to `data/packages/<name>/<sha>` (once) and points
-/// `packages/<name>` at it atomically.
-fn install_package(root: &Path, blobs: &BlobStore, name: &str, sha: &str) -> io::Result<()> {
-    let store = root.join("data/packages").join(name);
-    fs::create_dir_all(&store)?;
-    let target = store.join(sha);
-    if !target.is_dir() {
-        let tmp = store.join(format!(".tmp-{}", rand_suffix()));
-        fs::create_dir_all(&tmp)?;
-        if let Err(e) = unpack_tgz(&blobs.path(sha), &tmp).and_then(|()| fs::rename(&tmp, &target))
-        {
-            let _ = fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-    }
-    let link = root.join("packages").join(name);
-    if let Ok(md) = fs::symlink_metadata(&link) {
-        if md.file_type().is_symlink()
-            && fs::read_link(&link).ok().as_deref() == Some(target.as_path())
-        {
-            return Ok(());
-        }
-        if !md.file_type().is_symlink() {
-            // A compilation install target, or junk: make room for the link.
-            remove_any(&link)?;
-        }
-    }
-    let tmp_link = root
-        .join("packages")
-        .join(format!(".{name}.link-{}", rand_suffix()));
-    std::os::unix::fs::symlink(&target, &tmp_link)?;
-    if let Err(e) = fs::rename(&tmp_link, &link) {
-        let _ = fs::remove_file(&tmp_link);
-        return Err(e);
-    }
-    Ok(())
-}
-
-/// The gid of `name` in a group file (`name:x:gid:members` lines); None
-/// when the file or the group does not exist.
-fn group_id(group_file: &Path, name: &str) -> io::Result<Option<u32>> {
-    let text = match fs::read_to_string(group_file) {
-        Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    Ok(text.lines().find_map(|line| {
-        let mut fields = line.split(':');
-        (fields.next() == Some(name))
-            .then(|| fields.nth(1)?.trim().parse().ok())
-            .flatten()
-    }))
-}
-
-/// Whether a job directory exists with the mode (and group) this agent lays
-/// job directories down with; one written otherwise (by an older agent)
-/// is rewritten.
-fn job_dir_is_current(dir: &Path, group: Option<u32>) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    fs::symlink_metadata(dir).is_ok_and(|md| {
-        md.is_dir() && md.mode() & 0o7777 == JOB_DIR_MODE && group.is_none_or(|gid| md.gid() == gid)
-    })
-}
-
-/// Gives a job's file or directory to `group` (owner unchanged: the agent,
-/// root) and sets its mode, in that order (chown clears set-id bits).
-fn restrict(path: &Path, group: Option<u32>, mode: u32) -> io::Result<()> {
-    if let Some(gid) = group {
-        std::os::unix::fs::lchown(path, None, Some(gid))?;
-    }
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
-}
-
-/// Creates the directories from `base` down to `dir` that do not exist yet,
-/// each [`JOB_DIR_MODE`] and given to `group`.
-fn make_job_dirs(base: &Path, dir: &Path, group: Option<u32>) -> io::Result<()> {
-    let Ok(rel) = dir.strip_prefix(base) else {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{} is not under {}", dir.display(), base.display()),
-        ));
-    };
-    let mut at = base.to_path_buf();
-    for part in rel.components() {
-        at.push(part);
-        match fs::DirBuilder::new().mode(0o700).create(&at) {
-            Ok(()) => restrict(&at, group, JOB_DIR_MODE)?,
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && at.is_dir() => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// Writes a job's files to a fresh dir and swaps it in as `jobs/<name>`.
-/// Files are [`JOB_FILE_MODE`] ([`JOB_EXEC_MODE`] for executables) and
-/// directories [`JOB_DIR_MODE`], owned by the agent with group `group`;
-/// nothing is readable by others at any moment (the fresh dir is 0700 until
-/// complete).
-fn write_job(jobs_dir: &Path, job: &RenderedJob, group: Option<u32>) -> io::Result<()> {
-    let fresh = jobs_dir.join(format!(".{}.new-{}", job.name, rand_suffix()));
-    let res = (|| {
-        fs::DirBuilder::new().mode(0o700).create(&fresh)?;
-        for f in &job.files {
-            let path = fresh.join(&f.path);
-            if let Some(parent) = path.parent() {
-                make_job_dirs(&fresh, parent, group)?;
-            }
-            let exec = f.executable || Path::new(&f.path).starts_with("bin");
-            let mode = if exec { JOB_EXEC_MODE } else { JOB_FILE_MODE };
-            let mut out = fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&path)?;
-            out.write_all(f.content.as_bytes())?;
-            if let Some(gid) = group {
-                std::os::unix::fs::fchown(&out, None, Some(gid))?;
-            }
-            out.set_permissions(fs::Permissions::from_mode(mode))?;
-        }
-        restrict(&fresh, group, JOB_DIR_MODE)?;
-        let dest = jobs_dir.join(&job.name);
-        if fs::symlink_metadata(&dest).is_ok() {
-            if rename_exchange(&fresh, &dest).is_ok() {
-                // `fresh` now holds the old contents.
-                return fs::remove_dir_all(&fresh);
-            }
-            let old = jobs_dir.join(format!(".{}.old-{}", job.name, rand_suffix()));
-            fs::rename(&dest, &old)?;
-            fs::rename(&fresh, &dest)?;
-            remove_any(&old)
-        } else {
-            fs::rename(&fresh, &dest)
-        }
-    })();
-    if res.is_err() {
-        let _ = remove_any(&fresh);
-    }
-    res
-}
-
-fn cpath(p: &Path) -> io::Result<std::ffi::CString> {
-    std::ffi::CString::new(p.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
-}
-
-/// Atomically exchanges two paths (renameat2 RENAME_EXCHANGE).
-fn rename_exchange(a: &Path, b: &Path) -> io::Result<()> {
-    const RENAME_EXCHANGE: libc::c_uint = 2;
-    let (ca, cb) = (cpath(a)?, cpath(b)?);
-    // SAFETY: renameat2 with valid NUL-terminated paths.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_renameat2,
-            libc::AT_FDCWD,
-            ca.as_ptr(),
-            libc::AT_FDCWD,
-            cb.as_ptr(),
-            RENAME_EXCHANGE,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-/// Removes a file, symlink (not its target) or directory tree; absent is fine.
-fn remove_any(p: &Path) -> io::Result<()> {
-    match fs::symlink_metadata(p) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-        Ok(md) if md.is_dir() => fs::remove_dir_all(p),
-        Ok(_) => fs::remove_file(p),
-    }
-}
-
-fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", rand_suffix()));
-    let res = (|| {
-        let mut f = File::create(&tmp)?;
-        f.set_permissions(fs::Permissions::from_mode(mode))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if res.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    res
-}
-
-/// Have `write` make a file at `tmp`, keep it as a blob, remove `tmp`
-/// whatever happened: the blob's sha256 and size.
-fn blob_from_tmp(
-    blobs: &BlobStore,
-    tmp: &Path,
-    op: &str,
-    write: impl FnOnce(&Path) -> Result<(), ActionFailure>,
-) -> Result<FetchLogsResult, ActionFailure> {
-    let res = (|| {
-        if let Some(d) = tmp.parent() {
-            fs::create_dir_all(d).map_err(io_fail(op))?;
-        }
-        write(tmp)?;
-        let size = fs::metadata(tmp).map_err(io_fail(op))?.len();
-        let sha256 = blobs
-            .put_file(tmp)
-            .map_err(|e| failure("io", format!("{op}: storing blob: {e}")))?;
-        Ok(FetchLogsResult { sha256, size })
-    })();
-    let _ = fs::remove_file(tmp);
-    res
-}
-
-fn unpack_tgz(src: &Path, dest: &Path) -> io::Result<()> {
-    let f = File::open(src)?;
-    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(BufReader::new(f)));
-    ar.set_preserve_permissions(true);
-    ar.set_overwrite(true);
-    ar.set_unpack_xattrs(false);
-    ar.unpack(dest)
-}
-
-/// Writes a deterministic tgz: for each `(dir, prefix, include_root)`, the
-/// tree under `dir` with paths `prefix/<relative>`, sorted, mtimes and owners
-/// zeroed.
-fn write_tgz(out: &Path, trees: &[(PathBuf, PathBuf, bool)]) -> io::Result<()> {
-    let f = File::create(out)?;
-    let gz = flate2::write::GzEncoder::new(BufWriter::new(f), flate2::Compression::default());
-    let mut b = tar::Builder::new(gz);
-    b.follow_symlinks(false);
-    for (dir, prefix, include_root) in trees {
-        if *include_root && !prefix.as_os_str().is_empty() {
-            let md = fs::metadata(dir)?;
-            append_dir_entry(&mut b, prefix, md.permissions().mode())?;
-        }
-        append_tree(&mut b, dir, prefix)?;
-    }
-    let gz = b.into_inner()?;
-    let w = gz.finish()?;
-    let f = w.into_inner().map_err(|e| e.into_error())?;
-    f.sync_all()
-}
-
-fn new_header(mode: u32) -> tar::Header {
-    let mut h = tar::Header::new_gnu();
-    h.set_mtime(0);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mode(mode & 0o7777);
-    h
-}
-
-fn append_dir_entry<W: Write>(b: &mut tar::Builder<W>, name: &Path, mode: u32) -> io::Result<()> {
-    let mut h = new_header(mode);
-    h.set_entry_type(tar::EntryType::Directory);
-    h.set_size(0);
-    b.append_data(&mut h, name, io::empty())
-}
-
-fn append_tree<W: Write>(b: &mut tar::Builder<W>, dir: &Path, rel: &Path) -> io::Result<()> {
-    let mut entries: Vec<fs::DirEntry> = fs::read_dir(dir)?.collect::<Result<_, _>>()?;
-    entries.sort_by_key(|e| e.file_name());
-    for e in entries {
-        let name = rel.join(e.file_name());
-        let path = e.path();
-        let md = fs::symlink_metadata(&path)?;
-        let ft = md.file_type();
-        let mode = md.permissions().mode();
-        if ft.is_dir() {
-            append_dir_entry(b, &name, mode)?;
-            append_tree(b, &path, &name)?;
-        } else if ft.is_symlink() {
-            let target = fs::read_link(&path)?;
-            let mut h = new_header(mode);
-            h.set_entry_type(tar::EntryType::Symlink);
-            h.set_size(0);
-            b.append_link(&mut h, &name, &target)?;
-        } else if ft.is_file() {
-            let size = md.len();
-            let mut h = new_header(mode);
-            h.set_entry_type(tar::EntryType::Regular);
-            h.set_size(size);
-            // Exactly `size` bytes even if the file grows or shrinks meanwhile
-            // (logs are being written).
-            let data = File::open(&path)?
-                .take(size)
-                .chain(io::repeat(0))
-                .take(size);
-            b.append_data(&mut h, &name, data)?;
-        }
-        // Sockets, fifos and devices are skipped.
-    }
-    Ok(())
-}
-
-// ---------------------------------------------------------------- mounts & vitals
-
-fn sys_mount(
-    src: &Path,
-    target: &Path,
-    fstype: Option<&str>,
-    flags: libc::c_ulong,
-) -> io::Result<()> {
-    let (cs, ct) = (cpath(src)?, cpath(target)?);
-    let cf = fstype
-        .map(|f| {
-            std::ffi::CString::new(f).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
-        })
-        .transpose()?;
-    // SAFETY: mount(2) with valid NUL-terminated strings (or NULL fstype/data).
-    let rc = unsafe {
-        libc::mount(
-            cs.as_ptr(),
-            ct.as_ptr(),
-            cf.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
-            flags,
-            std::ptr::null(),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-/// Mounts an ext4 block device, formatting it first only when `blkid` says it
-/// carries no filesystem at all.
-async fn mount_block_device(dev: &Path, target: &Path) -> Result<(), String> {
-    if sys_mount(dev, target, Some("ext4"), 0).is_ok() {
-        return Ok(());
-    }
-    let probe = Command::new("blkid")
-        .arg("-p")
-        .arg(dev)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await
-        .map_err(|e| format!("probing {} with blkid: {e}", dev.display()))?;
-    if probe.code() != Some(2) {
-        return Err(format!(
-            "{} has a filesystem that does not mount as ext4",
-            dev.display()
-        ));
-    }
-    let mkfs = Command::new("mkfs.ext4")
-        .arg("-q")
-        .arg(dev)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await
-        .map_err(|e| format!("formatting {}: {e}", dev.display()))?;
-    if !mkfs.success() {
-        return Err(format!("formatting {} failed ({mkfs})", dev.display()));
-    }
-    sys_mount(dev, target, Some("ext4"), 0).map_err(|e| format!("mounting {}: {e}", dev.display()))
-}
-
-/// Whether `path` is a mount point, per /proc/self/mountinfo.
-fn is_mount_point(path: &Path) -> bool {
-    let Ok(canon) = fs::canonicalize(path) else {
-        return false;
-    };
-    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    info.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .any(|mp| Path::new(&unescape_mountinfo(mp)) == canon)
-}
-
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn read_loadavg() -> Option<[f64; 3]> {
-    let s = fs::read_to_string("/proc/loadavg").ok()?;
-    let mut it = s.split_whitespace().map(|x| x.parse::<f64>().ok());
-    Some([it.next()??, it.next()??, it.next()??])
-}
-
-fn read_meminfo() -> Vitals {
-    let mut total = 0;
-    let mut avail = None;
-    let mut free = 0;
-    if let Ok(s) = fs::read_to_string("/proc/meminfo") {
-        for l in s.lines() {
-            let mut it = l.split_whitespace();
-            let (Some(k), Some(v)) = (it.next(), it.next().and_then(|v| v.parse::<u64>().ok()))
-            else {
-                continue;
-            };
-            match k {
-                "MemTotal:" => total = v,
-                "MemAvailable:" => avail = Some(v),
-                "MemFree:" => free = v,
-                _ => {}
-            }
-        }
-    }
-    Vitals {
-        mem_total_kb: total,
-        mem_used_kb: total.saturating_sub(avail.unwrap_or(free)),
-        ..Vitals::default()
-    }
-}
-
-/// Percent used of the filesystem holding `path` (df's formula).
-fn disk_percent(path: &Path) -> Option<u8> {
-    let c = cpath(path).ok()?;
-    // SAFETY: statvfs fills the zeroed struct we own.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid path pointer and struct pointer.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    let used = (st.f_blocks as u64).saturating_sub(st.f_bfree as u64);
-    let denom = used + st.f_bavail as u64;
-    if denom == 0 {
-        return Some(0);
-    }
-    Some(((used * 100).div_ceil(denom)).min(100) as u8)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::DrainKind;
     use crate::protocol::{PackageRef, RenderedFile};
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
 
     struct Fixture {
         _tmp: tempfile::TempDir,
@@ -2032,7 +1236,7 @@ mod tests {
         out
     }
 
-    fn file(path: &str, content: &str) -> RenderedFile {
+    pub(super) fn file(path: &str, content: &str) -> RenderedFile {
         RenderedFile {
             path: path.into(),
             content: content.into(),
@@ -2040,7 +1244,7 @@ mod tests {
         }
     }
 
-    fn job(name: &str, files: Vec<RenderedFile>) -> RenderedJob {
+    pub(super) fn job(name: &str, files: Vec<RenderedFile>) -> RenderedJob {
         let digest = crate::blobs::sha256_hex(format!("{files:?}").as_bytes());
         RenderedJob {
             name: name.into(),
@@ -2686,50 +1890,6 @@ mod tests {
             .unwrap();
     }
 
-    #[test]
-    fn job_files_are_for_owner_and_group_only() {
-        use std::os::unix::fs::MetadataExt;
-        let tmp = tempfile::tempdir().unwrap();
-        let jobs = tmp.path().join("jobs");
-        fs::create_dir(&jobs).unwrap();
-        let mut run = file("bin/run", "#!/bin/sh\n");
-        run.executable = false;
-        let mut tool = file("libexec/tool", "#!/bin/sh\n");
-        tool.executable = true;
-        let kv = job(
-            "kv",
-            vec![
-                file("config/deep/er/secret.conf", "password=s3cr3t\n"),
-                run,
-                tool,
-            ],
-        );
-        // nogroup's gid: any group the test (root) can give files to.
-        let gid = 65534;
-        write_job(&jobs, &kv, Some(gid)).unwrap();
-        let md = |p: &str| fs::symlink_metadata(jobs.join("kv").join(p)).unwrap();
-        for (p, mode) in [
-            ("", 0o750),
-            ("config", 0o750),
-            ("config/deep", 0o750),
-            ("config/deep/er", 0o750),
-            ("config/deep/er/secret.conf", 0o640),
-            ("bin", 0o750),
-            ("bin/run", 0o750),
-            ("libexec/tool", 0o750),
-        ] {
-            assert_eq!(md(p).mode() & 0o7777, mode, "mode of {p:?}");
-            assert_eq!(md(p).gid(), gid, "group of {p:?}");
-        }
-        assert!(job_dir_is_current(&jobs.join("kv"), Some(gid)));
-        assert!(!job_dir_is_current(&jobs.join("kv"), Some(gid + 1)));
-        // Without the group, files stay the agent's own group.
-        write_job(&jobs, &kv, None).unwrap();
-        let own = fs::metadata(&jobs).unwrap().gid();
-        assert_eq!(md("config/deep/er/secret.conf").gid(), own);
-        assert_eq!(md("config/deep/er/secret.conf").mode() & 0o777, 0o640);
-    }
-
     #[tokio::test]
     async fn a_job_laid_down_world_readable_is_rewritten() {
         let fx = fixture();
@@ -2746,36 +1906,24 @@ mod tests {
     }
 
     #[test]
-    fn group_ids_from_a_group_file() {
-        let tmp = tempfile::tempdir().unwrap();
-        let f = tmp.path().join("group");
-        fs::write(
-            &f,
-            "root:x:0:\nvcapx:x:7:\nvcap:x:1000:alice,bob\nbroken:x\n",
-        )
-        .unwrap();
-        assert_eq!(group_id(&f, "vcap").unwrap(), Some(1000));
-        assert_eq!(group_id(&f, "root").unwrap(), Some(0));
-        assert_eq!(group_id(&f, "vca").unwrap(), None);
-        assert_eq!(group_id(&f, "broken").unwrap(), None);
-        assert_eq!(group_id(&tmp.path().join("none"), "vcap").unwrap(), None);
+    fn packaging_outcomes() {
+        let run = |exit_code, timed_out| ScriptRun {
+            exit_code,
+            output: "a\nb\n".into(),
+            timed_out,
+        };
+        assert_eq!(packaging_outcome("app", 5, &run(0, false)).unwrap(), "a\nb");
+        let e = packaging_outcome("app", 5, &run(137, true)).unwrap_err();
+        assert_eq!(e.kind, "compile_failed");
+        assert_eq!(e.message, "compiling package app timed out after 5s");
+        assert_eq!(e.output_tail.as_deref(), Some("a\nb"));
+        let e = packaging_outcome("app", 5, &run(2, false)).unwrap_err();
+        assert_eq!(e.kind, "compile_failed");
+        assert_eq!(e.message, "compiling package app failed (exit 2)");
     }
 
     #[test]
-    fn helpers() {
-        assert_eq!(tail_lines("a\nb\nc\n", 2), "b\nc");
+    fn short_shas() {
         assert_eq!(short("0123456789abcdef"), "01234567..");
-        assert!(valid_rel_path("bin/ctl"));
-        assert!(!valid_rel_path("/etc/passwd"));
-        assert!(!valid_rel_path("a/../../b"));
-        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
-        assert_eq!(
-            disk_hint_path(&serde_json::json!({"path": "/dev/sdb"})).as_deref(),
-            Some("/dev/sdb")
-        );
-        assert_eq!(
-            disk_hint_path(&serde_json::json!("/x")).as_deref(),
-            Some("/x")
-        );
     }
 }
