@@ -24,7 +24,7 @@ pub enum BlobError {
     Mismatch { expected: String, actual: String },
     #[error("blob {0} not found in the blob store")]
     NotFound(String),
-    #[error("blob store {op} {path}: {source}")]
+    #[error("blob store {op} {path}")]
     Io {
         op: &'static str,
         path: String,

@@ -60,21 +60,21 @@ pub enum ClientError {
     },
     #[error("{0}")]
     Protocol(String),
-    #[error("{op} on agent {addr}: SSH: {source}")]
+    #[error("{op} on agent {addr}: SSH")]
     Ssh {
         op: String,
         addr: SocketAddr,
         #[source]
         source: russh::Error,
     },
-    #[error("{op} on agent {addr}: {source}")]
+    #[error("{op} on agent {addr}")]
     Io {
         op: String,
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
-    #[error("{op} on agent {addr}: {source}")]
+    #[error("{op} on agent {addr}")]
     Key {
         op: String,
         addr: SocketAddr,

@@ -24,29 +24,3 @@ pub mod keys;
 pub mod protocol;
 pub mod server;
 pub mod supervisor;
-
-/// An error and its causes on one line (`what: cause: cause`), for the few
-/// places that must turn an error into text: the failures the agent sends
-/// the director, which crosses the wire as a message.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn an_error_chain_names_each_cause_once() {
-        #[derive(Debug, thiserror::Error)]
-        #[error("starting job web")]
-        struct Outer(#[source] std::io::Error);
-        let e = Outer(std::io::Error::other("disk full"));
-        assert_eq!(super::error_chain(&e), "starting job web: disk full");
-    }
-}

@@ -44,6 +44,7 @@ use tokio::net::TcpListener;
 use crate::blobs::{is_valid_name, BlobError, BlobStore};
 use crate::keys::{parse_private_key, parse_public_key, same_key, KeyError};
 use crate::protocol::{self, Action, ActionFailure, RpcRequest, RpcResponse};
+use bosun_cpi::chain::chain;
 
 /// Largest RPC request line the server accepts (an apply spec carries every
 /// rendered template, so this is generous).
@@ -1169,7 +1170,11 @@ async fn drain_until_eof(read: &mut ChannelReadHalf) {
 /// Receive a blob until EOF, verify it and keep it.
 async fn put_blob(read: &mut ChannelReadHalf, sha: &str, blobs: &BlobStore) -> Result<(), String> {
     let mut writer = if is_valid_name(sha) {
-        Some(blobs.writer().map_err(|e| format!("put-blob {sha}: {e}")))
+        Some(
+            blobs
+                .writer()
+                .map_err(|e| format!("put-blob {sha}: {}", chain(&e))),
+        )
     } else {
         None
     };
@@ -1180,7 +1185,7 @@ async fn put_blob(read: &mut ChannelReadHalf, sha: &str, blobs: &BlobStore) -> R
             ChannelMsg::Data { data } => {
                 if let Some(Ok(w)) = writer.as_mut() {
                     if let Err(e) = w.write(&data) {
-                        write_error = Some(format!("put-blob {sha}: {e}"));
+                        write_error = Some(format!("put-blob {sha}: {}", chain(&e)));
                         writer = None;
                     }
                 }
@@ -1211,7 +1216,7 @@ async fn put_blob(read: &mut ChannelReadHalf, sha: &str, blobs: &BlobStore) -> R
     let committed = tokio::task::spawn_blocking(move || writer.finish(&expected)).await;
     match committed {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(format!("put-blob {sha}: {e}")),
+        Ok(Err(e)) => Err(format!("put-blob {sha}: {}", chain(&e))),
         Err(e) => Err(format!("put-blob {sha}: storing task failed: {e}")),
     }
 }

@@ -392,9 +392,12 @@ pub(super) fn blob_from_tmp(
         }
         write(tmp)?;
         let size = fs::metadata(tmp).map_err(io_fail(op))?.len();
-        let sha256 = blobs
-            .put_file(tmp)
-            .map_err(|e| failure("io", format!("{op}: storing blob: {e}")))?;
+        let sha256 = blobs.put_file(tmp).map_err(|e| {
+            failure(
+                "io",
+                format!("{op}: storing blob: {}", bosun_cpi::chain::chain(&e)),
+            )
+        })?;
         Ok(FetchLogsResult { sha256, size })
     })();
     remove_leftover(tmp);

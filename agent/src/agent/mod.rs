@@ -463,7 +463,7 @@ impl Agent {
                 .map_err(|e| {
                     failure(
                         "invalid",
-                        format!("starting job {}: {}", job.name, crate::error_chain(&e)),
+                        format!("starting job {}: {}", job.name, bosun_cpi::chain::chain(&e)),
                     )
                 })?;
             lock(&self.started).insert(job.name.clone(), job.digest.clone());
@@ -795,9 +795,15 @@ impl Agent {
                 let size = fs::metadata(&tmp)
                     .map_err(io_fail(format!("{op2}: reading packed size")))?
                     .len();
-                let sha = blobs
-                    .put_file(&tmp)
-                    .map_err(|e| failure("io", format!("{op2}: storing compiled blob: {e}")))?;
+                let sha = blobs.put_file(&tmp).map_err(|e| {
+                    failure(
+                        "io",
+                        format!(
+                            "{op2}: storing compiled blob: {}",
+                            bosun_cpi::chain::chain(&e)
+                        ),
+                    )
+                })?;
                 Ok((sha, size))
             })();
             remove_leftover(&tmp);
