@@ -537,7 +537,6 @@ impl Scan {
 }
 
 impl Executor {
-
     /// Apply one resolution to one problem of a scan. Returns what was done.
     pub async fn cloud_check_resolve(
         &self,

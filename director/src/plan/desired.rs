@@ -228,6 +228,8 @@ fn compilation_target(cloud: &CloudConfig) -> Result<CompilationTarget, Problems
     }
 }
 
+/// Resolves one instance group: its stemcells, VM cloud properties, disk,
+/// networks and jobs, every problem found at once.
 #[allow(clippy::too_many_arguments)]
 fn resolve_group(
     manifest: &Manifest,
@@ -241,8 +243,7 @@ fn resolve_group(
 ) -> Result<DesiredGroup, ResolveError> {
     let gpath = format!("instance_groups[{gi}]");
     let mut problems = Problems::default();
-    let group_stemcells =
-        group_stemcells(manifest, stemcells, az_config, g, &gpath, &mut problems);
+    let group_stemcells = group_stemcells(manifest, stemcells, az_config, g, &gpath, &mut problems);
     let cloud_properties = group_cloud_properties(cloud, g);
     let disk = group_disk(cloud, g);
     let networks = group_networks(cloud, g);
@@ -369,6 +370,9 @@ fn group_networks(cloud: &CloudConfig, g: &InstanceGroup) -> Vec<DesiredNetwork>
         .collect()
 }
 
+/// A group's jobs and the packages they need: (name, fingerprint).
+type GroupJobs = (Vec<DesiredJob>, Vec<(String, String)>);
+
 /// The group's jobs from their releases, with templates (parsed once per
 /// release job, through `cache`), merged properties and defaults; and the
 /// packages they need, deps first, each once. A job its release lacks, or
@@ -380,7 +384,7 @@ fn group_jobs(
     gpath: &str,
     cache: &mut BTreeMap<String, Arc<JobTemplates>>,
     problems: &mut Problems,
-) -> Result<(Vec<DesiredJob>, Vec<(String, String)>), ResolveError> {
+) -> Result<GroupJobs, ResolveError> {
     let src = &manifest.source;
     let mut jobs = Vec::new();
     let mut packages: Vec<(String, String)> = Vec::new();
@@ -879,6 +883,10 @@ mod tests {
         let got = group_stemcells(&m, &[], &az_config, &g, "g", &mut problems);
         assert!(got.is_empty());
         assert_eq!(problems.0.len(), 1);
-        assert!(problems.0[0].to_string().contains("g.stemcell"), "{}", problems.0[0]);
+        assert!(
+            problems.0[0].to_string().contains("g.stemcell"),
+            "{}",
+            problems.0[0]
+        );
     }
 }

@@ -529,6 +529,8 @@ pub fn primary_ip(networks: &BTreeMap<String, NetworkSettings>) -> String {
         .unwrap_or_default()
 }
 
+/// Plans one instance: the VM, disk and spec decisions, then the change
+/// they add up to (errand and detached instances overriding it).
 fn plan_instance(
     desired: &DesiredState,
     g: &DesiredGroup,
@@ -542,8 +544,16 @@ fn plan_instance(
     let disk = disk_decision(g, &rec, &cpi, &mut reasons);
     let (spec, applied) = spec_decision(desired, g, &rec, addresses, stemcell)?;
     let change = change_decision(&rec, &vm, &disk, &applied, &mut reasons);
-    let (change, vm, disk) =
-        lifecycle_decision(g, &rec, &applied, &vm_target, change, vm, disk, &mut reasons);
+    let (change, vm, disk) = lifecycle_decision(
+        g,
+        &rec,
+        &applied,
+        &vm_target,
+        change,
+        vm,
+        disk,
+        &mut reasons,
+    );
     Ok(InstancePlan {
         record: rec,
         change,
@@ -1258,8 +1268,8 @@ mod tests {
     fn spec_decision_digest_follows_job_properties() {
         let (d, rec) = deployed_one(0);
         let stemcell = d.groups[0].stemcells.values().next().unwrap();
-        let (spec, applied) = spec_decision(&d, &d.groups[0], &rec, &BTreeMap::new(), stemcell)
-            .unwrap();
+        let (spec, applied) =
+            spec_decision(&d, &d.groups[0], &rec, &BTreeMap::new(), stemcell).unwrap();
         assert_eq!(spec.jobs.len(), 1);
         assert_eq!(Some(&applied), rec.applied.as_ref());
         let other = desired(&manifest(1, 9090, 0, &[]));
@@ -1271,7 +1281,9 @@ mod tests {
     #[test]
     fn spec_change_reasons_name_added_changed_and_removed_jobs() {
         let map = |kv: &[(&str, &str)]| -> BTreeMap<String, String> {
-            kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
         };
         let old = AppliedRecord {
             digest: "a".into(),
@@ -1301,8 +1313,13 @@ mod tests {
         let (_, mut rec) = deployed_one(0);
         let applied = rec.applied.take().unwrap();
         let mut reasons = Vec::new();
-        let change =
-            change_decision(&rec, &VmAction::Keep, &DiskAction::None, &applied, &mut reasons);
+        let change = change_decision(
+            &rec,
+            &VmAction::Keep,
+            &DiskAction::None,
+            &applied,
+            &mut reasons,
+        );
         assert_eq!(change, Change::Update);
         assert_eq!(reasons, vec!["never applied"]);
     }

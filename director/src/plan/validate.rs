@@ -208,8 +208,9 @@ fn check_static_ips(
     push: &mut impl FnMut(String, String),
 ) {
     // Subnets that may serve this group.
-    let serves =
-        |s: &Subnet| s.azs.is_empty() || g.azs.is_empty() || s.azs.iter().any(|a| g.azs.contains(a));
+    let serves = |s: &Subnet| {
+        s.azs.is_empty() || g.azs.is_empty() || s.azs.iter().any(|a| g.azs.contains(a))
+    };
     for (i, ip) in nr.static_ips.iter().enumerate() {
         let ipp = format!("{np}.static_ips[{i}]");
         if let Some(first) = used.get(ip) {
@@ -464,7 +465,10 @@ compilation: {workers: 1, az: z1, network: wide}
     fn check_group_names_reports_an_unknown_vm_type() {
         let cc = default_local();
         let mut g = group(1);
-        assert!(pushed(|push| check_group_names(&cc, &Names::of(&cc), &g, "g", &mut &mut *push)).is_empty());
+        assert!(
+            pushed(|push| check_group_names(&cc, &Names::of(&cc), &g, "g", &mut &mut *push))
+                .is_empty()
+        );
         g.vm_type = "huge".into();
         let out = pushed(|push| check_group_names(&cc, &Names::of(&cc), &g, "g", &mut &mut *push));
         assert_eq!(out.len(), 1);
@@ -513,7 +517,9 @@ compilation: {workers: 1, az: z1, network: wide}
             at("127.77.0.150").as_deref(),
             Some("static IP 127.77.0.150 is outside the subnet's static ranges (127.77.0.2-127.77.0.100)")
         );
-        assert!(at("10.0.0.1").unwrap().ends_with("; the subnet is 127.77.0.0/24"));
+        assert!(at("10.0.0.1")
+            .unwrap()
+            .ends_with("; the subnet is 127.77.0.0/24"));
         assert!(static_ip_problem("10.0.0.1".parse().unwrap(), net, &[])
             .unwrap()
             .ends_with("(none serves the group's azs)"));
@@ -522,7 +528,10 @@ compilation: {workers: 1, az: z1, network: wide}
     #[test]
     fn check_group_size_is_quiet_when_a_network_already_said_too_many() {
         let g = group(MAX_INSTANCES + 1);
-        assert_eq!(pushed(|push| check_group_size(&g, "g", false, &mut &mut *push)).len(), 1);
+        assert_eq!(
+            pushed(|push| check_group_size(&g, "g", false, &mut &mut *push)).len(),
+            1
+        );
         assert!(pushed(|push| check_group_size(&g, "g", true, &mut &mut *push)).is_empty());
     }
 }

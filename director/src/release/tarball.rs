@@ -285,6 +285,8 @@ fn job_files(
     Ok(out)
 }
 
+/// Reads and verifies a release tarball: its manifest, then its packages
+/// in dependency order, then its jobs.
 fn read_inner(
     path: &Path,
     limits: &ArchiveLimits,
@@ -312,13 +314,17 @@ fn read_inner(
     })
 }
 
+/// What a release tarball holds: `release.MF`'s bytes and the member
+/// archives by path.
+type Members = (Option<Vec<u8>>, BTreeMap<String, Spooled>);
+
 /// Walks the tarball once: `release.MF`'s bytes (when there) and every
 /// job and package archive, spooled (to `scratch_dir` or the temp dir).
 fn read_members(
     path: &Path,
     budget: &Budget,
     scratch_dir: Option<&Path>,
-) -> Result<(Option<Vec<u8>>, BTreeMap<String, Spooled>), ReleaseError> {
+) -> Result<Members, ReleaseError> {
     let input = File::open(path).map_err(|e| ReleaseError::io("", e))?;
     let mut manifest_bytes = None;
     let mut archives: BTreeMap<String, Spooled> = BTreeMap::new();
@@ -554,16 +560,24 @@ mod tests {
     }
 
     fn package(name: &str, deps: &str) -> String {
-        format!("- {{name: {name}, version: '1', fingerprint: f, sha256: s, dependencies: [{deps}]}}\n")
+        format!(
+            "- {{name: {name}, version: '1', fingerprint: f, sha256: s, dependencies: [{deps}]}}\n"
+        )
     }
 
     #[test]
     fn parse_release_manifest_wants_the_file_and_a_version() {
         let missing = parse_release_manifest(None).unwrap_err();
-        assert!(missing.to_string().contains("missing from the tarball"), "{missing}");
+        assert!(
+            missing.to_string().contains("missing from the tarball"),
+            "{missing}"
+        );
         let text = "name: r\nversion: ' '\ncommit_hash: x\nuncommitted_changes: false\njobs: []\npackages: []\n";
         let empty = parse_release_manifest(Some(text.as_bytes().to_vec())).unwrap_err();
-        assert!(empty.to_string().contains("the release version is empty"), "{empty}");
+        assert!(
+            empty.to_string().contains("the release version is empty"),
+            "{empty}"
+        );
     }
 
     #[test]
