@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use bosun_agent::protocol::ProcessState;
 use bosun_cpi::chain::{chain, Chain};
-use bosun_cpi::{describe_filter, CpiError, DiskCid, Metadata, VmCid};
+use bosun_cpi::{describe_filter, Cpi, CpiError, DiskCid, Metadata, VmCid};
 
 use crate::execute::executor::{instance_name, ExecError, Executor};
 use crate::execute::repair::DEFAULT_WATCH;
@@ -181,160 +181,36 @@ impl Executor {
     pub async fn cloud_check_scan(&self, deployment: &str) -> Result<Scan, CheckError> {
         let recs = self.store.instances(deployment)?;
         let mut scan = Scan::default();
-        let push = |scan: &mut Scan,
-                    kind,
-                    rec: Option<&InstanceRecord>,
-                    cpi: &str,
-                    cid: &str,
-                    description: String,
-                    resolutions: Vec<Resolution>,
-                    metadata: Metadata| {
-            let id = scan.problems.len() + 1;
-            scan.problems.push(CheckProblem {
-                id,
-                kind,
-                instance: rec.map(|r| format!("{}/{}", r.group, r.id)),
-                cpi: cpi.to_string(),
-                cid: cid.to_string(),
-                description,
-                resolutions,
-                instance_id: rec.map(|r| r.id.clone()),
-                metadata,
-            });
-        };
-        use Resolution as R;
         for rec in &recs {
-            let name = instance_name(rec);
-            if let Some(vm) = &rec.vm {
-                let cpi = self.cpis.get(&vm.cpi).map_err(|e| CheckError::Cpi {
-                    deployment: deployment.to_string(),
-                    cpi: vm.cpi.clone(),
-                    what: format!("VM {}", vm.cid),
-                    source: Box::new(CpiError::fatal(chain(&e))),
-                })?;
-                let cid = VmCid(vm.cid.clone());
-                match cpi.has_vm(&cid).await {
-                    Ok(false) => push(
-                        &mut scan,
-                        ProblemKind::MissingVm,
-                        Some(rec),
-                        &vm.cpi,
-                        &vm.cid,
-                        format!(
-                            "VM {} of {name} is missing (the CPI no longer has it)",
-                            vm.cid
-                        ),
-                        vec![R::Recreate, R::DeleteVmReference, R::Skip],
-                        Metadata::new(),
-                    ),
-                    Err(e) => scan.notes.push(format!(
-                        "could not ask the {} CPI about VM {} of {name}: {e}",
-                        vm.cpi,
-                        vm.cid,
-                        e = Chain(&e)
-                    )),
-                    Ok(true) => {
-                        let state = match self.connect(vm, AGENT_WAIT).await {
-                            Ok(c) => c.get_state_within(AGENT_WAIT).await.map_err(|e| chain(&e)),
-                            Err(e) => Err(chain(&e)),
-                        };
-                        match state {
-                            Err(e) => push(
-                                &mut scan,
-                                ProblemKind::UnresponsiveAgent,
-                                Some(rec),
-                                &vm.cpi,
-                                &vm.cid,
-                                format!(
-                                    "the agent of {name} on VM {} does not answer: {e}",
-                                    vm.cid
-                                ),
-                                vec![R::Recreate, R::Skip],
-                                Metadata::new(),
-                            ),
-                            Ok(st) => {
-                                let want = primary_ip(&rec.networks);
-                                if !want.is_empty() && vm.address != want {
-                                    push(
-                                        &mut scan,
-                                        ProblemKind::IpMismatch,
-                                        Some(rec),
-                                        &vm.cpi,
-                                        &vm.cid,
-                                        format!(
-                                            "VM {} of {name} is at {} but the instance's IP is {want}",
-                                            vm.cid, vm.address
-                                        ),
-                                        vec![R::Recreate, R::Skip],
-                                        Metadata::new(),
-                                    );
-                                }
-                                if let Some(d) = &rec.disk {
-                                    let attached = match self.cpis.get(&d.cpi) {
-                                        Ok(c) => c.get_disks(&cid).await.ok(),
-                                        Err(_) => None,
-                                    };
-                                    if attached
-                                        .as_ref()
-                                        .is_some_and(|a| !a.iter().any(|x| x.0 == d.cid))
-                                    {
-                                        push(
-                                            &mut scan,
-                                            ProblemKind::UnattachedDisk,
-                                            Some(rec),
-                                            &d.cpi,
-                                            &d.cid,
-                                            format!(
-                                                "disk {} of {name} is not attached to its VM {}",
-                                                d.cid, vm.cid
-                                            ),
-                                            vec![R::Reattach, R::Skip],
-                                            Metadata::new(),
-                                        );
-                                    } else if st.persistent_disk.as_deref() != Some(d.cid.as_str())
-                                    {
-                                        push(
-                                            &mut scan,
-                                            ProblemKind::UnmountedDisk,
-                                            Some(rec),
-                                            &d.cpi,
-                                            &d.cid,
-                                            format!(
-                                                "disk {} of {name} is not mounted on VM {} (the agent has {})",
-                                                d.cid,
-                                                vm.cid,
-                                                st.persistent_disk.as_deref().unwrap_or("none")
-                                            ),
-                                            vec![R::Reattach, R::Skip],
-                                            Metadata::new(),
-                                        );
-                                    }
-                                }
-                                if rec.state == crate::store::InstanceState::Started
-                                    && rec.deployed.is_some()
-                                    && st.generation > 0
-                                    && st.job_state == ProcessState::Stopped
-                                {
-                                    push(
-                                        &mut scan,
-                                        ProblemKind::StoppedJobs,
-                                        Some(rec),
-                                        &vm.cpi,
-                                        &vm.cid,
-                                        format!(
-                                            "the jobs of {name} are stopped but it should be running"
-                                        ),
-                                        vec![R::StartJobs, R::Skip],
-                                        Metadata::new(),
-                                    );
-                                }
-                            }
-                        }
-                    }
-                }
-            } else if rec.deployed.is_some() && rec.state == crate::store::InstanceState::Started {
-                push(
-                    &mut scan,
+            self.scan_vm(deployment, rec, &mut scan).await?;
+            self.scan_disk(rec, &mut scan).await;
+        }
+        self.scan_orphans(deployment, &recs, &mut scan).await?;
+        // Problems are resolved in the order listed: unknown VMs first, as
+        // one may hold the address a VM about to be recreated needs (a
+        // director that died mid-recreate leaves exactly that).
+        scan.problems
+            .sort_by_key(|p| p.kind != ProblemKind::OrphanVm);
+        for (i, p) in scan.problems.iter_mut().enumerate() {
+            p.id = i + 1;
+        }
+        Ok(scan)
+    }
+
+    /// Checks an instance's VM: missing from its CPI, or (for a started,
+    /// deployed instance) not there at all; when it exists, what its agent
+    /// reports (see [`Executor::scan_agent`]).
+    async fn scan_vm(
+        &self,
+        deployment: &str,
+        rec: &InstanceRecord,
+        scan: &mut Scan,
+    ) -> Result<(), CheckError> {
+        use Resolution as R;
+        let name = instance_name(rec);
+        let Some(vm) = &rec.vm else {
+            if rec.deployed.is_some() && rec.state == crate::store::InstanceState::Started {
+                scan.push(
                     ProblemKind::MissingVm,
                     Some(rec),
                     "",
@@ -344,35 +220,174 @@ impl Executor {
                     Metadata::new(),
                 );
             }
-            if let Some(d) = &rec.disk {
-                if let Ok(c) = self.cpis.get(&d.cpi) {
-                    match c.has_disk(&DiskCid(d.cid.clone())).await {
-                        Ok(false) => push(
-                            &mut scan,
-                            ProblemKind::MissingDisk,
-                            Some(rec),
-                            &d.cpi,
-                            &d.cid,
-                            format!(
-                                "disk {} of {name} is missing (the CPI no longer has it)",
-                                d.cid
-                            ),
-                            vec![R::DeleteDiskReference, R::Skip],
-                            Metadata::new(),
-                        ),
-                        Ok(true) => {}
-                        Err(e) => scan.notes.push(format!(
-                            "could not ask the {} CPI about disk {} of {name}: {e}",
-                            d.cpi,
-                            d.cid,
-                            e = Chain(&e)
-                        )),
-                    }
-                }
+            return Ok(());
+        };
+        let cpi = self.cpis.get(&vm.cpi).map_err(|e| CheckError::Cpi {
+            deployment: deployment.to_string(),
+            cpi: vm.cpi.clone(),
+            what: format!("VM {}", vm.cid),
+            source: Box::new(CpiError::fatal(chain(&e))),
+        })?;
+        match cpi.has_vm(&VmCid(vm.cid.clone())).await {
+            Ok(false) => scan.push(
+                ProblemKind::MissingVm,
+                Some(rec),
+                &vm.cpi,
+                &vm.cid,
+                format!(
+                    "VM {} of {name} is missing (the CPI no longer has it)",
+                    vm.cid
+                ),
+                vec![R::Recreate, R::DeleteVmReference, R::Skip],
+                Metadata::new(),
+            ),
+            Err(e) => scan.notes.push(format!(
+                "could not ask the {} CPI about VM {} of {name}: {e}",
+                vm.cpi,
+                vm.cid,
+                e = Chain(&e)
+            )),
+            Ok(true) => self.scan_agent(rec, vm, scan).await,
+        }
+        Ok(())
+    }
+
+    /// Checks an existing VM through its agent: one that does not answer;
+    /// else a VM address that is not the instance's IP, its disk not
+    /// attached or not mounted, and jobs stopped that should run.
+    async fn scan_agent(&self, rec: &InstanceRecord, vm: &crate::store::VmRecord, scan: &mut Scan) {
+        use Resolution as R;
+        let name = instance_name(rec);
+        let state = match self.connect(vm, AGENT_WAIT).await {
+            Ok(c) => c.get_state_within(AGENT_WAIT).await.map_err(|e| chain(&e)),
+            Err(e) => Err(chain(&e)),
+        };
+        let st = match state {
+            Err(e) => {
+                scan.push(
+                    ProblemKind::UnresponsiveAgent,
+                    Some(rec),
+                    &vm.cpi,
+                    &vm.cid,
+                    format!("the agent of {name} on VM {} does not answer: {e}", vm.cid),
+                    vec![R::Recreate, R::Skip],
+                    Metadata::new(),
+                );
+                return;
+            }
+            Ok(st) => st,
+        };
+        let want = primary_ip(&rec.networks);
+        if !want.is_empty() && vm.address != want {
+            scan.push(
+                ProblemKind::IpMismatch,
+                Some(rec),
+                &vm.cpi,
+                &vm.cid,
+                format!(
+                    "VM {} of {name} is at {} but the instance's IP is {want}",
+                    vm.cid, vm.address
+                ),
+                vec![R::Recreate, R::Skip],
+                Metadata::new(),
+            );
+        }
+        if let Some(d) = &rec.disk {
+            let attached = match self.cpis.get(&d.cpi) {
+                Ok(c) => c.get_disks(&VmCid(vm.cid.clone())).await.ok(),
+                Err(_) => None,
+            };
+            if attached
+                .as_ref()
+                .is_some_and(|a| !a.iter().any(|x| x.0 == d.cid))
+            {
+                scan.push(
+                    ProblemKind::UnattachedDisk,
+                    Some(rec),
+                    &d.cpi,
+                    &d.cid,
+                    format!(
+                        "disk {} of {name} is not attached to its VM {}",
+                        d.cid, vm.cid
+                    ),
+                    vec![R::Reattach, R::Skip],
+                    Metadata::new(),
+                );
+            } else if st.persistent_disk.as_deref() != Some(d.cid.as_str()) {
+                scan.push(
+                    ProblemKind::UnmountedDisk,
+                    Some(rec),
+                    &d.cpi,
+                    &d.cid,
+                    format!(
+                        "disk {} of {name} is not mounted on VM {} (the agent has {})",
+                        d.cid,
+                        vm.cid,
+                        st.persistent_disk.as_deref().unwrap_or("none")
+                    ),
+                    vec![R::Reattach, R::Skip],
+                    Metadata::new(),
+                );
             }
         }
+        if rec.state == crate::store::InstanceState::Started
+            && rec.deployed.is_some()
+            && st.generation > 0
+            && st.job_state == ProcessState::Stopped
+        {
+            scan.push(
+                ProblemKind::StoppedJobs,
+                Some(rec),
+                &vm.cpi,
+                &vm.cid,
+                format!("the jobs of {name} are stopped but it should be running"),
+                vec![R::StartJobs, R::Skip],
+                Metadata::new(),
+            );
+        }
+    }
 
-        // Orphans: tagged with this director and deployment, unknown here.
+    /// Checks an instance's recorded disk still exists on its CPI.
+    async fn scan_disk(&self, rec: &InstanceRecord, scan: &mut Scan) {
+        use Resolution as R;
+        let name = instance_name(rec);
+        let Some(d) = &rec.disk else {
+            return;
+        };
+        let Ok(c) = self.cpis.get(&d.cpi) else {
+            return;
+        };
+        match c.has_disk(&DiskCid(d.cid.clone())).await {
+            Ok(false) => scan.push(
+                ProblemKind::MissingDisk,
+                Some(rec),
+                &d.cpi,
+                &d.cid,
+                format!(
+                    "disk {} of {name} is missing (the CPI no longer has it)",
+                    d.cid
+                ),
+                vec![R::DeleteDiskReference, R::Skip],
+                Metadata::new(),
+            ),
+            Ok(true) => {}
+            Err(e) => scan.notes.push(format!(
+                "could not ask the {} CPI about disk {} of {name}: {e}",
+                d.cpi,
+                d.cid,
+                e = Chain(&e)
+            )),
+        }
+    }
+
+    /// Orphans: VMs and disks tagged with this director and deployment on
+    /// any CPI but unknown to the state (orphaned disks count as known).
+    async fn scan_orphans(
+        &self,
+        deployment: &str,
+        recs: &[InstanceRecord],
+        scan: &mut Scan,
+    ) -> Result<(), CheckError> {
         let known_vms: BTreeSet<&str> = recs
             .iter()
             .filter_map(|r| r.vm.as_ref().map(|v| v.cid.as_str()))
@@ -398,84 +413,130 @@ impl Executor {
             let Ok(cpi) = self.cpis.get(&cpi_name) else {
                 continue;
             };
-            match cpi.find_vms(&filter).await {
-                Ok(vms) => {
-                    for (cid, md) in vms {
-                        if known_vms.contains(cid.0.as_str()) {
-                            continue;
-                        }
-                        let pending = recs.iter().find(|r| {
-                            r.pending_vm_token.is_some()
-                                && r.pending_vm_token.as_ref() == md.get("token")
-                        });
-                        let what = md.get("instance").cloned().unwrap_or_default();
-                        push(
-                            &mut scan,
-                            ProblemKind::OrphanVm,
-                            pending,
-                            &cpi_name,
-                            &cid.0,
-                            format!(
-                                "VM {cid} ({what}) carries this deployment's tags but is unknown to its state{}",
-                                if pending.is_some() {
-                                    " (created by a deploy that stopped before recording it)"
-                                } else {
-                                    ""
-                                }
-                            ),
-                            vec![R::DeleteVm, R::Skip],
-                            md,
-                        );
-                    }
-                }
-                Err(CpiError::NotSupported { .. }) => scan.notes.push(format!(
-                    "the {cpi_name} CPI cannot list VMs by tag: orphaned VMs there are not checked"
-                )),
-                Err(e) => scan.notes.push(format!(
-                    "listing VMs tagged {} on the {cpi_name} CPI: {e}",
-                    describe_filter(&filter),
-                    e = Chain(&e)
-                )),
-            }
-            match cpi.find_disks(&filter).await {
-                Ok(disks) => {
-                    for (cid, md) in disks {
-                        if known_disks.contains(cid.0.as_str()) {
-                            continue;
-                        }
-                        let what = md.get("instance").cloned().unwrap_or_default();
-                        push(
-                            &mut scan,
-                            ProblemKind::OrphanDisk,
-                            None,
-                            &cpi_name,
-                            &cid.0,
-                            format!("disk {cid} ({what}) carries this deployment's tags but is unknown to its state"),
-                            vec![R::KeepDisk, R::DeleteDisk, R::Skip],
-                            md,
-                        );
-                    }
-                }
-                Err(CpiError::NotSupported { .. }) => scan.notes.push(format!(
-                    "the {cpi_name} CPI cannot list disks by tag: orphaned disks there are not checked"
-                )),
-                Err(e) => scan.notes.push(format!(
-                    "listing disks tagged {} on the {cpi_name} CPI: {e}",
-                    describe_filter(&filter)
-                , e = Chain(&e))),
-            }
+            scan_orphan_vms(&*cpi, &cpi_name, &filter, &known_vms, recs, scan).await;
+            scan_orphan_disks(&*cpi, &cpi_name, &filter, &known_disks, scan).await;
         }
-        // Problems are resolved in the order listed: unknown VMs first, as
-        // one may hold the address a VM about to be recreated needs (a
-        // director that died mid-recreate leaves exactly that).
-        scan.problems
-            .sort_by_key(|p| p.kind != ProblemKind::OrphanVm);
-        for (i, p) in scan.problems.iter_mut().enumerate() {
-            p.id = i + 1;
-        }
-        Ok(scan)
+        Ok(())
     }
+}
 
+/// VMs on one CPI carrying `filter`'s tags but not in `known`; one whose
+/// token matches an instance's pending VM is reported against it.
+async fn scan_orphan_vms(
+    cpi: &dyn Cpi,
+    cpi_name: &str,
+    filter: &Metadata,
+    known: &BTreeSet<&str>,
+    recs: &[InstanceRecord],
+    scan: &mut Scan,
+) {
+    match cpi.find_vms(filter).await {
+        Ok(vms) => {
+            for (cid, md) in vms {
+                if known.contains(cid.0.as_str()) {
+                    continue;
+                }
+                let pending = recs.iter().find(|r| {
+                    r.pending_vm_token.is_some() && r.pending_vm_token.as_ref() == md.get("token")
+                });
+                let what = md.get("instance").cloned().unwrap_or_default();
+                scan.push(
+                    ProblemKind::OrphanVm,
+                    pending,
+                    cpi_name,
+                    &cid.0,
+                    format!(
+                        "VM {cid} ({what}) carries this deployment's tags but is unknown to its state{}",
+                        if pending.is_some() {
+                            " (created by a deploy that stopped before recording it)"
+                        } else {
+                            ""
+                        }
+                    ),
+                    vec![Resolution::DeleteVm, Resolution::Skip],
+                    md,
+                );
+            }
+        }
+        Err(CpiError::NotSupported { .. }) => scan.notes.push(format!(
+            "the {cpi_name} CPI cannot list VMs by tag: orphaned VMs there are not checked"
+        )),
+        Err(e) => scan.notes.push(format!(
+            "listing VMs tagged {} on the {cpi_name} CPI: {e}",
+            describe_filter(filter),
+            e = Chain(&e)
+        )),
+    }
+}
+
+/// Disks on one CPI carrying `filter`'s tags but not in `known`.
+async fn scan_orphan_disks(
+    cpi: &dyn Cpi,
+    cpi_name: &str,
+    filter: &Metadata,
+    known: &BTreeSet<&str>,
+    scan: &mut Scan,
+) {
+    match cpi.find_disks(filter).await {
+        Ok(disks) => {
+            for (cid, md) in disks {
+                if known.contains(cid.0.as_str()) {
+                    continue;
+                }
+                let what = md.get("instance").cloned().unwrap_or_default();
+                scan.push(
+                    ProblemKind::OrphanDisk,
+                    None,
+                    cpi_name,
+                    &cid.0,
+                    format!(
+                        "disk {cid} ({what}) carries this deployment's tags but is unknown to its state"
+                    ),
+                    vec![Resolution::KeepDisk, Resolution::DeleteDisk, Resolution::Skip],
+                    md,
+                );
+            }
+        }
+        Err(CpiError::NotSupported { .. }) => scan.notes.push(format!(
+            "the {cpi_name} CPI cannot list disks by tag: orphaned disks there are not checked"
+        )),
+        Err(e) => scan.notes.push(format!(
+            "listing disks tagged {} on the {cpi_name} CPI: {e}",
+            describe_filter(filter),
+            e = Chain(&e)
+        )),
+    }
+}
+
+impl Scan {
+    /// Adds a problem, numbered in scan order.
+    #[allow(clippy::too_many_arguments)]
+    fn push(
+        &mut self,
+        kind: ProblemKind,
+        rec: Option<&InstanceRecord>,
+        cpi: &str,
+        cid: &str,
+        description: String,
+        resolutions: Vec<Resolution>,
+        metadata: Metadata,
+    ) {
+        let id = self.problems.len() + 1;
+        self.problems.push(CheckProblem {
+            id,
+            kind,
+            instance: rec.map(|r| format!("{}/{}", r.group, r.id)),
+            cpi: cpi.to_string(),
+            cid: cid.to_string(),
+            description,
+            resolutions,
+            instance_id: rec.map(|r| r.id.clone()),
+            metadata,
+        });
+    }
+}
+
+impl Executor {
     /// Apply one resolution to one problem of a scan. Returns what was done.
     pub async fn cloud_check_resolve(
         &self,

@@ -228,6 +228,8 @@ fn compilation_target(cloud: &CloudConfig) -> Result<CompilationTarget, Problems
     }
 }
 
+/// Resolves one instance group: its stemcells, VM cloud properties, disk,
+/// networks and jobs, every problem found at once.
 #[allow(clippy::too_many_arguments)]
 fn resolve_group(
     manifest: &Manifest,
@@ -239,43 +241,80 @@ fn resolve_group(
     g: &InstanceGroup,
     cache: &mut BTreeMap<String, Arc<JobTemplates>>,
 ) -> Result<DesiredGroup, ResolveError> {
-    let src = &manifest.source;
     let gpath = format!("instance_groups[{gi}]");
     let mut problems = Problems::default();
+    let group_stemcells = group_stemcells(manifest, stemcells, az_config, g, &gpath, &mut problems);
+    let cloud_properties = group_cloud_properties(cloud, g);
+    let disk = group_disk(cloud, g);
+    let networks = group_networks(cloud, g);
+    let (jobs, packages) = group_jobs(manifest, releases, g, &gpath, cache, &mut problems)?;
+    problems.into_result()?;
+    Ok(DesiredGroup {
+        name: g.name.clone(),
+        instances: g.instances,
+        azs: g.azs.clone(),
+        update: manifest.update.with_override(g.update.as_ref()),
+        lifecycle: g.lifecycle,
+        networks,
+        cloud_properties,
+        env: g.env.clone(),
+        stemcells: group_stemcells,
+        az_config: az_config.clone(),
+        disk,
+        jobs,
+        packages,
+    })
+}
 
-    // Stemcell per CPI of the group's AZs.
+/// Picks the group's stemcell for each CPI its AZs use: the last uploaded
+/// one matching the manifest's stemcell alias (os or name, and version or
+/// `latest`); a CPI without one is a problem.
+fn group_stemcells(
+    manifest: &Manifest,
+    stemcells: &[StemcellRecord],
+    az_config: &BTreeMap<String, (String, Json)>,
+    g: &InstanceGroup,
+    gpath: &str,
+    problems: &mut Problems,
+) -> BTreeMap<String, StemcellRecord> {
     let mut group_stemcells = BTreeMap::new();
-    if let Some(sref) = manifest.stemcells.iter().find(|s| s.alias == g.stemcell) {
-        let cpis: BTreeSet<String> = g
-            .azs
+    let Some(sref) = manifest.stemcells.iter().find(|s| s.alias == g.stemcell) else {
+        return group_stemcells;
+    };
+    let cpis: BTreeSet<String> = g
+        .azs
+        .iter()
+        .filter_map(|a| az_config.get(a).map(|(cpi, _)| cpi.clone()))
+        .collect();
+    for cpi in cpis {
+        let matching: Vec<&StemcellRecord> = stemcells
             .iter()
-            .filter_map(|a| az_config.get(a).map(|(cpi, _)| cpi.clone()))
+            .filter(|s| s.cpi == cpi)
+            .filter(|s| sref.os.as_ref().is_none_or(|os| &s.os == os))
+            .filter(|s| sref.name.as_ref().is_none_or(|n| &s.name == n))
+            .filter(|s| sref.version == "latest" || s.version == sref.version)
             .collect();
-        for cpi in cpis {
-            let matching: Vec<&StemcellRecord> = stemcells
-                .iter()
-                .filter(|s| s.cpi == cpi)
-                .filter(|s| sref.os.as_ref().is_none_or(|os| &s.os == os))
-                .filter(|s| sref.name.as_ref().is_none_or(|n| &s.name == n))
-                .filter(|s| sref.version == "latest" || s.version == sref.version)
-                .collect();
-            // latest = the last uploaded
-            match matching.last() {
-                Some(s) => {
-                    group_stemcells.insert(cpi, (*s).clone());
-                }
-                None => problems.push(src.problem(
-                    format!("{gpath}.stemcell"),
-                    format!(
-                        "no stemcell {}/{} is known to the {cpi} CPI (the local CPI's stemcell has the host's os; others come from `bosun upload-stemcell`)",
-                        sref.os.clone().or(sref.name.clone()).unwrap_or_default(),
-                        sref.version
-                    ),
-                )),
+        // latest = the last uploaded
+        match matching.last() {
+            Some(s) => {
+                group_stemcells.insert(cpi, (*s).clone());
             }
+            None => problems.push(manifest.source.problem(
+                format!("{gpath}.stemcell"),
+                format!(
+                    "no stemcell {}/{} is known to the {cpi} CPI (the local CPI's stemcell has the host's os; others come from `bosun upload-stemcell`)",
+                    sref.os.clone().or(sref.name.clone()).unwrap_or_default(),
+                    sref.version
+                ),
+            )),
         }
     }
+    group_stemcells
+}
 
+/// The group's VM cloud properties: its vm_type's, overlaid with each of
+/// its vm_extensions' in order (unknown names add nothing).
+fn group_cloud_properties(cloud: &CloudConfig, g: &InstanceGroup) -> Json {
     let mut cloud_properties = json!({});
     if let Some(vt) = cloud.vm_types.iter().find(|v| v.name == g.vm_type) {
         merge_json(&mut cloud_properties, &vt.cloud_properties);
@@ -285,8 +324,13 @@ fn resolve_group(
             merge_json(&mut cloud_properties, &e.cloud_properties);
         }
     }
+    cloud_properties
+}
 
-    let disk = match &g.persistent_disk {
+/// The group's persistent disk: none for no or a zero size, a size with
+/// no cloud properties, or a disk type's size and cloud properties.
+fn group_disk(cloud: &CloudConfig, g: &InstanceGroup) -> Option<DiskConfig> {
+    match &g.persistent_disk {
         None => None,
         Some(PersistentDisk::SizeMb(0)) => None,
         Some(PersistentDisk::SizeMb(mb)) => Some(DiskConfig {
@@ -303,10 +347,13 @@ fn resolve_group(
                     cloud_properties: d.cloud_properties.clone(),
                 })
         }
-    };
+    }
+}
 
-    let networks = g
-        .networks
+/// The group's networks, each with its cloud-config definition (names the
+/// cloud-config lacks are left out: validation reports them).
+fn group_networks(cloud: &CloudConfig, g: &InstanceGroup) -> Vec<DesiredNetwork> {
+    g.networks
         .iter()
         .filter_map(|n| {
             cloud
@@ -320,8 +367,25 @@ fn resolve_group(
                     default: n.default.clone(),
                 })
         })
-        .collect();
+        .collect()
+}
 
+/// A group's jobs and the packages they need: (name, fingerprint).
+type GroupJobs = (Vec<DesiredJob>, Vec<(String, String)>);
+
+/// The group's jobs from their releases, with templates (parsed once per
+/// release job, through `cache`), merged properties and defaults; and the
+/// packages they need, deps first, each once. A job its release lacks, or
+/// a package closure that fails, is a problem.
+fn group_jobs(
+    manifest: &Manifest,
+    releases: &BTreeMap<String, ReleaseRecord>,
+    g: &InstanceGroup,
+    gpath: &str,
+    cache: &mut BTreeMap<String, Arc<JobTemplates>>,
+    problems: &mut Problems,
+) -> Result<GroupJobs, ResolveError> {
+    let src = &manifest.source;
     let mut jobs = Vec::new();
     let mut packages: Vec<(String, String)> = Vec::new();
     for (ji, j) in g.jobs.iter().enumerate() {
@@ -388,22 +452,7 @@ fn resolve_group(
             consumes: BTreeMap::new(),
         });
     }
-    problems.into_result()?;
-    Ok(DesiredGroup {
-        name: g.name.clone(),
-        instances: g.instances,
-        azs: g.azs.clone(),
-        update: manifest.update.with_override(g.update.as_ref()),
-        lifecycle: g.lifecycle,
-        networks,
-        cloud_properties,
-        env: g.env.clone(),
-        stemcells: group_stemcells,
-        az_config: az_config.clone(),
-        disk,
-        jobs,
-        packages,
-    })
+    Ok((jobs, packages))
 }
 
 /// A release's packages named, plus their transitive dependencies, deps
@@ -635,7 +684,7 @@ fn needed_packages(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::cloud_config::default_local;
+    use crate::model::cloud_config::{default_local, DiskType, VmType};
     use crate::model::manifest::parse_manifest;
     use crate::release::read_release_dir;
     use std::path::Path;
@@ -751,6 +800,93 @@ mod tests {
             p.iter()
                 .any(|m| m.contains("no job in the deployment provides one named 'nope'")),
             "{p:?}"
+        );
+    }
+
+    /// The `web` group of `manifest("")`, and its manifest.
+    fn web_group() -> (Manifest, InstanceGroup) {
+        let m = parse_manifest("m.yml", &manifest(""), Path::new(".")).unwrap();
+        let g = m.instance_groups[2].clone();
+        (m, g)
+    }
+
+    #[test]
+    fn group_cloud_properties_overlay_extensions_on_the_vm_type() {
+        let mut cc = default_local();
+        let vt = |name: &str, p: Json| VmType {
+            name: name.into(),
+            cloud_properties: p,
+        };
+        cc.vm_types = vec![vt("default", json!({"cpu": 1, "ram": 512}))];
+        cc.vm_extensions = vec![vt("big", json!({"ram": 4096}))];
+        let (_, mut g) = web_group();
+        g.vm_extensions = vec!["big".into(), "unknown".into()];
+        assert_eq!(
+            group_cloud_properties(&cc, &g),
+            json!({"cpu": 1, "ram": 4096})
+        );
+    }
+
+    #[test]
+    fn group_disk_from_a_size_or_a_disk_type() {
+        let mut cc = default_local();
+        cc.disk_types = vec![DiskType {
+            name: "fast".into(),
+            disk_size: 2048,
+            cloud_properties: json!({"ssd": true}),
+        }];
+        let (_, mut g) = web_group();
+        g.persistent_disk = Some(PersistentDisk::SizeMb(0));
+        assert_eq!(group_disk(&cc, &g), None);
+        g.persistent_disk = Some(PersistentDisk::SizeMb(100));
+        assert_eq!(group_disk(&cc, &g).map(|d| d.size_mb), Some(100));
+        g.persistent_disk = Some(PersistentDisk::Type("fast".into()));
+        assert_eq!(
+            group_disk(&cc, &g),
+            Some(DiskConfig {
+                size_mb: 2048,
+                cloud_properties: json!({"ssd": true}),
+            })
+        );
+    }
+
+    #[test]
+    fn group_networks_leave_out_unknown_names() {
+        let cc = default_local();
+        let (_, mut g) = web_group();
+        let mut other = g.networks[0].clone();
+        other.name = "nowhere".into();
+        g.networks.push(other);
+        let nets = group_networks(&cc, &g);
+        assert_eq!(nets.len(), 1);
+        assert_eq!(nets[0].name, "default");
+    }
+
+    #[test]
+    fn group_stemcells_pick_the_last_matching_one_per_cpi() {
+        let (m, g) = web_group();
+        let az_config: BTreeMap<String, (String, Json)> =
+            [("z1".to_string(), ("local".to_string(), json!({})))]
+                .into_iter()
+                .collect();
+        let sc = |version: &str| StemcellRecord {
+            name: "host".into(),
+            os: "local".into(),
+            version: version.into(),
+            cpi: "local".into(),
+            cid: format!("sc-{version}"),
+        };
+        let mut problems = Problems::default();
+        let got = group_stemcells(&m, &[sc("1"), sc("2")], &az_config, &g, "g", &mut problems);
+        assert!(problems.0.is_empty());
+        assert_eq!(got.get("local").map(|s| s.cid.as_str()), Some("sc-2"));
+        let got = group_stemcells(&m, &[], &az_config, &g, "g", &mut problems);
+        assert!(got.is_empty());
+        assert_eq!(problems.0.len(), 1);
+        assert!(
+            problems.0[0].to_string().contains("g.stemcell"),
+            "{}",
+            problems.0[0]
         );
     }
 }

@@ -529,6 +529,8 @@ pub fn primary_ip(networks: &BTreeMap<String, NetworkSettings>) -> String {
         .unwrap_or_default()
 }
 
+/// Plans one instance: the VM, disk and spec decisions, then the change
+/// they add up to (errand and detached instances overriding it).
 fn plan_instance(
     desired: &DesiredState,
     g: &DesiredGroup,
@@ -536,7 +538,42 @@ fn plan_instance(
     addresses: &BTreeMap<String, Vec<LinkInstance>>,
     vm_missing: bool,
 ) -> Result<InstancePlan, PlanError> {
-    let name = format!("{}/{}", g.name, rec.id);
+    let (cpi, stemcell, vm_target) = vm_target(g, &rec)?;
+    let mut reasons = Vec::new();
+    let vm = vm_decision(&rec, &vm_target, vm_missing, stemcell, &cpi, &mut reasons);
+    let disk = disk_decision(g, &rec, &cpi, &mut reasons);
+    let (spec, applied) = spec_decision(desired, g, &rec, addresses, stemcell)?;
+    let change = change_decision(&rec, &vm, &disk, &applied, &mut reasons);
+    let (change, vm, disk) = lifecycle_decision(
+        g,
+        &rec,
+        &applied,
+        &vm_target,
+        change,
+        vm,
+        disk,
+        &mut reasons,
+    );
+    Ok(InstancePlan {
+        record: rec,
+        change,
+        reasons,
+        vm,
+        vm_target,
+        disk,
+        spec,
+        applied,
+        stemcell: stemcell_key(stemcell),
+    })
+}
+
+/// Decides the VM an instance should run on: its AZ's CPI (`local` when
+/// the AZ is unknown), that CPI's stemcell, the AZ's cloud properties
+/// overlaid with the group's, and a digest over all of it.
+fn vm_target<'g>(
+    g: &'g DesiredGroup,
+    rec: &InstanceRecord,
+) -> Result<(String, &'g crate::store::StemcellRecord, VmCreate), PlanError> {
     let (cpi, az_props) = g
         .az_config
         .get(&rec.az)
@@ -566,127 +603,100 @@ fn plan_instance(
         cloud_properties,
         networks: rec.networks.clone(),
         env: g.env.clone(),
-        vm_digest: vm_digest.clone(),
+        vm_digest,
     };
-    let vm_target = vm_create.clone();
+    Ok((cpi, stemcell, vm_create))
+}
 
-    let mut reasons = Vec::new();
-    let vm = match &rec.vm {
-        None => VmAction::Create(vm_create),
+/// Decides what happens to the instance's VM: created when it has none,
+/// recreated when the CPI lost it or its target digest changed (with the
+/// reason pushed), kept otherwise.
+fn vm_decision(
+    rec: &InstanceRecord,
+    target: &VmCreate,
+    vm_missing: bool,
+    stemcell: &crate::store::StemcellRecord,
+    cpi: &str,
+    reasons: &mut Vec<String>,
+) -> VmAction {
+    match &rec.vm {
+        None => VmAction::Create(target.clone()),
         Some(_) if vm_missing => {
             reasons.push("VM is missing (the CPI no longer has it)".into());
-            VmAction::Recreate(vm_create)
+            VmAction::Recreate(target.clone())
         }
-        Some(v) if v.vm_digest != vm_digest => {
-            reasons.push(vm_change_reason(&rec, v, stemcell, &cpi));
-            VmAction::Recreate(vm_create)
+        Some(v) if v.vm_digest != target.vm_digest => {
+            reasons.push(vm_change_reason(rec, v, stemcell, cpi));
+            VmAction::Recreate(target.clone())
         }
         Some(_) => VmAction::Keep,
-    };
+    }
+}
 
-    let disk = match (&g.disk, &rec.disk) {
-        (None, None) => DiskAction::None,
+/// Decides what happens to the persistent disk: none, kept, created,
+/// orphaned (no longer wanted) or migrated (size or type changed), with
+/// the reason pushed.
+fn disk_decision(
+    g: &DesiredGroup,
+    rec: &InstanceRecord,
+    cpi: &str,
+    reasons: &mut Vec<String>,
+) -> DiskAction {
+    let d = match (&g.disk, &rec.disk) {
+        (None, None) => return DiskAction::None,
         (None, Some(_)) => {
             reasons.push("persistent disk removed (orphaned)".into());
-            DiskAction::Orphan
+            return DiskAction::Orphan;
         }
-        (Some(d), existing) => {
-            let d_digest =
-                digest(&json!({"size_mb": d.size_mb, "cloud_properties": d.cloud_properties}));
-            match existing {
-                Some(e) if e.digest == d_digest => DiskAction::Keep,
-                Some(e) => {
-                    reasons.push(if e.size_mb == d.size_mb {
-                        format!(
-                            "persistent disk type changed ({} MB): data copied to a new disk",
-                            d.size_mb
-                        )
-                    } else {
-                        format!(
-                            "persistent disk {} MB -> {} MB: data copied to a new disk",
-                            e.size_mb, d.size_mb
-                        )
-                    });
-                    DiskAction::Migrate {
-                        cpi: cpi.clone(),
-                        size_mb: d.size_mb,
-                        cloud_properties: d.cloud_properties.clone(),
-                        digest: d_digest,
-                    }
-                }
-                None => {
-                    if rec.vm.is_some() {
-                        reasons.push(format!("persistent disk {} MB added", d.size_mb));
-                    }
-                    DiskAction::Create {
-                        cpi: cpi.clone(),
-                        size_mb: d.size_mb,
-                        cloud_properties: d.cloud_properties.clone(),
-                        digest: d_digest,
-                    }
-                }
+        (Some(d), _) => d,
+    };
+    let d_digest = digest(&json!({"size_mb": d.size_mb, "cloud_properties": d.cloud_properties}));
+    match &rec.disk {
+        Some(e) if e.digest == d_digest => DiskAction::Keep,
+        Some(e) => {
+            reasons.push(if e.size_mb == d.size_mb {
+                format!(
+                    "persistent disk type changed ({} MB): data copied to a new disk",
+                    d.size_mb
+                )
+            } else {
+                format!(
+                    "persistent disk {} MB -> {} MB: data copied to a new disk",
+                    e.size_mb, d.size_mb
+                )
+            });
+            DiskAction::Migrate {
+                cpi: cpi.to_string(),
+                size_mb: d.size_mb,
+                cloud_properties: d.cloud_properties.clone(),
+                digest: d_digest,
             }
         }
-    };
-
-    // Render every job for this instance.
-    let address = primary_ip(&rec.networks);
-    let networks_json = serde_json::to_value(&rec.networks).unwrap_or(Json::Null);
-    let mut jobs = Vec::new();
-    let mut job_digests = BTreeMap::new();
-    for j in &g.jobs {
-        let mut links = BTreeMap::new();
-        for (lname, src) in &j.consumes {
-            let instances = addresses.get(&src.group).cloned().unwrap_or_default();
-            links.insert(
-                lname.clone(),
-                LinkContext {
-                    address: instances
-                        .first()
-                        .map(|i| i.address.clone())
-                        .unwrap_or_default(),
-                    instances,
-                    properties: src.properties.clone(),
-                },
-            );
+        None => {
+            if rec.vm.is_some() {
+                reasons.push(format!("persistent disk {} MB added", d.size_mb));
+            }
+            DiskAction::Create {
+                cpi: cpi.to_string(),
+                size_mb: d.size_mb,
+                cloud_properties: d.cloud_properties.clone(),
+                digest: d_digest,
+            }
         }
-        let ctx = InstanceContext {
-            spec: SpecContext {
-                deployment: desired.deployment.clone(),
-                name: g.name.clone(),
-                id: rec.id.clone(),
-                index: rec.index,
-                az: rec.az.clone(),
-                address: address.clone(),
-                ip: address.clone(),
-                bootstrap: rec.bootstrap,
-                networks: networks_json.clone(),
-                job: NameOnly {
-                    name: j.name.clone(),
-                },
-                release: NameOnly {
-                    name: j.release.clone(),
-                },
-            },
-            properties: j.properties.clone(),
-            defaults: j.defaults.clone(),
-            links,
-        };
-        let files = j
-            .templates
-            .render(&ctx)
-            .map_err(|source| PlanError::Template {
-                instance: name.clone(),
-                source,
-            })?;
-        let d = digest(&json!({"fingerprint": j.fingerprint, "files": files}));
-        job_digests.insert(j.name.clone(), d.clone());
-        jobs.push(RenderedJob {
-            name: j.name.clone(),
-            digest: d,
-            files,
-        });
     }
+}
+
+/// Decides what the agent gets: every job rendered for this instance, the
+/// group's packages, and the applied record (digests) the spec hashes to.
+fn spec_decision(
+    desired: &DesiredState,
+    g: &DesiredGroup,
+    rec: &InstanceRecord,
+    addresses: &BTreeMap<String, Vec<LinkInstance>>,
+    stemcell: &crate::store::StemcellRecord,
+) -> Result<(ApplySpec, AppliedRecord), PlanError> {
+    let address = primary_ip(&rec.networks);
+    let (jobs, job_digests) = render_jobs(desired, g, rec, addresses, &address)?;
     let package_fingerprints: BTreeMap<String, String> = g.packages.iter().cloned().collect();
     let packages: Vec<PackageRef> = g
         .packages
@@ -718,12 +728,93 @@ fn plan_instance(
         "stemcell": stemcell_key(stemcell),
     }));
     let applied = AppliedRecord {
-        digest: spec_digest.clone(),
-        job_digests: job_digests.clone(),
-        package_fingerprints: package_fingerprints.clone(),
+        digest: spec_digest,
+        job_digests,
+        package_fingerprints,
     };
+    Ok((spec, applied))
+}
 
-    let mut change = match (&vm, &rec.applied) {
+/// Renders every job of the group for this instance, its links resolved
+/// from `addresses`; returns the jobs and each job's digest by name.
+fn render_jobs(
+    desired: &DesiredState,
+    g: &DesiredGroup,
+    rec: &InstanceRecord,
+    addresses: &BTreeMap<String, Vec<LinkInstance>>,
+    address: &str,
+) -> Result<(Vec<RenderedJob>, BTreeMap<String, String>), PlanError> {
+    let name = format!("{}/{}", g.name, rec.id);
+    let networks_json = serde_json::to_value(&rec.networks).unwrap_or(Json::Null);
+    let mut jobs = Vec::new();
+    let mut job_digests = BTreeMap::new();
+    for j in &g.jobs {
+        let mut links = BTreeMap::new();
+        for (lname, src) in &j.consumes {
+            let instances = addresses.get(&src.group).cloned().unwrap_or_default();
+            links.insert(
+                lname.clone(),
+                LinkContext {
+                    address: instances
+                        .first()
+                        .map(|i| i.address.clone())
+                        .unwrap_or_default(),
+                    instances,
+                    properties: src.properties.clone(),
+                },
+            );
+        }
+        let ctx = InstanceContext {
+            spec: SpecContext {
+                deployment: desired.deployment.clone(),
+                name: g.name.clone(),
+                id: rec.id.clone(),
+                index: rec.index,
+                az: rec.az.clone(),
+                address: address.to_string(),
+                ip: address.to_string(),
+                bootstrap: rec.bootstrap,
+                networks: networks_json.clone(),
+                job: NameOnly {
+                    name: j.name.clone(),
+                },
+                release: NameOnly {
+                    name: j.release.clone(),
+                },
+            },
+            properties: j.properties.clone(),
+            defaults: j.defaults.clone(),
+            links,
+        };
+        let files = j
+            .templates
+            .render(&ctx)
+            .map_err(|source| PlanError::Template {
+                instance: name.clone(),
+                source,
+            })?;
+        let d = digest(&json!({"fingerprint": j.fingerprint, "files": files}));
+        job_digests.insert(j.name.clone(), d.clone());
+        jobs.push(RenderedJob {
+            name: j.name.clone(),
+            digest: d,
+            files,
+        });
+    }
+    Ok((jobs, job_digests))
+}
+
+/// Decides the change from the VM and disk actions and what was applied
+/// last, pushing a reason per job or package that differs (or a general
+/// one when nothing else explains the change).
+fn change_decision(
+    rec: &InstanceRecord,
+    vm: &VmAction,
+    disk: &DiskAction,
+    applied: &AppliedRecord,
+    reasons: &mut Vec<String>,
+) -> Change {
+    let mut change = match (vm, &rec.applied) {
         (VmAction::Create(_), _) if rec.vm.is_none() => Change::Create,
         (VmAction::Recreate(_), _) => Change::Recreate,
         _ => Change::None,
@@ -732,25 +823,9 @@ fn plan_instance(
         reasons.push("VM is missing".into());
     }
     match &rec.applied {
-        Some(a) if a.digest == spec_digest => {}
+        Some(a) if a.digest == applied.digest => {}
         Some(a) => {
-            for (jn, d) in &job_digests {
-                match a.job_digests.get(jn) {
-                    None => reasons.push(format!("job {jn} added")),
-                    Some(old) if old != d => reasons.push(format!("job {jn} changed")),
-                    _ => {}
-                }
-            }
-            for jn in a.job_digests.keys() {
-                if !job_digests.contains_key(jn) {
-                    reasons.push(format!("job {jn} removed"));
-                }
-            }
-            for (pn, f) in &package_fingerprints {
-                if a.package_fingerprints.get(pn) != Some(f) {
-                    reasons.push(format!("package {pn} changed"));
-                }
-            }
+            spec_change_reasons(a, applied, reasons);
             if reasons.is_empty() {
                 reasons.push("network or bootstrap changed".into());
             }
@@ -773,9 +848,49 @@ fn plan_instance(
     {
         change = Change::Update;
     }
+    change
+}
+
+/// Pushes a reason for each job added, changed or removed and each
+/// package changed between what was applied (`old`) and what is planned.
+fn spec_change_reasons(old: &AppliedRecord, new: &AppliedRecord, reasons: &mut Vec<String>) {
+    for (jn, d) in &new.job_digests {
+        match old.job_digests.get(jn) {
+            None => reasons.push(format!("job {jn} added")),
+            Some(o) if o != d => reasons.push(format!("job {jn} changed")),
+            _ => {}
+        }
+    }
+    for jn in old.job_digests.keys() {
+        if !new.job_digests.contains_key(jn) {
+            reasons.push(format!("job {jn} removed"));
+        }
+    }
+    for (pn, f) in &new.package_fingerprints {
+        if old.package_fingerprints.get(pn) != Some(f) {
+            reasons.push(format!("package {pn} changed"));
+        }
+    }
+}
+
+/// Overrides the decisions for instances that get no VM from a deploy:
+/// an errand only has its spec and VM recorded (an update when they
+/// differ from what it last ran with); an instance stopped with `--hard`
+/// stays without a VM, keeping its disk, until `start`.
+#[allow(clippy::too_many_arguments)]
+fn lifecycle_decision(
+    g: &DesiredGroup,
+    rec: &InstanceRecord,
+    applied: &AppliedRecord,
+    vm_target: &VmCreate,
+    change: Change,
+    vm: VmAction,
+    disk: DiskAction,
+    reasons: &mut Vec<String>,
+) -> (Change, VmAction, DiskAction) {
     // An errand instance has no VM between runs: a deploy only records
     // the spec and VM it will run with.
-    let (change, vm, disk) = if g.lifecycle == Lifecycle::Errand {
+    if g.lifecycle == Lifecycle::Errand {
         reasons.clear();
         let same = rec.deployed.as_ref().is_some_and(|d| {
             d.applied.digest == applied.digest && d.vm.vm_digest == vm_target.vm_digest
@@ -797,18 +912,7 @@ fn plan_instance(
         (Change::None, VmAction::Keep, disk)
     } else {
         (change, vm, disk)
-    };
-    Ok(InstancePlan {
-        record: rec,
-        change,
-        reasons,
-        vm,
-        vm_target,
-        disk,
-        spec,
-        applied,
-        stemcell: stemcell_key(stemcell),
-    })
+    }
 }
 
 fn vm_change_reason(
@@ -1109,5 +1213,137 @@ mod tests {
             "127.77.0.102"
         );
         assert!(matches!(p.groups[0].instances[0].disk, DiskAction::None));
+    }
+
+    /// One deployed instance of `manifest(1, 8080, disk, [])` and its group.
+    fn deployed_one(disk: u32) -> (DesiredState, InstanceRecord) {
+        let d = desired(&manifest(1, 8080, disk, &[]));
+        let mut actual = Actual::default();
+        execute(&plan(&d, &actual, &mut ids()).unwrap(), &mut actual);
+        (d, actual.instances.remove(0))
+    }
+
+    #[test]
+    fn vm_decision_recreates_a_missing_vm_and_keeps_a_matching_one() {
+        let (d, rec) = deployed_one(0);
+        let (cpi, stemcell, target) = vm_target(&d.groups[0], &rec).unwrap();
+        let mut reasons = Vec::new();
+        let vm = vm_decision(&rec, &target, false, stemcell, &cpi, &mut reasons);
+        assert!(matches!(vm, VmAction::Keep));
+        assert!(reasons.is_empty());
+        let vm = vm_decision(&rec, &target, true, stemcell, &cpi, &mut reasons);
+        assert!(matches!(vm, VmAction::Recreate(_)));
+        assert_eq!(reasons, vec!["VM is missing (the CPI no longer has it)"]);
+    }
+
+    #[test]
+    fn vm_target_without_a_stemcell_for_the_cpi_is_an_error() {
+        let (mut d, rec) = deployed_one(0);
+        d.groups[0].stemcells.clear();
+        assert!(matches!(
+            vm_target(&d.groups[0], &rec),
+            Err(PlanError::NoStemcell { .. })
+        ));
+    }
+
+    #[test]
+    fn disk_decision_migrates_a_resized_disk_and_orphans_a_removed_one() {
+        let (_, rec) = deployed_one(1024);
+        let bigger = desired(&manifest(1, 8080, 2048, &[]));
+        let mut reasons = Vec::new();
+        let disk = disk_decision(&bigger.groups[0], &rec, "local", &mut reasons);
+        assert!(matches!(disk, DiskAction::Migrate { size_mb: 2048, .. }));
+        assert_eq!(
+            reasons,
+            vec!["persistent disk 1024 MB -> 2048 MB: data copied to a new disk"]
+        );
+        let none = desired(&manifest(1, 8080, 0, &[]));
+        let mut reasons = Vec::new();
+        let disk = disk_decision(&none.groups[0], &rec, "local", &mut reasons);
+        assert_eq!(disk, DiskAction::Orphan);
+        assert_eq!(reasons, vec!["persistent disk removed (orphaned)"]);
+    }
+
+    #[test]
+    fn spec_decision_digest_follows_job_properties() {
+        let (d, rec) = deployed_one(0);
+        let stemcell = d.groups[0].stemcells.values().next().unwrap();
+        let (spec, applied) =
+            spec_decision(&d, &d.groups[0], &rec, &BTreeMap::new(), stemcell).unwrap();
+        assert_eq!(spec.jobs.len(), 1);
+        assert_eq!(Some(&applied), rec.applied.as_ref());
+        let other = desired(&manifest(1, 9090, 0, &[]));
+        let (_, changed) =
+            spec_decision(&other, &other.groups[0], &rec, &BTreeMap::new(), stemcell).unwrap();
+        assert_ne!(changed.digest, applied.digest);
+    }
+
+    #[test]
+    fn spec_change_reasons_name_added_changed_and_removed_jobs() {
+        let map = |kv: &[(&str, &str)]| -> BTreeMap<String, String> {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let old = AppliedRecord {
+            digest: "a".into(),
+            job_digests: map(&[("a", "1"), ("b", "1"), ("c", "1")]),
+            package_fingerprints: map(&[("p", "1")]),
+        };
+        let new = AppliedRecord {
+            digest: "b".into(),
+            job_digests: map(&[("a", "1"), ("b", "2"), ("d", "1")]),
+            package_fingerprints: map(&[("p", "2")]),
+        };
+        let mut reasons = Vec::new();
+        spec_change_reasons(&old, &new, &mut reasons);
+        assert_eq!(
+            reasons,
+            vec![
+                "job b changed",
+                "job d added",
+                "job c removed",
+                "package p changed"
+            ]
+        );
+    }
+
+    #[test]
+    fn change_decision_updates_a_never_applied_instance() {
+        let (_, mut rec) = deployed_one(0);
+        let applied = rec.applied.take().unwrap();
+        let mut reasons = Vec::new();
+        let change = change_decision(
+            &rec,
+            &VmAction::Keep,
+            &DiskAction::None,
+            &applied,
+            &mut reasons,
+        );
+        assert_eq!(change, Change::Update);
+        assert_eq!(reasons, vec!["never applied"]);
+    }
+
+    #[test]
+    fn lifecycle_decision_leaves_a_detached_instance_alone_with_its_disk() {
+        let (d, mut rec) = deployed_one(1024);
+        rec.state = crate::store::InstanceState::Detached;
+        let (_, _, target) = vm_target(&d.groups[0], &rec).unwrap();
+        let applied = rec.applied.clone().unwrap();
+        let mut reasons = vec!["job kv changed".to_string()];
+        let (change, vm, disk) = lifecycle_decision(
+            &d.groups[0],
+            &rec,
+            &applied,
+            &target,
+            Change::Update,
+            VmAction::Keep,
+            DiskAction::Orphan,
+            &mut reasons,
+        );
+        assert_eq!(change, Change::None);
+        assert!(matches!(vm, VmAction::Keep));
+        assert_eq!(disk, DiskAction::Keep);
+        assert!(reasons.is_empty());
     }
 }

@@ -13,7 +13,7 @@ use bosun_cpi::NetworkKind;
 use crate::model::cloud_config::{
     dynamic_pool, is_static, ranges_text, subnet_for_az, CloudConfig, Network, Subnet,
 };
-use crate::model::manifest::{Manifest, PersistentDisk};
+use crate::model::manifest::{InstanceGroup, Manifest, NetworkRef, PersistentDisk};
 use crate::model::problems::Problems;
 use crate::model::yaml::unknown;
 
@@ -29,185 +29,261 @@ pub fn validate_manifest(manifest: &Manifest, cc: &CloudConfig) -> Result<(), Pr
     let src = &manifest.source;
     let mut problems = Problems::default();
     let mut push = |path: String, msg: String| problems.push(src.problem(path, msg));
-
-    let az_names: Vec<&str> = cc.azs.iter().map(|a| a.name.as_str()).collect();
-    let vm_names: Vec<&str> = cc.vm_types.iter().map(|a| a.name.as_str()).collect();
-    let ext_names: Vec<&str> = cc.vm_extensions.iter().map(|a| a.name.as_str()).collect();
-    let disk_names: Vec<&str> = cc.disk_types.iter().map(|a| a.name.as_str()).collect();
-    let net_names: Vec<&str> = cc.networks.iter().map(|a| a.name.as_str()).collect();
+    let names = Names::of(cc);
     // Static IP -> where it was first used.
     let mut used: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
 
     for (gi, g) in manifest.instance_groups.iter().enumerate() {
         let gp = format!("instance_groups[{gi}]");
+        check_group_names(cc, &names, g, &gp, &mut push);
         // Whether `instances` was found too many for a network.
         let mut too_many = false;
-        for (i, az) in g.azs.iter().enumerate() {
-            if cc.az(az).is_none() {
-                push(format!("{gp}.azs[{i}]"), unknown("az", az, &az_names));
-            }
-        }
-        if g.azs.is_empty() && !cc.azs.is_empty() {
-            push(
-                format!("{gp}.azs"),
-                format!(
-                    "missing 'azs': the cloud-config defines azs ({})",
-                    az_names.join(", ")
-                ),
-            );
-        }
-        if cc.vm_type(&g.vm_type).is_none() {
-            push(
-                format!("{gp}.vm_type"),
-                unknown("vm type", &g.vm_type, &vm_names),
-            );
-        }
-        for (i, e) in g.vm_extensions.iter().enumerate() {
-            if cc.vm_extension(e).is_none() {
-                push(
-                    format!("{gp}.vm_extensions[{i}]"),
-                    unknown("vm extension", e, &ext_names),
-                );
-            }
-        }
-        if let Some(PersistentDisk::Type(t)) = &g.persistent_disk {
-            if cc.disk_type(t).is_none() {
-                push(
-                    format!("{gp}.persistent_disk_type"),
-                    unknown("disk type", t, &disk_names),
-                );
-            }
-        }
         for (ni, nr) in g.networks.iter().enumerate() {
             let np = format!("{gp}.networks[{ni}]");
             let Some(net) = cc.network(&nr.name) else {
                 push(
                     format!("{np}.name"),
-                    unknown("network", &nr.name, &net_names),
+                    unknown("network", &nr.name, &names.networks),
                 );
                 continue;
             };
-            if !nr.static_ips.is_empty() && nr.static_ips.len() != g.instances as usize {
-                push(
-                    format!("{np}.static_ips"),
-                    format!(
-                        "{} static IPs for {} instances: give one per instance",
-                        nr.static_ips.len(),
-                        g.instances
-                    ),
-                );
-            }
-            // Subnets that may serve this group.
-            let serves = |s: &Subnet| {
-                s.azs.is_empty() || g.azs.is_empty() || s.azs.iter().any(|a| g.azs.contains(a))
-            };
-            match net.kind {
-                NetworkKind::Manual => {
-                    for az in &g.azs {
-                        if cc.az(az).is_some() && subnet_for_az(net, az).is_none() {
-                            push(
-                                format!("{np}.name"),
-                                format!("network '{}' has no subnet in az '{az}'", net.name),
-                            );
-                        }
-                    }
-                    if nr.static_ips.is_empty() {
-                        // Counting stops past MAX_INSTANCES: a /8 costs no more than a /24.
-                        let wanted = g.instances as usize;
-                        let limit = wanted.min(MAX_INSTANCES as usize + 1);
-                        let room = dynamic_room(net, &g.azs, limit);
-                        if room < limit {
-                            too_many = true;
-                            push(
-                                format!("{gp}.instances"),
-                                format!(
-                                    "{} instances but network '{}' can hold at most {room} dynamic IPs{}",
-                                    g.instances,
-                                    net.name,
-                                    if g.azs.is_empty() {
-                                        String::new()
-                                    } else {
-                                        format!(" in az {}", g.azs.join(", "))
-                                    }
-                                ),
-                            );
-                        }
-                    }
-                }
-                NetworkKind::Dynamic => {
-                    if !nr.static_ips.is_empty() {
-                        push(
-                            format!("{np}.static_ips"),
-                            format!(
-                                "network '{}' is dynamic and cannot have static IPs",
-                                net.name
-                            ),
-                        );
-                    }
-                }
-                NetworkKind::Vip => {}
-            }
-            for (i, ip) in nr.static_ips.iter().enumerate() {
-                let ipp = format!("{np}.static_ips[{i}]");
-                if let Some(first) = used.get(ip) {
-                    push(
-                        ipp.clone(),
-                        format!("static IP {ip} is already used at {first}"),
-                    );
-                } else {
-                    used.insert(*ip, ipp.clone());
-                }
-                if net.kind != NetworkKind::Manual {
-                    continue;
-                }
-                let candidates: Vec<&Subnet> = net.subnets.iter().filter(|s| serves(s)).collect();
-                match candidates.iter().find(|s| s.range.contains(ip)) {
-                    Some(s) if !is_static(s, *ip) => push(
-                        ipp,
-                        format!(
-                            "static IP {ip} is outside the subnet's static ranges ({})",
-                            ranges_text(&s.static_ips)
-                        ),
-                    ),
-                    Some(_) => {}
-                    None => {
-                        let desc: Vec<String> = candidates
-                            .iter()
-                            .map(|s| format!("{} static {}", s.range, ranges_text(&s.static_ips)))
-                            .collect();
-                        let desc = if desc.is_empty() {
-                            "none serves the group's azs".to_string()
-                        } else {
-                            desc.join("; ")
-                        };
-                        let only = candidates.first().filter(|_| candidates.len() == 1);
-                        let msg = match only {
-                            Some(s) => format!(
-                                "static IP {ip} is outside the subnet's static ranges ({}); the subnet is {}",
-                                ranges_text(&s.static_ips),
-                                s.range
-                            ),
-                            None => format!(
-                                "static IP {ip} is not inside any subnet of network '{}' for this group ({desc})",
-                                net.name
-                            ),
-                        };
-                        push(ipp, msg);
-                    }
-                }
-            }
+            too_many |= check_network(cc, g, &gp, &np, nr, net, &mut push);
+            check_static_ips(g, &np, nr, net, &mut used, &mut push);
         }
-        if g.instances > MAX_INSTANCES && !too_many {
+        check_group_size(g, &gp, too_many, &mut push);
+    }
+    problems.into_result()
+}
+
+/// The names the cloud-config defines, for "unknown ..." messages.
+struct Names<'c> {
+    azs: Vec<&'c str>,
+    vm_types: Vec<&'c str>,
+    vm_extensions: Vec<&'c str>,
+    disk_types: Vec<&'c str>,
+    networks: Vec<&'c str>,
+}
+
+impl<'c> Names<'c> {
+    fn of(cc: &'c CloudConfig) -> Self {
+        Names {
+            azs: cc.azs.iter().map(|a| a.name.as_str()).collect(),
+            vm_types: cc.vm_types.iter().map(|a| a.name.as_str()).collect(),
+            vm_extensions: cc.vm_extensions.iter().map(|a| a.name.as_str()).collect(),
+            disk_types: cc.disk_types.iter().map(|a| a.name.as_str()).collect(),
+            networks: cc.networks.iter().map(|a| a.name.as_str()).collect(),
+        }
+    }
+}
+
+/// Checks that the group's azs (present when the cloud-config has any), vm
+/// type, vm extensions and disk type exist in the cloud-config.
+fn check_group_names(
+    cc: &CloudConfig,
+    names: &Names,
+    g: &InstanceGroup,
+    gp: &str,
+    push: &mut impl FnMut(String, String),
+) {
+    for (i, az) in g.azs.iter().enumerate() {
+        if cc.az(az).is_none() {
+            push(format!("{gp}.azs[{i}]"), unknown("az", az, &names.azs));
+        }
+    }
+    if g.azs.is_empty() && !cc.azs.is_empty() {
+        push(
+            format!("{gp}.azs"),
+            format!(
+                "missing 'azs': the cloud-config defines azs ({})",
+                names.azs.join(", ")
+            ),
+        );
+    }
+    if cc.vm_type(&g.vm_type).is_none() {
+        push(
+            format!("{gp}.vm_type"),
+            unknown("vm type", &g.vm_type, &names.vm_types),
+        );
+    }
+    for (i, e) in g.vm_extensions.iter().enumerate() {
+        if cc.vm_extension(e).is_none() {
             push(
-                format!("{gp}.instances"),
-                format!(
-                    "{} instances: an instance group may have at most {MAX_INSTANCES}",
-                    g.instances
-                ),
+                format!("{gp}.vm_extensions[{i}]"),
+                unknown("vm extension", e, &names.vm_extensions),
             );
         }
     }
-    problems.into_result()
+    if let Some(PersistentDisk::Type(t)) = &g.persistent_disk {
+        if cc.disk_type(t).is_none() {
+            push(
+                format!("{gp}.persistent_disk_type"),
+                unknown("disk type", t, &names.disk_types),
+            );
+        }
+    }
+}
+
+/// Checks one of the group's networks: one static IP per instance when it
+/// has any; a manual network has a subnet in each az and room for the
+/// instances' dynamic IPs; a dynamic one has no static IPs. Returns whether
+/// the instances were found too many for the network.
+fn check_network(
+    cc: &CloudConfig,
+    g: &InstanceGroup,
+    gp: &str,
+    np: &str,
+    nr: &NetworkRef,
+    net: &Network,
+    push: &mut impl FnMut(String, String),
+) -> bool {
+    let mut too_many = false;
+    if !nr.static_ips.is_empty() && nr.static_ips.len() != g.instances as usize {
+        push(
+            format!("{np}.static_ips"),
+            format!(
+                "{} static IPs for {} instances: give one per instance",
+                nr.static_ips.len(),
+                g.instances
+            ),
+        );
+    }
+    match net.kind {
+        NetworkKind::Manual => {
+            for az in &g.azs {
+                if cc.az(az).is_some() && subnet_for_az(net, az).is_none() {
+                    push(
+                        format!("{np}.name"),
+                        format!("network '{}' has no subnet in az '{az}'", net.name),
+                    );
+                }
+            }
+            if nr.static_ips.is_empty() {
+                // Counting stops past MAX_INSTANCES: a /8 costs no more than a /24.
+                let wanted = g.instances as usize;
+                let limit = wanted.min(MAX_INSTANCES as usize + 1);
+                let room = dynamic_room(net, &g.azs, limit);
+                if room < limit {
+                    too_many = true;
+                    push(
+                        format!("{gp}.instances"),
+                        format!(
+                            "{} instances but network '{}' can hold at most {room} dynamic IPs{}",
+                            g.instances,
+                            net.name,
+                            if g.azs.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" in az {}", g.azs.join(", "))
+                            }
+                        ),
+                    );
+                }
+            }
+        }
+        NetworkKind::Dynamic => {
+            if !nr.static_ips.is_empty() {
+                push(
+                    format!("{np}.static_ips"),
+                    format!(
+                        "network '{}' is dynamic and cannot have static IPs",
+                        net.name
+                    ),
+                );
+            }
+        }
+        NetworkKind::Vip => {}
+    }
+    too_many
+}
+
+/// Checks the group's static IPs on one network: none used twice (`used`
+/// records where each was first seen); on a manual network, each inside
+/// the static ranges of a subnet that serves the group's azs.
+fn check_static_ips(
+    g: &InstanceGroup,
+    np: &str,
+    nr: &NetworkRef,
+    net: &Network,
+    used: &mut BTreeMap<Ipv4Addr, String>,
+    push: &mut impl FnMut(String, String),
+) {
+    // Subnets that may serve this group.
+    let serves = |s: &Subnet| {
+        s.azs.is_empty() || g.azs.is_empty() || s.azs.iter().any(|a| g.azs.contains(a))
+    };
+    for (i, ip) in nr.static_ips.iter().enumerate() {
+        let ipp = format!("{np}.static_ips[{i}]");
+        if let Some(first) = used.get(ip) {
+            push(
+                ipp.clone(),
+                format!("static IP {ip} is already used at {first}"),
+            );
+        } else {
+            used.insert(*ip, ipp.clone());
+        }
+        if net.kind != NetworkKind::Manual {
+            continue;
+        }
+        let candidates: Vec<&Subnet> = net.subnets.iter().filter(|s| serves(s)).collect();
+        if let Some(msg) = static_ip_problem(*ip, net, &candidates) {
+            push(ipp, msg);
+        }
+    }
+}
+
+/// What is wrong with a static IP of manual network `net`, given the
+/// subnets that serve the group: outside a subnet's static ranges, or in
+/// no serving subnet at all; `None` when it is fine.
+fn static_ip_problem(ip: Ipv4Addr, net: &Network, candidates: &[&Subnet]) -> Option<String> {
+    match candidates.iter().find(|s| s.range.contains(&ip)) {
+        Some(s) if !is_static(s, ip) => Some(format!(
+            "static IP {ip} is outside the subnet's static ranges ({})",
+            ranges_text(&s.static_ips)
+        )),
+        Some(_) => None,
+        None => {
+            let desc: Vec<String> = candidates
+                .iter()
+                .map(|s| format!("{} static {}", s.range, ranges_text(&s.static_ips)))
+                .collect();
+            let desc = if desc.is_empty() {
+                "none serves the group's azs".to_string()
+            } else {
+                desc.join("; ")
+            };
+            let only = candidates.first().filter(|_| candidates.len() == 1);
+            Some(match only {
+                Some(s) => format!(
+                    "static IP {ip} is outside the subnet's static ranges ({}); the subnet is {}",
+                    ranges_text(&s.static_ips),
+                    s.range
+                ),
+                None => format!(
+                    "static IP {ip} is not inside any subnet of network '{}' for this group ({desc})",
+                    net.name
+                ),
+            })
+        }
+    }
+}
+
+/// Checks the group has no more than [`MAX_INSTANCES`] instances, unless a
+/// network already said they are too many.
+fn check_group_size(
+    g: &InstanceGroup,
+    gp: &str,
+    too_many: bool,
+    push: &mut impl FnMut(String, String),
+) {
+    if g.instances > MAX_INSTANCES && !too_many {
+        push(
+            format!("{gp}.instances"),
+            format!(
+                "{} instances: an instance group may have at most {MAX_INSTANCES}",
+                g.instances
+            ),
+        );
+    }
 }
 
 /// Most instances one instance group may have, whatever its networks.
@@ -370,5 +446,92 @@ compilation: {workers: 1, az: z1, network: wide}
         assert!(e.0[3]
             .message
             .contains("already used at instance_groups[0].networks[0].static_ips[0]"));
+    }
+
+    /// The one group of `one_group(instances, "default")`.
+    fn group(instances: u32) -> InstanceGroup {
+        let m = parse_manifest("m.yml", &one_group(instances, "default"), Path::new("/")).unwrap();
+        m.instance_groups.into_iter().next().unwrap()
+    }
+
+    /// Runs a check, collecting what it pushes as `path: message`.
+    fn pushed(f: impl FnOnce(&mut dyn FnMut(String, String))) -> Vec<String> {
+        let mut out = Vec::new();
+        f(&mut |p, m| out.push(format!("{p}: {m}")));
+        out
+    }
+
+    #[test]
+    fn check_group_names_reports_an_unknown_vm_type() {
+        let cc = default_local();
+        let mut g = group(1);
+        assert!(
+            pushed(|push| check_group_names(&cc, &Names::of(&cc), &g, "g", &mut &mut *push))
+                .is_empty()
+        );
+        g.vm_type = "huge".into();
+        let out = pushed(|push| check_group_names(&cc, &Names::of(&cc), &g, "g", &mut &mut *push));
+        assert_eq!(out.len(), 1);
+        assert!(out[0].starts_with("g.vm_type: "), "{out:?}");
+    }
+
+    #[test]
+    fn check_network_wants_one_static_ip_per_instance() {
+        let cc = default_local();
+        let mut g = group(2);
+        g.networks[0].static_ips = vec!["127.77.0.10".parse().unwrap()];
+        let (nr, net) = (&g.networks[0], cc.network("default").unwrap());
+        let out = pushed(|push| {
+            assert!(!check_network(&cc, &g, "g", "n", nr, net, &mut &mut *push));
+        });
+        assert_eq!(
+            out,
+            vec!["n.static_ips: 1 static IPs for 2 instances: give one per instance"]
+        );
+    }
+
+    #[test]
+    fn check_static_ips_reports_an_ip_used_twice() {
+        let cc = default_local();
+        let mut g = group(1);
+        g.networks[0].static_ips = vec!["127.77.0.10".parse().unwrap()];
+        let (nr, net) = (&g.networks[0], cc.network("default").unwrap());
+        let mut used = BTreeMap::new();
+        let first = pushed(|push| check_static_ips(&g, "a", nr, net, &mut used, &mut &mut *push));
+        assert!(first.is_empty());
+        let again = pushed(|push| check_static_ips(&g, "b", nr, net, &mut used, &mut &mut *push));
+        assert_eq!(
+            again,
+            vec!["b.static_ips[0]: static IP 127.77.0.10 is already used at a.static_ips[0]"]
+        );
+    }
+
+    #[test]
+    fn static_ip_problem_tells_static_range_from_subnet() {
+        let cc = default_local();
+        let net = cc.network("default").unwrap();
+        let subnets: Vec<&Subnet> = net.subnets.iter().collect();
+        let at = |ip: &str| static_ip_problem(ip.parse().unwrap(), net, &subnets);
+        assert_eq!(at("127.77.0.10"), None);
+        assert_eq!(
+            at("127.77.0.150").as_deref(),
+            Some("static IP 127.77.0.150 is outside the subnet's static ranges (127.77.0.2-127.77.0.100)")
+        );
+        assert!(at("10.0.0.1")
+            .unwrap()
+            .ends_with("; the subnet is 127.77.0.0/24"));
+        assert!(static_ip_problem("10.0.0.1".parse().unwrap(), net, &[])
+            .unwrap()
+            .ends_with("(none serves the group's azs)"));
+    }
+
+    #[test]
+    fn check_group_size_is_quiet_when_a_network_already_said_too_many() {
+        let g = group(MAX_INSTANCES + 1);
+        assert_eq!(
+            pushed(|push| check_group_size(&g, "g", false, &mut &mut *push)).len(),
+            1
+        );
+        assert!(pushed(|push| check_group_size(&g, "g", true, &mut &mut *push)).is_empty());
     }
 }

@@ -13,7 +13,9 @@ use super::archive::{
 };
 use super::dir::topo_order;
 use super::spec::{check_name, parse_job_spec, parse_yaml};
-use super::{Job, Package, PackageSpec, Release, ReleaseError, ReleaseErrorKind, ReleaseManifest};
+use super::{
+    Job, JobEntry, Package, PackageSpec, Release, ReleaseError, ReleaseErrorKind, ReleaseManifest,
+};
 use crate::archive_limits::{ArchiveLimits, Budget};
 
 const MANIFEST: &str = "release.MF";
@@ -283,16 +285,50 @@ fn job_files(
     Ok(out)
 }
 
+/// Reads and verifies a release tarball: its manifest, then its packages
+/// in dependency order, then its jobs.
 fn read_inner(
     path: &Path,
     limits: &ArchiveLimits,
     scratch_dir: Option<&Path>,
 ) -> Result<Release, ReleaseError> {
-    let input = File::open(path).map_err(|e| ReleaseError::io("", e))?;
     let budget = Budget::new(*limits);
+    let (manifest_bytes, archives) = read_members(path, &budget, scratch_dir)?;
+    let manifest = parse_release_manifest(manifest_bytes)?;
+    let order = package_order(&manifest)?;
+    let packages = read_packages(&manifest, &order, &archives, &budget)?;
+    let mut jobs = BTreeMap::new();
+    for entry in &manifest.jobs {
+        let job = read_job(entry, &archives, &budget, &packages)?;
+        if jobs.insert(entry.name.clone(), job).is_some() {
+            return Err(ReleaseError::invalid(
+                MANIFEST,
+                format!("job '{}' is listed twice", entry.name),
+            ));
+        }
+    }
+    Ok(Release {
+        manifest,
+        jobs: jobs.into_values().collect(),
+        packages: packages.into_values().collect(),
+    })
+}
+
+/// What a release tarball holds: `release.MF`'s bytes and the member
+/// archives by path.
+type Members = (Option<Vec<u8>>, BTreeMap<String, Spooled>);
+
+/// Walks the tarball once: `release.MF`'s bytes (when there) and every
+/// job and package archive, spooled (to `scratch_dir` or the temp dir).
+fn read_members(
+    path: &Path,
+    budget: &Budget,
+    scratch_dir: Option<&Path>,
+) -> Result<Members, ReleaseError> {
+    let input = File::open(path).map_err(|e| ReleaseError::io("", e))?;
     let mut manifest_bytes = None;
     let mut archives: BTreeMap<String, Spooled> = BTreeMap::new();
-    walk_tgz(BufReader::new(input), &budget, |name, _, content| {
+    walk_tgz(BufReader::new(input), budget, |name, _, content| {
         if name == MANIFEST {
             manifest_bytes = Some(read_capped(content, MAX_MANIFEST_BYTES, name)?);
         } else if is_member_archive(name) {
@@ -301,8 +337,13 @@ fn read_inner(
         Ok(())
     })
     .map_err(|e| walk_error("", e))?;
-    let text = manifest_bytes
-        .ok_or_else(|| ReleaseError::invalid(MANIFEST, "missing from the tarball"))?;
+    Ok((manifest_bytes, archives))
+}
+
+/// `release.MF` from its bytes: present, UTF-8 YAML, with a valid release
+/// name and a non-empty version.
+fn parse_release_manifest(bytes: Option<Vec<u8>>) -> Result<ReleaseManifest, ReleaseError> {
+    let text = bytes.ok_or_else(|| ReleaseError::invalid(MANIFEST, "missing from the tarball"))?;
     let text = std::str::from_utf8(&text)
         .map_err(|_| ReleaseError::invalid(MANIFEST, "not valid UTF-8 text"))?;
     let manifest: ReleaseManifest = parse_yaml(MANIFEST, text)?;
@@ -313,8 +354,13 @@ fn read_inner(
             "the release version is empty",
         ));
     }
+    Ok(manifest)
+}
 
-    // Packages: existence, dependencies, order.
+/// The manifest's packages in dependency order (deps first), after
+/// checking each name is valid and listed once and every dependency is a
+/// package of the release.
+fn package_order(manifest: &ReleaseManifest) -> Result<Vec<String>, ReleaseError> {
     let mut seen = BTreeSet::new();
     for p in &manifest.packages {
         check_name("package name", &p.name).map_err(|m| ReleaseError::invalid(MANIFEST, m))?;
@@ -343,20 +389,30 @@ fn read_inner(
         .iter()
         .map(|p| (p.name.as_str(), p.dependencies.as_slice()))
         .collect();
-    let order = topo_order(&deps).map_err(|e| ReleaseError {
+    topo_order(&deps).map_err(|e| ReleaseError {
         file: MANIFEST.into(),
         ..e
-    })?;
+    })
+}
 
+/// Every package, in `order`: its archive's sha256 checked, a packaging
+/// script present, and its fingerprint (over its files and its
+/// dependencies' fingerprints) equal to the manifest's.
+fn read_packages(
+    manifest: &ReleaseManifest,
+    order: &[String],
+    archives: &BTreeMap<String, Spooled>,
+    budget: &Budget,
+) -> Result<BTreeMap<String, Package>, ReleaseError> {
     let mut fingerprints: BTreeMap<&str, &str> = BTreeMap::new();
     let mut packages = BTreeMap::new();
-    for name in &order {
+    for name in order {
         let Some(entry) = manifest.packages.iter().find(|p| &p.name == name) else {
             continue;
         };
         let file = format!("packages/{name}.tgz");
-        let archive = verified_archive(&archives, &file, &entry.sha256)?;
-        let (packaging, contents) = package_digests(&archive, &file, &budget)?;
+        let archive = verified_archive(archives, &file, &entry.sha256)?;
+        let (packaging, contents) = package_digests(&archive, &file, budget)?;
         let packaging = packaging
             .ok_or_else(|| ReleaseError::invalid(&file, "no packaging script in the archive"))?;
         let dep_fps: BTreeMap<String, String> = entry
@@ -394,91 +450,83 @@ fn read_inner(
             },
         );
     }
+    Ok(packages)
+}
 
-    let mut jobs = BTreeMap::new();
-    for entry in &manifest.jobs {
-        let name = &entry.name;
-        check_name("job name", name).map_err(|m| ReleaseError::invalid(MANIFEST, m))?;
-        let file = format!("jobs/{name}.tgz");
-        let archive = verified_archive(&archives, &file, &entry.sha256)?;
-        let mut contents = job_files(&archive, &file, &budget)?;
-        let text_of = |data: Vec<u8>, what: &str| {
-            String::from_utf8(data)
-                .map_err(|_| ReleaseError::invalid(&file, format!("{what} is not valid UTF-8")))
-        };
-        let spec_text = match contents.remove("job.MF") {
-            Some(e) => text_of(e, "job.MF")?,
-            None => return Err(ReleaseError::invalid(&file, "no job.MF in the archive")),
-        };
-        let spec = parse_job_spec(&format!("{file}:job.MF"), &spec_text)?;
-        if spec.name != *name {
+/// One job: a valid name, its archive's sha256 checked, a `job.MF` that
+/// agrees with the manifest on name and packages (all of this release),
+/// every template present, all text UTF-8, and its fingerprint equal to
+/// the manifest's.
+fn read_job(
+    entry: &JobEntry,
+    archives: &BTreeMap<String, Spooled>,
+    budget: &Budget,
+    packages: &BTreeMap<String, Package>,
+) -> Result<Job, ReleaseError> {
+    let name = &entry.name;
+    check_name("job name", name).map_err(|m| ReleaseError::invalid(MANIFEST, m))?;
+    let file = format!("jobs/{name}.tgz");
+    let archive = verified_archive(archives, &file, &entry.sha256)?;
+    let mut contents = job_files(&archive, &file, budget)?;
+    let text_of = |data: Vec<u8>, what: &str| {
+        String::from_utf8(data)
+            .map_err(|_| ReleaseError::invalid(&file, format!("{what} is not valid UTF-8")))
+    };
+    let spec_text = match contents.remove("job.MF") {
+        Some(e) => text_of(e, "job.MF")?,
+        None => return Err(ReleaseError::invalid(&file, "no job.MF in the archive")),
+    };
+    let spec = parse_job_spec(&format!("{file}:job.MF"), &spec_text)?;
+    if spec.name != *name {
+        return Err(ReleaseError::invalid(
+            &file,
+            format!("job.MF names job '{}', release.MF says '{name}'", spec.name),
+        ));
+    }
+    if spec.packages != entry.packages {
+        return Err(ReleaseError::invalid(
+            &file,
+            format!("job '{name}': packages in job.MF differ from release.MF"),
+        ));
+    }
+    for p in &spec.packages {
+        if !packages.contains_key(p) {
             return Err(ReleaseError::invalid(
                 &file,
-                format!("job.MF names job '{}', release.MF says '{name}'", spec.name),
-            ));
-        }
-        if spec.packages != entry.packages {
-            return Err(ReleaseError::invalid(
-                &file,
-                format!("job '{name}': packages in job.MF differ from release.MF"),
-            ));
-        }
-        for p in &spec.packages {
-            if !packages.contains_key(p) {
-                return Err(ReleaseError::invalid(
-                    &file,
-                    format!(
-                        "job '{name}' uses package '{p}', which is not a package of this release"
-                    ),
-                ));
-            }
-        }
-        let monit = match contents.remove("monit") {
-            Some(e) => Some(text_of(e, "monit")?),
-            None => None,
-        };
-        let mut templates = BTreeMap::new();
-        for src in spec.templates.keys() {
-            let e = contents
-                .remove(&format!("templates/{src}"))
-                .ok_or_else(|| {
-                    ReleaseError::invalid(
-                        &file,
-                        format!("job '{name}': template '{src}' is missing"),
-                    )
-                })?;
-            templates.insert(src.clone(), text_of(e, src)?);
-        }
-        let fingerprint = job_fingerprint(&spec_text, monit.as_deref(), &templates);
-        if fingerprint != entry.fingerprint {
-            return Err(ReleaseError::integrity(
-                &file,
-                format!(
-                    "job '{name}' has fingerprint {fingerprint}, release.MF says {}",
-                    entry.fingerprint
-                ),
-            ));
-        }
-        let job = Job {
-            spec,
-            fingerprint,
-            templates,
-            monit,
-            sha256: entry.sha256.clone(),
-            archive,
-        };
-        if jobs.insert(name.clone(), job).is_some() {
-            return Err(ReleaseError::invalid(
-                MANIFEST,
-                format!("job '{name}' is listed twice"),
+                format!("job '{name}' uses package '{p}', which is not a package of this release"),
             ));
         }
     }
-
-    Ok(Release {
-        manifest,
-        jobs: jobs.into_values().collect(),
-        packages: packages.into_values().collect(),
+    let monit = match contents.remove("monit") {
+        Some(e) => Some(text_of(e, "monit")?),
+        None => None,
+    };
+    let mut templates = BTreeMap::new();
+    for src in spec.templates.keys() {
+        let e = contents
+            .remove(&format!("templates/{src}"))
+            .ok_or_else(|| {
+                ReleaseError::invalid(&file, format!("job '{name}': template '{src}' is missing"))
+            })?;
+        templates.insert(src.clone(), text_of(e, src)?);
+    }
+    let fingerprint = job_fingerprint(&spec_text, monit.as_deref(), &templates);
+    if fingerprint != entry.fingerprint {
+        return Err(ReleaseError::integrity(
+            &file,
+            format!(
+                "job '{name}' has fingerprint {fingerprint}, release.MF says {}",
+                entry.fingerprint
+            ),
+        ));
+    }
+    Ok(Job {
+        spec,
+        fingerprint,
+        templates,
+        monit,
+        sha256: entry.sha256.clone(),
+        archive,
     })
 }
 
@@ -498,4 +546,49 @@ fn verified_archive(
         ));
     }
     Ok(entry.data.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest_with(packages: &str) -> ReleaseManifest {
+        let text = format!(
+            "name: r\nversion: '1'\ncommit_hash: x\nuncommitted_changes: false\njobs: []\npackages:\n{packages}"
+        );
+        parse_release_manifest(Some(text.into_bytes())).unwrap()
+    }
+
+    fn package(name: &str, deps: &str) -> String {
+        format!(
+            "- {{name: {name}, version: '1', fingerprint: f, sha256: s, dependencies: [{deps}]}}\n"
+        )
+    }
+
+    #[test]
+    fn parse_release_manifest_wants_the_file_and_a_version() {
+        let missing = parse_release_manifest(None).unwrap_err();
+        assert!(
+            missing.to_string().contains("missing from the tarball"),
+            "{missing}"
+        );
+        let text = "name: r\nversion: ' '\ncommit_hash: x\nuncommitted_changes: false\njobs: []\npackages: []\n";
+        let empty = parse_release_manifest(Some(text.as_bytes().to_vec())).unwrap_err();
+        assert!(
+            empty.to_string().contains("the release version is empty"),
+            "{empty}"
+        );
+    }
+
+    #[test]
+    fn package_order_puts_dependencies_first_and_rejects_unknown_ones() {
+        let m = manifest_with(&(package("app", "lib") + &package("lib", "")));
+        assert_eq!(package_order(&m).unwrap(), vec!["lib", "app"]);
+        let m = manifest_with(&package("app", "nowhere"));
+        let e = package_order(&m).unwrap_err();
+        assert!(e.to_string().contains("depends on 'nowhere'"), "{e}");
+        let m = manifest_with(&(package("app", "") + &package("app", "")));
+        let e = package_order(&m).unwrap_err();
+        assert!(e.to_string().contains("listed twice"), "{e}");
+    }
 }
