@@ -13,14 +13,14 @@ use serde::{de::DeserializeOwned, Serialize};
 /// A record file operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
-    #[error("{op} {}: {source}", path.display())]
+    #[error("{op} {}", path.display())]
     Io {
         op: &'static str,
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("{}: invalid JSON: {source}", path.display())]
+    #[error("{}: invalid JSON", path.display())]
     Json {
         path: PathBuf,
         #[source]

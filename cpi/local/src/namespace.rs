@@ -1,0 +1,337 @@
+//! The VM namespace, entered by the agent process itself before anything
+//! else runs: mount and PID namespaces (plus a user namespace when not
+//! root), the VM directory bound at `/var/vcap`, a fresh `/proc`, and a
+//! parent that forwards signals to the namespace's PID 1.
+//!
+//! This module must not be called once threads exist (it forks), and must
+//! not know the CPI's records: it only gets the VM directory.
+
+use std::ffi::CString;
+use std::fs;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use crate::{LocalCpiError, Result, VCAP_MOUNT_POINT};
+
+/// The namespace's PID 1, for the parent's signal forwarder.
+static CHILD_PID: AtomicI32 = AtomicI32::new(0);
+/// How many terminating signals the parent has forwarded.
+static SIGNALS_FORWARDED: AtomicI32 = AtomicI32::new(0);
+/// How long PID 1 of a VM namespace gets to exit after a forwarded signal
+/// before it is SIGKILLed (PID 1 ignores signals it has no handler for).
+pub const SIGNAL_GRACE_SECS: u32 = 30;
+
+/// Forwards the signal to the namespace's PID 1; escalates to SIGKILL on a
+/// second signal or when the grace period (SIGALRM) runs out.
+extern "C" fn forward_signal(sig: libc::c_int) {
+    let pid = CHILD_PID.load(Ordering::SeqCst);
+    if pid <= 0 {
+        return;
+    }
+    let forwarded = SIGNALS_FORWARDED.fetch_add(1, Ordering::SeqCst);
+    // SAFETY: kill(2) and alarm(2) are async-signal-safe.
+    unsafe {
+        if sig == libc::SIGALRM || forwarded > 0 {
+            libc::kill(pid, libc::SIGKILL);
+        } else {
+            libc::kill(pid, sig);
+            libc::alarm(SIGNAL_GRACE_SECS);
+        }
+    }
+}
+
+fn last_os_error(step: &'static str, hint: impl Into<String>) -> LocalCpiError {
+    LocalCpiError::Namespace {
+        step,
+        hint: hint.into(),
+        source: io::Error::last_os_error(),
+    }
+}
+
+fn cstring(p: &Path, step: &'static str) -> Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| LocalCpiError::Namespace {
+        step,
+        hint: String::new(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"),
+    })
+}
+
+fn write_proc_file(path: &str, content: &str, step: &'static str) -> Result<()> {
+    fs::write(path, content).map_err(|source| LocalCpiError::Namespace {
+        step,
+        hint: format!("; writing {path}"),
+        source,
+    })
+}
+
+/// Called by the `bosun agent` entry point BEFORE any threads or the tokio runtime exist,
+/// when it was given `--vm-root DIR`: unshare mount+PID (+user if not root) namespaces, fork;
+/// the parent waits for the child and exits the process with its status (forwarding SIGTERM/SIGINT to it);
+/// the child (PID 1 of the new namespace; PR_SET_PDEATHSIG=SIGKILL so it dies with the parent)
+/// makes mounts private, bind-mounts DIR at /var/vcap (as root, create /var/vcap on the host if missing;
+/// not root and missing: error saying `sudo mkdir /var/vcap` once), mounts a new proc at /proc,
+/// and returns Ok(()) so the caller runs the agent. Errors name the step and the missing capability.
+///
+/// PID 1 ignores signals it installs no handler for, so the parent escalates
+/// to SIGKILL on a second terminating signal or [`SIGNAL_GRACE_SECS`] after the first.
+pub fn enter_vm_namespace(vm_dir: &Path) -> Result<(), LocalCpiError> {
+    let (vm_dir, vm_dir_c) = resolve_vm_root(vm_dir)?;
+    // SAFETY: plain syscalls without memory-safety preconditions.
+    let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let root = euid == 0;
+    ensure_mount_point(root)?;
+    unshare_namespaces(root)?;
+    if !root {
+        map_caller_to_root(euid, egid)?;
+    }
+    fork_into_pid_namespace()?;
+    // The child: PID 1 of the new namespace.
+    die_with_parent()?;
+    make_mounts_private()?;
+    bind_vm_root(&vm_dir, &vm_dir_c)?;
+    mount_proc()
+}
+
+/// The VM directory, absolute, and as a C string for mount(2).
+fn resolve_vm_root(vm_dir: &Path) -> Result<(PathBuf, CString)> {
+    let vm_dir = fs::canonicalize(vm_dir).map_err(|source| LocalCpiError::Namespace {
+        step: "resolving the VM root",
+        hint: format!("; {} must be an existing directory", vm_dir.display()),
+        source,
+    })?;
+    if !vm_dir.is_dir() {
+        return Err(LocalCpiError::Namespace {
+            step: "resolving the VM root",
+            hint: String::new(),
+            source: io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a directory", vm_dir.display()),
+            ),
+        });
+    }
+    let vm_dir_c = cstring(&vm_dir, "resolving the VM root")?;
+    Ok((vm_dir, vm_dir_c))
+}
+
+/// Makes sure `/var/vcap` exists on the host: root creates it, anyone else
+/// is told to create it once.
+fn ensure_mount_point(root: bool) -> Result<()> {
+    let mount_point = Path::new(VCAP_MOUNT_POINT);
+    if mount_point.is_dir() {
+        return Ok(());
+    }
+    if root {
+        fs::create_dir_all(mount_point).map_err(|source| LocalCpiError::Namespace {
+            step: "creating /var/vcap on the host",
+            hint: String::new(),
+            source,
+        })
+    } else {
+        Err(LocalCpiError::Namespace {
+            step: "finding the mount point /var/vcap",
+            hint:
+                "; it does not exist and only root can create it: run `sudo mkdir /var/vcap` once"
+                    .into(),
+            source: io::Error::from(io::ErrorKind::NotFound),
+        })
+    }
+}
+
+/// Leaves the host's mount and PID namespaces (and, when not root, enters a
+/// new user namespace); the caller becomes PID 1's parent at its next fork.
+fn unshare_namespaces(root: bool) -> Result<()> {
+    let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWPID;
+    if !root {
+        flags |= libc::CLONE_NEWUSER;
+    }
+    // SAFETY: unshare(2) has no memory-safety preconditions; the caller is single-threaded.
+    if unsafe { libc::unshare(flags) } == 0 {
+        return Ok(());
+    }
+    let hint = if root {
+        "; needs CAP_SYS_ADMIN and a kernel with mount and PID namespaces (inside a container: --privileged or CAP_SYS_ADMIN with an unconfined seccomp profile)"
+    } else {
+        "; needs unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1, user.max_user_namespaces > 0, and for Ubuntu's AppArmor kernel.apparmor_restrict_unprivileged_userns=0) or running as root"
+    };
+    Err(last_os_error(
+        if root {
+            "unshare(mount, PID namespaces)"
+        } else {
+            "unshare(user, mount, PID namespaces)"
+        },
+        hint,
+    ))
+}
+
+/// Maps the caller's uid and gid to root inside its new user namespace.
+fn map_caller_to_root(euid: libc::uid_t, egid: libc::gid_t) -> Result<()> {
+    write_proc_file(
+        "/proc/self/setgroups",
+        "deny",
+        "denying setgroups in the user namespace",
+    )?;
+    write_proc_file(
+        "/proc/self/uid_map",
+        &format!("0 {euid} 1"),
+        "mapping the caller's uid to 0 in the user namespace",
+    )?;
+    write_proc_file(
+        "/proc/self/gid_map",
+        &format!("0 {egid} 1"),
+        "mapping the caller's gid to 0 in the user namespace",
+    )
+}
+
+/// Forks: the parent never returns (it waits for the child and exits with
+/// its status); the child, PID 1 of the new namespace, returns.
+fn fork_into_pid_namespace() -> Result<()> {
+    // SAFETY: the caller guarantees no other threads exist, so the child may run arbitrary code.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(last_os_error(
+            "fork into the new PID namespace",
+            "; needs free PIDs (kernel.pid_max, ulimit -u)",
+        ));
+    }
+    if pid > 0 {
+        wait_and_exit(pid);
+    }
+    Ok(())
+}
+
+/// PR_SET_PDEATHSIG=SIGKILL: the namespace dies with its parent.
+fn die_with_parent() -> Result<()> {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) with an integer argument.
+    if unsafe {
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    } != 0
+    {
+        return Err(last_os_error("prctl(PR_SET_PDEATHSIG)", ""));
+    }
+    Ok(())
+}
+
+/// `mount --make-rprivate /`: nothing mounted here propagates to the host.
+fn make_mounts_private() -> Result<()> {
+    let none: *const libc::c_char = std::ptr::null();
+    let slash = c"/";
+    // SAFETY: valid NUL-terminated strings; null for unused arguments.
+    if unsafe {
+        libc::mount(
+            none,
+            slash.as_ptr(),
+            none,
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
+    } != 0
+    {
+        return Err(last_os_error(
+            "making all mounts private (mount --make-rprivate /)",
+            "; needs CAP_SYS_ADMIN in the mount namespace",
+        ));
+    }
+    Ok(())
+}
+
+/// Binds the VM directory at `/var/vcap`.
+fn bind_vm_root(vm_dir: &Path, vm_dir_c: &CString) -> Result<()> {
+    let none: *const libc::c_char = std::ptr::null();
+    let target = c"/var/vcap";
+    // SAFETY: valid NUL-terminated strings; null for unused arguments.
+    if unsafe {
+        libc::mount(
+            vm_dir_c.as_ptr(),
+            target.as_ptr(),
+            none,
+            libc::MS_BIND | libc::MS_REC,
+            std::ptr::null(),
+        )
+    } != 0
+    {
+        return Err(last_os_error(
+            "bind-mounting the VM root at /var/vcap",
+            format!(
+                "; source {} (needs CAP_SYS_ADMIN in the mount namespace)",
+                vm_dir.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Mounts a proc of the new PID namespace at `/proc`.
+fn mount_proc() -> Result<()> {
+    let proc_ = c"proc";
+    let proc_dir = c"/proc";
+    // SAFETY: valid NUL-terminated strings; null for the unused data argument.
+    if unsafe {
+        libc::mount(
+            proc_.as_ptr(),
+            proc_dir.as_ptr(),
+            proc_.as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            std::ptr::null(),
+        )
+    } != 0
+    {
+        return Err(last_os_error(
+            "mounting a new proc at /proc",
+            "; needs CAP_SYS_ADMIN over the new PID namespace and a fully visible /proc on the host (no masked /proc as in unprivileged containers)",
+        ));
+    }
+    Ok(())
+}
+
+/// The namespace parent: forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT to `child`
+/// (SIGKILL on a second signal or after [`SIGNAL_GRACE_SECS`]), waits for it
+/// and exits with its status (128 + signal when it was killed).
+fn wait_and_exit(child: libc::pid_t) -> ! {
+    CHILD_PID.store(child, Ordering::SeqCst);
+    // SAFETY: installing an async-signal-safe handler with a zeroed, then filled, sigaction.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = forward_signal as *const () as libc::sighandler_t;
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut sa.sa_mask);
+        for sig in [
+            libc::SIGTERM,
+            libc::SIGINT,
+            libc::SIGHUP,
+            libc::SIGQUIT,
+            libc::SIGALRM,
+        ] {
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+    loop {
+        let mut status: libc::c_int = 0;
+        // SAFETY: status is a valid out-pointer.
+        let r = unsafe { libc::waitpid(child, &mut status, 0) };
+        if r == child {
+            let code = if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else if libc::WIFSIGNALED(status) {
+                128 + libc::WTERMSIG(status)
+            } else {
+                continue;
+            };
+            std::process::exit(code);
+        }
+        if r < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            eprintln!(
+                "bosun VM namespace: waiting for pid {child}: {}",
+                io::Error::last_os_error()
+            );
+            std::process::exit(1);
+        }
+    }
+}
