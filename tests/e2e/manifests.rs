@@ -121,6 +121,16 @@ fn dry_run_prints_the_plan_and_creates_nothing() {
         "{plan}"
     );
     assert_eq!(env.vm_dirs(), 0);
+    // Staging is its own step, and a dry run only says what it would stage.
+    let all = text(&out);
+    assert!(all.contains("Would upload release kv/"), "{all}");
+    assert!(all.contains("(dry run)"), "{all}");
+    let again = env.bosun(&["deploy", m.to_str().unwrap(), "--dry-run"]);
+    assert!(
+        text(&again).contains("Would upload release kv/"),
+        "nothing was uploaded by the first dry run: {}",
+        text(&again)
+    );
 }
 
 #[test]

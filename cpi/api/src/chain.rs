@@ -8,15 +8,23 @@
 use std::error::Error;
 use std::fmt;
 
-/// Displays an error followed by each of its sources, joined by `: `.
+/// Displays an error followed by each of its sources, joined by `: `; a
+/// source whose text already ends the message before it is skipped.
 pub struct Chain<'a>(pub &'a (dyn Error + 'a));
 
 impl fmt::Display for Chain<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)?;
+        // A cause some other library already put at the end of its own
+        // message is not printed again.
+        let mut last = self.0.to_string();
+        f.write_str(&last)?;
         let mut cause = self.0.source();
         while let Some(c) = cause {
-            write!(f, ": {c}")?;
+            let text = c.to_string();
+            if !last.ends_with(&text) {
+                write!(f, ": {text}")?;
+            }
+            last = text;
             cause = c.source();
         }
         Ok(())
@@ -42,5 +50,15 @@ mod tests {
         assert_eq!(chain(&e), "reading the manifest: disk on fire");
         let plain = std::io::Error::other("alone");
         assert_eq!(Chain(&plain).to_string(), "alone");
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("wrapped: {0}")]
+    struct Chatty(#[source] std::io::Error);
+
+    #[test]
+    fn a_cause_already_at_the_end_of_the_message_is_not_repeated() {
+        let e = Chatty(std::io::Error::other("gone"));
+        assert_eq!(chain(&e), "wrapped: gone");
     }
 }

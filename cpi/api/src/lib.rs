@@ -260,25 +260,6 @@ impl CpiError {
 
 pub type CpiResult<T> = Result<T, CpiError>;
 
-/// `e`'s message followed by each of its causes, `": "`-separated: what a
-/// backend puts in a [`CpiError`] message, whose own cause chain ends there
-/// (backend error messages name the operation, not their cause). A cause
-/// whose text the message already ends with (a library error that prints
-/// its own cause) is not repeated.
-pub fn message_with_causes(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut message = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !message.ends_with(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        cause = c.source();
-    }
-    message
-}
-
 /// The CPI: BOSH CPI v2, async. Deleting what is already gone succeeds.
 /// Every created resource carries the metadata it was given so orphans can be
 /// found by tag.
@@ -319,32 +300,4 @@ pub trait Cpi: Send + Sync {
     async fn find_disks(&self, filter: &Metadata) -> CpiResult<Vec<(DiskCid, Metadata)>>;
     async fn snapshot_disk(&self, cid: &DiskCid, metadata: &Metadata) -> CpiResult<SnapshotCid>;
     async fn delete_snapshot(&self, cid: &SnapshotCid) -> CpiResult<()>;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[derive(Debug, thiserror::Error)]
-    #[error("reading {path}")]
-    struct Reading {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    }
-
-    #[derive(Debug, thiserror::Error)]
-    #[error("wrapped: {0}")]
-    struct Chatty(#[source] std::io::Error);
-
-    #[test]
-    fn a_cpi_message_carries_the_causes_once() {
-        let e = Reading {
-            path: "/x".into(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "gone"),
-        };
-        assert_eq!(message_with_causes(&e), "reading /x: gone");
-        let e = Chatty(std::io::Error::new(std::io::ErrorKind::NotFound, "gone"));
-        assert_eq!(message_with_causes(&e), "wrapped: gone");
-    }
 }

@@ -173,18 +173,18 @@ impl From<AwsCpiError> for CpiError {
                 // The CPI error ends the chain: its message carries the causes.
                 if class.is_retryable() {
                     CpiError::Transient {
-                        message: bosun_cpi::message_with_causes(&e),
+                        message: bosun_cpi::chain::chain(&e),
                         retry_after: Some(Duration::from_secs(5)),
                     }
                 } else {
-                    CpiError::fatal(bosun_cpi::message_with_causes(&e))
+                    CpiError::fatal(bosun_cpi::chain::chain(&e))
                 }
             }
             AwsCpiError::Timeout { .. } => CpiError::Transient {
-                message: bosun_cpi::message_with_causes(&e),
+                message: bosun_cpi::chain::chain(&e),
                 retry_after: None,
             },
-            other => CpiError::fatal(bosun_cpi::message_with_causes(&other)),
+            other => CpiError::fatal(bosun_cpi::chain::chain(&other)),
         }
     }
 }

@@ -217,7 +217,7 @@ impl From<DockerCpiError> for CpiError {
                 method: method.into(),
             },
             // The CPI error ends the chain: its message carries the causes.
-            DockerCpiError::Unreachable { .. } => transient(bosun_cpi::message_with_causes(&e)),
+            DockerCpiError::Unreachable { .. } => transient(bosun_cpi::chain::chain(&e)),
             DockerCpiError::Docker {
                 ref target,
                 ref source,
@@ -232,12 +232,12 @@ impl From<DockerCpiError> for CpiError {
                     }
                 }
                 if is_connection_error(source) {
-                    transient(bosun_cpi::message_with_causes(&e))
+                    transient(bosun_cpi::chain::chain(&e))
                 } else {
-                    CpiError::fatal(bosun_cpi::message_with_causes(&e))
+                    CpiError::fatal(bosun_cpi::chain::chain(&e))
                 }
             }
-            other => CpiError::fatal(bosun_cpi::message_with_causes(&other)),
+            other => CpiError::fatal(bosun_cpi::chain::chain(&other)),
         }
     }
 }

@@ -129,7 +129,7 @@ impl From<LocalCpiError> for CpiError {
                 retry_after: Some(Duration::from_secs(1)),
             },
             // The CPI error ends the chain: it carries the causes.
-            other => CpiError::fatal(bosun_cpi::message_with_causes(&other)),
+            other => CpiError::fatal(bosun_cpi::chain::chain(&other)),
         }
     }
 }
