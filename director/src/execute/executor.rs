@@ -531,17 +531,7 @@ impl Executor {
             }
         }
         if matches!(ip.disk, DiskAction::Orphan) {
-            if let Some(d) = &rec.disk {
-                if let Err(e) = client
-                    .unmount_disk(&UnmountDiskParams { cid: d.cid.clone() })
-                    .await
-                {
-                    self.progress.stage(
-                        &name,
-                        &format!("unmounting disk {} anyway: {e}", d.cid, e = Chain(&e)),
-                    );
-                }
-            }
+            self.unmount_before_detach(&client, rec, &name).await;
             self.detach_disk(rec).await?;
             self.orphan_disk(rec).await?;
             return Ok(client);
@@ -720,6 +710,23 @@ impl Executor {
         self.teardown_vm_with(rec, Some(kind), next).await
     }
 
+    /// Unmount the instance's disk before it is detached; the detach goes
+    /// ahead whatever the agent says, so a failure is only reported.
+    async fn unmount_before_detach(&self, client: &AgentClient, rec: &InstanceRecord, name: &str) {
+        let Some(d) = &rec.disk else {
+            return;
+        };
+        if let Err(e) = client
+            .unmount_disk(&UnmountDiskParams { cid: d.cid.clone() })
+            .await
+        {
+            self.progress.stage(
+                name,
+                &format!("unmounting disk {} anyway: {e}", d.cid, e = Chain(&e)),
+            );
+        }
+    }
+
     /// [`Executor::teardown_vm`], draining with `drain` (`None`: no drain).
     pub async fn teardown_vm_with(
         &self,
@@ -767,17 +774,7 @@ impl Executor {
                             .stage(&name, &format!("stopping jobs: {e}", e = Chain(&e)));
                     }
                 }
-                if let Some(d) = &rec.disk {
-                    if let Err(e) = client
-                        .unmount_disk(&UnmountDiskParams { cid: d.cid.clone() })
-                        .await
-                    {
-                        self.progress.stage(
-                            &name,
-                            &format!("unmounting disk {} anyway: {e}", d.cid, e = Chain(&e)),
-                        );
-                    }
-                }
+                self.unmount_before_detach(&client, rec, &name).await;
             }
         }
         self.detach_disk(rec).await?;
