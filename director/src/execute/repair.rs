@@ -265,11 +265,7 @@ impl Executor {
         timeout: Duration,
     ) -> Result<AgentClient, ExecError> {
         let name = instance_name(rec);
-        let vm = rec
-            .vm
-            .as_ref()
-            .ok_or_else(|| ExecError::Failed(format!("{name} has no VM")))?;
-        let client = self.reach(vm, &name, timeout).await?;
+        let client = self.reach_instance(rec, timeout).await?;
         client
             .restart_jobs(&RestartJobsParams {
                 jobs: jobs.to_vec(),

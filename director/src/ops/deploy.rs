@@ -354,8 +354,8 @@ impl Director {
         };
         let cc = self.cloud_config(report)?;
         let planned = self.with_addons(&manifest)?;
-        let staged = self.stage_inputs(&planned, !opts.dry_run, report).await?;
-        let staged_actions = staged.actions.clone();
+        let mut staged = self.stage_inputs(&planned, !opts.dry_run, report).await?;
+        let staged_actions = std::mem::take(&mut staged.actions);
         let plan = self
             .plan_manifest(&planned, &cc, staged, !opts.dry_run)
             .await?;
