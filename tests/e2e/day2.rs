@@ -212,7 +212,7 @@ fn lifecycle_release(env: &Env) -> std::path::PathBuf {
         ("config/final.yml".into(), "name: life\n".into()),
         (
             "jobs/life/spec".into(),
-            "---\nname: life\ntemplates:\n  bpm.yml: config/bpm.yml\n  pre-stop: bin/pre-stop\n  post-stop: bin/post-stop\n  post-start: bin/post-start\n  post-deploy: bin/post-deploy\n  drain: bin/drain\npackages: []\nproperties:\n  life.post_start_exit: {default: 0}\n  life.generation: {default: 1}\n  life.drain_s: {default: 0}\n".into(),
+            "---\nname: life\ntemplate_engine: tera\ntemplates:\n  bpm.yml: config/bpm.yml\n  pre-stop: bin/pre-stop\n  post-stop: bin/post-stop\n  post-start: bin/post-start\n  post-deploy: bin/post-deploy\n  drain: bin/drain\npackages: []\nproperties:\n  life.post_start_exit: {default: 0}\n  life.generation: {default: 1}\n  life.drain_s: {default: 0}\n".into(),
         ),
         ("jobs/life/monit".into(), String::new()),
         (
@@ -1032,7 +1032,7 @@ fn a_colocated_errand_streams_its_output_while_it_runs() {
         ("config/final.yml", "name: waiter\n".to_string()),
         (
             "jobs/waiter/spec",
-            "---\nname: waiter\ntemplates:\n  run: bin/run\npackages: []\nproperties: {}\n".into(),
+            "---\nname: waiter\ntemplate_engine: tera\ntemplates:\n  run: bin/run\npackages: []\nproperties: {}\n".into(),
         ),
         ("jobs/waiter/monit", String::new()),
         ("jobs/waiter/templates/run", run),

@@ -11,6 +11,7 @@ mod addons;
 mod agent_hardening;
 mod archive_limits;
 mod aws;
+mod bosh_releases;
 mod cleanup;
 mod cpi_conformance;
 mod crash;

@@ -325,7 +325,7 @@ pub fn noop_release(env: &Env) -> std::path::PathBuf {
         ("config/final.yml", "name: noop\n"),
         (
             "jobs/noop/spec",
-            "---\nname: noop\ntemplates:\n  bpm.yml: config/bpm.yml\npackages: []\nproperties: {}\n",
+            "---\nname: noop\ntemplate_engine: tera\ntemplates:\n  bpm.yml: config/bpm.yml\npackages: []\nproperties: {}\n",
         ),
         ("jobs/noop/monit", ""),
         (

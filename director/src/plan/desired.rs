@@ -414,8 +414,10 @@ fn group_jobs(
                     job.spec.consumes.iter().map(|c| c.name.clone()).collect();
                 let t = Arc::new(JobTemplates::new(
                     &job.spec.name,
+                    job.spec.template_engine,
                     &job.spec.templates,
                     &job.templates,
+                    job.monit.as_deref(),
                     &consumes,
                 )?);
                 cache.insert(key, t.clone());

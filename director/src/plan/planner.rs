@@ -25,8 +25,10 @@ use crate::plan::desired::{stemcell_key, DesiredGroup, DesiredState, NeededPacka
 use crate::plan::ipam;
 use crate::store::{AppliedRecord, InstanceRecord, VmCreate};
 use crate::templates::{
-    InstanceContext, LinkContext, LinkInstance, NameOnly, SpecContext, TemplateError,
+    render_all, LinkContext, LinkInstance, NameOnly, ReleaseRef, RenderUnit, SpecContext,
+    TemplateErrors,
 };
+use bosun_agent::protocol::RenderedFile;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
@@ -50,12 +52,8 @@ pub enum PlanError {
     },
     #[error("planning {group}: instance group has no azs")]
     NoAz { group: String },
-    #[error("rendering templates for {instance}")]
-    Template {
-        instance: String,
-        #[source]
-        source: TemplateError,
-    },
+    #[error("rendering templates")]
+    Templates(#[source] TemplateErrors),
 }
 
 /// What exists, as far as planning needs it.
@@ -329,16 +327,17 @@ pub fn plan(
         })
         .collect();
 
+    let rendered = render_groups(desired, &placed, &addresses)?;
     let mut groups = Vec::new();
-    for (gi, recs) in placed {
+    for ((gi, recs), group_files) in placed.into_iter().zip(rendered) {
         let g = &desired.groups[gi];
         let mut instances = Vec::new();
-        for rec in recs {
+        for (rec, job_files) in recs.into_iter().zip(group_files) {
             let missing = rec
                 .vm
                 .as_ref()
                 .is_some_and(|v| actual.missing_vms.contains(&v.cid));
-            instances.push(plan_instance(desired, g, rec, &addresses, missing)?);
+            instances.push(plan_instance(g, rec, job_files, missing)?);
         }
         groups.push(GroupPlan {
             name: g.name.clone(),
@@ -532,17 +531,16 @@ pub fn primary_ip(networks: &BTreeMap<String, NetworkSettings>) -> String {
 /// Plans one instance: the VM, disk and spec decisions, then the change
 /// they add up to (errand and detached instances overriding it).
 fn plan_instance(
-    desired: &DesiredState,
     g: &DesiredGroup,
     rec: InstanceRecord,
-    addresses: &BTreeMap<String, Vec<LinkInstance>>,
+    job_files: Vec<Vec<RenderedFile>>,
     vm_missing: bool,
 ) -> Result<InstancePlan, PlanError> {
     let (cpi, stemcell, vm_target) = vm_target(g, &rec)?;
     let mut reasons = Vec::new();
     let vm = vm_decision(&rec, &vm_target, vm_missing, stemcell, &cpi, &mut reasons);
     let disk = disk_decision(g, &rec, &cpi, &mut reasons);
-    let (spec, applied) = spec_decision(desired, g, &rec, addresses, stemcell)?;
+    let (spec, applied) = spec_decision(g, &rec, job_files, stemcell);
     let change = change_decision(&rec, &vm, &disk, &applied, &mut reasons);
     let (change, vm, disk) = lifecycle_decision(
         g,
@@ -689,14 +687,13 @@ fn disk_decision(
 /// Decides what the agent gets: every job rendered for this instance, the
 /// group's packages, and the applied record (digests) the spec hashes to.
 fn spec_decision(
-    desired: &DesiredState,
     g: &DesiredGroup,
     rec: &InstanceRecord,
-    addresses: &BTreeMap<String, Vec<LinkInstance>>,
+    job_files: Vec<Vec<RenderedFile>>,
     stemcell: &crate::store::StemcellRecord,
-) -> Result<(ApplySpec, AppliedRecord), PlanError> {
+) -> (ApplySpec, AppliedRecord) {
     let address = primary_ip(&rec.networks);
-    let (jobs, job_digests) = render_jobs(desired, g, rec, addresses, &address)?;
+    let (jobs, job_digests) = rendered_jobs(g, job_files);
     let package_fingerprints: BTreeMap<String, String> = g.packages.iter().cloned().collect();
     let packages: Vec<PackageRef> = g
         .packages
@@ -709,7 +706,7 @@ fn spec_decision(
         .collect();
     let spec = ApplySpec {
         generation: 0,
-        deployment: desired.deployment.clone(),
+        deployment: rec.deployment.clone(),
         instance_group: g.name.clone(),
         id: rec.id.clone(),
         index: rec.index,
@@ -732,67 +729,110 @@ fn spec_decision(
         job_digests,
         package_fingerprints,
     };
-    Ok((spec, applied))
+    (spec, applied)
 }
 
-/// Renders every job of the group for this instance, its links resolved
-/// from `addresses`; returns the jobs and each job's digest by name.
-fn render_jobs(
+/// Renders every job of every placed instance in one batch (one Ruby
+/// process for all ERB jobs), links resolved from `addresses`: per placed
+/// group, per instance, per job (in the group's order) the job's files.
+/// Every template problem of the deploy is reported at once.
+fn render_groups(
     desired: &DesiredState,
-    g: &DesiredGroup,
-    rec: &InstanceRecord,
+    placed: &[(usize, Vec<InstanceRecord>)],
     addresses: &BTreeMap<String, Vec<LinkInstance>>,
-    address: &str,
-) -> Result<(Vec<RenderedJob>, BTreeMap<String, String>), PlanError> {
-    let name = format!("{}/{}", g.name, rec.id);
-    let networks_json = serde_json::to_value(&rec.networks).unwrap_or(Json::Null);
-    let mut jobs = Vec::new();
-    let mut job_digests = BTreeMap::new();
-    for j in &g.jobs {
-        let mut links = BTreeMap::new();
-        for (lname, src) in &j.consumes {
-            let instances = addresses.get(&src.group).cloned().unwrap_or_default();
-            links.insert(
-                lname.clone(),
-                LinkContext {
-                    address: instances
-                        .first()
-                        .map(|i| i.address.clone())
-                        .unwrap_or_default(),
-                    instances,
-                    properties: src.properties.clone(),
-                },
+) -> Result<Vec<Vec<Vec<Vec<RenderedFile>>>>, PlanError> {
+    // Links first: units borrow them.
+    let mut links: Vec<BTreeMap<String, LinkContext>> = Vec::new();
+    for (gi, _) in placed {
+        for j in &desired.groups[*gi].jobs {
+            links.push(
+                j.consumes
+                    .iter()
+                    .map(|(lname, src)| {
+                        let instances = addresses.get(&src.group).cloned().unwrap_or_default();
+                        let link = LinkContext {
+                            address: instances
+                                .first()
+                                .map(|i| i.address.clone())
+                                .unwrap_or_default(),
+                            instances,
+                            properties: src.properties.clone(),
+                        };
+                        (lname.clone(), link)
+                    })
+                    .collect(),
             );
         }
-        let ctx = InstanceContext {
-            spec: SpecContext {
-                deployment: desired.deployment.clone(),
-                name: g.name.clone(),
-                id: rec.id.clone(),
-                index: rec.index,
-                az: rec.az.clone(),
-                address: address.to_string(),
-                ip: address.to_string(),
-                bootstrap: rec.bootstrap,
-                networks: networks_json.clone(),
-                job: NameOnly {
-                    name: j.name.clone(),
-                },
-                release: NameOnly {
-                    name: j.release.clone(),
-                },
-            },
-            properties: j.properties.clone(),
-            defaults: j.defaults.clone(),
-            links,
-        };
-        let files = j
-            .templates
-            .render(&ctx)
-            .map_err(|source| PlanError::Template {
-                instance: name.clone(),
-                source,
-            })?;
+    }
+    let mut units = Vec::new();
+    let mut next_links = links.iter();
+    for (gi, recs) in placed {
+        let g = &desired.groups[*gi];
+        for j in &g.jobs {
+            let Some(job_links) = next_links.next() else {
+                break;
+            };
+            let specs = recs
+                .iter()
+                .map(|rec| {
+                    let address = primary_ip(&rec.networks);
+                    let spec = SpecContext {
+                        deployment: desired.deployment.clone(),
+                        name: g.name.clone(),
+                        id: rec.id.clone(),
+                        index: rec.index,
+                        az: rec.az.clone(),
+                        address: address.clone(),
+                        ip: address,
+                        bootstrap: rec.bootstrap,
+                        networks: serde_json::to_value(&rec.networks).unwrap_or(Json::Null),
+                        job: NameOnly {
+                            name: j.name.clone(),
+                        },
+                        release: ReleaseRef {
+                            name: j.release.clone(),
+                            version: j.release_version.clone(),
+                        },
+                    };
+                    (format!("{}/{}", g.name, rec.id), spec)
+                })
+                .collect();
+            units.push(RenderUnit {
+                templates: &j.templates,
+                properties: &j.properties,
+                defaults: &j.defaults,
+                links: job_links,
+                specs,
+            });
+        }
+    }
+    let mut per_unit = render_all(&units)
+        .map_err(PlanError::Templates)?
+        .into_iter();
+    let mut out = Vec::with_capacity(placed.len());
+    for (gi, recs) in placed {
+        let g = &desired.groups[*gi];
+        let mut group: Vec<Vec<Vec<RenderedFile>>> = recs.iter().map(|_| Vec::new()).collect();
+        for _ in &g.jobs {
+            let files = per_unit.next().unwrap_or_default();
+            for (slot, f) in group.iter_mut().zip(files) {
+                slot.push(f);
+            }
+        }
+        out.push(group);
+    }
+    Ok(out)
+}
+
+/// The instance's rendered jobs (files in the group's job order) with
+/// each job's digest by name.
+fn rendered_jobs(
+    g: &DesiredGroup,
+    job_files: Vec<Vec<RenderedFile>>,
+) -> (Vec<RenderedJob>, BTreeMap<String, String>) {
+    let mut jobs = Vec::new();
+    let mut job_digests = BTreeMap::new();
+    for (j, files) in g.jobs.iter().zip(job_files) {
         let d = digest(&json!({"fingerprint": j.fingerprint, "files": files}));
         job_digests.insert(j.name.clone(), d.clone());
         jobs.push(RenderedJob {
@@ -801,7 +841,7 @@ fn render_jobs(
             files,
         });
     }
-    Ok((jobs, job_digests))
+    (jobs, job_digests)
 }
 
 /// Decides the change from the VM and disk actions and what was applied
@@ -1268,13 +1308,17 @@ mod tests {
     fn spec_decision_digest_follows_job_properties() {
         let (d, rec) = deployed_one(0);
         let stemcell = d.groups[0].stemcells.values().next().unwrap();
-        let (spec, applied) =
-            spec_decision(&d, &d.groups[0], &rec, &BTreeMap::new(), stemcell).unwrap();
+        let files = |d: &DesiredState| {
+            render_groups(d, &[(0, vec![rec.clone()])], &BTreeMap::new())
+                .unwrap()
+                .remove(0)
+                .remove(0)
+        };
+        let (spec, applied) = spec_decision(&d.groups[0], &rec, files(&d), stemcell);
         assert_eq!(spec.jobs.len(), 1);
         assert_eq!(Some(&applied), rec.applied.as_ref());
         let other = desired(&manifest(1, 9090, 0, &[]));
-        let (_, changed) =
-            spec_decision(&other, &other.groups[0], &rec, &BTreeMap::new(), stemcell).unwrap();
+        let (_, changed) = spec_decision(&other.groups[0], &rec, files(&other), stemcell);
         assert_ne!(changed.digest, applied.digest);
     }
 

@@ -61,6 +61,28 @@ pub struct JobSpec {
     pub consumes: Vec<LinkDef>,
     #[serde(default)]
     pub provides: Vec<LinkDef>,
+    /// How the job's templates and monit file are rendered (spec key
+    /// `template_engine`, ERB when absent). A stored record without the key
+    /// predates ERB support, when every job was rendered with Tera.
+    #[serde(default = "TemplateEngine::stored_default")]
+    pub template_engine: TemplateEngine,
+}
+
+/// The engine a job's templates are written for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TemplateEngine {
+    /// Ruby's ERB with BOSH's template context (BOSH's only engine).
+    #[default]
+    Erb,
+    /// bosun's own engine, Tera.
+    Tera,
+}
+
+impl TemplateEngine {
+    fn stored_default() -> TemplateEngine {
+        TemplateEngine::Tera
+    }
 }
 
 /// One property declared in a job spec.

@@ -4,7 +4,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Deserialize;
 
-use super::{JobSpec, LinkDef, PackageSpec, PropertyDef, ReleaseError, ReleaseErrorKind};
+use super::{
+    JobSpec, LinkDef, PackageSpec, PropertyDef, ReleaseError, ReleaseErrorKind, TemplateEngine,
+};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -22,6 +24,8 @@ struct RawJobSpec {
     consumes: Option<Vec<RawLink>>,
     #[serde(default)]
     provides: Option<Vec<RawLink>>,
+    #[serde(default)]
+    template_engine: Option<TemplateEngine>,
 }
 
 #[derive(Deserialize)]
@@ -169,6 +173,7 @@ pub fn parse_job_spec(file: &str, text: &str) -> Result<JobSpec, ReleaseError> {
         properties,
         consumes,
         provides,
+        template_engine: raw.template_engine.unwrap_or_default(),
     })
 }
 

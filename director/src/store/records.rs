@@ -41,6 +41,9 @@ pub struct JobRecord {
     pub spec: JobSpec,
     pub fingerprint: String,
     pub templates: BTreeMap<String, String>,
+    /// The job's `monit` file (rendered with its templates for ERB jobs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monit: Option<String>,
     pub sha256: String,
 }
 
@@ -64,6 +67,7 @@ impl ReleaseRecord {
                     spec: j.spec.clone(),
                     fingerprint: j.fingerprint.clone(),
                     templates: j.templates.clone(),
+                    monit: j.monit.clone(),
                     sha256: j.sha256.clone(),
                 })
                 .collect(),

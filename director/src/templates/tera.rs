@@ -1,4 +1,5 @@
-//! Job template rendering: Tera 2 with BOSH's template context.
+//! bosun's own template engine: Tera 2 with BOSH's template context, for
+//! jobs whose spec says `template_engine: tera`.
 //!
 //! Templates see:
 //! - `spec`: `name` (instance group), `id`, `index`, `az`, `address`, `ip`,
@@ -23,78 +24,15 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
 use serde_json::Value as Json;
 use tera::{Context, Kwargs, State, Tera, TeraResult, Value};
 
 use bosun_agent::protocol::RenderedFile;
 
-/// A template failure, naming the job, the template file and the line.
-#[derive(Debug, thiserror::Error)]
-pub enum TemplateError {
-    #[error("job {job}: template {template}{}: {message}", line.map(|l| format!(" line {l}")).unwrap_or_default())]
-    Template {
-        job: String,
-        template: String,
-        line: Option<usize>,
-        message: String,
-    },
-}
-
-/// One instance's view of the world, as templates see it.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct InstanceContext {
-    pub spec: SpecContext,
-    /// The job's properties from the manifest (nested maps).
-    pub properties: Json,
-    /// Spec defaults, by dotted name.
-    pub defaults: BTreeMap<String, Json>,
-    /// Resolved links, by the consumer's link name.
-    pub links: BTreeMap<String, LinkContext>,
-}
-
-/// `spec.*` in templates.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct SpecContext {
-    pub deployment: String,
-    pub name: String,
-    pub id: String,
-    pub index: u32,
-    pub az: String,
-    pub address: String,
-    pub ip: String,
-    pub bootstrap: bool,
-    pub networks: Json,
-    pub job: NameOnly,
-    pub release: NameOnly,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct NameOnly {
-    pub name: String,
-}
-
-/// A resolved link.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct LinkContext {
-    pub instances: Vec<LinkInstance>,
-    /// The provider group's first instance address (BOSH: `link.address`).
-    pub address: String,
-    pub properties: Json,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct LinkInstance {
-    pub name: String,
-    pub id: String,
-    pub index: u32,
-    pub az: String,
-    pub address: String,
-    pub bootstrap: bool,
-}
+use super::{InstanceContext, TemplateError};
 
 /// A job's templates, parsed once and rendered for many instances.
-pub struct JobTemplates {
+pub struct TeraTemplates {
     job: String,
     tera: Tera,
     /// (source name, destination path under the job dir)
@@ -103,7 +41,7 @@ pub struct JobTemplates {
 
 const HIDDEN: &str = "__bosun";
 
-impl JobTemplates {
+impl TeraTemplates {
     /// Parse every template of a job. `templates` maps source name to
     /// destination; `sources` maps source name to its text; `consumes` names
     /// the links the job spec declares (a template naming another is an error).
@@ -112,7 +50,7 @@ impl JobTemplates {
         templates: &BTreeMap<String, String>,
         sources: &BTreeMap<String, String>,
         consumes: &[String],
-    ) -> Result<JobTemplates, TemplateError> {
+    ) -> Result<TeraTemplates, TemplateError> {
         let mut tera = Tera::default();
         tera.autoescape_on(Vec::<&'static str>::new());
         register_helpers(&mut tera);
@@ -124,6 +62,14 @@ impl JobTemplates {
                 line: None,
                 message: "template listed in the job spec is missing from the release".into(),
             })?;
+            if let Some(line) = erb_tag_line(text) {
+                return Err(TemplateError::Template {
+                    job: job.to_string(),
+                    template: src.clone(),
+                    line: Some(line),
+                    message: "contains an ERB tag `<%`, but the job spec declares `template_engine: tera`: write it in Tera or drop the key to render the job as ERB".into(),
+                });
+            }
             let (rewritten, links) = rewrite_calls(text);
             if let Some((name, line)) = links.iter().find(|(n, _)| !consumes.contains(n)) {
                 return Err(TemplateError::Template {
@@ -144,7 +90,7 @@ impl JobTemplates {
                 .map_err(|e| template_error(job, src, &e))?;
             files.push((src.clone(), dest.clone()));
         }
-        Ok(JobTemplates {
+        Ok(TeraTemplates {
             job: job.to_string(),
             tera,
             files,
@@ -166,11 +112,17 @@ impl JobTemplates {
             out.push(RenderedFile {
                 path: dest.clone(),
                 content,
-                executable: dest.starts_with("bin/"),
+                executable: super::executable(dest),
             });
         }
         Ok(out)
     }
+}
+
+/// The 1-based line of the first `<%` in a text, if any.
+fn erb_tag_line(text: &str) -> Option<usize> {
+    let at = text.find("<%")?;
+    Some(text[..at].matches('\n').count() + 1)
 }
 
 fn template_error(job: &str, template: &str, e: &tera::Error) -> TemplateError {
@@ -421,16 +373,17 @@ fn is_kwarg_at(b: &[u8], i: usize) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::templates::{LinkContext, LinkInstance, SpecContext};
     use serde_json::json;
 
-    fn job(templates: &[(&str, &str, &str)]) -> JobTemplates {
+    fn job(templates: &[(&str, &str, &str)]) -> TeraTemplates {
         let mut t = BTreeMap::new();
         let mut s = BTreeMap::new();
         for (src, dest, text) in templates {
             t.insert(src.to_string(), dest.to_string());
             s.insert(src.to_string(), text.to_string());
         }
-        JobTemplates::new("kv", &t, &s, &["peers".to_string()]).unwrap()
+        TeraTemplates::new("kv", &t, &s, &["peers".to_string()]).unwrap()
     }
 
     fn ctx() -> InstanceContext {
@@ -526,7 +479,7 @@ mod tests {
             "cfg".to_string(),
             "x\n{{ link(\"other\").address }}\n".to_string(),
         );
-        let err = JobTemplates::new("kv", &t, &s, &["peers".to_string()])
+        let err = TeraTemplates::new("kv", &t, &s, &["peers".to_string()])
             .err()
             .unwrap()
             .to_string();
@@ -536,10 +489,29 @@ mod tests {
         t.insert("bad".to_string(), "config/bad".to_string());
         let mut s = BTreeMap::new();
         s.insert("bad".to_string(), "ok\n\n{% if %}\n".to_string());
-        let err = JobTemplates::new("kv", &t, &s, &[])
+        let err = TeraTemplates::new("kv", &t, &s, &[])
             .err()
             .unwrap()
             .to_string();
         assert!(err.contains("job kv: template bad line 3"), "{err}");
+    }
+
+    #[test]
+    fn erb_tags_in_a_tera_job_are_refused_with_the_line() {
+        let mut t = BTreeMap::new();
+        t.insert("pre-start".to_string(), "bin/pre-start".to_string());
+        let mut s = BTreeMap::new();
+        s.insert(
+            "pre-start".to_string(),
+            "#!/bin/sh\necho <%= p('script') %>\n".to_string(),
+        );
+        let err = TeraTemplates::new("kv", &t, &s, &[])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("job kv: template pre-start line 2") && err.contains("ERB tag"),
+            "{err}"
+        );
     }
 }
