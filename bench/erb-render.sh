@@ -13,6 +13,7 @@ cargo build -q
 bosun=$PWD/target/debug/bosun
 n=${1:-40}
 runs=${RUNS:-10}
+release=${RELEASE:-$PWD/tests/fixtures/releases/beacon}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 host_os=$(. /etc/os-release && echo "$ID-$VERSION_CODENAME")
@@ -27,7 +28,7 @@ compilation: {workers: 1, az: z1, network: default}
 CC
 cat > "$work/m.yml" <<M
 name: bench
-releases: [{name: beacon, version: latest, path: $PWD/tests/fixtures/releases/beacon}]
+releases: [{name: beacon, version: latest, path: $release}]
 stemcells: [{alias: default, os: $host_os, version: latest}]
 update: {canaries: 1, max_in_flight: 10, canary_watch_time: 1000, update_watch_time: 1000}
 instance_groups:
@@ -44,8 +45,8 @@ M
 render=() whole=()
 for _ in $(seq "$runs"); do
     t0=$(date +%s%N)
-    BOSUN_LOG=bosun_director::templates=info "$bosun" --state-dir "$work/state" deploy "$work/m.yml" --dry-run \
-        >/dev/null 2>"$work/log"
+    NO_COLOR=1 BOSUN_LOG=bosun_director::templates=info "$bosun" --state-dir "$work/state" deploy "$work/m.yml" --dry-run \
+        >"$work/out" 2>"$work/log" || { cat "$work/out" "$work/log" >&2; exit 1; }
     t1=$(date +%s%N)
     whole+=("$(( (t1 - t0) / 1000000 ))")
     ms=$(grep -o 'elapsed_ms=[0-9.]*' "$work/log" | head -1 | cut -d= -f2)

@@ -794,7 +794,7 @@ fn render_groups(
                             version: j.release_version.clone(),
                         },
                     };
-                    (format!("{}/{}", g.name, rec.id), spec)
+                    (format!("{}/{} ({})", g.name, rec.id, rec.index), spec)
                 })
                 .collect();
             units.push(RenderUnit {

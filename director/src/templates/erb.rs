@@ -249,6 +249,7 @@ fn run(ruby: &Path, input: &[u8], limit: Duration) -> Result<Vec<u8>, TemplateEr
     std::fs::write(&script, SCRIPT)
         .map_err(|e| renderer(format!("writing {}: {e}", script.display())))?;
     let mut child = Command::new(ruby)
+        .arg("--disable-gems")
         .arg(&script)
         .current_dir(dir.path())
         .env_clear()
