@@ -323,3 +323,67 @@ fn a_tera_job_with_erb_tags_is_refused_with_its_file_and_line() {
         "{err}"
     );
 }
+
+#[test]
+fn a_bosh_release_deploys_unchanged_on_docker() {
+    if !have_ruby() {
+        return;
+    }
+    let Some(stemcell) = crate::docker::stemcell() else {
+        return;
+    };
+    let env = Env::new(161);
+    let net = "e2e-beacon";
+    let cc = env.path("cc-docker.yml");
+    std::fs::write(
+        &cc,
+        format!(
+            "azs:\n- name: z1\n  cpi: docker\nnetworks:\n- name: {net}\n  type: manual\n  subnets:\n  - range: 10.244.161.0/24\n    gateway: 10.244.161.1\n    azs: [z1]\nvm_types:\n- name: default\ncompilation:\n  workers: 1\n  az: z1\n  network: {net}\n"
+        ),
+    )
+    .unwrap();
+    let out = env.bosun(&["update-cloud-config", cc.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = env.bosun(&["upload-stemcell", &stemcell]);
+    assert!(out.status.success(), "{}", text(&out));
+    let manifest =
+        beacon_manifest(7000, 2).replace("  - name: default\n", &format!("  - name: {net}\n"));
+    let m = env.manifest("beacon-docker.yml", &manifest);
+    let out = env.bosun(&["deploy", m.to_str().unwrap(), "-n"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let list = env.instances("e2e");
+    assert_eq!(list.len(), 2);
+    for i in &list {
+        assert_eq!(i["process_state"], "running", "{i}");
+        let ip = i["ips"][0].as_str().unwrap();
+        let (code, body) = http("GET", &format!("{ip}:7000"), "/config.json", "").expect("keeper");
+        assert_eq!(code, 200, "{body}");
+        let cfg: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(cfg["index"], i["index"]);
+        assert_eq!(cfg["address"], ip);
+        let cid = i["vm_cid"].as_str().unwrap();
+        // The banner job changed the container's /etc.
+        let banner = crate::docker::docker(&[
+            "exec",
+            cid,
+            "sh",
+            "-c",
+            "cat /etc/beacon-banner; grep -c '^beacon:' /etc/passwd",
+        ]);
+        assert_eq!(banner, "Authorised use only.\n1\n");
+        let limits = crate::docker::docker(&[
+            "exec",
+            cid,
+            "sh",
+            "-c",
+            "for p in /proc/[0-9]*; do if grep -q 'jobs/rela[y]/bin/relay' $p/cmdline 2>/dev/null; then grep 'Max open files' $p/limits; fi; done",
+        ]);
+        assert!(
+            limits.split_whitespace().collect::<Vec<_>>()[3..5] == ["2048", "2048"],
+            "{limits}"
+        );
+    }
+    assert!(!std::path::Path::new("/etc/beacon-banner").exists());
+    let out = env.bosun(&["-d", "e2e", "delete-deployment", "-n"]);
+    assert!(out.status.success(), "{}", text(&out));
+}

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use crate::support::{event_pos, http, repo, text, wait_until, Env};
 
-fn docker(args: &[&str]) -> String {
+pub fn docker(args: &[&str]) -> String {
     let out = Command::new("docker")
         .args(args)
         .output()
@@ -17,7 +17,7 @@ fn docker(args: &[&str]) -> String {
 }
 
 /// The stemcell to use, or None (skip) outside CI.
-fn stemcell() -> Option<String> {
+pub fn stemcell() -> Option<String> {
     match std::env::var("BOSUN_TEST_STEMCELL") {
         Ok(p) if std::path::Path::new(&p).is_file() => Some(p),
         _ if std::env::var_os("CI").is_some() => {
