@@ -457,3 +457,51 @@ fn blobs_are_checked_against_blobs_yml() {
         "{msg}"
     );
 }
+
+#[test]
+fn a_dev_build_takes_the_version_of_a_recorded_build() {
+    let (_tmp, dir) = fixture_copy();
+    let index = |kind: &str, name: &str, fp: &str, version: &str| {
+        let sub = dir.join(kind).join("packages").join(name);
+        fs::create_dir_all(&sub).unwrap();
+        fs::write(
+            sub.join("index.yml"),
+            format!(
+                "builds:\n  {fp}:\n    version: {version}\n    blobstore_id: x\n    sha1: {}\n",
+                "0".repeat(40)
+            ),
+        )
+        .unwrap();
+    };
+    // app's SHA-256 fingerprint is final build 7; lib's SHA-1 fingerprint
+    // (see fingerprints_are_the_ones_bosh_computes) a dev build.
+    index(
+        ".final_builds",
+        "app",
+        "4933e90de22476760660c2ef39e6fa615362ac499ea4bb1aac926626916ceac8",
+        "7",
+    );
+    index(
+        ".dev_builds",
+        "lib",
+        "c56bfbf06c7418a0fa0eba364c636ecd16d77b60",
+        "c56bfbf06c7418a0fa0eba364c636ecd16d77b60",
+    );
+    let r = read_release_dir(&dir, None).unwrap();
+    let app = r.package("app").unwrap();
+    assert_eq!(app.version, "7");
+    let entry = r
+        .manifest
+        .packages
+        .iter()
+        .find(|p| p.name == "app")
+        .unwrap();
+    assert_eq!(entry.version, "7");
+    let lib = r.package("lib").unwrap();
+    assert_eq!(lib.fingerprint, "c56bfbf06c7418a0fa0eba364c636ecd16d77b60");
+    assert_eq!(lib.version, lib.fingerprint);
+    // The web job has no recorded build: its SHA-256 fingerprint is its version.
+    let web = r.job("web").unwrap();
+    assert_eq!(web.version, web.fingerprint);
+    assert_eq!(web.fingerprint.len(), 64);
+}
