@@ -311,104 +311,200 @@ fn normalise(path: &str) -> Result<String, String> {
     Ok(parts.join("/"))
 }
 
-/// Fingerprint of a package: its name, `packaging`, every file (path,
-/// executable bit, sha256; sorted by path) and its dependencies'
-/// fingerprints (sorted by name).
-pub(crate) fn package_fingerprint(
-    name: &str,
-    packaging: &[u8],
-    files: &BTreeMap<String, FileEntry>,
-    dependencies: &BTreeMap<String, String>,
-) -> String {
-    let digests = files
-        .iter()
-        .map(|(path, f)| {
-            (
-                path.clone(),
-                FileDigest {
-                    executable: f.executable,
-                    sha256: sha256_hex(&f.data),
-                },
-            )
-        })
-        .collect();
-    package_fingerprint_of_digests(name, &sha256_hex(packaging), &digests, dependencies)
+/// The digest a fingerprint is built on. BOSH's CLI once used SHA-1 (40
+/// hex fingerprints, file digests as plain hex); it now uses SHA-256 (64
+/// hex fingerprints, file digests written `sha256:<hex>`). Both are read;
+/// bosun computes SHA-256 ones for dev builds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum DigestAlgorithm {
+    Sha1,
+    #[default]
+    Sha256,
 }
 
-/// The executable bit and hex sha256 of one file of a package.
+impl DigestAlgorithm {
+    pub fn name(self) -> &'static str {
+        match self {
+            DigestAlgorithm::Sha1 => "sha1",
+            DigestAlgorithm::Sha256 => "sha256",
+        }
+    }
+
+    /// The algorithm a fingerprint was made with, by its length.
+    pub fn of_fingerprint(fingerprint: &str) -> Option<Self> {
+        if !fingerprint.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        match fingerprint.len() {
+            40 => Some(DigestAlgorithm::Sha1),
+            64 => Some(DigestAlgorithm::Sha256),
+            _ => None,
+        }
+    }
+
+    /// Hex digest of `data`.
+    pub(crate) fn hex(self, data: &[u8]) -> String {
+        match self {
+            DigestAlgorithm::Sha1 => super::sha1::sha1_hex(data),
+            DigestAlgorithm::Sha256 => sha256_hex(data),
+        }
+    }
+}
+
+/// Both digests of one file, and its executable bit.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct FileDigest {
     pub executable: bool,
+    pub sha1: String,
     pub sha256: String,
 }
 
-/// [`package_fingerprint`] from the sha256 of `packaging` and of every file.
-pub(crate) fn package_fingerprint_of_digests(
-    name: &str,
-    packaging_sha256: &str,
+impl FileDigest {
+    pub(crate) fn of(data: &[u8], executable: bool) -> Self {
+        FileDigest {
+            executable,
+            sha1: super::sha1::sha1_hex(data),
+            sha256: sha256_hex(data),
+        }
+    }
+
+    /// The digest as BOSH writes it into a fingerprint: plain hex for
+    /// SHA-1, `sha256:<hex>` for SHA-256.
+    fn written(&self, algo: DigestAlgorithm) -> String {
+        match algo {
+            DigestAlgorithm::Sha1 => self.sha1.clone(),
+            DigestAlgorithm::Sha256 => format!("sha256:{}", self.sha256),
+        }
+    }
+
+    fn mode(&self) -> &'static str {
+        if self.executable {
+            "100755"
+        } else {
+            "100644"
+        }
+    }
+}
+
+/// A streaming pair of SHA-1 and SHA-256.
+#[derive(Default)]
+pub(crate) struct BothHasher {
+    sha1: super::sha1::Sha1,
+    sha256: Sha256,
+}
+
+impl BothHasher {
+    pub(crate) fn update(&mut self, data: &[u8]) {
+        self.sha1.update(data);
+        self.sha256.update(data);
+    }
+
+    /// (sha1 hex, sha256 hex).
+    pub(crate) fn finish(self) -> (String, String) {
+        (self.sha1.hex(), hex::encode(self.sha256.finalize()))
+    }
+
+    pub(crate) fn finish_file(self, executable: bool) -> FileDigest {
+        let (sha1, sha256) = self.finish();
+        FileDigest {
+            executable,
+            sha1,
+            sha256,
+        }
+    }
+}
+
+impl Write for BothHasher {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.update(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// BOSH's v2 fingerprint: `"v2"`, then for each file sorted by path its
+/// path, its digest and (unless `None`) its mode, then the extra chunks
+/// sorted and joined by `,`; all concatenated and digested.
+fn v2_fingerprint<'a>(
+    algo: DigestAlgorithm,
+    files: impl IntoIterator<Item = (&'a str, &'a FileDigest, bool)>,
+    chunks: &[String],
+) -> String {
+    let mut files: Vec<(&str, &FileDigest, bool)> = files.into_iter().collect();
+    files.sort_by(|a, b| a.0.cmp(b.0));
+    let mut text = String::from("v2");
+    for (path, digest, with_mode) in files {
+        text.push_str(path);
+        text.push_str(&digest.written(algo));
+        if with_mode {
+            text.push_str(digest.mode());
+        }
+    }
+    if !chunks.is_empty() {
+        let mut sorted = chunks.to_vec();
+        sorted.sort();
+        text.push_str(&sorted.join(","));
+    }
+    algo.hex(text.as_bytes())
+}
+
+/// A package's fingerprint: `packaging` (and `pre_packaging`) by path and
+/// digest without mode, every other file by path, digest and mode, then
+/// the dependencies' *names*.
+pub(crate) fn package_fingerprint(
+    algo: DigestAlgorithm,
     files: &BTreeMap<String, FileDigest>,
-    dependencies: &BTreeMap<String, String>,
+    dependencies: &[String],
 ) -> String {
-    let mut listing = String::new();
-    listing.push_str(&format!("bosun-package-v1\nname {name}\n"));
-    listing.push_str(&format!("packaging {packaging_sha256}\n"));
-    for (path, f) in files {
-        listing.push_str(&format!(
-            "file {} {} {}\n",
-            sha256_hex(path.as_bytes()),
-            if f.executable { "0755" } else { "0644" },
-            f.sha256
-        ));
-    }
-    for (dep, fp) in dependencies {
-        listing.push_str(&format!("dependency {dep} {fp}\n"));
-    }
-    sha256_hex(listing.as_bytes())
+    v2_fingerprint(
+        algo,
+        files.iter().map(|(path, d)| {
+            let special = path == "packaging" || path == "pre_packaging";
+            (path.as_str(), d, !special)
+        }),
+        dependencies,
+    )
 }
 
-/// Fingerprint of a job: its spec text, monit and every template (name and
-/// sha256; sorted by name).
+/// A job's fingerprint: `job.MF`, `monit`, `properties_schema.json` and
+/// `templates/<src>` by path, digest and mode.
 pub(crate) fn job_fingerprint(
-    spec_text: &str,
-    monit: Option<&str>,
-    templates: &BTreeMap<String, String>,
+    algo: DigestAlgorithm,
+    files: &BTreeMap<String, FileDigest>,
 ) -> String {
-    let mut listing = String::new();
-    listing.push_str("bosun-job-v1\n");
-    listing.push_str(&format!("spec {}\n", sha256_hex(spec_text.as_bytes())));
-    match monit {
-        Some(m) => listing.push_str(&format!("monit {}\n", sha256_hex(m.as_bytes()))),
-        None => listing.push_str("monit none\n"),
-    }
-    for (name, content) in templates {
-        listing.push_str(&format!(
-            "template {} {}\n",
-            sha256_hex(name.as_bytes()),
-            sha256_hex(content.as_bytes())
-        ));
-    }
-    sha256_hex(listing.as_bytes())
+    v2_fingerprint(algo, files.iter().map(|(p, d)| (p.as_str(), d, true)), &[])
 }
 
-/// The archive of a job: `job.MF`, `monit` (if any), `templates/<src>`.
-pub(crate) fn job_archive(
-    spec_text: &str,
-    monit: Option<&str>,
-    templates: &BTreeMap<String, String>,
-) -> std::io::Result<Vec<u8>> {
-    let mut files = BTreeMap::new();
-    let text = |s: &str| FileEntry {
-        data: s.as_bytes().to_vec(),
-        executable: false,
-    };
-    files.insert("job.MF".to_string(), text(spec_text));
-    if let Some(m) = monit {
-        files.insert("monit".to_string(), text(m));
-    }
-    for (name, content) in templates {
-        files.insert(format!("templates/{name}"), text(content));
-    }
-    build_tgz(&files)
+/// The license's fingerprint: each `LICENSE*` / `NOTICE*` file by base
+/// name and digest, no mode.
+pub(crate) fn license_fingerprint(
+    algo: DigestAlgorithm,
+    files: &BTreeMap<String, FileDigest>,
+) -> String {
+    v2_fingerprint(
+        algo,
+        files
+            .iter()
+            .map(|(p, d)| (p.rsplit('/').next().unwrap_or(p), d, false)),
+        &[],
+    )
+}
+
+/// Digests of in-memory files.
+pub(crate) fn digests(files: &BTreeMap<String, FileEntry>) -> BTreeMap<String, FileDigest> {
+    files
+        .iter()
+        .map(|(p, f)| (p.clone(), FileDigest::of(&f.data, f.executable)))
+        .collect()
+}
+
+/// The archive of a job: its files (`job.MF`, `monit`, `templates/<src>`, ...)
+/// as given.
+pub(crate) fn job_archive(files: &BTreeMap<String, FileEntry>) -> std::io::Result<Vec<u8>> {
+    build_tgz(files)
 }
 
 /// The archive of a package: `packaging` plus its files.

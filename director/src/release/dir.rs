@@ -1,44 +1,93 @@
-//! Reading a BOSH-layout release directory.
+//! Reading a BOSH-layout release directory: `config/final.yml`,
+//! `config/blobs.yml` + `blobs/`, `jobs/`, `packages/` (vendored ones by
+//! `spec.lock`), `src/`, `LICENSE*`/`NOTICE*`, `.final_builds/`,
+//! `.dev_builds/` and `releases/NAME/NAME-V.yml`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use globset::{GlobBuilder, GlobMatcher, GlobSet, GlobSetBuilder};
+use serde::Deserialize;
 
 use super::archive::{
-    job_archive, job_fingerprint, package_archive, package_fingerprint, sha256_hex, FileEntry,
+    build_tgz, digests, job_archive, job_fingerprint, license_fingerprint, package_archive,
+    package_fingerprint, sha256_hex, BothHasher, DigestAlgorithm, FileEntry,
 };
-use super::spec::{check_name, parse_job_spec, parse_package_spec, yaml_error};
+use super::final_builds::{Build, Builds, Kind};
+use super::spec::{
+    check_name, parse_job_spec_with_warnings, parse_package_spec_with_warnings, parse_yaml,
+    yaml_error,
+};
+use super::tarball::{job_from_archive, license_from_archive, package_from_archive};
 use super::{
-    Job, JobEntry, Package, PackageEntry, PackageSpec, Release, ReleaseError, ReleaseManifest,
+    digest, Job, JobEntry, License, LicenseEntry, Package, PackageEntry, PackageSpec, Release,
+    ReleaseError, ReleaseManifest,
 };
+use crate::archive_limits::{ArchiveLimits, Budget};
 
-/// Read a BOSH-layout release directory: name from `config/final.yml`
-/// (`name`, else `final_name`), else the directory name; version = `version`
-/// or `0+dev.<first 12 hex of a digest of all fingerprints>` (same source,
-/// same version).
+/// [`read_release_dir_with`] computing SHA-256 fingerprints (as BOSH's CLI
+/// does today).
 pub fn read_release_dir(dir: &Path, version: Option<&str>) -> Result<Release, ReleaseError> {
-    read_dir_inner(dir, version).map_err(|e| e.in_release(dir))
+    read_release_dir_with(dir, version, DigestAlgorithm::default())
 }
 
-fn read_dir_inner(dir: &Path, version: Option<&str>) -> Result<Release, ReleaseError> {
+/// Read a BOSH-layout release directory: name from `config/final.yml`
+/// (`name`, else `final_name`), else the directory name.
+///
+/// With a `version` that `releases/NAME/NAME-V.yml` records, the final
+/// release: every job, package and license taken from its final build's
+/// tarball. Otherwise a dev release built from source, with `version` or
+/// `0+dev.<first 12 hex of a digest of all fingerprints>` (same source,
+/// same version); fingerprints made with `algo` (a job or package whose
+/// fingerprint under the other algorithm is a recorded build takes that
+/// build's fingerprint and version); vendored packages (`spec.lock`) from
+/// their build's tarball.
+pub fn read_release_dir_with(
+    dir: &Path,
+    version: Option<&str>,
+    algo: DigestAlgorithm,
+) -> Result<Release, ReleaseError> {
+    read_dir_inner(dir, version, algo).map_err(|e| e.in_release(dir))
+}
+
+/// What `config/final.yml` says.
+struct FinalConfig {
+    name: String,
+    local_blobstore: Option<PathBuf>,
+}
+
+fn read_dir_inner(
+    dir: &Path,
+    version: Option<&str>,
+    algo: DigestAlgorithm,
+) -> Result<Release, ReleaseError> {
     if !dir.is_dir() {
         return Err(ReleaseError::io("", "not a directory"));
     }
-    let name = release_name(dir)?;
-    let packages = read_packages(dir)?;
-    let jobs = read_jobs(dir, &packages)?;
+    let config = final_config(dir)?;
+    let builds = Builds::new(dir, config.local_blobstore.clone());
+    if let Some(v) = version {
+        if v.trim().is_empty() {
+            return Err(ReleaseError::invalid("", "the release version is empty"));
+        }
+        let file = format!("releases/{0}/{0}-{v}.yml", config.name);
+        if check_name("release version", v).is_ok() && dir.join(&file).is_file() {
+            return read_final_release(dir, &file, &config.name, v, &builds);
+        }
+    }
+    let mut warnings = Vec::new();
+    let blobs = read_blobs_yml(dir)?;
+    let packages = read_packages(dir, algo, &builds, &blobs, &mut warnings)?;
+    let jobs = read_jobs(dir, algo, &builds, &packages, &mut warnings)?;
+    let license = read_license(dir, algo, &builds)?;
 
     let version = match version {
-        Some(v) if v.trim().is_empty() => {
-            return Err(ReleaseError::invalid("", "the release version is empty"))
-        }
         Some(v) => v.to_string(),
-        None => dev_version(&jobs, &packages),
+        None => dev_version(&jobs, &packages, license.as_ref()),
     };
     let manifest = ReleaseManifest {
-        name,
+        name: config.name,
         version,
         commit_hash: "unknown".to_string(),
         uncommitted_changes: false,
@@ -46,9 +95,9 @@ fn read_dir_inner(dir: &Path, version: Option<&str>) -> Result<Release, ReleaseE
             .iter()
             .map(|j| JobEntry {
                 name: j.spec.name.clone(),
-                version: j.fingerprint.clone(),
+                version: j.version.clone(),
                 fingerprint: j.fingerprint.clone(),
-                sha256: j.sha256.clone(),
+                sha1: format!("sha256:{}", j.sha256),
                 packages: j.spec.packages.clone(),
             })
             .collect(),
@@ -56,21 +105,30 @@ fn read_dir_inner(dir: &Path, version: Option<&str>) -> Result<Release, ReleaseE
             .iter()
             .map(|p| PackageEntry {
                 name: p.spec.name.clone(),
-                version: p.fingerprint.clone(),
+                version: p.version.clone(),
                 fingerprint: p.fingerprint.clone(),
-                sha256: p.sha256.clone(),
+                sha1: format!("sha256:{}", p.sha256),
                 dependencies: p.spec.dependencies.clone(),
             })
             .collect(),
+        compiled_packages: Vec::new(),
+        license: license.as_ref().map(|l| LicenseEntry {
+            version: l.version.clone(),
+            fingerprint: l.fingerprint.clone(),
+            sha1: format!("sha256:{}", l.sha256),
+        }),
     };
     Ok(Release {
         manifest,
         jobs,
         packages,
+        compiled_packages: Vec::new(),
+        license,
+        warnings,
     })
 }
 
-fn dev_version(jobs: &[Job], packages: &[Package]) -> String {
+fn dev_version(jobs: &[Job], packages: &[Package], license: Option<&License>) -> String {
     let mut listing = String::new();
     for j in jobs {
         listing.push_str(&format!("job {} {}\n", j.spec.name, j.fingerprint));
@@ -78,18 +136,33 @@ fn dev_version(jobs: &[Job], packages: &[Package]) -> String {
     for p in packages {
         listing.push_str(&format!("package {} {}\n", p.spec.name, p.fingerprint));
     }
+    if let Some(l) = license {
+        listing.push_str(&format!("license {}\n", l.fingerprint));
+    }
     let digest = sha256_hex(listing.as_bytes());
     format!("0+dev.{}", &digest[..12])
 }
 
-fn release_name(dir: &Path) -> Result<String, ReleaseError> {
+fn final_config(dir: &Path) -> Result<FinalConfig, ReleaseError> {
     let file = "config/final.yml";
     let path = dir.join(file);
+    let mut local_blobstore = None;
     let from_final = if path.is_file() {
         let text = read_text(&path, file)?;
         let doc: serde_yaml_ng::Value =
             serde_yaml_ng::from_str(&text).map_err(|e| yaml_error(file, &e))?;
         let get = |k: &str| doc.get(k).and_then(|v| v.as_str()).map(str::to_string);
+        let store = doc.get("blobstore");
+        let provider = store
+            .and_then(|b| b.get("provider"))
+            .and_then(|p| p.as_str());
+        if provider == Some("local") {
+            let at = store
+                .and_then(|b| b.get("options"))
+                .and_then(|o| o.get("blobstore_path"))
+                .and_then(|p| p.as_str());
+            local_blobstore = at.map(|p| dir.join(p));
+        }
         get("name").or_else(|| get("final_name"))
     } else {
         None
@@ -107,7 +180,208 @@ fn release_name(dir: &Path) -> Result<String, ReleaseError> {
         }
     };
     check_name("release name", &name).map_err(|m| ReleaseError::invalid(file, m))?;
-    Ok(name)
+    Ok(FinalConfig {
+        name,
+        local_blobstore,
+    })
+}
+
+/// Limits for reading final builds' archives (they were made by a release
+/// author, but are still bounded).
+fn build_budget() -> Budget {
+    Budget::new(ArchiveLimits::default())
+}
+
+/// A final release (`releases/NAME/NAME-V.yml`): each job, package and the
+/// license from its build's tarball, verified against the recorded digest.
+fn read_final_release(
+    dir: &Path,
+    file: &str,
+    name: &str,
+    version: &str,
+    builds: &Builds,
+) -> Result<Release, ReleaseError> {
+    let text = read_text(&dir.join(file), file)?;
+    let mut manifest: ReleaseManifest = parse_yaml(file, &text)?;
+    if manifest.name != name || manifest.version != version {
+        return Err(ReleaseError::invalid(
+            file,
+            format!(
+                "records release {}/{}, not {name}/{version}",
+                manifest.name, manifest.version
+            ),
+        ));
+    }
+    let budget = build_budget();
+    let mut warnings = Vec::new();
+    let mut packages = Vec::new();
+    for entry in &mut manifest.packages {
+        check_name("package name", &entry.name).map_err(|m| ReleaseError::invalid(file, m))?;
+        let build = builds.find(Kind::Package, &entry.name, &entry.fingerprint)?;
+        let found = builds.tarball(
+            Kind::Package,
+            &entry.name,
+            &entry.fingerprint,
+            build.as_ref(),
+            Some(&entry.sha1),
+        )?;
+        let at = format!("packages/{}", entry.name);
+        let pkg = package_from_archive(
+            entry,
+            found.archive,
+            found.sha256,
+            &at,
+            &budget,
+            &mut warnings,
+        )?;
+        entry.sha1 = digest::normalise(&entry.sha1);
+        packages.push(pkg);
+    }
+    packages.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+    let known: BTreeSet<String> = packages.iter().map(|p| p.spec.name.clone()).collect();
+    let mut jobs = Vec::new();
+    for entry in &manifest.jobs {
+        check_name("job name", &entry.name).map_err(|m| ReleaseError::invalid(file, m))?;
+        let build = builds.find(Kind::Job, &entry.name, &entry.fingerprint)?;
+        let found = builds.tarball(
+            Kind::Job,
+            &entry.name,
+            &entry.fingerprint,
+            build.as_ref(),
+            Some(&entry.sha1),
+        )?;
+        let at = format!("jobs/{}", entry.name);
+        jobs.push(job_from_archive(
+            entry,
+            found.archive,
+            found.sha256,
+            &at,
+            &budget,
+            &known,
+            &mut warnings,
+        )?);
+    }
+    jobs.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+    let license = match &manifest.license {
+        Some(entry) => {
+            let build = builds.find(Kind::License, "license", &entry.fingerprint)?;
+            let found = builds.tarball(
+                Kind::License,
+                "license",
+                &entry.fingerprint,
+                build.as_ref(),
+                Some(&entry.sha1),
+            )?;
+            Some(license_from_archive(
+                entry,
+                found.archive,
+                found.sha256,
+                "license",
+                &budget,
+                &mut warnings,
+            )?)
+        }
+        None => None,
+    };
+    Ok(Release {
+        manifest,
+        jobs,
+        packages,
+        compiled_packages: Vec::new(),
+        license,
+        warnings,
+    })
+}
+
+/// The fingerprint and version of a job, package or license computed as
+/// `fps` (the chosen algorithm's first): the first that a recorded build
+/// has, with that build's version; else the first, as its own version.
+fn fingerprint_and_version(
+    builds: &Builds,
+    kind: Kind,
+    name: &str,
+    fps: [String; 2],
+) -> Result<(String, String), ReleaseError> {
+    for fp in &fps {
+        if let Some(b) = builds.find(kind, name, fp)? {
+            return Ok((fp.clone(), b.version));
+        }
+    }
+    let [first, _] = fps;
+    Ok((first.clone(), first))
+}
+
+/// Both algorithms, `algo` first.
+fn algorithms(algo: DigestAlgorithm) -> [DigestAlgorithm; 2] {
+    match algo {
+        DigestAlgorithm::Sha1 => [DigestAlgorithm::Sha1, DigestAlgorithm::Sha256],
+        DigestAlgorithm::Sha256 => [DigestAlgorithm::Sha256, DigestAlgorithm::Sha1],
+    }
+}
+
+/// `LICENSE*` and `NOTICE*` at the top of the release directory, if any.
+fn read_license(
+    dir: &Path,
+    algo: DigestAlgorithm,
+    builds: &Builds,
+) -> Result<Option<License>, ReleaseError> {
+    let mut files = BTreeMap::new();
+    for entry in fs::read_dir(dir).map_err(|e| ReleaseError::io("", e))? {
+        let entry = entry.map_err(|e| ReleaseError::io("", e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with("LICENSE") || name.starts_with("NOTICE")) {
+            continue;
+        }
+        let path = entry.path();
+        if !path.is_file() {
+            continue;
+        }
+        let data = fs::read(&path).map_err(|e| ReleaseError::io(&name, e))?;
+        files.insert(
+            name,
+            FileEntry {
+                data,
+                executable: is_executable(&path),
+            },
+        );
+    }
+    if files.is_empty() {
+        return Ok(None);
+    }
+    let d = digests(&files);
+    let fps = algorithms(algo).map(|a| license_fingerprint(a, &d));
+    let (fingerprint, version) = fingerprint_and_version(builds, Kind::License, "license", fps)?;
+    let archive = build_tgz(&files).map_err(|e| ReleaseError::io("license", e))?;
+    Ok(Some(License {
+        fingerprint,
+        version,
+        sha256: sha256_hex(&archive),
+        archive: archive.into(),
+    }))
+}
+
+/// `config/blobs.yml`: blob path -> recorded digest (`sha`), if any.
+fn read_blobs_yml(dir: &Path) -> Result<BTreeMap<String, Option<String>>, ReleaseError> {
+    #[derive(Deserialize)]
+    struct RawBlob {
+        #[serde(default)]
+        sha: Option<String>,
+    }
+    let file = "config/blobs.yml";
+    let path = dir.join(file);
+    if !path.is_file() {
+        return Ok(BTreeMap::new());
+    }
+    let text = read_text(&path, file)?;
+    if text.trim().is_empty() || text.trim() == "---" {
+        return Ok(BTreeMap::new());
+    }
+    let raw: Option<BTreeMap<String, RawBlob>> = parse_yaml(file, &text)?;
+    Ok(raw
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, v.sha))
+        .collect())
 }
 
 fn read_text(path: &Path, file: &str) -> Result<String, ReleaseError> {
@@ -191,11 +465,40 @@ fn is_executable(path: &Path) -> bool {
 
 struct PackageSource {
     spec: PackageSpec,
-    packaging: Vec<u8>,
+    /// `packaging`, `pre_packaging` and the selected files.
     files: BTreeMap<String, FileEntry>,
 }
 
-fn read_packages(dir: &Path) -> Result<Vec<Package>, ReleaseError> {
+/// A vendored package (`spec.lock`): name, fingerprint, dependencies.
+#[derive(Deserialize)]
+struct SpecLock {
+    name: String,
+    fingerprint: String,
+    #[serde(default)]
+    dependencies: Vec<String>,
+}
+
+enum PackageInput {
+    Source(PackageSource),
+    Vendored(SpecLock),
+}
+
+impl PackageInput {
+    fn dependencies(&self) -> &[String] {
+        match self {
+            PackageInput::Source(s) => &s.spec.dependencies,
+            PackageInput::Vendored(l) => &l.dependencies,
+        }
+    }
+}
+
+fn read_packages(
+    dir: &Path,
+    algo: DigestAlgorithm,
+    builds: &Builds,
+    blobs_yml: &BTreeMap<String, Option<String>>,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<Package>, ReleaseError> {
     let names = subdirs(&dir.join("packages"), "packages")?;
     if names.is_empty() {
         return Ok(Vec::new());
@@ -203,19 +506,40 @@ fn read_packages(dir: &Path) -> Result<Vec<Package>, ReleaseError> {
     let src = list_files(&dir.join("src"), "src")?;
     let blobs = list_files(&dir.join("blobs"), "blobs")?;
 
-    let mut sources: BTreeMap<String, PackageSource> = BTreeMap::new();
+    let mut inputs: BTreeMap<String, PackageInput> = BTreeMap::new();
     for name in &names {
         let pdir = dir.join("packages").join(name);
+        let lock_file = format!("packages/{name}/spec.lock");
+        if pdir.join("spec.lock").is_file() {
+            let lock: SpecLock =
+                parse_yaml(&lock_file, &read_text(&pdir.join("spec.lock"), &lock_file)?)?;
+            if lock.name != *name {
+                return Err(ReleaseError::invalid(
+                    lock_file,
+                    format!(
+                        "package name '{}' does not match its directory '{name}'",
+                        lock.name
+                    ),
+                ));
+            }
+            if lock.fingerprint.trim().is_empty() {
+                return Err(ReleaseError::invalid(lock_file, "the fingerprint is empty"));
+            }
+            for d in &lock.dependencies {
+                check_name("dependency", d).map_err(|m| ReleaseError::invalid(&lock_file, m))?;
+            }
+            inputs.insert(name.clone(), PackageInput::Vendored(lock));
+            continue;
+        }
         let spec_file = format!("packages/{name}/spec");
         if !pdir.join("spec").is_file() {
-            let why = if pdir.join("spec.lock").is_file() {
-                "vendored packages (spec.lock without spec) are not supported"
-            } else {
-                "missing package spec"
-            };
-            return Err(ReleaseError::invalid(spec_file, why));
+            return Err(ReleaseError::invalid(spec_file, "missing package spec"));
         }
-        let spec = parse_package_spec(&spec_file, &read_text(&pdir.join("spec"), &spec_file)?)?;
+        let (spec, spec_warnings) = parse_package_spec_with_warnings(
+            &spec_file,
+            &read_text(&pdir.join("spec"), &spec_file)?,
+        )?;
+        warnings.extend(spec_warnings);
         if spec.name != *name {
             return Err(ReleaseError::invalid(
                 spec_file,
@@ -229,64 +553,110 @@ fn read_packages(dir: &Path) -> Result<Vec<Package>, ReleaseError> {
         let packaging = fs::read(pdir.join("packaging")).map_err(|e| {
             ReleaseError::io(&packaging_file, format!("missing packaging script: {e}"))
         })?;
-        let files = select_files(&spec, &spec_file, &src, &blobs)?;
-        sources.insert(
-            name.clone(),
-            PackageSource {
-                spec,
-                packaging,
-                files,
+        let mut files = select_files(&spec, &spec_file, &src, &blobs, blobs_yml)?;
+        files.insert(
+            "packaging".to_string(),
+            FileEntry {
+                data: packaging,
+                executable: true,
             },
+        );
+        let pre = pdir.join("pre_packaging");
+        if pre.is_file() {
+            let pre_file = format!("packages/{name}/pre_packaging");
+            let data = fs::read(&pre).map_err(|e| ReleaseError::io(&pre_file, e))?;
+            warnings.push(format!(
+                "{pre_file}: pre_packaging scripts are not run (the file is part of the fingerprint and the archive)"
+            ));
+            files.insert(
+                "pre_packaging".to_string(),
+                FileEntry {
+                    data,
+                    executable: true,
+                },
+            );
+        }
+        inputs.insert(
+            name.clone(),
+            PackageInput::Source(PackageSource { spec, files }),
         );
     }
 
     // Dependencies must exist and must not form a cycle.
-    for s in sources.values() {
-        for d in &s.spec.dependencies {
-            if !sources.contains_key(d) {
+    for (name, input) in &inputs {
+        for d in input.dependencies() {
+            if !inputs.contains_key(d) {
                 return Err(ReleaseError::invalid(
-                    format!("packages/{}/spec", s.spec.name),
+                    format!("packages/{name}/spec"),
                     format!(
-                        "package '{}' depends on '{d}', which is not a package of this release",
-                        s.spec.name
+                        "package '{name}' depends on '{d}', which is not a package of this release"
                     ),
                 ));
             }
         }
     }
-    let deps: BTreeMap<&str, &[String]> = sources
+    let deps: BTreeMap<&str, &[String]> = inputs
         .iter()
-        .map(|(n, s)| (n.as_str(), s.spec.dependencies.as_slice()))
+        .map(|(n, s)| (n.as_str(), s.dependencies()))
         .collect();
-    let order = topo_order(&deps)?;
+    topo_order(&deps)?;
 
-    let mut fingerprints: BTreeMap<String, String> = BTreeMap::new();
-    let mut packages = BTreeMap::new();
-    for name in order {
-        let Some(s) = sources.remove(&name) else {
-            continue;
+    let budget = build_budget();
+    let mut packages = Vec::new();
+    for (name, input) in inputs {
+        let pkg = match input {
+            PackageInput::Source(s) => {
+                let d = digests(&s.files);
+                let fps =
+                    algorithms(algo).map(|a| package_fingerprint(a, &d, &s.spec.dependencies));
+                let (fingerprint, version) =
+                    fingerprint_and_version(builds, Kind::Package, &name, fps)?;
+                let mut files = s.files;
+                let packaging = files
+                    .remove("packaging")
+                    .map(|f| f.data)
+                    .unwrap_or_default();
+                let archive = package_archive(&packaging, &files)
+                    .map_err(|e| ReleaseError::io(format!("packages/{name}"), e))?;
+                Package {
+                    spec: s.spec,
+                    fingerprint,
+                    version,
+                    sha256: sha256_hex(&archive),
+                    archive: archive.into(),
+                }
+            }
+            PackageInput::Vendored(lock) => {
+                let build: Option<Build> = builds.find(Kind::Package, &name, &lock.fingerprint)?;
+                let found = builds.tarball(
+                    Kind::Package,
+                    &name,
+                    &lock.fingerprint,
+                    build.as_ref(),
+                    None,
+                )?;
+                let entry = PackageEntry {
+                    name: name.clone(),
+                    version: build
+                        .as_ref()
+                        .map_or_else(|| lock.fingerprint.clone(), |b| b.version.clone()),
+                    fingerprint: lock.fingerprint.clone(),
+                    sha1: format!("sha256:{}", found.sha256),
+                    dependencies: lock.dependencies.clone(),
+                };
+                package_from_archive(
+                    &entry,
+                    found.archive,
+                    found.sha256,
+                    &format!("packages/{name}/spec.lock"),
+                    &budget,
+                    warnings,
+                )?
+            }
         };
-        let dep_fps: BTreeMap<String, String> = s
-            .spec
-            .dependencies
-            .iter()
-            .filter_map(|d| fingerprints.get(d).map(|fp| (d.clone(), fp.clone())))
-            .collect();
-        let fingerprint = package_fingerprint(&name, &s.packaging, &s.files, &dep_fps);
-        let archive = package_archive(&s.packaging, &s.files)
-            .map_err(|e| ReleaseError::io(format!("packages/{name}"), e))?;
-        fingerprints.insert(name.clone(), fingerprint.clone());
-        packages.insert(
-            name,
-            Package {
-                spec: s.spec,
-                fingerprint,
-                sha256: sha256_hex(&archive),
-                archive: archive.into(),
-            },
-        );
+        packages.push(pkg);
     }
-    Ok(packages.into_values().collect())
+    Ok(packages)
 }
 
 /// Dependencies first, ties by name; a cycle is an error naming it.
@@ -338,6 +708,7 @@ fn select_files(
     spec_file: &str,
     src: &BTreeMap<String, PathBuf>,
     blobs: &BTreeMap<String, PathBuf>,
+    blobs_yml: &BTreeMap<String, Option<String>>,
 ) -> Result<BTreeMap<String, FileEntry>, ReleaseError> {
     let bad_glob = |g: &str, e: globset::Error| {
         ReleaseError::invalid(
@@ -361,6 +732,18 @@ fn select_files(
                 selected.entry(rel.clone()).or_insert((origin, path));
             }
         }
+        if let Some(missing) = blobs_yml
+            .keys()
+            .find(|b| m.is_match(b) && !src.contains_key(*b) && !blobs.contains_key(*b))
+        {
+            return Err(ReleaseError::invalid(
+                spec_file,
+                format!(
+                    "package '{}': blob '{missing}' (config/blobs.yml) is not in blobs/; fetch it first (bosh sync-blobs)",
+                    spec.name
+                ),
+            ));
+        }
         if !matched {
             return Err(ReleaseError::invalid(
                 spec_file,
@@ -376,16 +759,21 @@ fn select_files(
         if excluded.is_match(&rel) {
             continue;
         }
-        if rel == "packaging" {
+        if rel == "packaging" || rel == "pre_packaging" {
             return Err(ReleaseError::invalid(
                 spec_file,
                 format!(
-                    "package '{}': a selected file is named 'packaging', which clashes with the packaging script",
+                    "package '{}': a selected file is named '{rel}', which clashes with the {rel} script",
                     spec.name
                 ),
             ));
         }
         let data = fs::read(path).map_err(|e| ReleaseError::io(format!("{origin}/{rel}"), e))?;
+        if origin == "blobs" {
+            if let Some(Some(sha)) = blobs_yml.get(&rel) {
+                check_blob(&rel, sha, &data)?;
+            }
+        }
         out.insert(
             rel,
             FileEntry {
@@ -397,14 +785,42 @@ fn select_files(
     Ok(out)
 }
 
-fn read_jobs(dir: &Path, packages: &[Package]) -> Result<Vec<Job>, ReleaseError> {
+/// A blob of `blobs/` against the digest `config/blobs.yml` records.
+fn check_blob(rel: &str, recorded: &str, data: &[u8]) -> Result<(), ReleaseError> {
+    let file = format!("blobs/{rel}");
+    let (algo, hex) = digest::parse(recorded)
+        .map_err(|m| ReleaseError::invalid("config/blobs.yml", format!("blob '{rel}': {m}")))?;
+    let mut h = BothHasher::default();
+    h.update(data);
+    let (sha1, sha256) = h.finish();
+    let got = match algo {
+        DigestAlgorithm::Sha1 => sha1,
+        DigestAlgorithm::Sha256 => sha256,
+    };
+    if got != hex {
+        return Err(ReleaseError::integrity(
+            file,
+            format!("{} is {got}, config/blobs.yml says {recorded}", algo.name()),
+        ));
+    }
+    Ok(())
+}
+
+fn read_jobs(
+    dir: &Path,
+    algo: DigestAlgorithm,
+    builds: &Builds,
+    packages: &[Package],
+    warnings: &mut Vec<String>,
+) -> Result<Vec<Job>, ReleaseError> {
     let known: BTreeSet<&str> = packages.iter().map(|p| p.spec.name.as_str()).collect();
     let mut jobs = Vec::new();
     for name in subdirs(&dir.join("jobs"), "jobs")? {
         let jdir = dir.join("jobs").join(&name);
         let spec_file = format!("jobs/{name}/spec");
         let spec_text = read_text(&jdir.join("spec"), &spec_file)?;
-        let spec = parse_job_spec(&spec_file, &spec_text)?;
+        let (spec, spec_warnings) = parse_job_spec_with_warnings(&spec_file, &spec_text)?;
+        warnings.extend(spec_warnings);
         if spec.name != name {
             return Err(ReleaseError::invalid(
                 spec_file,
@@ -424,12 +840,40 @@ fn read_jobs(dir: &Path, packages: &[Package]) -> Result<Vec<Job>, ReleaseError>
                 ));
             }
         }
+        let mut files = BTreeMap::new();
+        files.insert(
+            "job.MF".to_string(),
+            FileEntry {
+                data: spec_text.into_bytes(),
+                executable: is_executable(&jdir.join("spec")),
+            },
+        );
         let monit_path = jdir.join("monit");
         let monit = if monit_path.is_file() {
-            Some(read_text(&monit_path, &format!("jobs/{name}/monit"))?)
+            let text = read_text(&monit_path, &format!("jobs/{name}/monit"))?;
+            files.insert(
+                "monit".to_string(),
+                FileEntry {
+                    data: text.clone().into_bytes(),
+                    executable: is_executable(&monit_path),
+                },
+            );
+            Some(text)
         } else {
             None
         };
+        let schema = jdir.join("properties_schema.json");
+        if schema.is_file() {
+            let file = format!("jobs/{name}/properties_schema.json");
+            let data = fs::read(&schema).map_err(|e| ReleaseError::io(file, e))?;
+            files.insert(
+                "properties_schema.json".to_string(),
+                FileEntry {
+                    data,
+                    executable: is_executable(&schema),
+                },
+            );
+        }
         let mut templates = BTreeMap::new();
         for src in spec.templates.keys() {
             let file = format!("jobs/{name}/templates/{src}");
@@ -440,14 +884,25 @@ fn read_jobs(dir: &Path, packages: &[Package]) -> Result<Vec<Job>, ReleaseError>
                     format!("job '{name}': template '{src}' listed in the spec does not exist"),
                 ));
             }
-            templates.insert(src.clone(), read_text(&path, &file)?);
+            let text = read_text(&path, &file)?;
+            files.insert(
+                format!("templates/{src}"),
+                FileEntry {
+                    data: text.clone().into_bytes(),
+                    executable: is_executable(&path),
+                },
+            );
+            templates.insert(src.clone(), text);
         }
-        let fingerprint = job_fingerprint(&spec_text, monit.as_deref(), &templates);
-        let archive = job_archive(&spec_text, monit.as_deref(), &templates)
-            .map_err(|e| ReleaseError::io(format!("jobs/{name}"), e))?;
+        let d = digests(&files);
+        let fps = algorithms(algo).map(|a| job_fingerprint(a, &d));
+        let (fingerprint, version) = fingerprint_and_version(builds, Kind::Job, &name, fps)?;
+        let archive =
+            job_archive(&files).map_err(|e| ReleaseError::io(format!("jobs/{name}"), e))?;
         jobs.push(Job {
             spec,
             fingerprint,
+            version,
             templates,
             monit,
             sha256: sha256_hex(&archive),

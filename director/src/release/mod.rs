@@ -19,12 +19,30 @@
 //! version and byte-identical archives (entries sorted, mtime 0, uid/gid 0,
 //! modes 0644/0755, gzip header mtime 0).
 //!
-//! Differences from BOSH (on purpose): fingerprints are SHA-256 (64 hex), not
-//! SHA-1; vendored packages (`spec.lock` without `spec`) are not supported;
-//! a dev release's `commit_hash` is `unknown` (bosun runs no git commands).
+//! Fingerprints are BOSH's "v2" fingerprints (see [`DigestAlgorithm`]): a
+//! job or package built from the same source has the fingerprint a BOSH
+//! release's `releases/NAME/NAME-V.yml` and `.final_builds` record, and a
+//! dev job's or package's version is its fingerprint. `release.MF` has the
+//! keys bosh.io tarballs have; archives are verified by the digest given
+//! (`sha1: <40 hex>` or `sha1: sha256:<64 hex>`).
+//!
+//! Spec files are read leniently, as BOSH does: an unknown key is a
+//! warning ([`Release::warnings`]), not an error. Names and paths are
+//! checked strictly.
+//!
+//! Differences from BOSH (on purpose): `pre_packaging` scripts are never
+//! run (a package that has one gets a warning); a dev release's
+//! `commit_hash` is `unknown` (bosun runs no git commands) and its version
+//! is `0+dev.<digest of its fingerprints>`; only the local blobstore
+//! (`config/final.yml` provider `local`) and the release directory itself
+//! are searched for final-build tarballs (nothing is downloaded).
 
 mod archive;
+#[cfg(test)]
+mod bosh_tests;
 mod dir;
+mod final_builds;
+mod sha1;
 mod spec;
 mod tarball;
 #[cfg(test)]
@@ -39,9 +57,12 @@ use serde::{Deserialize, Serialize};
 use crate::archive_limits::ArchiveLimits;
 use crate::model::problems::Problem;
 
-pub use archive::ArchiveData;
-pub use dir::read_release_dir;
-pub use spec::{parse_job_spec, parse_package_spec};
+pub use archive::{ArchiveData, DigestAlgorithm};
+pub use dir::{read_release_dir, read_release_dir_with};
+pub use spec::{
+    parse_job_spec, parse_job_spec_with_warnings, parse_package_spec,
+    parse_package_spec_with_warnings,
+};
 pub use tarball::{read_tarball, read_tarball_with_limits, write_tarball};
 
 /// A job's `spec` file.
@@ -62,17 +83,18 @@ pub struct JobSpec {
     #[serde(default)]
     pub provides: Vec<LinkDef>,
     /// How the job's templates and monit file are rendered (spec key
-    /// `template_engine`, ERB when absent). A stored record without the key
-    /// predates ERB support, when every job was rendered with Tera.
+    /// `template_engine`: `erb`, the default, or `tera`). A stored record
+    /// without the key predates ERB support, when every job was rendered
+    /// with Tera.
     #[serde(default = "TemplateEngine::stored_default")]
     pub template_engine: TemplateEngine,
 }
 
-/// The engine a job's templates are written for.
+/// The template language of a job's templates.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TemplateEngine {
-    /// Ruby's ERB with BOSH's template context (BOSH's only engine).
+    /// ERB, as in every BOSH release.
     #[default]
     Erb,
     /// bosun's own engine, Tera.
@@ -82,6 +104,18 @@ pub enum TemplateEngine {
 impl TemplateEngine {
     fn stored_default() -> TemplateEngine {
         TemplateEngine::Tera
+    }
+
+    /// The spelling of every engine in a spec, for error messages.
+    pub const ALLOWED: &'static [&'static str] = &["erb", "tera"];
+
+    /// The engine named `s` in a spec.
+    pub fn from_spec(s: &str) -> Option<Self> {
+        match s {
+            "erb" => Some(TemplateEngine::Erb),
+            "tera" => Some(TemplateEngine::Tera),
+            _ => None,
+        }
     }
 }
 
@@ -127,14 +161,18 @@ pub struct PackageSpec {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Job {
     pub spec: JobSpec,
+    /// BOSH v2 fingerprint (40 hex for SHA-1, 64 hex for SHA-256).
     pub fingerprint: String,
+    /// The fingerprint for a dev job; a final build's version otherwise.
+    pub version: String,
     /// Template source name -> content.
     pub templates: BTreeMap<String, String>,
     /// The `monit` file, if the job has one (bosun supervises from `bpm.yml`).
     pub monit: Option<String>,
-    /// Deterministic tgz: `job.MF` (the spec text), `monit`, `templates/<src>`.
+    /// Deterministic tgz (or a final build's tarball): `job.MF` (the spec
+    /// text), `monit`, `templates/<src>`.
     pub archive: ArchiveData,
-    /// Hex sha256 of `archive`.
+    /// Hex sha256 of `archive` (what the blob store names it by).
     pub sha256: String,
 }
 
@@ -142,23 +180,61 @@ pub struct Job {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Package {
     pub spec: PackageSpec,
+    /// BOSH v2 fingerprint (40 hex for SHA-1, 64 hex for SHA-256).
     pub fingerprint: String,
-    /// Deterministic tgz: `packaging` at the top and the selected files at
-    /// their paths relative to `src/` or `blobs/`.
+    /// The fingerprint for a dev package; a final build's version otherwise.
+    pub version: String,
+    /// Deterministic tgz (or a final build's tarball): `packaging` at the
+    /// top and the selected files at their paths relative to `src/` or
+    /// `blobs/`.
     pub archive: ArchiveData,
     /// Hex sha256 of `archive`.
     pub sha256: String,
 }
 
-/// `release.MF`.
+/// A compiled package of a compiled release (`compiled_packages/NAME.tgz`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CompiledPackage {
+    pub name: String,
+    pub version: String,
+    pub fingerprint: String,
+    /// `os/version` of the stemcell it was compiled on.
+    pub stemcell: String,
+    pub dependencies: Vec<String>,
+    pub archive: ArchiveData,
+    /// Hex sha256 of `archive`.
+    pub sha256: String,
+}
+
+/// A release's license (`license.tgz`: `LICENSE*` and `NOTICE*` files).
+#[derive(Clone, Debug, PartialEq)]
+pub struct License {
+    pub fingerprint: String,
+    pub version: String,
+    pub archive: ArchiveData,
+    /// Hex sha256 of `archive`.
+    pub sha256: String,
+}
+
+/// `release.MF`, with the keys BOSH writes. `sha1` is the digest of an
+/// archive: 40 hex (SHA-1) or `sha256:<64 hex>`. A record stored by older
+/// bosun versions (`sha256: <64 hex>`) reads as `sha1: sha256:<64 hex>`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ReleaseManifest {
     pub name: String,
     pub version: String,
+    #[serde(default)]
     pub commit_hash: String,
+    #[serde(default)]
     pub uncommitted_changes: bool,
+    #[serde(default)]
     pub jobs: Vec<JobEntry>,
+    #[serde(default)]
     pub packages: Vec<PackageEntry>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub compiled_packages: Vec<CompiledPackageEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub license: Option<LicenseEntry>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -166,7 +242,8 @@ pub struct JobEntry {
     pub name: String,
     pub version: String,
     pub fingerprint: String,
-    pub sha256: String,
+    #[serde(alias = "sha256", deserialize_with = "digest::deserialize")]
+    pub sha1: String,
     #[serde(default)]
     pub packages: Vec<String>,
 }
@@ -176,9 +253,91 @@ pub struct PackageEntry {
     pub name: String,
     pub version: String,
     pub fingerprint: String,
-    pub sha256: String,
+    #[serde(alias = "sha256", deserialize_with = "digest::deserialize")]
+    pub sha1: String,
     #[serde(default)]
     pub dependencies: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CompiledPackageEntry {
+    pub name: String,
+    pub version: String,
+    pub fingerprint: String,
+    #[serde(alias = "sha256", deserialize_with = "digest::deserialize")]
+    pub sha1: String,
+    /// `os/version`.
+    pub stemcell: String,
+    #[serde(default)]
+    pub dependencies: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LicenseEntry {
+    pub version: String,
+    pub fingerprint: String,
+    #[serde(alias = "sha256", deserialize_with = "digest::deserialize")]
+    pub sha1: String,
+}
+
+/// The `sha1` values of `release.MF` and `.final_builds` indexes.
+pub mod digest {
+    use serde::{Deserialize, Deserializer};
+
+    use super::DigestAlgorithm;
+
+    /// `<64 hex>` (bosun's old records) becomes `sha256:<64 hex>`; anything
+    /// else is kept as written.
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(normalise(&s))
+    }
+
+    /// See [`deserialize`].
+    pub fn normalise(s: &str) -> String {
+        let s = s.trim();
+        if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            format!("sha256:{}", s.to_ascii_lowercase())
+        } else {
+            s.to_string()
+        }
+    }
+
+    /// The algorithm and lowercase hex of a recorded digest:
+    /// `<40 hex>` (SHA-1) or `sha256:<64 hex>`. Several digests separated
+    /// by `;` (as BOSH allows) give the strongest one.
+    pub fn parse(s: &str) -> Result<(DigestAlgorithm, String), String> {
+        let mut best: Option<(DigestAlgorithm, String)> = None;
+        for part in s.split(';').map(str::trim) {
+            let (algo, hex) = match part.split_once(':') {
+                None => (DigestAlgorithm::Sha1, part),
+                Some(("sha1", h)) => (DigestAlgorithm::Sha1, h),
+                Some(("sha256", h)) => (DigestAlgorithm::Sha256, h),
+                Some((other, _)) => {
+                    return Err(format!(
+                        "digest '{s}' uses '{other}', not one of sha1, sha256"
+                    ))
+                }
+            };
+            let want = match algo {
+                DigestAlgorithm::Sha1 => 40,
+                DigestAlgorithm::Sha256 => 64,
+            };
+            if hex.len() != want || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(format!(
+                    "digest '{s}' is not {want} hex digits of {}",
+                    algo.name()
+                ));
+            }
+            let stronger = best
+                .as_ref()
+                .is_none_or(|(b, _)| *b == DigestAlgorithm::Sha1);
+            if stronger {
+                best = Some((algo, hex.to_ascii_lowercase()));
+            }
+        }
+        best.ok_or_else(|| format!("digest '{s}' is empty"))
+    }
 }
 
 /// A whole release: manifest, jobs and packages (both sorted by name).
@@ -187,6 +346,13 @@ pub struct Release {
     pub manifest: ReleaseManifest,
     pub jobs: Vec<Job>,
     pub packages: Vec<Package>,
+    /// Compiled packages of a compiled release (sorted by name, stemcell).
+    pub compiled_packages: Vec<CompiledPackage>,
+    pub license: Option<License>,
+    /// What was read but ignored or doubtful (unknown spec keys, a
+    /// fingerprint that could not be recomputed, ...), each naming the file
+    /// and, when known, the line.
+    pub warnings: Vec<String>,
 }
 
 /// What went wrong, for callers that want to branch on it.
@@ -346,6 +512,22 @@ impl Release {
             .into_iter()
             .filter(|p| wanted.contains(p.spec.name.as_str()))
             .collect())
+    }
+
+    /// The transitive dependencies of package `name` with their
+    /// fingerprints, as `dep:fingerprint` sorted by name and joined by `,`
+    /// (empty without dependencies). A BOSH package fingerprint names its
+    /// dependencies but not their content, so whatever caches compiled
+    /// packages must key on this as well as on the fingerprint.
+    pub fn dependency_key(&self, name: &str) -> Result<String, ReleaseError> {
+        let closure = self.package_closure(&[name.to_string()])?;
+        let mut deps: Vec<String> = closure
+            .iter()
+            .filter(|p| p.spec.name != name)
+            .map(|p| format!("{}:{}", p.spec.name, p.fingerprint))
+            .collect();
+        deps.sort();
+        Ok(deps.join(","))
     }
 }
 

@@ -9,7 +9,6 @@ use super::{
 };
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawJobSpec {
     name: String,
     #[serde(default)]
@@ -25,11 +24,10 @@ struct RawJobSpec {
     #[serde(default)]
     provides: Option<Vec<RawLink>>,
     #[serde(default)]
-    template_engine: Option<TemplateEngine>,
+    template_engine: Option<String>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawProperty {
     #[serde(default)]
     description: Option<String>,
@@ -40,7 +38,6 @@ struct RawProperty {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawLink {
     name: String,
     #[serde(rename = "type")]
@@ -52,7 +49,6 @@ struct RawLink {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawPackageSpec {
     name: String,
     #[serde(default)]
@@ -117,8 +113,103 @@ pub(crate) fn check_relative_path(what: &str, path: &str) -> Result<(), String> 
     Ok(())
 }
 
-/// Parse a job `spec` (`file` names it in errors).
+/// Keys BOSH knows in a job spec (and bosun's `template_engine`).
+const JOB_KEYS: &[&str] = &[
+    "name",
+    "description",
+    "templates",
+    "packages",
+    "properties",
+    "consumes",
+    "provides",
+    "template_engine",
+];
+/// Keys of one property of a job spec.
+const PROPERTY_KEYS: &[&str] = &["description", "default", "example"];
+/// Keys of one `consumes` / `provides` entry.
+const LINK_KEYS: &[&str] = &["name", "type", "optional", "properties"];
+/// Keys BOSH knows in a package spec (`no_compression` is accepted and ignored).
+const PACKAGE_KEYS: &[&str] = &[
+    "name",
+    "dependencies",
+    "files",
+    "excluded_files",
+    "no_compression",
+];
+
+/// `file:line: unknown key 'k' ignored` for every key of `value` (a
+/// mapping, else nothing) not in `known`; `at` prefixes nested keys.
+fn unknown_keys(
+    file: &str,
+    text: &str,
+    value: Option<&serde_yaml_ng::Value>,
+    known: &[&str],
+    at: &str,
+    out: &mut Vec<String>,
+) {
+    let Some(map) = value.and_then(|v| v.as_mapping()) else {
+        return;
+    };
+    for key in map.keys() {
+        let name = match key {
+            serde_yaml_ng::Value::String(s) => s.clone(),
+            other => serde_yaml_ng::to_string(other)
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "?".to_string()),
+        };
+        if known.contains(&name.as_str()) {
+            continue;
+        }
+        let place = match key_line(text, &name) {
+            Some(line) => format!("{file}:{line}"),
+            None => file.to_string(),
+        };
+        out.push(format!("{place}: unknown key '{at}{name}' ignored"));
+    }
+}
+
+/// The first line where `key` is written as a mapping key.
+fn key_line(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start().trim_start_matches("- ");
+            let l = l.trim_start_matches(['"', '\'']);
+            l.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start_matches(['"', '\'']).starts_with(':'))
+        })
+        .map(|i| i + 1)
+}
+
+/// Parse a job `spec` (`file` names it in errors); unknown keys are
+/// ignored (see [`parse_job_spec_with_warnings`] to hear about them).
 pub fn parse_job_spec(file: &str, text: &str) -> Result<JobSpec, ReleaseError> {
+    parse_job_spec_with_warnings(file, text).map(|(spec, _)| spec)
+}
+
+/// Parse a job `spec`, returning the warnings about keys BOSH would
+/// ignore (each naming `file` and the line).
+pub fn parse_job_spec_with_warnings(
+    file: &str,
+    text: &str,
+) -> Result<(JobSpec, Vec<String>), ReleaseError> {
+    let doc: serde_yaml_ng::Value = parse_yaml(file, text)?;
+    let mut warnings = Vec::new();
+    unknown_keys(file, text, Some(&doc), JOB_KEYS, "", &mut warnings);
+    if let Some(props) = doc.get("properties").and_then(|p| p.as_mapping()) {
+        for (name, def) in props {
+            let name = name.as_str().unwrap_or("?");
+            let at = format!("properties.{name}.");
+            unknown_keys(file, text, Some(def), PROPERTY_KEYS, &at, &mut warnings);
+        }
+    }
+    for kind in ["consumes", "provides"] {
+        if let Some(list) = doc.get(kind).and_then(|l| l.as_sequence()) {
+            for (i, l) in list.iter().enumerate() {
+                let at = format!("{kind}[{i}].");
+                unknown_keys(file, text, Some(l), LINK_KEYS, &at, &mut warnings);
+            }
+        }
+    }
     let raw: RawJobSpec = parse_yaml(file, text)?;
     let fail = |needle: &str, message: String| {
         ReleaseError::invalid(file, message).at_line(line_of(text, needle))
@@ -164,17 +255,32 @@ pub fn parse_job_spec(file: &str, text: &str) -> Result<JobSpec, ReleaseError> {
 
     let consumes = links(raw.consumes).map_err(|(n, m)| fail(&n, format!("consumes: {m}")))?;
     let provides = links(raw.provides).map_err(|(n, m)| fail(&n, format!("provides: {m}")))?;
+    let template_engine = match raw.template_engine.as_deref() {
+        None => TemplateEngine::default(),
+        Some(e) => TemplateEngine::from_spec(e).ok_or_else(|| {
+            fail(
+                "template_engine",
+                format!(
+                    "template_engine '{e}' is not one of: {}",
+                    TemplateEngine::ALLOWED.join(", ")
+                ),
+            )
+        })?,
+    };
 
-    Ok(JobSpec {
-        name: raw.name,
-        description: raw.description,
-        templates,
-        packages,
-        properties,
-        consumes,
-        provides,
-        template_engine: raw.template_engine.unwrap_or_default(),
-    })
+    Ok((
+        JobSpec {
+            name: raw.name,
+            description: raw.description,
+            templates,
+            packages,
+            properties,
+            consumes,
+            provides,
+            template_engine,
+        },
+        warnings,
+    ))
 }
 
 fn links(raw: Option<Vec<RawLink>>) -> Result<Vec<LinkDef>, (String, String)> {
@@ -215,8 +321,21 @@ fn check_unique(what: &str, names: &[String]) -> Result<(), (String, String)> {
     Ok(())
 }
 
-/// Parse a package `spec` (`file` names it in errors).
+/// Parse a package `spec` (`file` names it in errors); unknown keys are
+/// ignored (see [`parse_package_spec_with_warnings`]).
 pub fn parse_package_spec(file: &str, text: &str) -> Result<PackageSpec, ReleaseError> {
+    parse_package_spec_with_warnings(file, text).map(|(spec, _)| spec)
+}
+
+/// Parse a package `spec`, returning the warnings about keys BOSH would
+/// ignore (each naming `file` and the line).
+pub fn parse_package_spec_with_warnings(
+    file: &str,
+    text: &str,
+) -> Result<(PackageSpec, Vec<String>), ReleaseError> {
+    let doc: serde_yaml_ng::Value = parse_yaml(file, text)?;
+    let mut warnings = Vec::new();
+    unknown_keys(file, text, Some(&doc), PACKAGE_KEYS, "", &mut warnings);
     let raw: RawPackageSpec = parse_yaml(file, text)?;
     let fail = |needle: &str, message: String| {
         ReleaseError::invalid(file, message).at_line(line_of(text, needle))
@@ -240,10 +359,13 @@ pub fn parse_package_spec(file: &str, text: &str) -> Result<PackageSpec, Release
             ));
         }
     }
-    Ok(PackageSpec {
-        name: raw.name,
-        dependencies,
-        files,
-        excluded_files,
-    })
+    Ok((
+        PackageSpec {
+            name: raw.name,
+            dependencies,
+            files,
+            excluded_files,
+        },
+        warnings,
+    ))
 }

@@ -1,20 +1,20 @@
-//! Release tarballs: `release.MF`, `jobs/<name>.tgz`, `packages/<name>.tgz`.
+//! Release tarballs as BOSH has them: `release.MF`, `jobs/<name>.tgz`,
+//! `packages/<name>.tgz`, `compiled_packages/<name>.tgz`, `license.tgz`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::Path;
 
-use sha2::{Digest, Sha256};
-
 use super::archive::{
-    job_fingerprint, package_fingerprint_of_digests, walk_tgz, write_tgz, ArchiveData, FileDigest,
-    TgzEntry, WalkError,
+    job_fingerprint, license_fingerprint, package_fingerprint, walk_tgz, write_tgz, ArchiveData,
+    BothHasher, DigestAlgorithm, FileDigest, TgzEntry, WalkError,
 };
 use super::dir::topo_order;
-use super::spec::{check_name, parse_job_spec, parse_yaml};
+use super::spec::{check_name, parse_job_spec_with_warnings, parse_yaml};
 use super::{
-    Job, JobEntry, Package, PackageSpec, Release, ReleaseError, ReleaseErrorKind, ReleaseManifest,
+    digest, CompiledPackage, Job, JobEntry, License, LicenseEntry, Package, PackageEntry,
+    PackageSpec, Release, ReleaseError, ReleaseErrorKind, ReleaseManifest,
 };
 use crate::archive_limits::{ArchiveLimits, Budget};
 
@@ -33,46 +33,77 @@ enum Member<'a> {
 }
 
 fn write_inner(release: &Release, out: &Path) -> Result<(), ReleaseError> {
-    let m = &release.manifest;
+    let mut m = release.manifest.clone();
     let mut members: BTreeMap<String, Member<'_>> = BTreeMap::new();
-    if m.jobs.len() != release.jobs.len() || m.packages.len() != release.packages.len() {
+    if m.jobs.len() != release.jobs.len()
+        || m.packages.len() != release.packages.len()
+        || m.compiled_packages.len() != release.compiled_packages.len()
+        || m.license.is_some() != release.license.is_some()
+    {
         return Err(ReleaseError::invalid(
             MANIFEST,
-            "the manifest and the release disagree on the jobs or packages",
+            "the manifest and the release disagree on the jobs, packages or license",
         ));
     }
-    for entry in &m.jobs {
+    let mismatch = |what: String| {
+        ReleaseError::invalid(
+            MANIFEST,
+            format!("{what} does not match its manifest entry"),
+        )
+    };
+    for entry in &mut m.jobs {
         let job = release
             .job(&entry.name)
-            .filter(|j| j.sha256 == entry.sha256 && j.fingerprint == entry.fingerprint)
-            .ok_or_else(|| {
-                ReleaseError::invalid(
-                    MANIFEST,
-                    format!("job '{}' does not match its manifest entry", entry.name),
-                )
-            })?;
+            .filter(|j| j.fingerprint == entry.fingerprint)
+            .ok_or_else(|| mismatch(format!("job '{}'", entry.name)))?;
+        entry.sha1 = format!("sha256:{}", job.sha256);
         members.insert(
             format!("jobs/{}.tgz", entry.name),
             Member::Archive(&job.archive),
         );
     }
-    for entry in &m.packages {
+    for entry in &mut m.packages {
         let pkg = release
             .package(&entry.name)
-            .filter(|p| p.sha256 == entry.sha256 && p.fingerprint == entry.fingerprint)
-            .ok_or_else(|| {
-                ReleaseError::invalid(
-                    MANIFEST,
-                    format!("package '{}' does not match its manifest entry", entry.name),
-                )
-            })?;
+            .filter(|p| p.fingerprint == entry.fingerprint)
+            .ok_or_else(|| mismatch(format!("package '{}'", entry.name)))?;
+        entry.sha1 = format!("sha256:{}", pkg.sha256);
         members.insert(
             format!("packages/{}.tgz", entry.name),
             Member::Archive(&pkg.archive),
         );
     }
+    for entry in &mut m.compiled_packages {
+        let pkg = release
+            .compiled_packages
+            .iter()
+            .find(|c| c.name == entry.name && c.stemcell == entry.stemcell)
+            .filter(|c| c.fingerprint == entry.fingerprint)
+            .ok_or_else(|| mismatch(format!("compiled package '{}'", entry.name)))?;
+        entry.sha1 = format!("sha256:{}", pkg.sha256);
+        let path = format!("compiled_packages/{}.tgz", entry.name);
+        if members
+            .insert(path, Member::Archive(&pkg.archive))
+            .is_some()
+        {
+            return Err(ReleaseError::invalid(
+                MANIFEST,
+                format!(
+                    "compiled package '{}' is listed for more than one stemcell",
+                    entry.name
+                ),
+            ));
+        }
+    }
+    if let (Some(entry), Some(license)) = (&mut m.license, &release.license) {
+        if license.fingerprint != entry.fingerprint {
+            return Err(mismatch("the license".to_string()));
+        }
+        entry.sha1 = format!("sha256:{}", license.sha256);
+        members.insert("license.tgz".to_string(), Member::Archive(&license.archive));
+    }
     let text =
-        serde_yaml_ng::to_string(m).map_err(|e| ReleaseError::invalid(MANIFEST, e.to_string()))?;
+        serde_yaml_ng::to_string(&m).map_err(|e| ReleaseError::invalid(MANIFEST, e.to_string()))?;
     members.insert(MANIFEST.to_string(), Member::Text(text));
 
     let file_name = out
@@ -144,9 +175,10 @@ const MAX_MANIFEST_BYTES: u64 = 64 << 20;
 /// Longest `job.MF`, `monit` or template read (they are held in memory).
 const MAX_JOB_FILE_BYTES: u64 = 64 << 20;
 
-/// A job or package archive copied out of the tarball, with its sha256.
+/// A job or package archive copied out of the tarball, with its digests.
 struct Spooled {
     data: ArchiveData,
+    sha1: String,
     sha256: String,
 }
 
@@ -159,13 +191,17 @@ fn walk_error(file: &str, e: WalkError) -> ReleaseError {
     }
 }
 
-/// `jobs/<name>.tgz` or `packages/<name>.tgz`.
+/// `jobs/<name>.tgz`, `packages/<name>.tgz`, `compiled_packages/<name>.tgz`
+/// or `license.tgz`.
 fn is_member_archive(path: &str) -> bool {
-    ["jobs/", "packages/"].iter().any(|dir| {
-        path.strip_prefix(dir)
-            .and_then(|rest| rest.strip_suffix(".tgz"))
-            .is_some_and(|name| !name.is_empty() && !name.contains('/'))
-    })
+    path == "license.tgz"
+        || ["jobs/", "packages/", "compiled_packages/"]
+            .iter()
+            .any(|dir| {
+                path.strip_prefix(dir)
+                    .and_then(|rest| rest.strip_suffix(".tgz"))
+                    .is_some_and(|name| !name.is_empty() && !name.contains('/'))
+            })
 }
 
 /// All of `content` (an entry named `name`), refused past `max` bytes.
@@ -195,7 +231,7 @@ fn spool(content: &mut dyn Read, name: &str, dir: Option<&Path>) -> Result<Spool
     }
     .map_err(|e| WalkError::Io(format!("creating a temporary file for '{name}': {e}")))?;
     let mut out = BufWriter::new(tmp.as_file());
-    let mut hasher = Sha256::new();
+    let mut hasher = BothHasher::default();
     // Refuse what cannot be a tgz before copying any of it.
     let mut magic = [0u8; 2];
     match content.read_exact(&mut magic) {
@@ -208,7 +244,7 @@ fn spool(content: &mut dyn Read, name: &str, dir: Option<&Path>) -> Result<Spool
             "entry '{name}' is not a gzipped archive"
         )));
     }
-    hasher.update(magic);
+    hasher.update(&magic);
     let write_err =
         |e: io::Error| WalkError::Io(format!("copying '{name}' to {}: {e}", tmp.path().display()));
     out.write_all(&magic).map_err(write_err)?;
@@ -227,56 +263,53 @@ fn spool(content: &mut dyn Read, name: &str, dir: Option<&Path>) -> Result<Spool
     }
     out.flush().map_err(write_err)?;
     drop(out);
+    let (sha1, sha256) = hasher.finish();
     Ok(Spooled {
         data: ArchiveData::from_temp_file(tmp.into_temp_path(), len),
-        sha256: hex::encode(hasher.finalize()),
+        sha1,
+        sha256,
     })
 }
 
-/// The sha256 of `packaging` and the digest of every other file of the
-/// package archive `archive` (at `file` in the release).
-fn package_digests(
+/// The digest of every file of the archive `archive` (at `file` in the
+/// release), `packaging` included.
+pub(crate) fn archive_digests(
     archive: &ArchiveData,
     file: &str,
     budget: &Budget,
-) -> Result<(Option<String>, BTreeMap<String, FileDigest>), ReleaseError> {
+) -> Result<BTreeMap<String, FileDigest>, ReleaseError> {
     let input = archive
         .open()
         .map_err(|e| ReleaseError::io(file, format!("reopening the archive: {e}")))?;
-    let mut packaging = None;
     let mut files = BTreeMap::new();
     walk_tgz(input, budget, |path, executable, content| {
-        let mut hasher = Sha256::new();
+        let mut hasher = BothHasher::default();
         io::copy(content, &mut hasher)
             .map_err(|e| WalkError::Invalid(format!("entry '{path}': {e}")))?;
-        let sha256 = hex::encode(hasher.finalize());
-        if path == "packaging" {
-            packaging = Some(sha256);
-        } else {
-            files.insert(path.to_string(), FileDigest { executable, sha256 });
-        }
+        files.insert(path.to_string(), hasher.finish_file(executable));
         Ok(())
     })
     .map_err(|e| walk_error(file, e))?;
-    Ok((packaging, files))
+    Ok(files)
 }
 
-/// `job.MF`, `monit` and `templates/*` of the job archive `archive` (at
-/// `file` in the release); its other files are skipped.
+/// `job.MF`, `monit`, `properties_schema.json` and `templates/*` of the job
+/// archive `archive` (at `file` in the release), with their executable
+/// bits; its other files are skipped.
 fn job_files(
     archive: &ArchiveData,
     file: &str,
     budget: &Budget,
-) -> Result<BTreeMap<String, Vec<u8>>, ReleaseError> {
+) -> Result<BTreeMap<String, (Vec<u8>, bool)>, ReleaseError> {
     let input = archive
         .open()
         .map_err(|e| ReleaseError::io(file, format!("reopening the archive: {e}")))?;
     let mut out = BTreeMap::new();
-    walk_tgz(input, budget, |path, _, content| {
-        if path == "job.MF" || path == "monit" || path.starts_with("templates/") {
+    walk_tgz(input, budget, |path, executable, content| {
+        if JOB_FILES.contains(&path) || path.starts_with("templates/") {
             out.insert(
                 path.to_string(),
-                read_capped(content, MAX_JOB_FILE_BYTES, path)?,
+                (read_capped(content, MAX_JOB_FILE_BYTES, path)?, executable),
             );
         }
         Ok(())
@@ -285,8 +318,11 @@ fn job_files(
     Ok(out)
 }
 
+/// The files at the top of a job archive that make its fingerprint.
+const JOB_FILES: &[&str] = &["job.MF", "monit", "properties_schema.json"];
+
 /// Reads and verifies a release tarball: its manifest, then its packages
-/// in dependency order, then its jobs.
+/// in dependency order, its compiled packages, its jobs and its license.
 fn read_inner(
     path: &Path,
     limits: &ArchiveLimits,
@@ -296,10 +332,62 @@ fn read_inner(
     let (manifest_bytes, archives) = read_members(path, &budget, scratch_dir)?;
     let manifest = parse_release_manifest(manifest_bytes)?;
     let order = package_order(&manifest)?;
-    let packages = read_packages(&manifest, &order, &archives, &budget)?;
+    let mut warnings = Vec::new();
+    let mut packages = BTreeMap::new();
+    for name in &order {
+        let Some(entry) = manifest.packages.iter().find(|p| &p.name == name) else {
+            continue;
+        };
+        let file = format!("packages/{name}.tgz");
+        let (archive, sha256) = verified_archive(&archives, &file, &entry.sha1)?;
+        let pkg = package_from_archive(entry, archive, sha256, &file, &budget, &mut warnings)?;
+        packages.insert(name.clone(), pkg);
+    }
+    let mut compiled = Vec::new();
+    for entry in &manifest.compiled_packages {
+        check_name("compiled package name", &entry.name)
+            .map_err(|m| ReleaseError::invalid(MANIFEST, m))?;
+        let file = format!("compiled_packages/{}.tgz", entry.name);
+        let (archive, sha256) = verified_archive(&archives, &file, &entry.sha1)?;
+        compiled.push(CompiledPackage {
+            name: entry.name.clone(),
+            version: entry.version.clone(),
+            fingerprint: entry.fingerprint.clone(),
+            stemcell: entry.stemcell.clone(),
+            dependencies: entry.dependencies.clone(),
+            archive,
+            sha256,
+        });
+    }
+    compiled.sort_by(|a, b| (&a.name, &a.stemcell).cmp(&(&b.name, &b.stemcell)));
+    let known: BTreeSet<String> = packages
+        .keys()
+        .cloned()
+        .chain(compiled.iter().map(|c| c.name.clone()))
+        .collect();
     let mut jobs = BTreeMap::new();
     for entry in &manifest.jobs {
-        let job = read_job(entry, &archives, &budget, &packages)?;
+        check_name("job name", &entry.name).map_err(|m| ReleaseError::invalid(MANIFEST, m))?;
+        let file = format!("jobs/{}.tgz", entry.name);
+        let (archive, sha256) = verified_archive(&archives, &file, &entry.sha1)?;
+        let job = job_from_archive(
+            entry,
+            archive,
+            sha256,
+            &file,
+            &budget,
+            &known,
+            &mut warnings,
+        )?;
+        if job.spec.packages != entry.packages {
+            return Err(ReleaseError::invalid(
+                &file,
+                format!(
+                    "job '{}': packages in job.MF differ from release.MF",
+                    entry.name
+                ),
+            ));
+        }
         if jobs.insert(entry.name.clone(), job).is_some() {
             return Err(ReleaseError::invalid(
                 MANIFEST,
@@ -307,10 +395,123 @@ fn read_inner(
             ));
         }
     }
+    let license = match &manifest.license {
+        Some(entry) => {
+            let file = "license.tgz";
+            let (archive, sha256) = verified_archive(&archives, file, &entry.sha1)?;
+            Some(license_from_archive(
+                entry,
+                archive,
+                sha256,
+                file,
+                &budget,
+                &mut warnings,
+            )?)
+        }
+        None => None,
+    };
     Ok(Release {
         manifest,
         jobs: jobs.into_values().collect(),
         packages: packages.into_values().collect(),
+        compiled_packages: compiled,
+        license,
+        warnings,
+    })
+}
+
+/// A warning unless `recomputed` (made with the algorithm the recorded
+/// fingerprint's length implies) equals `recorded`. BOSH itself does not
+/// recompute fingerprints of uploaded archives (their digests are checked),
+/// and fingerprints of releases made before v2 fingerprints cannot be
+/// recomputed, so a difference is reported, not refused.
+fn check_fingerprint(
+    what: &str,
+    file: &str,
+    recorded: &str,
+    recompute: impl FnOnce(DigestAlgorithm) -> String,
+    warnings: &mut Vec<String>,
+) {
+    match DigestAlgorithm::of_fingerprint(recorded) {
+        Some(algo) => {
+            let recomputed = recompute(algo);
+            if recomputed != recorded.to_ascii_lowercase() {
+                warnings.push(format!(
+                    "{file}: {what} has fingerprint {recomputed}, release.MF says {recorded} (kept)"
+                ));
+            }
+        }
+        None => warnings.push(format!(
+            "{file}: {what}: fingerprint {recorded} is not a v2 fingerprint and was not checked"
+        )),
+    }
+}
+
+/// A package from its (verified) archive: a packaging script present, its
+/// fingerprint compared with the recorded one.
+pub(crate) fn package_from_archive(
+    entry: &PackageEntry,
+    archive: ArchiveData,
+    sha256: String,
+    file: &str,
+    budget: &Budget,
+    warnings: &mut Vec<String>,
+) -> Result<Package, ReleaseError> {
+    let name = &entry.name;
+    let contents = archive_digests(&archive, file, budget)?;
+    if !contents.contains_key("packaging") {
+        return Err(ReleaseError::invalid(
+            file,
+            "no packaging script in the archive",
+        ));
+    }
+    check_fingerprint(
+        &format!("package '{name}'"),
+        file,
+        &entry.fingerprint,
+        |algo| package_fingerprint(algo, &contents, &entry.dependencies),
+        warnings,
+    );
+    Ok(Package {
+        spec: PackageSpec {
+            name: name.clone(),
+            dependencies: entry.dependencies.clone(),
+            files: contents
+                .keys()
+                .filter(|p| *p != "packaging" && *p != "pre_packaging")
+                .cloned()
+                .collect(),
+            excluded_files: Vec::new(),
+        },
+        fingerprint: entry.fingerprint.clone(),
+        version: entry.version.clone(),
+        sha256,
+        archive,
+    })
+}
+
+/// The license from its (verified) archive.
+pub(crate) fn license_from_archive(
+    entry: &LicenseEntry,
+    archive: ArchiveData,
+    sha256: String,
+    file: &str,
+    budget: &Budget,
+    warnings: &mut Vec<String>,
+) -> Result<License, ReleaseError> {
+    let contents = archive_digests(&archive, file, budget)?;
+    check_fingerprint(
+        "the license",
+        file,
+        &entry.fingerprint,
+        |algo| license_fingerprint(algo, &contents),
+        warnings,
+    );
+    Ok(License {
+        fingerprint: entry.fingerprint.clone(),
+        version: entry.version.clone(),
+        archive,
+        sha256,
     })
 }
 
@@ -395,157 +596,105 @@ fn package_order(manifest: &ReleaseManifest) -> Result<Vec<String>, ReleaseError
     })
 }
 
-/// Every package, in `order`: its archive's sha256 checked, a packaging
-/// script present, and its fingerprint (over its files and its
-/// dependencies' fingerprints) equal to the manifest's.
-fn read_packages(
-    manifest: &ReleaseManifest,
-    order: &[String],
-    archives: &BTreeMap<String, Spooled>,
-    budget: &Budget,
-) -> Result<BTreeMap<String, Package>, ReleaseError> {
-    let mut fingerprints: BTreeMap<&str, &str> = BTreeMap::new();
-    let mut packages = BTreeMap::new();
-    for name in order {
-        let Some(entry) = manifest.packages.iter().find(|p| &p.name == name) else {
-            continue;
-        };
-        let file = format!("packages/{name}.tgz");
-        let archive = verified_archive(archives, &file, &entry.sha256)?;
-        let (packaging, contents) = package_digests(&archive, &file, budget)?;
-        let packaging = packaging
-            .ok_or_else(|| ReleaseError::invalid(&file, "no packaging script in the archive"))?;
-        let dep_fps: BTreeMap<String, String> = entry
-            .dependencies
-            .iter()
-            .filter_map(|d| {
-                fingerprints
-                    .get(d.as_str())
-                    .map(|fp| (d.clone(), fp.to_string()))
-            })
-            .collect();
-        let fingerprint = package_fingerprint_of_digests(name, &packaging, &contents, &dep_fps);
-        if fingerprint != entry.fingerprint {
-            return Err(ReleaseError::integrity(
-                &file,
-                format!(
-                    "package '{name}' has fingerprint {fingerprint}, release.MF says {}",
-                    entry.fingerprint
-                ),
-            ));
-        }
-        fingerprints.insert(entry.name.as_str(), entry.fingerprint.as_str());
-        packages.insert(
-            name.clone(),
-            Package {
-                spec: PackageSpec {
-                    name: name.clone(),
-                    dependencies: entry.dependencies.clone(),
-                    files: contents.keys().cloned().collect(),
-                    excluded_files: Vec::new(),
-                },
-                fingerprint,
-                sha256: entry.sha256.clone(),
-                archive,
-            },
-        );
-    }
-    Ok(packages)
-}
-
-/// One job: a valid name, its archive's sha256 checked, a `job.MF` that
-/// agrees with the manifest on name and packages (all of this release),
-/// every template present, all text UTF-8, and its fingerprint equal to
-/// the manifest's.
-fn read_job(
+/// A job from its (verified) archive: a `job.MF` naming it, using only
+/// `known` packages, every template present, all text UTF-8, and its
+/// fingerprint compared with the recorded one.
+pub(crate) fn job_from_archive(
     entry: &JobEntry,
-    archives: &BTreeMap<String, Spooled>,
+    archive: ArchiveData,
+    sha256: String,
+    file: &str,
     budget: &Budget,
-    packages: &BTreeMap<String, Package>,
+    known: &BTreeSet<String>,
+    warnings: &mut Vec<String>,
 ) -> Result<Job, ReleaseError> {
     let name = &entry.name;
-    check_name("job name", name).map_err(|m| ReleaseError::invalid(MANIFEST, m))?;
-    let file = format!("jobs/{name}.tgz");
-    let archive = verified_archive(archives, &file, &entry.sha256)?;
-    let mut contents = job_files(&archive, &file, budget)?;
-    let text_of = |data: Vec<u8>, what: &str| {
-        String::from_utf8(data)
-            .map_err(|_| ReleaseError::invalid(&file, format!("{what} is not valid UTF-8")))
+    let contents = job_files(&archive, file, budget)?;
+    let text_of = |data: &[u8], what: &str| {
+        String::from_utf8(data.to_vec())
+            .map_err(|_| ReleaseError::invalid(file, format!("{what} is not valid UTF-8")))
     };
-    let spec_text = match contents.remove("job.MF") {
-        Some(e) => text_of(e, "job.MF")?,
-        None => return Err(ReleaseError::invalid(&file, "no job.MF in the archive")),
+    let spec_text = match contents.get("job.MF") {
+        Some((data, _)) => text_of(data, "job.MF")?,
+        None => return Err(ReleaseError::invalid(file, "no job.MF in the archive")),
     };
-    let spec = parse_job_spec(&format!("{file}:job.MF"), &spec_text)?;
+    let (spec, spec_warnings) =
+        parse_job_spec_with_warnings(&format!("{file}:job.MF"), &spec_text)?;
+    warnings.extend(spec_warnings);
     if spec.name != *name {
         return Err(ReleaseError::invalid(
-            &file,
+            file,
             format!("job.MF names job '{}', release.MF says '{name}'", spec.name),
         ));
     }
-    if spec.packages != entry.packages {
-        return Err(ReleaseError::invalid(
-            &file,
-            format!("job '{name}': packages in job.MF differ from release.MF"),
-        ));
-    }
     for p in &spec.packages {
-        if !packages.contains_key(p) {
+        if !known.contains(p) {
             return Err(ReleaseError::invalid(
-                &file,
+                file,
                 format!("job '{name}' uses package '{p}', which is not a package of this release"),
             ));
         }
     }
-    let monit = match contents.remove("monit") {
-        Some(e) => Some(text_of(e, "monit")?),
+    let monit = match contents.get("monit") {
+        Some((data, _)) => Some(text_of(data, "monit")?),
         None => None,
     };
     let mut templates = BTreeMap::new();
+    let mut fingerprinted = BTreeMap::new();
+    for top in JOB_FILES {
+        if let Some((data, exec)) = contents.get(*top) {
+            fingerprinted.insert(top.to_string(), FileDigest::of(data, *exec));
+        }
+    }
     for src in spec.templates.keys() {
-        let e = contents
-            .remove(&format!("templates/{src}"))
-            .ok_or_else(|| {
-                ReleaseError::invalid(&file, format!("job '{name}': template '{src}' is missing"))
-            })?;
-        templates.insert(src.clone(), text_of(e, src)?);
+        let path = format!("templates/{src}");
+        let (data, exec) = contents.get(&path).ok_or_else(|| {
+            ReleaseError::invalid(file, format!("job '{name}': template '{src}' is missing"))
+        })?;
+        fingerprinted.insert(path, FileDigest::of(data, *exec));
+        templates.insert(src.clone(), text_of(data, src)?);
     }
-    let fingerprint = job_fingerprint(&spec_text, monit.as_deref(), &templates);
-    if fingerprint != entry.fingerprint {
-        return Err(ReleaseError::integrity(
-            &file,
-            format!(
-                "job '{name}' has fingerprint {fingerprint}, release.MF says {}",
-                entry.fingerprint
-            ),
-        ));
-    }
+    check_fingerprint(
+        &format!("job '{name}'"),
+        file,
+        &entry.fingerprint,
+        |algo| job_fingerprint(algo, &fingerprinted),
+        warnings,
+    );
     Ok(Job {
         spec,
-        fingerprint,
+        fingerprint: entry.fingerprint.clone(),
+        version: entry.version.clone(),
         templates,
         monit,
-        sha256: entry.sha256.clone(),
+        sha256,
         archive,
     })
 }
 
-/// The archive at `file` inside the tarball, after checking its sha256.
+/// The archive at `file` inside the tarball and its sha256, after checking
+/// it against the digest release.MF records (`<sha1 hex>` or
+/// `sha256:<hex>`).
 fn verified_archive(
     archives: &BTreeMap<String, Spooled>,
     file: &str,
     expected: &str,
-) -> Result<ArchiveData, ReleaseError> {
+) -> Result<(ArchiveData, String), ReleaseError> {
     let entry = archives.get(file).ok_or_else(|| {
         ReleaseError::invalid(file, "listed in release.MF but missing from the tarball")
     })?;
-    if !entry.sha256.eq_ignore_ascii_case(expected) {
+    let (algo, hex) = digest::parse(expected).map_err(|m| ReleaseError::invalid(MANIFEST, m))?;
+    let got = match algo {
+        DigestAlgorithm::Sha1 => &entry.sha1,
+        DigestAlgorithm::Sha256 => &entry.sha256,
+    };
+    if *got != hex {
         return Err(ReleaseError::integrity(
             file,
-            format!("sha256 is {}, release.MF says {expected}", entry.sha256),
+            format!("{} is {got}, release.MF says {expected}", algo.name()),
         ));
     }
-    Ok(entry.data.clone())
+    Ok((entry.data.clone(), entry.sha256.clone()))
 }
 
 #[cfg(test)]
@@ -561,7 +710,7 @@ mod tests {
 
     fn package(name: &str, deps: &str) -> String {
         format!(
-            "- {{name: {name}, version: '1', fingerprint: f, sha256: s, dependencies: [{deps}]}}\n"
+            "- {{name: {name}, version: '1', fingerprint: f, sha1: s, dependencies: [{deps}]}}\n"
         )
     }
 
