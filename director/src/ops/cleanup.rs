@@ -230,7 +230,11 @@ impl Director {
             if releases.contains(&(name, version)) {
                 freed.extend(blobs);
             } else {
-                kept_fingerprints.extend(rec.packages.iter().map(|p| p.fingerprint.clone()));
+                kept_fingerprints.extend(
+                    rec.packages
+                        .iter()
+                        .filter_map(|p| rec.compile_key(&p.spec.name)),
+                );
                 kept_blobs.extend(blobs);
             }
         }

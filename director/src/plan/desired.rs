@@ -458,7 +458,7 @@ fn group_jobs(
 }
 
 /// A release's packages named, plus their transitive dependencies, deps
-/// first: (name, fingerprint).
+/// first: (name, compile key: see [`ReleaseRecord::compile_key`]).
 fn package_closure(rel: &ReleaseRecord, names: &[String]) -> Result<Vec<(String, String)>, String> {
     let mut out: Vec<(String, String)> = Vec::new();
     fn visit(
@@ -484,7 +484,10 @@ fn package_closure(rel: &ReleaseRecord, names: &[String]) -> Result<Vec<(String,
             visit(rel, d, out, stack)?;
         }
         stack.pop();
-        out.push((name.to_string(), p.fingerprint.clone()));
+        let key = rel
+            .compile_key(name)
+            .ok_or_else(|| format!("package '{name}': dependency cycle"))?;
+        out.push((name.to_string(), key));
         Ok(())
     }
     for n in names {

@@ -13,6 +13,8 @@ use serde_json::Value as Json;
 
 use bosun_cpi::NetworkSettings;
 
+use sha2::Digest;
+
 use crate::release::{JobSpec, PackageSpec, Release, ReleaseManifest};
 
 /// Seconds since the epoch.
@@ -94,6 +96,35 @@ impl ReleaseRecord {
     }
     pub fn package(&self, name: &str) -> Option<&PackageRecord> {
         self.packages.iter().find(|p| p.spec.name == name)
+    }
+
+    /// What a compiled package of `name` is cached by (with the stemcell):
+    /// its fingerprint when it has no dependencies, else a sha256 over its
+    /// fingerprint and each dependency's name and compile key. BOSH's
+    /// fingerprints name dependencies but not their content, so a changed
+    /// dependency must change this key. `None` for an unknown package or a
+    /// dependency cycle.
+    pub fn compile_key(&self, name: &str) -> Option<String> {
+        self.compile_key_in(name, &mut Vec::new())
+    }
+
+    fn compile_key_in(&self, name: &str, stack: &mut Vec<String>) -> Option<String> {
+        if stack.iter().any(|s| s == name) {
+            return None;
+        }
+        let p = self.package(name)?;
+        if p.spec.dependencies.is_empty() {
+            return Some(p.fingerprint.clone());
+        }
+        stack.push(name.to_string());
+        let mut deps = Vec::with_capacity(p.spec.dependencies.len());
+        for d in &p.spec.dependencies {
+            deps.push(format!("{d}:{}", self.compile_key_in(d, stack)?));
+        }
+        stack.pop();
+        deps.sort();
+        let text = format!("{};{}", p.fingerprint, deps.join(","));
+        Some(hex::encode(sha2::Sha256::digest(text.as_bytes())))
     }
 }
 
