@@ -1092,6 +1092,15 @@ async fn launch(
             log,
             ..
         } => {
+            if let Some(pid) = live_pid(pidfile) {
+                // Already running (as monit sees it): watch it, start nothing.
+                tracing::info!(job = %spec.job, process = %spec.name, pid, "adopting the running process its pidfile names");
+                return Ok(Live::Pid {
+                    pid,
+                    starter: None,
+                    group: None,
+                });
+            }
             let timeout = start.timeout.unwrap_or(DEFAULT_PROGRAM_TIMEOUT);
             let child = spawn_program(&start.command, log)
                 .map_err(|e| format!("spawning start program {:?}: {e}", start.command))?;
@@ -1506,7 +1515,9 @@ async fn http_get_ok(url: &str) -> bool {
 }
 
 /// Kills process groups left over by a previous agent run, from the pid
-/// files under `run_root` (only pids that still lead their own group).
+/// files under `run_root` (only pids that still lead their own group and
+/// are no younger than their file). Files naming a live process it did not
+/// kill stay (a ctl daemon's own pidfile); the others are removed.
 pub(crate) fn kill_leftovers(run_root: &Path) {
     let Ok(jobs) = fs::read_dir(run_root) else {
         return;
@@ -1532,6 +1543,10 @@ pub(crate) fn kill_leftovers(run_root: &Path) {
                 if ours {
                     tracing::warn!(pid, file = %path.display(), "killing leftover process group");
                     kill_group(pid, libc::SIGKILL);
+                } else if alive(pid) {
+                    // A daemon a ctl script started names itself here; its
+                    // check adopts it rather than starting a second one.
+                    continue;
                 }
             }
             remove_pid_file(&path);
@@ -1799,7 +1814,11 @@ mod tests {
             .unwrap()
             .set_modified(old)
             .unwrap();
+        // A file naming no live process goes.
+        fs::write(run.join("j/dead.pid"), "999999999\n").unwrap();
         kill_leftovers(&run);
+        assert!(!run.join("j/dead.pid").exists());
+        assert!(q.exists(), "a live process's pidfile it did not kill stays");
         let st = tokio::time::timeout(Duration::from_secs(3), child.wait())
             .await
             .unwrap()
@@ -1906,6 +1925,42 @@ mod tests {
             "stop program PATH: {ran}"
         );
         assert!(!root.join("sys/run/j/d.pid").exists());
+    }
+
+    #[tokio::test]
+    async fn ctl_process_already_running_is_adopted_not_started_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let sup = Supervisor::new(root.join("sys/log"));
+        let mut running = Command::new("/bin/sh")
+            .args(["-c", "exec sleep 1000"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = running.id().unwrap();
+        let pidfile = root.join("d.pid");
+        fs::write(&pidfile, format!("{pid}\n")).unwrap();
+        let marker = root.join("started");
+        let procs = vec![JobProcess {
+            name: "d".into(),
+            depends_on: Vec::new(),
+            kind: ProcessKind::Ctl {
+                pidfile,
+                start: program(format!("touch {}", marker.display())),
+                stop: None,
+            },
+        }];
+        sup.start_job("j", root, &procs).await.unwrap();
+        let st = wait_for(&sup, |s| s[0].state == ProcessState::Running, 3).await;
+        assert_eq!(st[0].processes[0].pid, Some(pid));
+        assert!(!marker.exists(), "the start program ran");
+        // Without a stop program, stop sends SIGTERM to the pid.
+        sup.stop_all().await;
+        let ended = tokio::time::timeout(Duration::from_secs(3), running.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!ended.success());
     }
 
     #[tokio::test]

@@ -1705,6 +1705,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn failing_bpm_pre_start_hook_fails_the_start_with_its_output() {
+        let fx = fixture();
+        let bpm = "processes:\n- name: main\n  executable: /bin/sleep\n  args: [1000]\n  hooks:\n    pre_start: bin/hook\n";
+        let hooked = job(
+            "hooked",
+            vec![
+                file("config/bpm.yml", bpm),
+                file("bin/hook", "#!/bin/sh\necho not today >&2\nexit 3\n"),
+            ],
+        );
+        fx.agent.apply(spec(1, vec![], vec![hooked])).await.unwrap();
+        let err = fx.agent.start().await.unwrap_err();
+        assert_eq!(err.kind, "script_failed");
+        assert!(
+            err.message.contains("job hooked") && err.message.contains("pre_start hook"),
+            "{}",
+            err.message
+        );
+        assert_eq!(err.output_tail.as_deref(), Some("not today"));
+        assert!(fx.agent.get_state().await.jobs[0].processes.is_empty());
+    }
+
+    #[tokio::test]
     async fn bad_monit_file_fails_the_start_naming_file_and_line() {
         let fx = fixture();
         let bad = job(
