@@ -1069,9 +1069,13 @@ async fn launch(
     match &spec.runner {
         Runner::Direct(d) => {
             if let (true, Some(h)) = (hook, &d.pre_start) {
-                run_hook(d, h)
-                    .await
-                    .map_err(|f| format!("pre_start hook {} failed: {}", h.display(), f.message))?;
+                // A stop does not wait for the hook (dropping it kills it).
+                tokio::select! {
+                    r = run_hook(d, h) => r.map_err(|f| {
+                        format!("pre_start hook {} failed: {}", h.display(), f.message)
+                    })?,
+                    _ = stop.changed() => return Err("stopped while its pre_start hook ran".into()),
+                }
             }
             let mut child =
                 spawn_child(d).map_err(|e| format!("spawning {}: {e}", d.executable.display()))?;
@@ -2172,7 +2176,7 @@ mod tests {
         let hook = tmp.path().join("bin/hook");
         write_script(
             &hook,
-            &format!("#!/bin/sh\necho \"$GREETING\" > {}\n", marker.display()),
+            &format!("#!/bin/sh\necho \"$GREETING\" >> {}\n", marker.display()),
         );
         let mut p = proc(
             "p",
@@ -2197,6 +2201,18 @@ mod tests {
         let again = sup.status().await;
         assert_eq!(again[0].processes[0].pid, st[0].processes[0].pid);
         assert_eq!(again[0].processes[0].restarts, 0);
+        // Before a restart the hook runs again.
+        let pid = st[0].processes[0].pid.unwrap();
+        // SAFETY: test-only signal to a process this test started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        let st = wait_for(
+            &sup,
+            |s| s[0].processes[0].restarts >= 1 && s[0].state == ProcessState::Running,
+            5,
+        )
+        .await;
+        assert_eq!(st[0].state, ProcessState::Running);
+        assert_eq!(fs::read_to_string(&marker).unwrap(), "hello\nhello\n");
         sup.stop_all().await;
 
         write_script(&hook, "#!/bin/sh\necho hook says no\nexit 4\n");
