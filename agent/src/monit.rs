@@ -505,6 +505,10 @@ pub fn job_processes(
     };
     let mut out: Vec<JobProcess> = Vec::new();
     for c in &monit.checks {
+        let (CheckTarget::Pidfile(p) | CheckTarget::File(p)) = &c.target;
+        if !p.is_absolute() {
+            return Err(fail(c, format!("{} is not an absolute path", p.display())));
+        }
         let kind = match &c.target {
             CheckTarget::File(path) => ProcessKind::File {
                 path: path.clone(),
@@ -836,6 +840,11 @@ check file marker with path /var/vcap/sys/run/db/marker
             .unwrap_err()
             .to_string();
         assert!(e.contains("cycle"), "{e}");
+        let m = parse_ok("check process a with pidfile run/a.pid\n start program \"x\"\n");
+        let e = job_processes(Path::new("monit"), "j", &m, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("run/a.pid is not an absolute path"), "{e}");
         let m = parse_ok("check process a with pidfile /a\n");
         let e = job_processes(Path::new("monit"), "j", &m, None)
             .unwrap_err()

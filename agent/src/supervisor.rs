@@ -1271,11 +1271,12 @@ async fn terminate(spec: &ProcSpec, live: Live) {
             while alive(pid) && Instant::now() < deadline {
                 tokio::time::sleep(WATCH_INTERVAL).await;
             }
+            // Only a live pid: a dead one may already name another process.
             if alive(pid) {
                 tracing::warn!(job = %spec.job, process = %spec.name, pid, "process outlived its stop program; sending SIGKILL");
+                kill_pid(pid, libc::SIGKILL);
+                kill_group(pid, libc::SIGKILL);
             }
-            kill_pid(pid, libc::SIGKILL);
-            kill_group(pid, libc::SIGKILL);
             end_starter(starter, group).await;
         }
         (Live::Path { starter, .. }, Runner::File { stop, log, .. }) => {
@@ -1644,10 +1645,6 @@ mod tests {
         }
     }
 
-    fn alive(pid: u32) -> bool {
-        matches!(proc_stat(pid), Some((s, _, _)) if s != 'Z')
-    }
-
     async fn wait_for<F: Fn(&[JobStatus]) -> bool>(
         sup: &Supervisor,
         f: F,
@@ -1965,6 +1962,38 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(!ended.success());
+    }
+
+    #[tokio::test]
+    async fn ctl_process_outliving_its_stop_program_is_killed_after_the_timeout() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let sup = Supervisor::new(root.join("sys/log"));
+        let pidfile = root.join("d.pid");
+        let procs = vec![JobProcess {
+            name: "d".into(),
+            depends_on: Vec::new(),
+            kind: ProcessKind::Ctl {
+                pidfile: pidfile.clone(),
+                start: program(format!(
+                    "sh -c 'trap \"\" TERM; while :; do sleep 0.1; done' >/dev/null 2>&1 & echo $! > {}",
+                    pidfile.display()
+                )),
+                stop: Some(Program {
+                    timeout: Some(Duration::from_secs(1)),
+                    ..program("true".into())
+                }),
+            },
+        }];
+        sup.start_job("j", root, &procs).await.unwrap();
+        let st = wait_for(&sup, |s| s[0].state == ProcessState::Running, 5).await;
+        let pid = st[0].processes[0].pid.unwrap();
+        let t = Instant::now();
+        sup.stop_all().await;
+        let took = t.elapsed();
+        assert!(took >= Duration::from_millis(900), "{took:?}");
+        assert!(took < Duration::from_secs(4), "{took:?}");
+        assert!(!alive(pid));
     }
 
     #[tokio::test]
