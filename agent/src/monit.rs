@@ -596,8 +596,8 @@ fn bpm_start(command: &str) -> Option<Result<(String, String), String>> {
     Some(Ok((job.to_string(), process)))
 }
 
-/// Orders `procs` so that each comes after what it depends on; a
-/// dependency this job does not declare, or a cycle, is an error.
+/// Orders `procs` so that each comes after what it depends on in this job;
+/// a cycle is an error. Dependencies on checks of other jobs are kept.
 fn order_by_dependencies(
     file: &Path,
     monit: &MonitFile,
@@ -610,26 +610,20 @@ fn order_by_dependencies(
             .find(|c| c.name == name)
             .map_or(1, |c| c.line)
     };
-    let names: HashSet<&str> = procs.iter().map(|p| p.name.as_str()).collect();
-    for p in &procs {
-        for d in &p.depends_on {
-            if !names.contains(d.as_str()) {
-                return Err(MonitError::Process {
-                    file: file.to_path_buf(),
-                    check: p.name.clone(),
-                    line: line_of(&p.name),
-                    message: format!("it depends on {d}, which this job does not declare"),
-                });
-            }
-        }
-    }
+    // Checks of other jobs on the VM (monit's names are VM-wide) are
+    // ordered by the agent across jobs; here they do not hold anything up.
+    let names: HashSet<String> = procs.iter().map(|p| p.name.clone()).collect();
     let mut left: BTreeMap<usize, JobProcess> = procs.into_iter().enumerate().collect();
     let mut done: HashSet<String> = HashSet::new();
     let mut out = Vec::with_capacity(left.len());
     while !left.is_empty() {
         let ready: Vec<usize> = left
             .iter()
-            .filter(|(_, p)| p.depends_on.iter().all(|d| done.contains(d)))
+            .filter(|(_, p)| {
+                p.depends_on
+                    .iter()
+                    .all(|d| done.contains(d) || !names.contains(d))
+            })
             .map(|(i, _)| *i)
             .collect();
         if ready.is_empty() {
@@ -829,10 +823,8 @@ check file marker with path /var/vcap/sys/run/db/marker
 
         let m =
             parse_ok("check process a with pidfile /a\n start program \"x\"\n depends on nope\n");
-        let e = job_processes(Path::new("monit"), "j", &m, None)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("depends on nope"), "{e}");
+        let procs = job_processes(Path::new("monit"), "j", &m, None).unwrap();
+        assert_eq!(procs[0].depends_on, vec!["nope"], "kept for the agent");
         let m = parse_ok(
             "check process a with pidfile /a\n start program \"x\"\n depends on b\ncheck process b with pidfile /b\n start program \"y\"\n depends on a\n",
         );

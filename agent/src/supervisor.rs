@@ -157,8 +157,10 @@ struct ProcEntry {
     shared: Arc<Mutex<ProcShared>>,
     stop_tx: Arc<watch::Sender<bool>>,
     task: Option<JoinHandle<()>>,
-    /// Stop order: wave 0 (nothing depends on it) stops first.
+    /// Stop order within the job: wave 0 (nothing depends on it) stops first.
     wave: usize,
+    /// Names of the processes it depends on (of this job or others).
+    depends_on: Vec<String>,
 }
 
 #[derive(Default)]
@@ -349,17 +351,33 @@ impl Supervisor {
                 pidless: matches!(spec.runner, Runner::File { .. }),
                 ..ProcShared::default()
             }));
-            let deps: Vec<Arc<Mutex<ProcShared>>> = p
-                .depends_on
-                .iter()
-                .filter_map(|d| entries.iter().find(|e| &e.name == d))
-                .map(|e| e.shared.clone())
-                .collect();
+            let mut deps: Vec<Arc<Mutex<ProcShared>>> = Vec::new();
+            for d in &p.depends_on {
+                let found = match entries.iter().find(|e| &e.name == d) {
+                    Some(e) => Some(e.shared.clone()),
+                    None => lock(&self.inner.jobs)
+                        .iter()
+                        .filter(|(name, _)| name.as_str() != job)
+                        .flat_map(|(_, j)| j.procs.iter())
+                        .find(|e| &e.name == d)
+                        .map(|e| e.shared.clone()),
+                };
+                match found {
+                    Some(shared) => deps.push(shared),
+                    None => tracing::warn!(
+                        job,
+                        process = %p.name,
+                        dependency = %d,
+                        "no process of that name runs on this VM; not waiting for it"
+                    ),
+                }
+            }
             let (stop_tx, stop_rx) = watch::channel(false);
             let name = spec.name.clone();
             let task = tokio::spawn(run_process(spec, shared.clone(), deps, stop_rx));
             entries.push(ProcEntry {
                 wave: waves.get(&name).copied().unwrap_or(0),
+                depends_on: p.depends_on.clone(),
                 name,
                 shared,
                 stop_tx: Arc::new(stop_tx),
@@ -398,6 +416,14 @@ impl Supervisor {
         let _guard = self.inner.control.lock().await;
         let stops = {
             let mut jobs = lock(&self.inner.jobs);
+            let waves = global_waves(&jobs);
+            for (job, entry) in jobs.iter_mut() {
+                for p in &mut entry.procs {
+                    if let Some(w) = waves.get(&(job.clone(), p.name.clone())) {
+                        p.wave = *w;
+                    }
+                }
+            }
             jobs.values_mut().flat_map(signal_stop).collect()
         };
         stop_in_waves(stops).await;
@@ -477,6 +503,7 @@ impl Supervisor {
         let mut seen = HashSet::new();
         let mut specs = Vec::new();
         let log_dir = self.inner.log_root.join(job);
+        let declared: HashSet<&str> = procs.iter().map(|p| p.name.as_str()).collect();
         for jp in procs {
             if !valid_name(&jp.name) {
                 return Err(invalid(format!("invalid process name {:?}", jp.name)));
@@ -485,7 +512,8 @@ impl Supervisor {
                 return Err(invalid(format!("process {} declared twice", jp.name)));
             }
             for d in &jp.depends_on {
-                if !seen.contains(d) || d == &jp.name {
+                // Names this job does not declare are other jobs' processes.
+                if d == &jp.name || (declared.contains(d.as_str()) && !seen.contains(d)) {
                     return Err(invalid(format!(
                         "process {} depends on {d}, which does not start before it",
                         jp.name
@@ -712,6 +740,56 @@ fn stop_waves(procs: &[JobProcess]) -> HashMap<String, usize> {
             if let Some(dw) = waves.get_mut(d) {
                 *dw = (*dw).max(w + 1);
             }
+        }
+    }
+    waves
+}
+
+/// Stop waves over every job, dependencies across jobs included: a
+/// dependency name is looked up in its own job first, then in the others.
+fn global_waves(jobs: &BTreeMap<String, JobEntry>) -> HashMap<(String, String), usize> {
+    let mut waves: HashMap<(String, String), usize> = jobs
+        .iter()
+        .flat_map(|(j, e)| {
+            e.procs
+                .iter()
+                .map(move |p| ((j.clone(), p.name.clone()), 0))
+        })
+        .collect();
+    let resolve = |job: &str, name: &str| -> Option<(String, String)> {
+        if jobs
+            .get(job)
+            .is_some_and(|e| e.procs.iter().any(|p| p.name == name))
+        {
+            return Some((job.to_string(), name.to_string()));
+        }
+        jobs.iter()
+            .find(|(_, e)| e.procs.iter().any(|p| p.name == name))
+            .map(|(j, _)| (j.clone(), name.to_string()))
+    };
+    // Relax until stable; a cycle stops growing after one round per process.
+    for _ in 0..waves.len() {
+        let mut changed = false;
+        for (job, entry) in jobs {
+            for p in &entry.procs {
+                let w = waves
+                    .get(&(job.clone(), p.name.clone()))
+                    .copied()
+                    .unwrap_or(0);
+                for d in &p.depends_on {
+                    if let Some(key) = resolve(job, d) {
+                        if let Some(dw) = waves.get_mut(&key) {
+                            if *dw < w + 1 {
+                                *dw = w + 1;
+                                changed = true;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if !changed {
+            break;
         }
     }
     waves

@@ -206,6 +206,34 @@ fn job_processes(job: &str, dir: &Path) -> Result<Vec<JobProcess>, ActionFailure
     }
 }
 
+/// Orders jobs so that a job whose processes depend on another job's
+/// processes (monit's `depends on` names are VM-wide) starts after it;
+/// otherwise, and within a cycle, the spec's order stays.
+fn order_jobs(
+    mut left: Vec<(RenderedJob, PathBuf, Vec<JobProcess>)>,
+) -> Vec<(RenderedJob, PathBuf, Vec<JobProcess>)> {
+    let mut out = Vec::with_capacity(left.len());
+    while !left.is_empty() {
+        let waits_for_another = |i: usize| {
+            let (job, _, procs) = &left[i];
+            procs
+                .iter()
+                .flat_map(|p| p.depends_on.iter())
+                .filter(|d| !procs.iter().any(|q| &q.name == *d))
+                .any(|d| {
+                    left.iter().any(|(other, _, theirs)| {
+                        other.name != job.name && theirs.iter().any(|q| &q.name == d)
+                    })
+                })
+        };
+        let next = (0..left.len())
+            .find(|&i| !waits_for_another(i))
+            .unwrap_or(0);
+        out.push(left.remove(next));
+    }
+    out
+}
+
 /// The job's `config/bpm.yml`, if it has one; unknown keys are logged.
 fn read_bpm(job: &str, dir: &Path, op: &str) -> Result<Option<BpmConfig>, ActionFailure> {
     let path = dir.join("config/bpm.yml");
@@ -461,6 +489,7 @@ impl Agent {
             }
             plans.push((job.clone(), dir, procs));
         }
+        let plans = order_jobs(plans);
         if pre_start {
             for (job, dir, _) in &plans {
                 let script = dir.join("bin/pre-start");
@@ -1725,6 +1754,54 @@ mod tests {
         );
         assert_eq!(err.output_tail.as_deref(), Some("not today"));
         assert!(fx.agent.get_state().await.jobs[0].processes.is_empty());
+    }
+
+    /// A ctl-form job `name`: its check is `name`, its ctl daemonises `sleep`;
+    /// `stop` touches `<root>/<name>-stopped`; `extra` goes into the monit check.
+    fn ctl_monit_job(root: &Path, name: &str, start_prefix: &str, extra: &str) -> RenderedJob {
+        let pidfile = root.join(format!("sys/run/{name}/{name}.pid"));
+        let ctl = format!(
+            "#!/bin/sh\ncase $1 in\n  start) mkdir -p {run}; sleep 1000 >/dev/null 2>&1 &\n    echo $! > {pid} ;;\n  stop) kill $(cat {pid}); rm -f {pid}; touch {done} ;;\nesac\n",
+            run = pidfile.parent().unwrap().display(),
+            pid = pidfile.display(),
+            done = root.join(format!("{name}-stopped")).display(),
+        );
+        let bin = root.join(format!("jobs/{name}/bin/ctl"));
+        let monit = format!(
+            "check process {name}\n  with pidfile {}\n  start program \"{start_prefix}{} start\"\n  stop program \"{} stop\"\n{extra}",
+            pidfile.display(),
+            bin.display(),
+            bin.display()
+        );
+        job(name, vec![file("monit", &monit), file("bin/ctl", &ctl)])
+    }
+
+    #[tokio::test]
+    async fn depends_on_a_check_of_another_job_orders_start_and_stop() {
+        let fx = fixture();
+        let db_pid = fx.root.join("sys/run/db/db.pid");
+        let marker = fx.root.join("db-was-up");
+        let prefix = format!(
+            "test -s {} && touch {}; ",
+            db_pid.display(),
+            marker.display()
+        );
+        // The dependent comes first in the spec.
+        let app = ctl_monit_job(&fx.root, "app", &prefix, "  depends on db\n");
+        let db = ctl_monit_job(&fx.root, "db", "", "");
+        fx.agent
+            .apply(spec(1, vec![], vec![app, db]))
+            .await
+            .unwrap();
+        fx.agent.start().await.unwrap();
+        for j in ["app", "db"] {
+            let st = wait_state(&fx.agent, j, |j| j.state == ProcessState::Running, 5).await;
+            assert_eq!(st.state, ProcessState::Running, "{j}");
+        }
+        assert!(marker.exists(), "app started before db was up");
+        fx.agent.stop().await.unwrap();
+        let t = |n: &str| fs::metadata(fx.root.join(n)).unwrap().modified().unwrap();
+        assert!(t("app-stopped") <= t("db-stopped"), "db stopped first");
     }
 
     #[tokio::test]
