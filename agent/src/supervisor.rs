@@ -14,9 +14,9 @@
 //! - monit file checks: the start program (if any) runs, and the entry is
 //!   running while the path exists.
 //!
-//! Processes of a job start after the ones they depend on and stop before
-//! them. One loop serves every form; only launching, watching and stopping
-//! differ.
+//! A process starts after the ones it depends on (of its job, or of jobs
+//! started before it) and stops before them. One loop serves every form;
+//! only launching, watching and stopping differ.
 //!
 //! It owns only the processes it spawned. It must not lay down files, read
 //! specs, or decide *when* jobs start or stop: the agent tells it. It never
