@@ -1354,6 +1354,11 @@ async fn terminate(spec: &ProcSpec, live: Live) {
                 tracing::warn!(job = %spec.job, process = %spec.name, pid, "process outlived its stop program; sending SIGKILL");
                 kill_pid(pid, libc::SIGKILL);
                 kill_group(pid, libc::SIGKILL);
+                // SIGKILL is delivered asynchronously: report stopped only once it is gone.
+                let until = Instant::now() + Duration::from_secs(2);
+                while alive(pid) && Instant::now() < until {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
             }
             end_starter(starter, group).await;
         }
