@@ -12,7 +12,9 @@
 //! - [`client`]: the director's typed client (pins the host key).
 //! - [`agent`]: the action handler: apply, start/stop, drain, scripts,
 //!   compilation, logs, disk mounts.
-//! - [`supervisor`]: starts, restarts (with backoff) and stops job processes.
+//! - [`monit`]: reads a job's rendered `monit` file into the processes to run.
+//! - [`supervisor`]: starts, restarts (with backoff) and stops job processes
+//!   (bpm processes directly, monit ctl programs through their pidfiles).
 //!
 //! The agent must never call the CPI or the director; it answers. It keeps
 //! only what the applied spec names, and trusts no blob it has not verified.
@@ -21,6 +23,7 @@ pub mod agent;
 pub mod blobs;
 pub mod client;
 pub mod keys;
+pub mod monit;
 pub mod protocol;
 pub mod server;
 pub mod supervisor;

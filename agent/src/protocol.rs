@@ -347,31 +347,258 @@ pub struct MissingBlobsParams {
 }
 
 /// A job's process file, rendered from its `bpm.yml` template to
-/// `/var/vcap/jobs/<job>/config/bpm.yml` (BOSH bpm's shape, trimmed).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// `/var/vcap/jobs/<job>/config/bpm.yml` (BOSH bpm's schema, plus bosun's
+/// `shutdown_timeout` and `health`). Keys it does not know are kept in
+/// `unknown` (the agent warns about them) rather than refused, as bpm does.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct BpmConfig {
+    #[serde(default)]
     pub processes: Vec<BpmProcess>,
+    /// Keys bosun does not know; ignored.
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+impl BpmConfig {
+    /// Dotted paths of every key the agent ignored (`processes[0].bogus`).
+    pub fn unknown_keys(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.unknown.keys().cloned().collect();
+        for (i, p) in self.processes.iter().enumerate() {
+            let at = format!("processes[{i}]");
+            out.extend(p.unknown.keys().map(|k| format!("{at}.{k}")));
+            if let Some(h) = &p.hooks {
+                out.extend(h.unknown.keys().map(|k| format!("{at}.hooks.{k}")));
+            }
+            if let Some(l) = &p.limits {
+                out.extend(l.unknown.keys().map(|k| format!("{at}.limits.{k}")));
+            }
+            for (j, v) in p.additional_volumes.iter().enumerate() {
+                out.extend(
+                    v.unknown
+                        .keys()
+                        .map(|k| format!("{at}.additional_volumes[{j}].{k}")),
+                );
+            }
+            if let Some(u) = &p.unsafe_ {
+                out.extend(u.unknown.keys().map(|k| format!("{at}.unsafe.{k}")));
+                for (j, v) in u.unrestricted_volumes.iter().enumerate() {
+                    out.extend(
+                        v.unknown
+                            .keys()
+                            .map(|k| format!("{at}.unsafe.unrestricted_volumes[{j}].{k}")),
+                    );
+                }
+            }
+        }
+        out
+    }
+}
+
+/// One process of a `bpm.yml`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct BpmProcess {
     pub name: String,
     pub executable: String,
-    #[serde(default)]
+    /// Arguments; YAML numbers and booleans are taken as their text.
+    #[serde(default, deserialize_with = "de::strings")]
     pub args: Vec<String>,
-    #[serde(default)]
+    /// Environment; YAML numbers and booleans are taken as their text.
+    #[serde(default, deserialize_with = "de::string_map")]
     pub env: BTreeMap<String, String>,
     /// Working directory (default `/var/vcap/jobs/<job>`).
     #[serde(default)]
     pub workdir: Option<String>,
-    /// Seconds between SIGTERM and SIGKILL (default 10).
+    #[serde(default)]
+    pub hooks: Option<BpmHooks>,
+    #[serde(default)]
+    pub limits: Option<BpmLimits>,
+    /// Signal that asks the process to stop (default `TERM`).
+    #[serde(default)]
+    pub shutdown_signal: Option<ShutdownSignal>,
+    /// bpm gives the process `/var/vcap/data/<job>`; the agent creates it.
+    #[serde(default)]
+    pub ephemeral_disk: Option<bool>,
+    /// bpm gives the process `/var/vcap/store/<job>`; the agent creates it
+    /// when a persistent disk is mounted.
+    #[serde(default)]
+    pub persistent_disk: Option<bool>,
+    /// Accepted, not enforced (the agent runs no container).
+    #[serde(default)]
+    pub additional_volumes: Vec<BpmVolume>,
+    /// Accepted, not enforced.
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    /// Accepted, not enforced.
+    #[serde(default, rename = "unsafe")]
+    pub unsafe_: Option<BpmUnsafe>,
+    /// Seconds between the shutdown signal and SIGKILL (default 10).
     #[serde(default)]
     pub shutdown_timeout: Option<u64>,
     /// Optional health probe; without one a process that stays up counts as running.
     #[serde(default)]
     pub health: Option<HealthProbe>,
+    /// Keys bosun does not know; ignored.
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
+}
+
+/// `hooks` of a bpm process.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BpmHooks {
+    /// Executable run (with the process's environment and working directory)
+    /// before each start of the process; a failure fails the start.
+    #[serde(default)]
+    pub pre_start: Option<String>,
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
+}
+
+/// `limits` of a bpm process.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BpmLimits {
+    /// Memory limit such as `1G` or `512M` (powers of 1024), through a cgroup.
+    #[serde(default, deserialize_with = "de::opt_string")]
+    pub memory: Option<String>,
+    /// RLIMIT_NOFILE (soft and hard).
+    #[serde(default)]
+    pub open_files: Option<u64>,
+    /// RLIMIT_NPROC (soft and hard).
+    #[serde(default)]
+    pub processes: Option<u64>,
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
+}
+
+/// The signal a bpm process is stopped with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ShutdownSignal {
+    #[default]
+    #[serde(rename = "TERM")]
+    Term,
+    #[serde(rename = "INT")]
+    Int,
+}
+
+/// One entry of `additional_volumes` (or `unsafe.unrestricted_volumes`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BpmVolume {
+    pub path: String,
+    #[serde(default)]
+    pub writable: bool,
+    #[serde(default)]
+    pub allow_executions: bool,
+    #[serde(default)]
+    pub mount_only: bool,
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
+}
+
+/// `unsafe` of a bpm process.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BpmUnsafe {
+    #[serde(default)]
+    pub privileged: bool,
+    #[serde(default)]
+    pub unrestricted_volumes: Vec<BpmVolume>,
+    #[serde(default)]
+    pub host_pid_namespace: bool,
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
+}
+
+/// Lenient scalar decoding for `bpm.yml` (bpm's YAML reader turns any
+/// scalar into a string where a string is expected).
+mod de {
+    use std::collections::BTreeMap;
+    use std::fmt;
+
+    use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+    use serde::Deserialize;
+
+    /// A string, number or boolean, as text.
+    struct Scalar(String);
+
+    impl<'de> Deserialize<'de> for Scalar {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl Visitor<'_> for V {
+                type Value = Scalar;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a string, number or boolean")
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<Scalar, E> {
+                    Ok(Scalar(v.to_string()))
+                }
+                fn visit_string<E: de::Error>(self, v: String) -> Result<Scalar, E> {
+                    Ok(Scalar(v))
+                }
+                fn visit_unit<E: de::Error>(self) -> Result<Scalar, E> {
+                    Ok(Scalar(String::new()))
+                }
+                fn visit_bool<E: de::Error>(self, v: bool) -> Result<Scalar, E> {
+                    Ok(Scalar(v.to_string()))
+                }
+                fn visit_i64<E: de::Error>(self, v: i64) -> Result<Scalar, E> {
+                    Ok(Scalar(v.to_string()))
+                }
+                fn visit_u64<E: de::Error>(self, v: u64) -> Result<Scalar, E> {
+                    Ok(Scalar(v.to_string()))
+                }
+                fn visit_f64<E: de::Error>(self, v: f64) -> Result<Scalar, E> {
+                    Ok(Scalar(v.to_string()))
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    pub(super) fn strings<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Vec<String>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list of strings")
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Vec<String>, E> {
+                Ok(Vec::new())
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<String>, A::Error> {
+                let mut out = Vec::new();
+                while let Some(Scalar(s)) = seq.next_element()? {
+                    out.push(s);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_any(V)
+    }
+
+    pub(super) fn string_map<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, String>, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = BTreeMap<String, String>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a map of names to strings")
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(BTreeMap::new())
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = BTreeMap::new();
+                while let Some((Scalar(k), Scalar(v))) = map.next_entry()? {
+                    out.insert(k, v);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_any(V)
+    }
+
+    pub(super) fn opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        Ok(Option::<Scalar>::deserialize(d)?.map(|Scalar(s)| s))
+    }
 }
 
 /// A probe the agent runs against a running process.
@@ -389,6 +616,90 @@ pub struct HealthProbe {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bpm_yml_whole_schema() {
+        let text = r#"
+processes:
+- name: server
+  executable: /var/vcap/packages/zk/bin/server
+  args: [--port, 2181, true]
+  env:
+    PORT: 2181
+    DEBUG: false
+    NAME: zk
+  workdir: /var/vcap/data/zk
+  hooks:
+    pre_start: /var/vcap/jobs/zk/bin/bpm-pre-start
+  limits:
+    memory: 1G
+    open_files: 2048
+    processes: 100
+  shutdown_signal: INT
+  ephemeral_disk: true
+  persistent_disk: true
+  additional_volumes:
+  - path: /var/vcap/data/shared
+    writable: true
+    allow_executions: true
+    mount_only: false
+  capabilities: [NET_BIND_SERVICE]
+  unsafe:
+    privileged: true
+    unrestricted_volumes:
+    - path: /dev/log
+    host_pid_namespace: true
+  shutdown_timeout: 20
+  newer_key: 1
+top_level_extra: x
+"#;
+        let cfg: BpmConfig = serde_yaml_ng::from_str(text).unwrap();
+        let p = &cfg.processes[0];
+        assert_eq!(p.args, vec!["--port", "2181", "true"]);
+        assert_eq!(p.env["PORT"], "2181");
+        assert_eq!(p.env["DEBUG"], "false");
+        assert_eq!(p.workdir.as_deref(), Some("/var/vcap/data/zk"));
+        assert_eq!(
+            p.hooks.as_ref().unwrap().pre_start.as_deref(),
+            Some("/var/vcap/jobs/zk/bin/bpm-pre-start")
+        );
+        let l = p.limits.as_ref().unwrap();
+        assert_eq!(l.memory.as_deref(), Some("1G"));
+        assert_eq!((l.open_files, l.processes), (Some(2048), Some(100)));
+        assert_eq!(p.shutdown_signal, Some(ShutdownSignal::Int));
+        assert_eq!(
+            (p.ephemeral_disk, p.persistent_disk),
+            (Some(true), Some(true))
+        );
+        assert!(p.additional_volumes[0].writable && p.additional_volumes[0].allow_executions);
+        assert_eq!(p.capabilities, vec!["NET_BIND_SERVICE"]);
+        let u = p.unsafe_.as_ref().unwrap();
+        assert!(u.privileged && u.host_pid_namespace);
+        assert_eq!(u.unrestricted_volumes[0].path, "/dev/log");
+        assert_eq!(p.shutdown_timeout, Some(20));
+        assert_eq!(
+            cfg.unknown_keys(),
+            vec![
+                "top_level_extra".to_string(),
+                "processes[0].newer_key".to_string()
+            ]
+        );
+
+        let minimal: BpmConfig =
+            serde_yaml_ng::from_str("processes:\n- name: a\n  executable: /bin/true\n").unwrap();
+        assert!(minimal.unknown_keys().is_empty());
+        assert_eq!(minimal.processes[0].shutdown_signal, None);
+
+        for bad in [
+            "processes: 5\n",
+            "processes: [{name: a}]\n",
+            "processes: [{name: a, executable: x, shutdown_signal: KILL}]\n",
+            "processes: [{name: a, executable: x, args: [[1]]}]\n",
+            "processes: [{name: a, executable: x, limits: {open_files: many}}]\n",
+        ] {
+            assert!(serde_yaml_ng::from_str::<BpmConfig>(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn action_wire_shape_is_method_and_params() {

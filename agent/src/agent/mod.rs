@@ -33,6 +33,7 @@ use bosun_cpi::{AgentSettings, DiskHint};
 use serde::{Deserialize, Serialize};
 
 use crate::blobs::BlobStore;
+use crate::monit;
 use crate::protocol::{
     Action, ActionFailure, AgentState, ApplySpec, BpmConfig, CompileRequest, CompileResult,
     DrainParams, DrainResult, FetchLogsParams, FetchLogsResult, InstallFileParams, JobStatus,
@@ -40,7 +41,7 @@ use crate::protocol::{
     ScriptResult, ScriptResults, UnmountDiskParams, UnpackDiskParams, Vitals, PROTOCOL_VERSION,
 };
 use crate::server::{self, ActionHandler};
-use crate::supervisor::{self, Supervisor};
+use crate::supervisor::{self, JobProcess, Supervisor};
 use layout::{
     blob_from_tmp, install_package, lay_down, remove_any, remove_leftover, valid_name,
     validate_spec, write_atomic,
@@ -166,6 +167,85 @@ fn packaging_outcome(
         });
     }
     Ok(tail)
+}
+
+/// Reads a file that may be absent.
+fn read_optional(path: &Path, op: &str) -> Result<Option<String>, ActionFailure> {
+    match fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(failure(
+            "io",
+            format!("{op}: reading {}: {e}", path.display()),
+        )),
+    }
+}
+
+/// The processes of the job laid down at `dir`: its `monit` file decides
+/// when it has one (an empty one runs nothing; bpm-form checks select their
+/// process from `config/bpm.yml`); without one, `config/bpm.yml` does.
+fn job_processes(job: &str, dir: &Path) -> Result<Vec<JobProcess>, ActionFailure> {
+    let op = format!("starting job {job}");
+    let monit_path = dir.join("monit");
+    let monit =
+        match read_optional(&monit_path, &op)? {
+            Some(text) => Some(monit::parse(&monit_path, &text).map_err(|e| {
+                failure("invalid", format!("{op}: {}", bosun_cpi::chain::chain(&e)))
+            })?),
+            None => None,
+        };
+    let bpm = if monit.as_ref().is_none_or(monit::uses_bpm) {
+        read_bpm(job, dir, &op)?
+    } else {
+        None
+    };
+    match &monit {
+        Some(m) => monit::job_processes(&monit_path, job, m, bpm.as_ref())
+            .map_err(|e| failure("invalid", format!("{op}: {}", bosun_cpi::chain::chain(&e)))),
+        None => Ok(bpm.as_ref().map(JobProcess::from_bpm).unwrap_or_default()),
+    }
+}
+
+/// Orders jobs so that a job whose processes depend on another job's
+/// processes (monit's `depends on` names are VM-wide) starts after it;
+/// otherwise, and within a cycle, the spec's order stays.
+fn order_jobs(
+    mut left: Vec<(RenderedJob, PathBuf, Vec<JobProcess>)>,
+) -> Vec<(RenderedJob, PathBuf, Vec<JobProcess>)> {
+    let mut out = Vec::with_capacity(left.len());
+    while !left.is_empty() {
+        let waits_for_another = |i: usize| {
+            let (job, _, procs) = &left[i];
+            procs
+                .iter()
+                .flat_map(|p| p.depends_on.iter())
+                .filter(|d| !procs.iter().any(|q| &q.name == *d))
+                .any(|d| {
+                    left.iter().any(|(other, _, theirs)| {
+                        other.name != job.name && theirs.iter().any(|q| &q.name == d)
+                    })
+                })
+        };
+        let next = (0..left.len())
+            .find(|&i| !waits_for_another(i))
+            .unwrap_or(0);
+        out.push(left.remove(next));
+    }
+    out
+}
+
+/// The job's `config/bpm.yml`, if it has one; unknown keys are logged.
+fn read_bpm(job: &str, dir: &Path, op: &str) -> Result<Option<BpmConfig>, ActionFailure> {
+    let path = dir.join("config/bpm.yml");
+    let Some(text) = read_optional(&path, op)? else {
+        return Ok(None);
+    };
+    let cfg = serde_yaml_ng::from_str::<BpmConfig>(&text)
+        .map_err(|e| failure("invalid", format!("{op}: parsing {}: {e}", path.display())))?;
+    for key in cfg.unknown_keys() {
+        tracing::warn!(job, file = %path.display(), key = %key, "unknown bpm.yml key ignored");
+    }
+    Ok(Some(cfg))
 }
 
 impl Agent {
@@ -399,41 +479,17 @@ impl Agent {
         let Some(spec) = self.applied_spec() else {
             return Ok(());
         };
-        let mut plans: Vec<(RenderedJob, PathBuf, BpmConfig)> = Vec::new();
+        let mut plans: Vec<(RenderedJob, PathBuf, Vec<JobProcess>)> = Vec::new();
         for job in &spec.jobs {
             let dir = self.root.join("jobs").join(&job.name);
-            let bpm_path = dir.join("config/bpm.yml");
-            let cfg = match fs::read_to_string(&bpm_path) {
-                Ok(text) => serde_yaml_ng::from_str::<BpmConfig>(&text).map_err(|e| {
-                    failure(
-                        "invalid",
-                        format!(
-                            "starting job {}: parsing {}: {e}",
-                            job.name,
-                            bpm_path.display()
-                        ),
-                    )
-                })?,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => BpmConfig {
-                    processes: Vec::new(),
-                },
-                Err(e) => {
-                    return Err(failure(
-                        "io",
-                        format!(
-                            "starting job {}: reading {}: {e}",
-                            job.name,
-                            bpm_path.display()
-                        ),
-                    ))
-                }
-            };
+            let procs = job_processes(&job.name, &dir)?;
             let same = lock(&self.started).get(&job.name) == Some(&job.digest);
             if same && self.supervisor.is_wanted(&job.name).await {
                 continue;
             }
-            plans.push((job.clone(), dir, cfg));
+            plans.push((job.clone(), dir, procs));
         }
+        let plans = order_jobs(plans);
         if pre_start {
             for (job, dir, _) in &plans {
                 let script = dir.join("bin/pre-start");
@@ -456,15 +512,23 @@ impl Agent {
                 }
             }
         }
-        for (job, dir, cfg) in &plans {
+        for (job, dir, procs) in &plans {
             self.supervisor
-                .start_job(&job.name, dir, cfg)
+                .start_job(&job.name, dir, procs)
                 .await
                 .map_err(|e| {
-                    failure(
-                        "invalid",
-                        format!("starting job {}: {}", job.name, bosun_cpi::chain::chain(&e)),
-                    )
+                    let message =
+                        format!("starting job {}: {}", job.name, bosun_cpi::chain::chain(&e));
+                    match e {
+                        supervisor::SupervisorError::PreStart { output_tail, .. } => {
+                            ActionFailure {
+                                kind: "script_failed".into(),
+                                message,
+                                output_tail: Some(output_tail),
+                            }
+                        }
+                        _ => failure("invalid", message),
+                    }
                 })?;
             lock(&self.started).insert(job.name.clone(), job.digest.clone());
         }
@@ -1559,15 +1623,202 @@ mod tests {
         assert_eq!(tail.lines().count(), 30);
         assert!(tail.ends_with("line50"));
 
-        let bad = job(
-            "bad",
-            vec![file("config/bpm.yml", "processes: [{name: x, bogus: 1}]\n")],
+        // Unknown keys are ignored (with a warning), as bpm does.
+        let lenient = job(
+            "lenient",
+            vec![file(
+                "config/bpm.yml",
+                "processes: [{name: x, executable: /bin/sleep, args: [1000], bogus: 1}]\n",
+            )],
         );
-        fx.agent.apply(spec(2, vec![], vec![bad])).await.unwrap();
+        fx.agent
+            .apply(spec(2, vec![], vec![lenient]))
+            .await
+            .unwrap();
+        fx.agent.start().await.unwrap();
+        let j = wait_state(
+            &fx.agent,
+            "lenient",
+            |j| j.state == ProcessState::Running,
+            5,
+        )
+        .await;
+        assert_eq!(j.state, ProcessState::Running);
+        fx.agent.stop().await.unwrap();
+
+        // A type error still fails the start.
+        let bad = job("bad", vec![file("config/bpm.yml", "processes: 5\n")]);
+        fx.agent.apply(spec(3, vec![], vec![bad])).await.unwrap();
         let err = fx.agent.start().await.unwrap_err();
         assert_eq!(err.kind, "invalid");
         assert!(
             err.message.contains("job bad") && err.message.contains("bpm.yml"),
+            "{}",
+            err.message
+        );
+    }
+
+    const TWO_PROCESSES: &str = "processes:\n- name: main\n  executable: /bin/sh\n  args: [-c, exec sleep 1000]\n- name: side\n  executable: /bin/sh\n  args: [-c, exec sleep 1000]\n";
+
+    #[tokio::test]
+    async fn bpm_form_monit_selects_its_process() {
+        let fx = fixture();
+        let monit = "check process side\n  with pidfile /var/vcap/sys/run/bpm/zk/side.pid\n  start program \"/var/vcap/jobs/bpm/bin/bpm start zk -p side\"\n  stop program \"/var/vcap/jobs/bpm/bin/bpm stop zk -p side\"\n  group vcap\n";
+        let zk = job(
+            "zk",
+            vec![file("monit", monit), file("config/bpm.yml", TWO_PROCESSES)],
+        );
+        fx.agent.apply(spec(1, vec![], vec![zk])).await.unwrap();
+        fx.agent.start().await.unwrap();
+        let j = wait_state(&fx.agent, "zk", |j| j.state == ProcessState::Running, 5).await;
+        assert_eq!(j.state, ProcessState::Running);
+        let names: Vec<&str> = j.processes.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, vec!["side"]);
+        assert!(alive(j.processes[0].pid.unwrap()));
+        fx.agent.stop().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn empty_monit_runs_nothing_even_with_a_bpm_yml() {
+        let fx = fixture();
+        let quiet = job(
+            "quiet",
+            vec![file("monit", ""), file("config/bpm.yml", TWO_PROCESSES)],
+        );
+        fx.agent.apply(spec(1, vec![], vec![quiet])).await.unwrap();
+        fx.agent.start().await.unwrap();
+        let st = fx.agent.get_state().await;
+        assert_eq!(st.jobs[0].state, ProcessState::Running);
+        assert!(st.jobs[0].processes.is_empty(), "{:?}", st.jobs[0]);
+        assert!(!fx.root.join("sys/log/quiet/main.stdout.log").exists());
+    }
+
+    #[tokio::test]
+    async fn ctl_form_monit_job_runs_restarts_and_stops() {
+        let fx = fixture();
+        let pidfile = fx.root.join("sys/run/db/db.pid");
+        let ctl = format!(
+            "#!/bin/sh\ncase $1 in\n  start) mkdir -p {run}; sleep 1000 >/dev/null 2>&1 &\n    echo $! > {pid} ;;\n  stop) kill $(cat {pid}); rm -f {pid}; touch {done} ;;\nesac\n",
+            run = pidfile.parent().unwrap().display(),
+            pid = pidfile.display(),
+            done = fx.root.join("db-stopped").display(),
+        );
+        let jobs = fx.root.join("jobs/db/bin/ctl");
+        let monit = format!(
+            "check process db\n  with pidfile {}\n  start program \"{} start\" with timeout 10 seconds\n  stop program \"{} stop\"\n  if totalmem > 100 Mb then restart\n  group vcap\n",
+            pidfile.display(),
+            jobs.display(),
+            jobs.display()
+        );
+        let db = job("db", vec![file("monit", &monit), file("bin/ctl", &ctl)]);
+        fx.agent.apply(spec(1, vec![], vec![db])).await.unwrap();
+        fx.agent.start().await.unwrap();
+        let j = wait_state(&fx.agent, "db", |j| j.state == ProcessState::Running, 5).await;
+        assert_eq!(j.state, ProcessState::Running);
+        let pid1 = j.processes[0].pid.unwrap();
+        // SAFETY: test-only signal to a process this test started.
+        unsafe { libc::kill(pid1 as i32, libc::SIGKILL) };
+        let j = wait_state(
+            &fx.agent,
+            "db",
+            |j| j.processes[0].restarts >= 1 && j.state == ProcessState::Running,
+            5,
+        )
+        .await;
+        let pid2 = j.processes[0].pid.unwrap();
+        assert_ne!(pid1, pid2);
+        fx.agent.stop().await.unwrap();
+        assert!(!alive(pid2));
+        assert!(fx.root.join("db-stopped").exists());
+        assert_eq!(fx.agent.get_state().await.job_state, ProcessState::Stopped);
+    }
+
+    #[tokio::test]
+    async fn failing_bpm_pre_start_hook_fails_the_start_with_its_output() {
+        let fx = fixture();
+        let bpm = "processes:\n- name: main\n  executable: /bin/sleep\n  args: [1000]\n  hooks:\n    pre_start: bin/hook\n";
+        let hooked = job(
+            "hooked",
+            vec![
+                file("config/bpm.yml", bpm),
+                file("bin/hook", "#!/bin/sh\necho not today >&2\nexit 3\n"),
+            ],
+        );
+        fx.agent.apply(spec(1, vec![], vec![hooked])).await.unwrap();
+        let err = fx.agent.start().await.unwrap_err();
+        assert_eq!(err.kind, "script_failed");
+        assert!(
+            err.message.contains("job hooked") && err.message.contains("pre_start hook"),
+            "{}",
+            err.message
+        );
+        assert_eq!(err.output_tail.as_deref(), Some("not today"));
+        assert!(fx.agent.get_state().await.jobs[0].processes.is_empty());
+    }
+
+    /// A ctl-form job `name`: its check is `name`, its ctl daemonises `sleep`;
+    /// `stop` touches `<root>/<name>-stopped`; `extra` goes into the monit check.
+    fn ctl_monit_job(root: &Path, name: &str, start_prefix: &str, extra: &str) -> RenderedJob {
+        let pidfile = root.join(format!("sys/run/{name}/{name}.pid"));
+        let ctl = format!(
+            "#!/bin/sh\ncase $1 in\n  start) mkdir -p {run}; sleep 1000 >/dev/null 2>&1 &\n    echo $! > {pid} ;;\n  stop) kill $(cat {pid}); rm -f {pid}; touch {done} ;;\nesac\n",
+            run = pidfile.parent().unwrap().display(),
+            pid = pidfile.display(),
+            done = root.join(format!("{name}-stopped")).display(),
+        );
+        let bin = root.join(format!("jobs/{name}/bin/ctl"));
+        let monit = format!(
+            "check process {name}\n  with pidfile {}\n  start program \"{start_prefix}{} start\"\n  stop program \"{} stop\"\n{extra}",
+            pidfile.display(),
+            bin.display(),
+            bin.display()
+        );
+        job(name, vec![file("monit", &monit), file("bin/ctl", &ctl)])
+    }
+
+    #[tokio::test]
+    async fn depends_on_a_check_of_another_job_orders_start_and_stop() {
+        let fx = fixture();
+        let db_pid = fx.root.join("sys/run/db/db.pid");
+        let marker = fx.root.join("db-was-up");
+        let prefix = format!(
+            "test -s {} && touch {}; ",
+            db_pid.display(),
+            marker.display()
+        );
+        // The dependent comes first in the spec.
+        let app = ctl_monit_job(&fx.root, "app", &prefix, "  depends on db\n");
+        let db = ctl_monit_job(&fx.root, "db", "", "");
+        fx.agent
+            .apply(spec(1, vec![], vec![app, db]))
+            .await
+            .unwrap();
+        fx.agent.start().await.unwrap();
+        for j in ["app", "db"] {
+            let st = wait_state(&fx.agent, j, |j| j.state == ProcessState::Running, 5).await;
+            assert_eq!(st.state, ProcessState::Running, "{j}");
+        }
+        assert!(marker.exists(), "app started before db was up");
+        fx.agent.stop().await.unwrap();
+        let t = |n: &str| fs::metadata(fx.root.join(n)).unwrap().modified().unwrap();
+        assert!(t("app-stopped") <= t("db-stopped"), "db stopped first");
+    }
+
+    #[tokio::test]
+    async fn bad_monit_file_fails_the_start_naming_file_and_line() {
+        let fx = fixture();
+        let bad = job(
+            "bad",
+            vec![file(
+                "monit",
+                "check process x\n  with pidfile /p\n  sometimes \"x\"\n",
+            )],
+        );
+        fx.agent.apply(spec(1, vec![], vec![bad])).await.unwrap();
+        let err = fx.agent.start().await.unwrap_err();
+        assert_eq!(err.kind, "invalid");
+        assert!(
+            err.message.contains("jobs/bad/monit line 3") && err.message.contains("sometimes"),
             "{}",
             err.message
         );
