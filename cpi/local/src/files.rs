@@ -255,7 +255,39 @@ pub(crate) fn remove_dir_atomic(path: &Path) -> Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(io_err("moving aside for removal", path)(e)),
     }
-    fs::remove_dir_all(&trash).map_err(io_err("removing", &trash))
+    match fs::remove_dir_all(&trash) {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            // Without root, a directory a VM made read-only (in its own /tmp,
+            // say) is emptied once its owner (the caller) may write it again.
+            open_up_dirs(&trash);
+            fs::remove_dir_all(&trash).map_err(io_err("removing", &trash))
+        }
+        other => other.map_err(io_err("removing", &trash)),
+    }
+}
+
+/// Adds u+rwx to every directory below `dir` the caller owns (best effort:
+/// the removal that follows reports what still cannot go).
+fn open_up_dirs(dir: &Path) {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let Ok(meta) = fs::symlink_metadata(dir) else {
+        return;
+    };
+    if !meta.is_dir() {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if meta.uid() == unsafe { libc::geteuid() } && meta.mode() & 0o700 != 0o700 {
+        let mode = (meta.mode() & 0o7777) | 0o700;
+        if let Err(e) = fs::set_permissions(dir, fs::Permissions::from_mode(mode)) {
+            tracing::debug!(path = %dir.display(), error = %e, "local CPI: cannot open up a directory for removal");
+        }
+    }
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            open_up_dirs(&entry.path());
+        }
+    }
 }
 
 /// Copies a directory tree (files, directories, symlinks; permissions kept).

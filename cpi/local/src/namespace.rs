@@ -1,10 +1,13 @@
 //! The VM namespace, entered by the agent process itself before anything
 //! else runs: mount and PID namespaces (plus a user namespace when not
-//! root), the VM directory bound at `/var/vcap`, a fresh `/proc`, and a
-//! parent that forwards signals to the namespace's PID 1.
+//! root), the VM directory bound at `/var/vcap`, a fresh `/proc`, the VM's
+//! own `/etc`, `/tmp`, `/var/tmp`, `/root` and `/home` bound over the
+//! host's (see [`crate::sysdirs`]), and a parent that forwards signals to
+//! the namespace's PID 1.
 //!
 //! This module must not be called once threads exist (it forks), and must
-//! not know the CPI's records: it only gets the VM directory.
+//! not know the CPI's records: it only gets the VM directory (and finds its
+//! siblings through [`crate::sysdirs`]).
 
 use std::ffi::CString;
 use std::fs;
@@ -13,6 +16,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
 
+use crate::sysdirs::{self, Content, COVERED};
 use crate::{LocalCpiError, Result, VCAP_MOUNT_POINT};
 
 /// The namespace's PID 1, for the parent's signal forwarder.
@@ -72,7 +76,14 @@ fn write_proc_file(path: &str, content: &str, step: &'static str) -> Result<()> 
 /// the child (PID 1 of the new namespace; PR_SET_PDEATHSIG=SIGKILL so it dies with the parent)
 /// makes mounts private, bind-mounts DIR at /var/vcap (as root, create /var/vcap on the host if missing;
 /// not root and missing: error saying `sudo mkdir /var/vcap` once), mounts a new proc at /proc,
-/// and returns Ok(()) so the caller runs the agent. Errors name the step and the missing capability.
+/// binds the VM's own system directories (`<DIR>/../root/{etc,tmp,var/tmp,root,home}`, laid out by
+/// the CPI) over the host's, and returns Ok(()) so the caller runs the agent. Errors name the step
+/// and the missing capability.
+///
+/// A covered host path that does not exist is created (empty) as root; without root it is left
+/// uncovered with a warning on stderr (writes there fail: the host path's parent is root's). When the
+/// CPI's `disks/` lies below a covered path (a state directory in `/tmp` or `/root`), it is bound
+/// back at its own path, so the disk hints stay valid inside the VM.
 ///
 /// PID 1 ignores signals it installs no handler for, so the parent escalates
 /// to SIGKILL on a second terminating signal or [`SIGNAL_GRACE_SECS`] after the first.
@@ -82,6 +93,7 @@ pub fn enter_vm_namespace(vm_dir: &Path) -> Result<(), LocalCpiError> {
     let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
     let root = euid == 0;
     ensure_mount_point(root)?;
+    let covers = plan_covers(&vm_dir, root)?;
     unshare_namespaces(root)?;
     if !root {
         map_caller_to_root(euid, egid)?;
@@ -91,7 +103,157 @@ pub fn enter_vm_namespace(vm_dir: &Path) -> Result<(), LocalCpiError> {
     die_with_parent()?;
     make_mounts_private()?;
     bind_vm_root(&vm_dir, &vm_dir_c)?;
-    mount_proc()
+    mount_proc()?;
+    cover_host_dirs(&covers)
+}
+
+/// A directory to bind over a host path.
+struct Cover {
+    source_path: PathBuf,
+    /// The host path (resolved) it covers.
+    target: PathBuf,
+    /// The target is created first (inside the namespace: below a cover).
+    create_target: bool,
+}
+
+fn open_path(p: &Path, step: &'static str) -> Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(p)
+        .map_err(|source| LocalCpiError::Namespace {
+            step,
+            hint: format!("; {}", p.display()),
+            source,
+        })
+}
+
+/// The VM's system directories to bind, and the CPI's disks directory when
+/// a cover would hide it. Creates a missing covered host path as root.
+fn plan_covers(vm_dir: &Path, root: bool) -> Result<Vec<Cover>> {
+    let system_dir = sysdirs::system_dir_of(vm_dir).filter(|d| d.is_dir());
+    let Some(system_dir) = system_dir else {
+        return Err(LocalCpiError::Namespace {
+            step: "finding the VM's own system directories",
+            hint: format!(
+                "; {}/../{} is missing (the local CPI lays it out when it creates or starts a VM)",
+                vm_dir.display(),
+                sysdirs::SYSTEM_DIR
+            ),
+            source: io::Error::from(io::ErrorKind::NotFound),
+        });
+    };
+    let mut covers = Vec::new();
+    for (host, content) in COVERED {
+        let host_path = Path::new(host);
+        if fs::symlink_metadata(host_path).is_err() {
+            if !root {
+                eprintln!(
+                    "bosun VM namespace: warning: {host} does not exist on the host and only root can create it: the VM shares the host's (absent) {host}"
+                );
+                continue;
+            }
+            let mode = match content {
+                Content::Empty(mode) => *mode,
+                Content::CopyOfHost => 0o755,
+            };
+            create_host_dir(host_path, mode)?;
+        }
+        let target = fs::canonicalize(host_path).map_err(|source| LocalCpiError::Namespace {
+            step: "resolving a host directory to cover",
+            hint: format!("; {host}"),
+            source,
+        })?;
+        let source_path = sysdirs::copy_of(&system_dir, host);
+        if !source_path.is_dir() {
+            return Err(LocalCpiError::Namespace {
+                step: "finding the VM's own system directories",
+                hint: format!("; {} is missing", source_path.display()),
+                source: io::Error::from(io::ErrorKind::NotFound),
+            });
+        }
+        covers.push(Cover {
+            source_path,
+            target,
+            create_target: false,
+        });
+    }
+    if let Some(disks) = sysdirs::disks_dir_of(vm_dir).filter(|d| d.is_dir()) {
+        let hidden = covers.iter().any(|c| disks.starts_with(&c.target));
+        if hidden {
+            covers.push(Cover {
+                source_path: disks.clone(),
+                target: disks,
+                create_target: true,
+            });
+        }
+    }
+    Ok(covers)
+}
+
+/// Creates a missing covered host path (root only): an empty mount point.
+fn create_host_dir(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let err = |source| LocalCpiError::Namespace {
+        step: "creating a missing host directory to cover",
+        hint: format!("; {}", path.display()),
+        source,
+    };
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(path)
+        .map_err(err)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(err)
+}
+
+/// Binds every cover over its host path, in order. Every source is opened
+/// before the first bind (its path may lie below a covered one, e.g. a state
+/// directory in `/tmp`), in this mount namespace (bind(2) refuses a source
+/// opened in another one), and bound from `/proc/self/fd/<fd>`.
+fn cover_host_dirs(covers: &[Cover]) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let none: *const libc::c_char = std::ptr::null();
+    let sources = covers
+        .iter()
+        .map(|c| open_path(&c.source_path, "opening a directory to bind into the VM"))
+        .collect::<Result<Vec<_>>>()?;
+    for (c, fd) in covers.iter().zip(&sources) {
+        if c.create_target {
+            fs::create_dir_all(&c.target).map_err(|source| LocalCpiError::Namespace {
+                step: "creating the mount point of the CPI's disks directory",
+                hint: format!("; {}", c.target.display()),
+                source,
+            })?;
+        }
+        let source = cstring(
+            Path::new(&format!("/proc/self/fd/{}", fd.as_raw_fd())),
+            "binding the VM's own system directories",
+        )?;
+        let target = cstring(&c.target, "binding the VM's own system directories")?;
+        // SAFETY: valid NUL-terminated strings; null for unused arguments.
+        if unsafe {
+            libc::mount(
+                source.as_ptr(),
+                target.as_ptr(),
+                none,
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            )
+        } != 0
+        {
+            return Err(last_os_error(
+                "binding the VM's own system directories",
+                format!(
+                    "; {} over {} (needs CAP_SYS_ADMIN in the mount namespace)",
+                    c.source_path.display(),
+                    c.target.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The VM directory, absolute, and as a C string for mount(2).

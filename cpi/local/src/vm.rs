@@ -1,4 +1,5 @@
-//! VMs of the local CPI: laying out `vms/<cid>/`, starting the agent
+//! VMs of the local CPI: laying out `vms/<cid>/` (its `vcap/` and, through
+//! [`crate::sysdirs`], its own `/etc`, `/tmp`, ...), starting the agent
 //! process (which then enters its namespace, see [`crate::namespace`]),
 //! telling whether it lives, killing it, rebooting it, its metadata, and the
 //! `disks` map of its settings.
@@ -22,6 +23,7 @@ use crate::files::{
     read_json, remove_dir_atomic, sweep_staging, valid_cid, write_atomic, write_json, Staging,
 };
 use crate::process::{kill, process_alive_with, processes_with};
+use crate::sysdirs;
 use crate::{io_err, Inner, LocalCpiError, Result, SETTINGS_PATH_IN_VM};
 
 /// How long delete_vm / reboot_vm wait for a killed agent to disappear.
@@ -79,6 +81,7 @@ impl Inner {
             metadata: req.metadata.clone(),
         };
         write_json(&staging.path.join("meta.json"), &meta, 0o644)?;
+        sysdirs::lay_out(&staging.path.join(sysdirs::SYSTEM_DIR))?;
         staging.commit(&self.vm_dir(&cid))?;
         Ok(cid)
     }
@@ -102,6 +105,8 @@ impl Inner {
         // a VM created by an older version is restricted at its next start.
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
             .map_err(io_err("setting permissions of", &dir))?;
+        // A VM created by an older version gets its own /etc, /tmp, ... now.
+        sysdirs::ensure_laid_out(&dir)?;
         let log_path = dir.join("agent.log");
         let log = fs::OpenOptions::new()
             .create(true)
