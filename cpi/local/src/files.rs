@@ -358,6 +358,23 @@ mod tests {
     }
 
     #[test]
+    fn removing_a_dir_opens_up_read_only_directories_first() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let vm = t.path().join("vm");
+        let locked = vm.join("root/tmp/locked");
+        fs::create_dir_all(locked.join("inner")).unwrap();
+        fs::write(locked.join("inner/file"), "x").unwrap();
+        for d in [locked.join("inner"), locked.clone()] {
+            fs::set_permissions(&d, fs::Permissions::from_mode(0o500)).unwrap();
+        }
+        remove_dir_atomic(&vm).unwrap();
+        assert!(!vm.exists());
+        let left: Vec<_> = fs::read_dir(t.path()).unwrap().collect();
+        assert!(left.is_empty(), "trash left: {left:?}");
+    }
+
+    #[test]
     fn cids_are_file_names() {
         assert!(valid_cid("vm-1234"));
         assert!(!valid_cid(""));

@@ -331,7 +331,11 @@ mod tests {
             dir: &Path,
             out: &mut BTreeMap<PathBuf, (char, u32, u32, u32, Vec<u8>)>,
         ) {
-            for e in fs::read_dir(dir).unwrap() {
+            // Without root, some host directories cannot be listed.
+            let Ok(entries) = fs::read_dir(dir) else {
+                return;
+            };
+            for e in entries {
                 let p = e.unwrap().path();
                 let m = fs::symlink_metadata(&p).unwrap();
                 let rel = p.strip_prefix(base).unwrap().to_path_buf();

@@ -356,6 +356,33 @@ mod tests {
         assert_eq!(names, vec![vm.0.clone()]);
     }
 
+    #[test]
+    fn a_vm_gets_its_own_system_directories_and_an_older_one_at_its_next_start() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = cpi(tmp.path());
+        let vm = fake_vm(&c);
+        let sys = c.vm_dir(&vm).join(sysdirs::SYSTEM_DIR);
+        assert_eq!(
+            fs::read(sys.join("etc/passwd")).unwrap(),
+            fs::read("/etc/passwd").unwrap()
+        );
+        for d in ["tmp", "var/tmp", "root", "home"] {
+            assert!(sys.join(d).is_dir(), "{d}");
+        }
+        // A VM laid out before VMs had their own /etc.
+        fs::remove_dir_all(&sys).unwrap();
+        c.inner.spawn_agent(&vm).unwrap();
+        assert!(sys.join("etc/passwd").is_file());
+        assert!(sys.join("var/tmp").is_dir());
+        let names: Vec<_> = fs::read_dir(c.vm_dir(&vm))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(names.is_empty(), "staging left behind: {names:?}");
+        c.inner.kill_agent(&vm).unwrap();
+    }
+
     /// What a builder killed mid-way leaves: the lock file (unlocked, its
     /// holder dead) and a staging directory holding a host key.
     fn crashed_staging(c: &LocalCpi, name: &str) -> (PathBuf, PathBuf) {

@@ -157,3 +157,24 @@ async fn what_a_vm_writes_to_etc_tmp_and_homes_stays_in_the_vm() {
     host_clean();
     cpi.delete_disk(&disk).await.unwrap();
 }
+
+#[test]
+fn a_vm_root_without_its_system_directories_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vcap = tmp.path().join("vms/vm-old/vcap");
+    std::fs::create_dir_all(&vcap).unwrap();
+    let out = std::process::Command::new(TESTVM)
+        .arg("--settings")
+        .arg("/var/vcap/bosh/settings.json")
+        .arg("--vm-root")
+        .arg(&vcap)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("finding the VM's own system directories failed")
+            && stderr.contains("vm-old/vcap/../root is missing"),
+        "{stderr}"
+    );
+}
