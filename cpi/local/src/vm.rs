@@ -122,6 +122,8 @@ impl Inner {
             .arg("--vm-root")
             .arg(&vcap)
             .current_dir(&dir)
+            // It would name a directory of the host's /tmp, which the VM covers.
+            .env_remove("TMPDIR")
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);
