@@ -1,12 +1,18 @@
-//! A VM's own system directories: `vms/<cid>/root/` holds a copy of the
-//! host's `/etc` and empty `/tmp`, `/var/tmp`, `/root` and `/home`, which
-//! the VM namespace binds over the host's (see [`crate::namespace`]), so a
-//! job that edits `/etc/passwd` or leaves files in `/tmp` changes its VM
-//! only.
+//! A VM's own system directories: `vms/<cid>/root/` holds what the VM
+//! namespace puts over the host's `/etc`, `/tmp`, `/var/tmp`, `/root` and
+//! `/home` (see [`crate::namespace`]), so a job that edits `/etc/passwd` or
+//! leaves files in `/tmp` changes its VM only.
 //!
-//! This module lays those directories out and says which host path each one
-//! covers. It must not mount anything, and it never writes to the host's
-//! directories: it only reads `/etc`.
+//! `/etc` is an overlay: the host's `/etc` below, the VM's `root/etc.upper`
+//! (with its work directory `root/etc.work`) on top, so laying it out only
+//! makes two empty directories. A copy of the host's `/etc` in `root/etc` is
+//! the fallback: made at creation without root (an unprivileged overlay
+//! cannot write the host's root-owned files), or by the namespace when the
+//! overlay mount fails. A VM that has a copy keeps using it.
+//!
+//! This module lays those directories out, copies `/etc` when asked, and
+//! says which host path each one covers. It must not mount anything, and it
+//! never writes to the host's directories: it only reads `/etc`.
 
 use std::fs;
 use std::io;
@@ -18,23 +24,25 @@ use crate::files::{sweep_staging, Staging};
 use crate::{io_err, LocalCpiError, Result};
 
 /// The name of a VM's system directory inside `vms/<cid>/` (a sibling of
-/// `vcap/`): `root/etc` is the VM's `/etc`, `root/var/tmp` its `/var/tmp`.
+/// `vcap/`): `root/etc.upper` holds the VM's changes to `/etc`, `root/var/tmp`
+/// is its `/var/tmp`.
 pub(crate) const SYSTEM_DIR: &str = "root";
 
 /// What a VM gets at one host path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Content {
-    /// A copy of the host's directory as it is at VM creation.
-    CopyOfHost,
+    /// The host's directory under an overlay of the VM's own (or, as the
+    /// fallback, a copy of the host's directory).
+    OverlayOfHost,
     /// An empty directory of this mode.
     Empty(u32),
 }
 
-/// The host paths a VM has its own copy of, in the order they are laid out
+/// The host paths a VM has its own of, in the order they are laid out
 /// and bound. Everything else (`/usr`, `/var` but `/var/vcap` and
 /// `/var/tmp`, the network, the kernel) is the host's.
 pub(crate) const COVERED: &[(&str, Content)] = &[
-    ("/etc", Content::CopyOfHost),
+    ("/etc", Content::OverlayOfHost),
     ("/root", Content::Empty(0o700)),
     ("/home", Content::Empty(0o755)),
     ("/var/tmp", Content::Empty(0o1777)),
@@ -59,15 +67,50 @@ pub(crate) fn disks_dir_of(vcap: &Path) -> Option<PathBuf> {
         .map(|root| root.join("disks"))
 }
 
-/// Where the copy of the host path `host` (absolute) lives below `system_dir`.
+/// Where the VM's own directory (or copy) for the host path `host`
+/// (absolute) lives below `system_dir`.
 pub(crate) fn copy_of(system_dir: &Path, host: &str) -> PathBuf {
     system_dir.join(host.trim_start_matches('/'))
 }
 
+/// The overlay's upper directory for `host` below `system_dir`
+/// (`etc.upper`): the VM's changes.
+pub(crate) fn upper_of(system_dir: &Path, host: &str) -> PathBuf {
+    system_dir.join(format!("{}.upper", host.trim_start_matches('/')))
+}
+
+/// The overlay's work directory for `host` below `system_dir` (`etc.work`).
+pub(crate) fn work_of(system_dir: &Path, host: &str) -> PathBuf {
+    system_dir.join(format!("{}.work", host.trim_start_matches('/')))
+}
+
+/// How a VM's `/etc` is laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum EtcKind {
+    /// Empty `etc.upper` and `etc.work` for an overlay over the host's.
+    Overlay,
+    /// A copy of the host's in `etc`.
+    Copy,
+}
+
+/// Which kind a VM created by this process gets: the overlay as root, the
+/// copy otherwise (in an unprivileged user namespace the host's files are
+/// owned by an unmapped uid, so the overlay could not copy them up: a job
+/// could add files to `/etc` but not change `/etc/passwd`).
+pub(crate) fn etc_kind_for_caller() -> EtcKind {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        EtcKind::Overlay
+    } else {
+        EtcKind::Copy
+    }
+}
+
 /// What laying out a VM's system directories did.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Layout {
-    /// Files, directories and symlinks copied.
+    pub(crate) etc: EtcKind,
+    /// Files, directories and symlinks copied (0 for an overlay).
     pub(crate) entries: u64,
     /// Bytes of file content copied.
     pub(crate) bytes: u64,
@@ -76,46 +119,77 @@ pub(crate) struct Layout {
     pub(crate) elapsed: Duration,
 }
 
-/// Lays out a VM's system directories in `system_dir` (which must not exist)
-/// from the host root `/`. Logs what it skipped.
-pub(crate) fn lay_out(system_dir: &Path) -> Result<Layout> {
-    let layout = lay_out_from(Path::new("/"), system_dir)?;
-    if !layout.skipped.is_empty() {
-        let named: Vec<&str> = layout
+impl Layout {
+    fn new(etc: EtcKind) -> Layout {
+        Layout {
+            etc,
+            entries: 0,
+            bytes: 0,
+            skipped: Vec::new(),
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    /// A one-line summary of what a copy left out, if anything.
+    pub(crate) fn skipped_summary(&self) -> Option<String> {
+        if self.skipped.is_empty() {
+            return None;
+        }
+        let named: Vec<&str> = self
             .skipped
             .iter()
             .take(NAMED_IN_WARNING)
             .map(String::as_str)
             .collect();
+        Some(format!(
+            "{} entries could not be copied: {}{}",
+            self.skipped.len(),
+            named.join("; "),
+            if self.skipped.len() > NAMED_IN_WARNING {
+                "; ..."
+            } else {
+                ""
+            }
+        ))
+    }
+}
+
+/// Lays out a VM's system directories in `system_dir` (which must not exist)
+/// from the host root `/`, with the `/etc` of [`etc_kind_for_caller`]. Logs
+/// what it did and what a copy skipped.
+pub(crate) fn lay_out(system_dir: &Path) -> Result<Layout> {
+    let layout = lay_out_from(Path::new("/"), system_dir, etc_kind_for_caller())?;
+    if let Some(summary) = layout.skipped_summary() {
         tracing::warn!(
             dir = %system_dir.display(),
-            skipped = layout.skipped.len(),
-            "local CPI: the VM's copy of /etc lacks what could not be copied: {}{}",
-            named.join("; "),
-            if layout.skipped.len() > NAMED_IN_WARNING { "; ..." } else { "" }
+            "local CPI: the VM's copy of /etc lacks what could not be copied: {summary}"
         );
         for s in &layout.skipped {
             tracing::debug!(dir = %system_dir.display(), "local CPI: not copied: {s}");
         }
     }
-    tracing::info!(
-        dir = %system_dir.display(),
-        entries = layout.entries,
-        bytes = layout.bytes,
-        ms = layout.elapsed.as_millis() as u64,
-        "local CPI: copied the host's /etc for a VM"
-    );
+    match layout.etc {
+        EtcKind::Overlay => tracing::debug!(
+            dir = %system_dir.display(),
+            us = layout.elapsed.as_micros() as u64,
+            "local CPI: laid out a VM's system directories (/etc: an overlay over the host's)"
+        ),
+        EtcKind::Copy => tracing::info!(
+            dir = %system_dir.display(),
+            entries = layout.entries,
+            bytes = layout.bytes,
+            ms = layout.elapsed.as_millis() as u64,
+            "local CPI: copied the host's /etc for a VM (not root: no overlay)"
+        ),
+    }
     Ok(layout)
 }
 
-/// [`lay_out`] with another host root (tests copy a fixture's `etc`).
-pub(crate) fn lay_out_from(host_root: &Path, system_dir: &Path) -> Result<Layout> {
+/// [`lay_out`] with another host root (tests use a fixture's `etc`) and a
+/// chosen kind of `/etc`.
+pub(crate) fn lay_out_from(host_root: &Path, system_dir: &Path, etc: EtcKind) -> Result<Layout> {
     let start = Instant::now();
-    let mut copier = Copier {
-        // SAFETY: geteuid has no preconditions.
-        root: unsafe { libc::geteuid() } == 0,
-        layout: Layout::default(),
-    };
+    let mut layout = Layout::new(etc);
     fs::DirBuilder::new()
         .mode(0o755)
         .create(system_dir)
@@ -130,30 +204,145 @@ pub(crate) fn lay_out_from(host_root: &Path, system_dir: &Path) -> Result<Layout
                 .map_err(io_err("creating", parent))?;
         }
         match content {
-            Content::CopyOfHost => {
-                let src = copy_of(host_root, host);
-                let meta = fs::symlink_metadata(&src).map_err(io_err("inspecting", &src))?;
-                if !meta.is_dir() {
-                    return Err(LocalCpiError::Internal(format!(
-                        "{} is not a directory: cannot give a VM its own copy",
-                        src.display()
-                    )));
+            Content::OverlayOfHost => {
+                let src = host_dir(host_root, host)?;
+                match etc {
+                    EtcKind::Overlay => {
+                        make_overlay_dirs(&src, system_dir, host)?;
+                    }
+                    EtcKind::Copy => {
+                        // SAFETY: geteuid has no preconditions.
+                        let root = unsafe { libc::geteuid() } == 0;
+                        let copied = copy_host_dir(&src, &dest, root)?;
+                        layout.entries += copied.entries;
+                        layout.bytes += copied.bytes;
+                        layout.skipped.extend(copied.skipped);
+                    }
                 }
-                copier.copy_dir(&src, &dest, &meta)?;
             }
-            Content::Empty(mode) => {
-                fs::DirBuilder::new()
-                    .mode(0o700)
-                    .create(&dest)
-                    .map_err(io_err("creating", &dest))?;
-                // After creation: the umask does not apply, the sticky bit stays.
-                fs::set_permissions(&dest, fs::Permissions::from_mode(*mode))
-                    .map_err(io_err("setting permissions of", &dest))?;
-            }
+            Content::Empty(mode) => make_empty_dir(&dest, *mode)?,
         }
     }
+    layout.elapsed = start.elapsed();
+    Ok(layout)
+}
+
+/// The host directory `host` below `host_root`, which must be a directory.
+fn host_dir(host_root: &Path, host: &str) -> Result<(PathBuf, fs::Metadata)> {
+    let src = copy_of(host_root, host);
+    let meta = fs::symlink_metadata(&src).map_err(io_err("inspecting", &src))?;
+    if !meta.is_dir() {
+        return Err(LocalCpiError::Internal(format!(
+            "{} is not a directory: cannot give a VM its own",
+            src.display()
+        )));
+    }
+    Ok((src, meta))
+}
+
+fn make_empty_dir(dest: &Path, mode: u32) -> Result<()> {
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dest)
+        .map_err(io_err("creating", dest))?;
+    // After creation: the umask does not apply, the sticky bit stays.
+    fs::set_permissions(dest, fs::Permissions::from_mode(mode))
+        .map_err(io_err("setting permissions of", dest))
+}
+
+/// The empty upper and work directories of an overlay over `src`. The
+/// upper one has the mode and (as root) the owner of `src`: the overlay's
+/// top directory takes them from it.
+fn make_overlay_dirs(src: &(PathBuf, fs::Metadata), system_dir: &Path, host: &str) -> Result<()> {
+    let (_, meta) = src;
+    let upper = upper_of(system_dir, host);
+    let work = work_of(system_dir, host);
+    make_empty_dir(&work, 0o700)?;
+    make_empty_dir(&upper, meta.mode() & 0o7777)?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        std::os::unix::fs::lchown(&upper, Some(meta.uid()), Some(meta.gid()))
+            .map_err(io_err("setting the owner of", &upper))?;
+    }
+    Ok(())
+}
+
+/// Copies the host directory `src` to `dest` (which must not exist),
+/// keeping modes, owners (as root), times and symlinks; unreadable entries,
+/// sockets, fifos and devices are left out and listed in the result.
+fn copy_host_dir(src: &(PathBuf, fs::Metadata), dest: &Path, keep_owners: bool) -> Result<Layout> {
+    let start = Instant::now();
+    let mut copier = Copier {
+        root: keep_owners,
+        layout: Layout::new(EtcKind::Copy),
+    };
+    copier.copy_dir(&src.0, dest, &src.1)?;
     copier.layout.elapsed = start.elapsed();
     Ok(copier.layout)
+}
+
+/// The fallback when an overlay cannot be mounted: copies the host
+/// directory `host` below `host_root` into the VM's copy below
+/// `system_dir`, built aside and renamed into place (a crash leaves no half
+/// copy that later starts would take for a whole one). Owners are kept
+/// only with `keep_owners` (root on the host; in a user namespace the
+/// host's other uids are not mapped).
+pub(crate) fn copy_instead_of_overlay(
+    host_root: &Path,
+    system_dir: &Path,
+    host: &str,
+    keep_owners: bool,
+) -> Result<Layout> {
+    let src = host_dir(host_root, host)?;
+    let dest = copy_of(system_dir, host);
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let aside = system_dir.join(format!(".{name}.copying"));
+    if fs::symlink_metadata(&aside).is_ok() {
+        // Left by a start that died while copying.
+        fs::remove_dir_all(&aside).map_err(io_err("removing", &aside))?;
+    }
+    let layout = copy_host_dir(&src, &aside, keep_owners)?;
+    fs::rename(&aside, &dest).map_err(io_err("moving into place", &aside))?;
+    Ok(layout)
+}
+
+/// Puts a copy of the host's file `host_dir/rel` into the overlay's upper
+/// directory `upper` unless the VM has its own there already: for a file
+/// the host has mounted below `host_dir` (a container's `/etc/resolv.conf`,
+/// `/etc/hosts`), which the overlay would otherwise hide behind what lies
+/// beneath the mount. Missing parent directories get the host's modes and
+/// owners. Returns whether it copied.
+pub(crate) fn seed_upper(host_dir: &Path, upper: &Path, rel: &Path) -> Result<bool> {
+    let dest = upper.join(rel);
+    if fs::symlink_metadata(&dest).is_ok() {
+        return Ok(false);
+    }
+    let mut made = PathBuf::new();
+    if let Some(parent) = rel.parent() {
+        for part in parent.components() {
+            made.push(part);
+            let dir = upper.join(&made);
+            if fs::symlink_metadata(&dir).is_ok() {
+                continue;
+            }
+            let src = host_dir.join(&made);
+            let meta = fs::metadata(&src).map_err(io_err("inspecting", &src))?;
+            make_empty_dir(&dir, meta.mode() & 0o7777)?;
+            std::os::unix::fs::lchown(&dir, Some(meta.uid()), Some(meta.gid()))
+                .map_err(io_err("setting the owner of", &dir))?;
+        }
+    }
+    let src = host_dir.join(rel);
+    let meta = fs::metadata(&src).map_err(io_err("inspecting", &src))?;
+    fs::copy(&src, &dest).map_err(io_err("copying to", &dest))?;
+    std::os::unix::fs::lchown(&dest, Some(meta.uid()), Some(meta.gid()))
+        .map_err(io_err("setting the owner of", &dest))?;
+    fs::set_permissions(&dest, fs::Permissions::from_mode(meta.mode() & 0o7777))
+        .map_err(io_err("setting permissions of", &dest))?;
+    Ok(true)
 }
 
 /// Lays out `<vm_dir>/root` if it is missing (a VM created by an older
@@ -409,7 +598,7 @@ mod tests {
 
         let sys = t.path().join("vm/root");
         fs::create_dir(t.path().join("vm")).unwrap();
-        let layout = lay_out_from(&host, &sys).unwrap();
+        let layout = lay_out_from(&host, &sys, EtcKind::Copy).unwrap();
 
         let mut want = tree(&etc);
         let got = tree(&sys.join("etc"));
@@ -474,7 +663,7 @@ mod tests {
         fs::set_permissions(etc.join("secret"), fs::Permissions::from_mode(0o000)).unwrap();
         fs::write(etc.join("open"), "o").unwrap();
         let sys = t.path().join("root");
-        let layout = lay_out_from(&t.path().join("host"), &sys).unwrap();
+        let layout = lay_out_from(&t.path().join("host"), &sys, EtcKind::Copy).unwrap();
         assert!(!sys.join("etc/secret").exists());
         assert_eq!(fs::read_to_string(sys.join("etc/open")).unwrap(), "o");
         assert_eq!(layout.skipped.len(), 1);
@@ -485,7 +674,7 @@ mod tests {
     fn copies_every_readable_file_of_the_hosts_etc() {
         let t = tempfile::tempdir().unwrap();
         let sys = t.path().join("root");
-        let layout = lay_out(&sys).unwrap();
+        let layout = lay_out_from(Path::new("/"), &sys, EtcKind::Copy).unwrap();
         eprintln!(
             "copied /etc: {} entries, {} bytes in {:?}, {} skipped",
             layout.entries,
@@ -504,6 +693,90 @@ mod tests {
     }
 
     #[test]
+    fn an_overlay_layout_is_two_empty_directories_and_no_copy() {
+        let t = tempfile::tempdir().unwrap();
+        let etc = t.path().join("host/etc");
+        fs::create_dir_all(&etc).unwrap();
+        fs::write(etc.join("passwd"), "root:x:0:0::/root:/bin/sh\n").unwrap();
+        fs::set_permissions(&etc, fs::Permissions::from_mode(0o751)).unwrap();
+        let sys = t.path().join("root");
+        let layout = lay_out_from(&t.path().join("host"), &sys, EtcKind::Overlay).unwrap();
+        assert_eq!(
+            (layout.etc, layout.entries, layout.bytes),
+            (EtcKind::Overlay, 0, 0)
+        );
+        assert!(!sys.join("etc").exists(), "no copy");
+        let upper = fs::symlink_metadata(sys.join("etc.upper")).unwrap();
+        assert_eq!(
+            upper.mode() & 0o7777,
+            0o751,
+            "the overlay's top takes the host's mode"
+        );
+        let host = fs::symlink_metadata(&etc).unwrap();
+        assert_eq!((upper.uid(), upper.gid()), (host.uid(), host.gid()));
+        for d in ["etc.upper", "etc.work", "tmp", "var/tmp", "root", "home"] {
+            assert_eq!(
+                fs::read_dir(sys.join(d)).unwrap().count(),
+                0,
+                "{d} is empty"
+            );
+        }
+        fs::set_permissions(&etc, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    #[test]
+    fn the_fallback_copy_replaces_a_half_copy_and_lands_in_place() {
+        let t = tempfile::tempdir().unwrap();
+        let etc = t.path().join("host/etc");
+        fs::create_dir_all(etc.join("ssh")).unwrap();
+        fs::write(etc.join("ssh/sshd_config"), "PermitRootLogin no\n").unwrap();
+        let sys = t.path().join("root");
+        lay_out_from(&t.path().join("host"), &sys, EtcKind::Overlay).unwrap();
+        // What a start killed while copying left.
+        fs::create_dir_all(sys.join(".etc.copying/half")).unwrap();
+        let layout =
+            copy_instead_of_overlay(&t.path().join("host"), &sys, "/etc", euid_is_root()).unwrap();
+        assert_eq!(layout.entries, 3, "etc, ssh, sshd_config");
+        assert_eq!(
+            fs::read_to_string(sys.join("etc/ssh/sshd_config")).unwrap(),
+            "PermitRootLogin no\n"
+        );
+        assert!(!sys.join("etc/half").exists() && !sys.join(".etc.copying").exists());
+    }
+
+    #[test]
+    fn a_mounted_host_file_is_seeded_into_the_upper_directory_once() {
+        let t = tempfile::tempdir().unwrap();
+        let etc = t.path().join("etc");
+        fs::create_dir_all(etc.join("net/d")).unwrap();
+        fs::set_permissions(etc.join("net"), fs::Permissions::from_mode(0o750)).unwrap();
+        fs::write(etc.join("net/d/resolv.conf"), "nameserver 10.0.0.2\n").unwrap();
+        fs::set_permissions(
+            etc.join("net/d/resolv.conf"),
+            fs::Permissions::from_mode(0o640),
+        )
+        .unwrap();
+        let upper = t.path().join("etc.upper");
+        fs::create_dir(&upper).unwrap();
+        let rel = Path::new("net/d/resolv.conf");
+        assert!(seed_upper(&etc, &upper, rel).unwrap());
+        assert_eq!(
+            fs::read_to_string(upper.join(rel)).unwrap(),
+            "nameserver 10.0.0.2\n"
+        );
+        let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o7777;
+        assert_eq!(mode(&upper.join(rel)), 0o640);
+        assert_eq!(mode(&upper.join("net")), 0o750);
+        // The VM's own version stays.
+        fs::write(upper.join(rel), "nameserver 127.0.0.1\n").unwrap();
+        assert!(!seed_upper(&etc, &upper, rel).unwrap());
+        assert_eq!(
+            fs::read_to_string(upper.join(rel)).unwrap(),
+            "nameserver 127.0.0.1\n"
+        );
+    }
+
+    #[test]
     fn paths_derive_from_the_vm_root() {
         let vcap = Path::new("/s/local-cpi/vms/vm-1/vcap");
         assert_eq!(
@@ -515,5 +788,7 @@ mod tests {
             copy_of(Path::new("/r"), "/var/tmp"),
             Path::new("/r/var/tmp")
         );
+        assert_eq!(upper_of(Path::new("/r"), "/etc"), Path::new("/r/etc.upper"));
+        assert_eq!(work_of(Path::new("/r"), "/etc"), Path::new("/r/etc.work"));
     }
 }

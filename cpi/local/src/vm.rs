@@ -364,17 +364,26 @@ mod tests {
         let c = cpi(tmp.path());
         let vm = fake_vm(&c);
         let sys = c.vm_dir(&vm).join(sysdirs::SYSTEM_DIR);
-        assert_eq!(
-            fs::read(sys.join("etc/passwd")).unwrap(),
-            fs::read("/etc/passwd").unwrap()
-        );
+        match sysdirs::etc_kind_for_caller() {
+            sysdirs::EtcKind::Overlay => {
+                // Root: nothing copied, the namespace mounts an overlay.
+                assert!(!sys.join("etc").exists());
+                for d in ["etc.upper", "etc.work"] {
+                    assert_eq!(fs::read_dir(sys.join(d)).unwrap().count(), 0, "{d}");
+                }
+            }
+            sysdirs::EtcKind::Copy => assert_eq!(
+                fs::read(sys.join("etc/passwd")).unwrap(),
+                fs::read("/etc/passwd").unwrap()
+            ),
+        }
         for d in ["tmp", "var/tmp", "root", "home"] {
             assert!(sys.join(d).is_dir(), "{d}");
         }
         // A VM laid out before VMs had their own /etc.
         fs::remove_dir_all(&sys).unwrap();
         c.inner.spawn_agent(&vm).unwrap();
-        assert!(sys.join("etc/passwd").is_file());
+        assert!(sys.join("etc.upper").is_dir() || sys.join("etc/passwd").is_file());
         assert!(sys.join("var/tmp").is_dir());
         let names: Vec<_> = fs::read_dir(c.vm_dir(&vm))
             .unwrap()

@@ -60,10 +60,26 @@ fn wait_ready(cpi: &LocalCpi, vm: &VmCid) -> serde_json::Value {
     }
 }
 
+fn euid_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Where the VM keeps what it wrote to `host_path`: below its overlay's
+/// upper directory for `/etc` (unless it has a copy), below its own
+/// directory otherwise.
 fn in_vm(cpi: &LocalCpi, vm: &VmCid, host_path: &str) -> PathBuf {
-    cpi.vm_dir(vm)
-        .join("root")
-        .join(host_path.trim_start_matches('/'))
+    let root = cpi.vm_dir(vm).join("root");
+    let rel = host_path.trim_start_matches('/');
+    match rel.split_once('/') {
+        Some(("etc", rest)) if !root.join("etc").is_dir() => root.join("etc.upper").join(rest),
+        _ if rel == "etc" && !root.join("etc").is_dir() => root.join("etc.upper"),
+        _ => root.join(rel),
+    }
+}
+
+fn agent_log(cpi: &LocalCpi, vm: &VmCid) -> String {
+    std::fs::read_to_string(cpi.vm_dir(vm).join("agent.log")).unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,6 +122,20 @@ async fn what_a_vm_writes_to_etc_tmp_and_homes_stays_in_the_vm() {
         );
     };
     host_clean();
+    let root = cpi.vm_dir(&vm).join("root");
+    if euid_is_root() {
+        assert!(!root.join("etc").exists(), "root: no copy of /etc");
+        assert!(
+            agent_log(&cpi, &vm).contains("/etc is an overlay"),
+            "{}",
+            agent_log(&cpi, &vm)
+        );
+    } else {
+        assert!(
+            root.join("etc/passwd").is_file(),
+            "not root: a copy of /etc"
+        );
+    }
     for dir in COVERED {
         let p = in_vm(&cpi, &vm, dir).join(&name);
         let text = std::fs::read_to_string(&p)
@@ -177,4 +207,66 @@ fn a_vm_root_without_its_system_directories_is_refused() {
             && stderr.contains("vm-old/vcap/../root is missing"),
         "{stderr}"
     );
+}
+
+/// As root, a VM whose overlay cannot be mounted (here: its work directory
+/// is gone) gets a copy of the host's /etc at that start, says so, and keeps
+/// its writes there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_overlay_a_vm_falls_back_to_a_copy_of_etc() {
+    if !euid_is_root() {
+        eprintln!("skipped: without root every VM has a copy from the start");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let name = format!("bosun-isolation-fallback-{}", std::process::id());
+    let cpi = LocalCpi::new(LocalCpiConfig {
+        root: tmp.path().join("local-cpi"),
+        agent_command: vec![TESTVM.to_string(), "--probe".into(), name.clone()],
+    })
+    .unwrap();
+    let passwd_before = std::fs::read("/etc/passwd").unwrap();
+    let stemcell = cpi
+        .create_stemcell(&StemcellSpec {
+            name: "bosh-local-host".into(),
+            os: "host".into(),
+            version: "0.1".into(),
+            image_path: None,
+            cloud_properties: serde_json::json!({}),
+        })
+        .await
+        .unwrap();
+    let mut req = vm_request(&stemcell);
+    req.settings.listen_port += 1;
+    let vm = cpi.create_vm(&req).await.unwrap();
+    wait_ready(&cpi, &vm);
+    let root = cpi.vm_dir(&vm).join("root");
+    assert!(
+        root.join("etc.upper").join(&name).is_file(),
+        "first boot: overlay"
+    );
+
+    std::fs::remove_dir_all(root.join("etc.work")).unwrap();
+    cpi.reboot_vm(&vm).await.unwrap();
+    wait_ready(&cpi, &vm);
+    let log = agent_log(&cpi, &vm);
+    assert!(
+        log.contains("cannot mount an overlay over /etc")
+            && log.contains("uses a copy")
+            && log.contains("earlier changes to /etc stay in"),
+        "{log}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc").join(&name)).unwrap(),
+        format!("written in the VM to /etc/{name}\n")
+    );
+    let mut want = passwd_before.clone();
+    want.extend_from_slice(
+        format!("{name}:x:4242:4242::/home/{name}:/usr/sbin/nologin\n").as_bytes(),
+    );
+    assert_eq!(std::fs::read(root.join("etc/passwd")).unwrap(), want);
+    assert!(!Path::new("/etc").join(&name).exists(), "reached the host");
+    assert_eq!(std::fs::read("/etc/passwd").unwrap(), passwd_before);
+    cpi.delete_vm(&vm).await.unwrap();
+    assert!(!cpi.vm_dir(&vm).exists());
 }
