@@ -255,7 +255,39 @@ pub(crate) fn remove_dir_atomic(path: &Path) -> Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(io_err("moving aside for removal", path)(e)),
     }
-    fs::remove_dir_all(&trash).map_err(io_err("removing", &trash))
+    match fs::remove_dir_all(&trash) {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            // Without root, a directory a VM made read-only (in its own /tmp,
+            // say) is emptied once its owner (the caller) may write it again.
+            open_up_dirs(&trash);
+            fs::remove_dir_all(&trash).map_err(io_err("removing", &trash))
+        }
+        other => other.map_err(io_err("removing", &trash)),
+    }
+}
+
+/// Adds u+rwx to every directory below `dir` the caller owns (best effort:
+/// the removal that follows reports what still cannot go).
+fn open_up_dirs(dir: &Path) {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let Ok(meta) = fs::symlink_metadata(dir) else {
+        return;
+    };
+    if !meta.is_dir() {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if meta.uid() == unsafe { libc::geteuid() } && meta.mode() & 0o700 != 0o700 {
+        let mode = (meta.mode() & 0o7777) | 0o700;
+        if let Err(e) = fs::set_permissions(dir, fs::Permissions::from_mode(mode)) {
+            tracing::debug!(path = %dir.display(), error = %e, "local CPI: cannot open up a directory for removal");
+        }
+    }
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            open_up_dirs(&entry.path());
+        }
+    }
 }
 
 /// Copies a directory tree (files, directories, symlinks; permissions kept).
@@ -323,6 +355,23 @@ mod tests {
         assert_eq!(fs::read_to_string(disk.join("precious")).unwrap(), "data");
         remove_dir_atomic(&vm).unwrap();
         assert!(!vm.exists());
+    }
+
+    #[test]
+    fn removing_a_dir_opens_up_read_only_directories_first() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let vm = t.path().join("vm");
+        let locked = vm.join("root/tmp/locked");
+        fs::create_dir_all(locked.join("inner")).unwrap();
+        fs::write(locked.join("inner/file"), "x").unwrap();
+        for d in [locked.join("inner"), locked.clone()] {
+            fs::set_permissions(&d, fs::Permissions::from_mode(0o500)).unwrap();
+        }
+        remove_dir_atomic(&vm).unwrap();
+        assert!(!vm.exists());
+        let left: Vec<_> = fs::read_dir(t.path()).unwrap().collect();
+        assert!(left.is_empty(), "trash left: {left:?}");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! stemcells/<cid>.json        the recorded StemcellSpec (the stemcell is the host itself)
 //! vms/<cid>/                  a VM, 0700 (root's alone: the settings hold its host key)
 //! vms/<cid>/vcap/             the VM's /var/vcap (bosh/settings.json, data/, store/, sys/log/, jobs/, packages/)
+//! vms/<cid>/root/             the VM's own etc/ (a copy of the host's), tmp/, var/tmp/, root/, home/
 //! vms/<cid>/meta.json         agent id, stemcell, cloud properties, metadata
 //! vms/<cid>/pid               the agent process (host pid)
 //! vms/<cid>/agent.log         the agent's stdout and stderr
@@ -22,8 +23,10 @@
 //! A VM is an agent process (`agent_command --settings /var/vcap/bosh/settings.json
 //! --vm-root <vm>/vcap`) that calls [`enter_vm_namespace`] first: it then runs
 //! as PID 1 of its own PID namespace, in its own mount namespace (plus a user
-//! namespace when not root) where the VM directory is bound at `/var/vcap`. The
-//! host network is shared: the agent listens on its own loopback address.
+//! namespace when not root) where the VM directory is bound at `/var/vcap` and
+//! its own `/etc`, `/tmp`, `/var/tmp`, `/root` and `/home` over the host's. The
+//! host network, kernel and the rest of the file system are shared: the agent
+//! listens on its own loopback address.
 //! Killing the recorded process takes the whole namespace with it.
 //!
 //! This crate must not talk to the agent (it only writes its settings file and
@@ -37,6 +40,7 @@ mod files;
 mod namespace;
 mod process;
 mod stemcell;
+mod sysdirs;
 #[cfg(test)]
 mod test_support;
 mod vm;

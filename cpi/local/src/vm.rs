@@ -1,4 +1,5 @@
-//! VMs of the local CPI: laying out `vms/<cid>/`, starting the agent
+//! VMs of the local CPI: laying out `vms/<cid>/` (its `vcap/` and, through
+//! [`crate::sysdirs`], its own `/etc`, `/tmp`, ...), starting the agent
 //! process (which then enters its namespace, see [`crate::namespace`]),
 //! telling whether it lives, killing it, rebooting it, its metadata, and the
 //! `disks` map of its settings.
@@ -22,6 +23,7 @@ use crate::files::{
     read_json, remove_dir_atomic, sweep_staging, valid_cid, write_atomic, write_json, Staging,
 };
 use crate::process::{kill, process_alive_with, processes_with};
+use crate::sysdirs;
 use crate::{io_err, Inner, LocalCpiError, Result, SETTINGS_PATH_IN_VM};
 
 /// How long delete_vm / reboot_vm wait for a killed agent to disappear.
@@ -79,6 +81,7 @@ impl Inner {
             metadata: req.metadata.clone(),
         };
         write_json(&staging.path.join("meta.json"), &meta, 0o644)?;
+        sysdirs::lay_out(&staging.path.join(sysdirs::SYSTEM_DIR))?;
         staging.commit(&self.vm_dir(&cid))?;
         Ok(cid)
     }
@@ -102,6 +105,8 @@ impl Inner {
         // a VM created by an older version is restricted at its next start.
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
             .map_err(io_err("setting permissions of", &dir))?;
+        // A VM created by an older version gets its own /etc, /tmp, ... now.
+        sysdirs::ensure_laid_out(&dir)?;
         let log_path = dir.join("agent.log");
         let log = fs::OpenOptions::new()
             .create(true)
@@ -117,6 +122,8 @@ impl Inner {
             .arg("--vm-root")
             .arg(&vcap)
             .current_dir(&dir)
+            // It would name a directory of the host's /tmp, which the VM covers.
+            .env_remove("TMPDIR")
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);
@@ -349,6 +356,42 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(names, vec![vm.0.clone()]);
+    }
+
+    #[test]
+    fn a_vm_gets_its_own_system_directories_and_an_older_one_at_its_next_start() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = cpi(tmp.path());
+        let vm = fake_vm(&c);
+        let sys = c.vm_dir(&vm).join(sysdirs::SYSTEM_DIR);
+        match sysdirs::etc_kind_for_caller() {
+            sysdirs::EtcKind::Overlay => {
+                // Root: nothing copied, the namespace mounts an overlay.
+                assert!(!sys.join("etc").exists());
+                for d in ["etc.upper", "etc.work"] {
+                    assert_eq!(fs::read_dir(sys.join(d)).unwrap().count(), 0, "{d}");
+                }
+            }
+            sysdirs::EtcKind::Copy => assert_eq!(
+                fs::read(sys.join("etc/passwd")).unwrap(),
+                fs::read("/etc/passwd").unwrap()
+            ),
+        }
+        for d in ["tmp", "var/tmp", "root", "home"] {
+            assert!(sys.join(d).is_dir(), "{d}");
+        }
+        // A VM laid out before VMs had their own /etc.
+        fs::remove_dir_all(&sys).unwrap();
+        c.inner.spawn_agent(&vm).unwrap();
+        assert!(sys.join("etc.upper").is_dir() || sys.join("etc/passwd").is_file());
+        assert!(sys.join("var/tmp").is_dir());
+        let names: Vec<_> = fs::read_dir(c.vm_dir(&vm))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(names.is_empty(), "staging left behind: {names:?}");
+        c.inner.kill_agent(&vm).unwrap();
     }
 
     /// What a builder killed mid-way leaves: the lock file (unlocked, its

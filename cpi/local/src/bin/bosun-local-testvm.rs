@@ -8,6 +8,11 @@
 //! (`bosun-local-testvm --job DIR`, which sleeps), writes
 //! `/var/vcap/data/testvm-ready.json` (`{"pid": <its pid in the namespace>, ...}`)
 //! and then sleeps until killed.
+//!
+//! With `--probe NAME` it first writes `NAME` into `/etc`, `/tmp`, `/var/tmp`,
+//! `/root` and `/home`, appends a user `NAME` to `/etc/passwd`, and reports in
+//! the ready file whether each disk path of its settings is a directory
+//! (`"disks_visible": {cid: bool}`), as a job of a real release would.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -27,14 +32,39 @@ fn fail(message: String) -> ! {
     std::process::exit(1);
 }
 
+/// What a job's pre-start script might do to its VM; fails the VM on any error.
+fn write_probe(name: &str, settings: &AgentSettings) -> serde_json::Value {
+    use std::io::Write;
+    for dir in ["/etc", "/tmp", "/var/tmp", "/root", "/home"] {
+        let path = format!("{dir}/{name}");
+        std::fs::write(&path, format!("written in the VM to {path}\n"))
+            .unwrap_or_else(|e| fail(format!("writing {path}: {e}")));
+    }
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open("/etc/passwd")
+        .and_then(|mut f| writeln!(f, "{name}:x:4242:4242::/home/{name}:/usr/sbin/nologin"))
+        .unwrap_or_else(|e| fail(format!("appending to /etc/passwd: {e}")));
+    let visible: serde_json::Map<String, serde_json::Value> = settings
+        .disks
+        .iter()
+        .map(|(cid, hint)| {
+            let path = hint["path"].as_str().unwrap_or_default();
+            (cid.clone(), std::path::Path::new(path).is_dir().into())
+        })
+        .collect();
+    visible.into()
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
-    let (mut settings, mut vm_root, mut job) = (None, None, None);
+    let (mut settings, mut vm_root, mut job, mut probe) = (None, None, None, None);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--settings" => settings = args.next().map(PathBuf::from),
             "--vm-root" => vm_root = args.next().map(PathBuf::from),
             "--job" => job = args.next(),
+            "--probe" => probe = args.next(),
             other => fail(format!("unexpected argument {other:?}")),
         }
     }
@@ -46,13 +76,18 @@ fn main() {
     };
 
     if let Err(e) = bosun_cpi_local::enter_vm_namespace(&vm_root) {
-        fail(e.to_string());
+        fail(bosun_cpi::chain::chain(&e));
     }
 
     let bytes = std::fs::read(&settings)
         .unwrap_or_else(|e| fail(format!("reading {}: {e}", settings.display())));
     let parsed: AgentSettings = serde_json::from_slice(&bytes)
         .unwrap_or_else(|e| fail(format!("parsing {}: {e}", settings.display())));
+
+    let disks_visible = match &probe {
+        Some(name) => write_probe(name, &parsed),
+        None => serde_json::Value::Null,
+    };
 
     let listener = TcpListener::bind((parsed.listen_ip.as_str(), parsed.listen_port))
         .unwrap_or_else(|e| {
@@ -80,6 +115,7 @@ fn main() {
         "job_pid": job.id(),
         "agent_id": parsed.agent_id,
         "disks": parsed.disks,
+        "disks_visible": disks_visible,
     });
     let tmp = "/var/vcap/data/.testvm-ready.json.tmp";
     std::fs::write(tmp, ready.to_string())
