@@ -22,6 +22,9 @@ pub fn create_release(
     version: Option<String>,
 ) -> Result<i32> {
     let rel = read_release_dir(dir, version.as_deref())?;
+    for w in &rel.warnings {
+        eprintln!("Warning: release '{}': {w}", rel.manifest.name);
+    }
     let out = tarball.unwrap_or_else(|| {
         PathBuf::from(format!(
             "{}-{}.tgz",
@@ -42,7 +45,10 @@ pub fn create_release(
 
 /// `upload-release PATH`: a release directory or tarball.
 pub fn upload_release(ctx: &Ctx, path: &Path, version: Option<String>) -> Result<i32> {
-    let (rec, new) = ctx.director.upload_release(path, version.as_deref())?;
+    let (rec, new, warnings) = ctx.director.upload_release(path, version.as_deref())?;
+    for w in &warnings {
+        eprintln!("Warning: release '{}': {w}", rec.name());
+    }
     println!(
         "{} release {}/{}",
         if new { "Uploaded" } else { "Already uploaded:" },

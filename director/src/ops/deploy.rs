@@ -217,11 +217,14 @@ impl Director {
                         .store
                         .release(&rel.manifest.name, &rel.manifest.version)?;
                     let new = known.is_none_or(|k| k.manifest != rel.manifest);
-                    Ok((ReleaseRecord::from_release(&rel), new))
+                    Ok((ReleaseRecord::from_release(&rel), new, rel.warnings))
                 })
         };
         match found {
-            Ok((rec, new)) => {
+            Ok((rec, new, warnings)) => {
+                for w in &warnings {
+                    report.notice(&format!("Warning: release '{}': {w}", r.name));
+                }
                 if new {
                     let what = format!(
                         "release {}/{} from {}",

@@ -134,19 +134,20 @@ impl Director {
     }
 
     /// Read a release (directory or tarball) and upload it. Returns the
-    /// record and whether it was new.
+    /// record, whether it was new, and what the reader warned about (spec
+    /// keys BOSH ignores, fingerprints it could not reproduce).
     pub fn upload_release(
         &self,
         path: &Path,
         version: Option<&str>,
-    ) -> Result<(ReleaseRecord, bool), OpError> {
+    ) -> Result<(ReleaseRecord, bool, Vec<String>), OpError> {
         let rel = release::read_release_in(path, version, Some(&self.store.dir().join("tmp")))?;
         let new = self.store.save_release(&rel)?;
         let rec = self
             .store
             .release(&rel.manifest.name, &rel.manifest.version)?
             .ok_or_else(|| OpError::Stemcell("release vanished after upload".into()))?;
-        Ok((rec, new))
+        Ok((rec, new, rel.warnings))
     }
 }
 
