@@ -405,3 +405,89 @@ fn a_bosh_release_deploys_unchanged_on_docker() {
     let out = env.bosun(&["-d", "e2e", "delete-deployment", "-n"]);
     assert!(out.status.success(), "{}", text(&out));
 }
+
+#[test]
+fn a_release_tarball_as_bosh_io_serves_it_uploads_and_deploys() {
+    if !have_ruby() {
+        return;
+    }
+    let env = Env::new(162);
+    // A release of one files-only job, made into a tarball, then given
+    // bosh.io's shape: `./`-prefixed members and no `packages` key.
+    let dir = env.path("banner-release");
+    let fixture = repo().join("tests/fixtures/releases/beacon");
+    for f in [
+        "spec",
+        "monit",
+        "templates/banner.txt.erb",
+        "templates/pre-start.erb",
+    ] {
+        let to = dir.join("jobs/banner").join(f);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(fixture.join("jobs/banner").join(f), to).unwrap();
+    }
+    std::fs::create_dir_all(dir.join("config")).unwrap();
+    std::fs::write(dir.join("config/final.yml"), "name: banner\n").unwrap();
+    let made = env.path("made.tgz");
+    let out = env.bosun(&[
+        "create-release",
+        dir.to_str().unwrap(),
+        "--tarball",
+        made.to_str().unwrap(),
+        "--version",
+        "3",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let unpacked = env.path("unpacked");
+    std::fs::create_dir_all(&unpacked).unwrap();
+    let tar = |args: &[&str]| {
+        let o = std::process::Command::new("tar")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "tar {args:?}: {}", text(&o));
+    };
+    tar(&[
+        "-xzf",
+        made.to_str().unwrap(),
+        "-C",
+        unpacked.to_str().unwrap(),
+    ]);
+    let mf = std::fs::read_to_string(unpacked.join("release.MF")).unwrap();
+    assert!(mf.contains("sha1: sha256:"), "{mf}");
+    let bosh_io: String = mf
+        .lines()
+        .filter(|l| *l != "packages: []")
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(
+        !bosh_io.contains("packages:\n") && bosh_io != mf,
+        "{bosh_io}"
+    );
+    std::fs::write(unpacked.join("release.MF"), bosh_io).unwrap();
+    let served = env.path("banner-3.tgz");
+    tar(&[
+        "-czf",
+        served.to_str().unwrap(),
+        "-C",
+        unpacked.to_str().unwrap(),
+        ".",
+    ]);
+
+    let out = env.bosun(&["upload-release", served.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let m = env.manifest(
+        "banner.yml",
+        "name: e2e\nreleases:\n- {name: banner, version: '3'}\nstemcells:\n- {alias: default, os: '{os}', version: latest}\nupdate: {canaries: 1, max_in_flight: 1, canary_watch_time: 1000-10000, update_watch_time: 1000-10000}\ninstance_groups:\n- name: b\n  instances: 1\n  azs: [z1]\n  vm_type: default\n  stemcell: default\n  networks: [{name: default}]\n  jobs:\n  - {name: banner, release: banner, properties: {banner: {text: from a tarball}}}\n",
+    );
+    let out = env.bosun(&["deploy", m.to_str().unwrap(), "-n"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = env.bosun(&["-d", "e2e", "ssh", "b/0", "-c", "cat /etc/beacon-banner"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).ends_with(": from a tarball\n"),
+        "{}",
+        text(&out)
+    );
+    assert!(!std::path::Path::new("/etc/beacon-banner").exists());
+}
