@@ -123,6 +123,29 @@ module Bosun
   class UnknownProperty < StandardError; end
   class UnknownLink < StandardError; end
 
+  # `p` and `if_p` over a nested hash of properties, for templates and links.
+  module Properties
+    def p(*args)
+      names = Array(args[0])
+      found, value = Bosun.find_property(property_hash, names)
+      return value if found
+      return args[1] if args.length > 1
+
+      raise UnknownProperty, "Can't find #{property_kind} '#{names.join("', '")}'"
+    end
+
+    def if_p(*names)
+      values = names.map do |n|
+        found, value = Bosun.find_property(property_hash, [n])
+        return ActiveElse.new(self) unless found
+
+        value
+      end
+      yield(*values)
+      InactiveElse.new
+    end
+  end
+
   # One instance of a consumed link's provider.
   class LinkInstance
     attr_reader :name, :id, :index, :az, :address, :bootstrap
@@ -148,24 +171,14 @@ module Bosun
       @properties = h['properties'] || {}
     end
 
-    def p(*args)
-      names = Array(args[0])
-      found, value = Bosun.find_property(@properties, names)
-      return value if found
-      return args[1] if args.length > 1
+    include Properties
 
-      raise UnknownProperty, "Can't find link property '#{names.join("', '")}' in link '#{@name}'"
+    def property_hash
+      @properties
     end
 
-    def if_p(*names)
-      values = names.map do |n|
-        found, value = Bosun.find_property(@properties, [n])
-        return ActiveElse.new(self) unless found
-
-        value
-      end
-      yield(*values)
-      InactiveElse.new
+    def property_kind
+      "link '#{@name}' property"
     end
   end
 
@@ -185,24 +198,14 @@ module Bosun
       Attributes.wrap(@raw_properties)
     end
 
-    def p(*args)
-      names = Array(args[0])
-      found, value = Bosun.find_property(@raw_properties, names)
-      return value if found
-      return args[1] if args.length > 1
+    include Properties
 
-      raise UnknownProperty, "Can't find property '#{names.join("', '")}'"
+    def property_hash
+      @raw_properties
     end
 
-    def if_p(*names)
-      values = names.map do |n|
-        found, value = Bosun.find_property(@raw_properties, [n])
-        return ActiveElse.new(self) unless found
-
-        value
-      end
-      yield(*values)
-      InactiveElse.new
+    def property_kind
+      'property'
     end
 
     def link(name)

@@ -78,6 +78,28 @@ fn peers() -> BTreeMap<String, LinkContext> {
     .collect()
 }
 
+/// The ERB files of a job made by [`job`].
+fn erb_files(j: &JobTemplates) -> &ErbFiles {
+    match &j.kind {
+        crate::templates::Kind::Erb(f) => f,
+        crate::templates::Kind::Tera(_) => panic!("not an ERB job"),
+    }
+}
+
+/// A unit of one instance with no properties, defaults or links.
+fn bare<'a>(
+    j: &'a JobTemplates,
+    empty: &'a (Json, BTreeMap<String, Json>, BTreeMap<String, LinkContext>),
+) -> RenderUnit<'a> {
+    RenderUnit {
+        templates: j,
+        properties: &empty.0,
+        defaults: &empty.1,
+        links: &empty.2,
+        specs: vec![spec(0)],
+    }
+}
+
 fn file<'a>(files: &'a [RenderedFile], path: &str) -> &'a str {
     &files
         .iter()
@@ -165,11 +187,7 @@ fn renders_the_bosh_template_context() {
         links: &links,
         specs: vec![spec(0), spec(1)],
     }];
-    let erb_units: Vec<(usize, &ErbFiles)> = match &j.kind {
-        crate::templates::Kind::Erb(f) => vec![(0, f)],
-        crate::templates::Kind::Tera(_) => unreachable!(),
-    };
-    let out = render_with(Some(ruby), TIME_LIMIT, &units, &erb_units).unwrap();
+    let out = render_with(Some(ruby), TIME_LIMIT, &units, &[(0, erb_files(&j))]).unwrap();
     let first = out[0][0].as_ref().unwrap();
     let second = out[0][1].as_ref().unwrap();
     let cfg = file(first, "config/zoo.cfg");
@@ -258,18 +276,9 @@ fn every_problem_names_job_template_and_line_and_all_are_gathered() {
 #[test]
 fn no_ruby_is_a_clear_error() {
     let j = job("zk", &[("a.erb", "a", "x")], None);
-    let (props, defaults, links) = (json!({}), BTreeMap::new(), BTreeMap::new());
-    let units = vec![RenderUnit {
-        templates: &j,
-        properties: &props,
-        defaults: &defaults,
-        links: &links,
-        specs: vec![spec(0)],
-    }];
-    let crate::templates::Kind::Erb(f) = &j.kind else {
-        unreachable!()
-    };
-    let err = render_with(None, TIME_LIMIT, &units, &[(0, f)]).unwrap_err();
+    let empty = (json!({}), BTreeMap::new(), BTreeMap::new());
+    let units = vec![bare(&j, &empty)];
+    let err = render_with(None, TIME_LIMIT, &units, &[(0, erb_files(&j))]).unwrap_err();
     assert_eq!(
         err.to_string(),
         "job zk has ERB templates and rendering them needs Ruby, which is not on PATH: install ruby: apt-get install ruby"
@@ -288,18 +297,15 @@ fn the_renderer_runs_clean_in_a_temporary_directory_within_a_time_limit() {
         )],
         None,
     );
-    let (props, defaults, links) = (json!({}), BTreeMap::new(), BTreeMap::new());
-    let units = vec![RenderUnit {
-        templates: &j,
-        properties: &props,
-        defaults: &defaults,
-        links: &links,
-        specs: vec![spec(0)],
-    }];
-    let crate::templates::Kind::Erb(f) = &j.kind else {
-        unreachable!()
-    };
-    let out = render_with(Some(ruby.clone()), TIME_LIMIT, &units, &[(0, f)]).unwrap();
+    let empty = (json!({}), BTreeMap::new(), BTreeMap::new());
+    let units = vec![bare(&j, &empty)];
+    let out = render_with(
+        Some(ruby.clone()),
+        TIME_LIMIT,
+        &units,
+        &[(0, erb_files(&j))],
+    )
+    .unwrap();
     let text = file(out[0][0].as_ref().unwrap(), "env");
     let (keys, pwd) = text.split_once('|').unwrap();
     assert_eq!(pwd, "true", "{text}");
@@ -310,18 +316,15 @@ fn the_renderer_runs_clean_in_a_temporary_directory_within_a_time_limit() {
         );
     }
     let slow = job("zk", &[("slow.erb", "slow", "<% sleep 30 %>")], None);
-    let units = vec![RenderUnit {
-        templates: &slow,
-        properties: &props,
-        defaults: &defaults,
-        links: &links,
-        specs: vec![spec(0)],
-    }];
-    let crate::templates::Kind::Erb(f) = &slow.kind else {
-        unreachable!()
-    };
+    let units = vec![bare(&slow, &empty)];
     let started = Instant::now();
-    let err = render_with(Some(ruby), Duration::from_millis(500), &units, &[(0, f)]).unwrap_err();
+    let err = render_with(
+        Some(ruby),
+        Duration::from_millis(500),
+        &units,
+        &[(0, erb_files(&slow))],
+    )
+    .unwrap_err();
     assert!(
         err.to_string().contains("did not finish within 0.5 s"),
         "{err}"
