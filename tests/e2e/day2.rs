@@ -224,7 +224,7 @@ fn lifecycle_release(env: &Env) -> std::path::PathBuf {
             format!(
                 "{}echo \"$BOSH_VM_NEXT_STATE $BOSH_INSTANCE_NEXT_STATE $BOSH_DEPLOYMENT_NEXT_STATE\" >> {}\n",
                 script("pre-stop"),
-                env.path("next-state.log").display()
+                env.shared_path("next-state.log").display()
             ),
         ),
         ("jobs/life/templates/post-stop".into(), script("post-stop")),
@@ -234,7 +234,7 @@ fn lifecycle_release(env: &Env) -> std::path::PathBuf {
             format!(
                 "{}echo \"$1 $BOSH_JOB_STATE $BOSH_JOB_NEXT_STATE\" >> {}\necho {{{{ p(\"life.drain_s\") }}}}\n",
                 script("drain"),
-                env.path("job-state.log").display()
+                env.shared_path("job-state.log").display()
             ),
         ),
         (
@@ -349,7 +349,7 @@ fn lifecycle_scripts_run_in_bosh_order_and_a_failing_post_start_fails() {
         assert!(out.status.success(), "{}", text(&out));
     }
     let lines = |name: &str| -> Vec<String> {
-        std::fs::read_to_string(env.path(name))
+        std::fs::read_to_string(env.shared_path(name))
             .unwrap()
             .lines()
             .map(str::to_string)
@@ -1022,7 +1022,7 @@ fn a_colocated_errand_streams_its_output_while_it_runs() {
     let env = Env::new(127);
     // An errand job that prints a line, then waits until the test, having
     // seen that line, lets it finish: it can only pass if output streams.
-    let gate = env.path("gate");
+    let gate = env.shared_path("gate");
     let rel = env.path("waiter-release");
     let run = format!(
         "#!/bin/sh\necho \"waiting on $(hostname)\"\ni=0\nwhile [ ! -e {g} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done\n[ -e {g} ] && echo released && exit 0\necho never released\nexit 9\n",

@@ -15,12 +15,16 @@ pub fn repo() -> PathBuf {
 /// A state dir plus a cloud-config on its own 127.<octet>.0.0/24 subnet.
 pub struct Env {
     pub dir: tempfile::TempDir,
+    /// A directory a local VM's jobs can write and the test read: not
+    /// under /tmp, /root or /home, which each local VM has its own of.
+    pub shared: tempfile::TempDir,
 }
 
 impl Env {
     pub fn new(octet: u8) -> Env {
         let dir = tempfile::tempdir().expect("tempdir");
-        let env = Env { dir };
+        let shared = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("shared tempdir");
+        let env = Env { dir, shared };
         let cc = env.path("cloud-config.yml");
         std::fs::write(
             &cc,
@@ -37,6 +41,11 @@ impl Env {
 
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// A path in [`Env::shared`].
+    pub fn shared_path(&self, name: &str) -> PathBuf {
+        self.shared.path().join(name)
     }
 
     pub fn state(&self) -> PathBuf {

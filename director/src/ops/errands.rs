@@ -175,11 +175,14 @@ impl Director {
             return client.run_script(&params).await.map_err(agent_err(what()));
         };
         // Follow each job's output file while the script runs; once it has
-        // ended, stop each follower when it has been quiet for 300 ms.
+        // ended, stop each follower when it has been quiet for 500 ms since
+        // the end or its last output, whichever came later (the last lines
+        // may reach `tail` only after the script has ended).
         let base = Instant::now();
         let ended = std::sync::atomic::AtomicBool::new(false);
+        let ended_at = std::sync::atomic::AtomicU64::new(0);
         let followers = jobs.iter().map(|job| {
-            let (ended, sink, prefix) = (&ended, sink.clone(), &prefix);
+            let (ended, ended_at, sink, prefix) = (&ended, &ended_at, sink.clone(), &prefix);
             async move {
                 let label = format!("{iname} {job}");
                 let command =
@@ -189,9 +192,11 @@ impl Director {
                 let quiet = async {
                     loop {
                         tokio::time::sleep(Duration::from_millis(100)).await;
-                        let since = base.elapsed().as_millis() as u64
-                            - last.load(std::sync::atomic::Ordering::SeqCst);
-                        if ended.load(std::sync::atomic::Ordering::SeqCst) && since >= 300 {
+                        let latest = last
+                            .load(std::sync::atomic::Ordering::SeqCst)
+                            .max(ended_at.load(std::sync::atomic::Ordering::SeqCst));
+                        let since = (base.elapsed().as_millis() as u64).saturating_sub(latest);
+                        if ended.load(std::sync::atomic::Ordering::SeqCst) && since >= 500 {
                             break;
                         }
                     }
@@ -217,6 +222,10 @@ impl Director {
         });
         let run = async {
             let r = client.run_script(&params).await;
+            ended_at.store(
+                base.elapsed().as_millis() as u64,
+                std::sync::atomic::Ordering::SeqCst,
+            );
             ended.store(true, std::sync::atomic::Ordering::SeqCst);
             r
         };
