@@ -120,6 +120,7 @@ fn blobs_and_final_releases_round_trip_and_upload() {
         env.path("x.tgz").to_str().expect("utf8"),
     ]);
     assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("vendor/words.txt"), "{}", text(&o));
     let out = run(&env, &["sync-blobs", d]);
     assert!(out.contains("Fetched blob 'vendor/words.txt'"), "{out}");
     assert_eq!(read(&dir.join("blobs/vendor/words.txt")), "alpha beta\n");

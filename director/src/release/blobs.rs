@@ -206,15 +206,14 @@ pub fn upload_blobs(dir: &Path) -> Result<Vec<(String, String)>, BlobsError> {
         if !local.is_file() {
             return Err(BlobsError::NotLocal { path });
         }
-        let want = recorded_sha256(&path, &record.sha)?;
-        if let Some(want) = &want {
-            let got = sha256_file(&local)?;
-            if &got != want {
-                return Err(BlobsError::BadDigest {
-                    path,
-                    message: format!("blobs/ has sha256 {got}, config/blobs.yml says {want}"),
-                });
-            }
+        if !matches_record(&path, &record.sha, &local)? {
+            return Err(BlobsError::BadDigest {
+                path,
+                message: format!(
+                    "blobs/ holds other content than config/blobs.yml records ({})",
+                    record.sha
+                ),
+            });
         }
         let mut f = File::open(&local).map_err(|source| BlobsError::Read {
             path: local.clone(),
@@ -233,19 +232,6 @@ pub fn upload_blobs(dir: &Path) -> Result<Vec<(String, String)>, BlobsError> {
         uploaded.push((path, id));
     }
     Ok(uploaded)
-}
-
-/// The recorded digest's sha256 hex, or `None` for a SHA-1 record (which
-/// is then checked as SHA-1 by the caller that can).
-fn recorded_sha256(path: &str, sha: &str) -> Result<Option<String>, BlobsError> {
-    let (algo, hex) = digest::parse(sha).map_err(|message| BlobsError::BadDigest {
-        path: path.to_string(),
-        message,
-    })?;
-    Ok(match algo {
-        DigestAlgorithm::Sha256 => Some(hex),
-        DigestAlgorithm::Sha1 => None,
-    })
 }
 
 /// Whether `data_path` has the digest `sha` records.
@@ -421,6 +407,20 @@ mod tests {
         assert!(
             matches!(err, BlobsError::Blobstore(BlobstoreError::Missing { .. })),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn upload_refuses_a_blob_changed_since_it_was_added() {
+        let rel = release();
+        let src = source_file(rel.path(), "a", b"alpha");
+        add_blob(rel.path(), &src, "alpha").expect("add");
+        fs::write(rel.path().join("blobs/alpha"), b"changed").expect("change");
+        let err = upload_blobs(rel.path()).expect_err("changed");
+        assert!(matches!(err, BlobsError::BadDigest { .. }), "{err}");
+        assert_eq!(
+            read_blobs(rel.path()).expect("read")["alpha"].object_id,
+            None
         );
     }
 

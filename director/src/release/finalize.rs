@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use serde_yaml_ng::{Mapping, Value};
 
 use super::blobstore::{write_text, BlobstoreError, LocalBlobstore};
+use super::final_builds::{Builds, Kind};
 use super::spec::check_name;
 use super::{read_release_dir, ArchiveData, Release, ReleaseError};
 
@@ -32,6 +33,12 @@ pub enum FinalizeError {
     Build(#[source] ReleaseError),
     #[error("reading the final release back")]
     ReadBack(#[source] ReleaseError),
+    #[error("reusing the final build of {what}")]
+    Reuse {
+        what: String,
+        #[source]
+        source: ReleaseError,
+    },
     #[error("the release's blobstore")]
     Blobstore(#[from] BlobstoreError),
     #[error("reading {path}")]
@@ -123,6 +130,8 @@ pub fn create_final_release(
     let final_builds = dir.join(".final_builds");
     for (job, entry) in rel.jobs.iter().zip(rel.manifest.jobs.iter_mut()) {
         let build = Candidate {
+            kind: Kind::Job,
+            name: &job.spec.name,
             what: format!("job {}", job.spec.name),
             index: final_builds
                 .join("jobs")
@@ -132,7 +141,7 @@ pub fn create_final_release(
             archive: &job.archive,
             sha256: &job.sha256,
         };
-        let (v, sha1, new) = finalize_build(&store, &build)?;
+        let (v, sha1, new) = finalize_build(dir, &store, &build)?;
         entry.version = v;
         entry.sha1 = sha1;
         if new {
@@ -144,6 +153,8 @@ pub fn create_final_release(
     }
     for (pkg, entry) in rel.packages.iter().zip(rel.manifest.packages.iter_mut()) {
         let build = Candidate {
+            kind: Kind::Package,
+            name: &pkg.spec.name,
             what: format!("package {}", pkg.spec.name),
             index: final_builds
                 .join("packages")
@@ -153,7 +164,7 @@ pub fn create_final_release(
             archive: &pkg.archive,
             sha256: &pkg.sha256,
         };
-        let (v, sha1, new) = finalize_build(&store, &build)?;
+        let (v, sha1, new) = finalize_build(dir, &store, &build)?;
         entry.version = v;
         entry.sha1 = sha1;
         if new {
@@ -165,13 +176,15 @@ pub fn create_final_release(
     }
     if let (Some(license), Some(entry)) = (&rel.license, rel.manifest.license.as_mut()) {
         let build = Candidate {
+            kind: Kind::License,
+            name: "license",
             what: "license".to_string(),
             index: final_builds.join("license").join("index.yml"),
             fingerprint: &license.fingerprint,
             archive: &license.archive,
             sha256: &license.sha256,
         };
-        let (v, sha1, new) = finalize_build(&store, &build)?;
+        let (v, sha1, new) = finalize_build(dir, &store, &build)?;
         entry.version = v;
         entry.sha1 = sha1;
         if new {
@@ -208,6 +221,8 @@ pub fn create_final_release(
 
 /// One job, package or license that may need a final build.
 struct Candidate<'a> {
+    kind: Kind,
+    name: &'a str,
     /// `job NAME`, `package NAME` or `license`.
     what: String,
     index: PathBuf,
@@ -217,8 +232,11 @@ struct Candidate<'a> {
 }
 
 /// The final build of `c`: its version, its digest and whether it is new
-/// (put into `store` and added to its index now).
+/// (put into `store` and added to its index now). A build reused must have
+/// its tarball where the reader looks, with the recorded digest, so that
+/// the release about to be recorded can be read.
 fn finalize_build(
+    dir: &Path,
     store: &LocalBlobstore,
     c: &Candidate<'_>,
 ) -> Result<(String, String, bool), FinalizeError> {
@@ -233,6 +251,15 @@ fn finalize_build(
             Some(Value::String(s)) => super::digest::normalise(s),
             _ => format!("sha256:{}", c.sha256),
         };
+        let builds = Builds::new(dir, Some(store.root().to_path_buf()));
+        let reuse = |source| FinalizeError::Reuse {
+            what: c.what.clone(),
+            source,
+        };
+        let build = builds.find(c.kind, c.name, c.fingerprint).map_err(reuse)?;
+        builds
+            .tarball(c.kind, c.name, c.fingerprint, build.as_ref(), Some(&sha1))
+            .map_err(reuse)?;
         return Ok((version, sha1, false));
     }
     let mut content = c.archive.open().map_err(|source| FinalizeError::Archive {
@@ -501,6 +528,21 @@ mod tests {
             read_release_dir(d, Some("1")).expect("v1").jobs[0].fingerprint,
             read_release_dir(d, Some("3")).expect("v3").jobs[0].fingerprint
         );
+    }
+
+    #[test]
+    fn a_reused_build_must_have_its_tarball() {
+        let dir = release();
+        let d = dir.path();
+        create_final_release(d, None).expect("v1");
+        for e in fs::read_dir(d.join("store")).expect("store").flatten() {
+            fs::remove_file(e.path()).expect("rm stored build");
+        }
+        let err = create_final_release(d, None).expect_err("tarballs gone");
+        assert!(matches!(err, FinalizeError::Reuse { .. }), "{err}");
+        assert!(!d.join("releases/tiny/tiny-2.yml").exists());
+        let index = read(&d.join("releases/tiny/index.yml"));
+        assert!(!index.contains("    version: '2'"), "{index}");
     }
 
     #[test]
