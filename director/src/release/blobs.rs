@@ -17,11 +17,12 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::archive::BothHasher;
 use super::blobstore::{sha256_file, write_streamed, write_text, BlobstoreError, LocalBlobstore};
 use super::digest;
 use super::spec::check_relative_path;
@@ -234,20 +235,33 @@ pub fn upload_blobs(dir: &Path) -> Result<Vec<(String, String)>, BlobsError> {
     Ok(uploaded)
 }
 
-/// Whether `data_path` has the digest `sha` records.
+/// Whether `data_path` has the digest `sha` records (streamed).
 fn matches_record(path: &str, sha: &str, data_path: &Path) -> Result<bool, BlobsError> {
     let (algo, want) = digest::parse(sha).map_err(|message| BlobsError::BadDigest {
         path: path.to_string(),
         message,
     })?;
-    let data = match algo {
-        DigestAlgorithm::Sha256 => return Ok(sha256_file(data_path)? == want),
-        DigestAlgorithm::Sha1 => fs::read(data_path).map_err(|source| BlobsError::Read {
-            path: data_path.to_path_buf(),
-            source,
-        })?,
+    let failed = |source: io::Error| BlobsError::Read {
+        path: data_path.to_path_buf(),
+        source,
     };
-    Ok(algo.hex(&data) == want)
+    let mut f = File::open(data_path).map_err(failed)?;
+    let mut h = BothHasher::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(failed(e)),
+        };
+        h.update(&buf[..n]);
+    }
+    let (sha1, sha256) = h.finish();
+    Ok(match algo {
+        DigestAlgorithm::Sha1 => sha1 == want,
+        DigestAlgorithm::Sha256 => sha256 == want,
+    })
 }
 
 /// `sync-blobs`: every uploaded blob that `blobs/` lacks (or holds with
@@ -422,6 +436,34 @@ mod tests {
             read_blobs(rel.path()).expect("read")["alpha"].object_id,
             None
         );
+    }
+
+    #[test]
+    fn sha1_records_written_by_older_tools_are_checked_too() {
+        let rel = release();
+        let store = LocalBlobstore::at(rel.path().join("store"));
+        let (id, _) = store.put(&mut &b"old"[..]).expect("put");
+        let sha1 = DigestAlgorithm::Sha1.hex(b"old");
+        fs::write(
+            rel.path().join(BLOBS_YML),
+            format!("old.txt:\n  size: 3\n  object_id: {id}\n  sha: {sha1}\n"),
+        )
+        .expect("write");
+        let report = sync_blobs(rel.path()).expect("sync");
+        assert_eq!(report.fetched, vec!["old.txt".to_string()]);
+        fs::write(
+            rel.path().join(BLOBS_YML),
+            format!(
+                "old.txt:\n  size: 3\n  object_id: {id}\n  sha: {}\n",
+                DigestAlgorithm::Sha1.hex(b"other")
+            ),
+        )
+        .expect("write");
+        fs::remove_file(rel.path().join("blobs/old.txt")).expect("rm");
+        assert!(matches!(
+            sync_blobs(rel.path()),
+            Err(BlobsError::Mismatch { .. })
+        ));
     }
 
     #[test]

@@ -105,7 +105,8 @@ pub fn create_final_release(
     let releases_dir = dir.join("releases").join(&name);
     let index_path = releases_dir.join("index.yml");
     let mut index = read_index(&index_path)?;
-    let known = release_versions(&index, &index_path)?;
+    let mut known = release_versions(&index, &index_path)?;
+    known.extend(manifest_versions(&releases_dir, &name)?);
     let version = match version {
         Some(v) => {
             check_name("release version", v)
@@ -370,6 +371,37 @@ fn release_versions(index: &Mapping, path: &Path) -> Result<BTreeSet<String>, Fi
     Ok(out)
 }
 
+/// The versions of the `NAME-V.yml` files in `releases/NAME/` (a
+/// manifest whose index entry was never written still takes its version).
+fn manifest_versions(releases_dir: &Path, name: &str) -> Result<BTreeSet<String>, FinalizeError> {
+    let mut out = BTreeSet::new();
+    let entries = match fs::read_dir(releases_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(source) => {
+            return Err(FinalizeError::ReadIndex {
+                path: releases_dir.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let prefix = format!("{name}-");
+    for entry in entries {
+        let entry = entry.map_err(|source| FinalizeError::ReadIndex {
+            path: releases_dir.to_path_buf(),
+            source,
+        })?;
+        let file = entry.file_name().to_string_lossy().into_owned();
+        if let Some(v) = file
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.strip_suffix(".yml"))
+        {
+            out.insert(v.to_string());
+        }
+    }
+    Ok(out)
+}
+
 /// One more than the highest leading integer of `versions` (`12`, `12.3`
 /// and `12-rc.1` all count as 12); 1 when none has one.
 fn next_final_version(versions: &BTreeSet<String>) -> String {
@@ -559,6 +591,15 @@ mod tests {
             create_final_release(d, Some("../x")),
             Err(FinalizeError::BadVersion { .. })
         ));
+        // A manifest without its index entry (an interrupted run) still
+        // takes its version.
+        write(
+            d,
+            "releases/tiny/tiny-12.yml",
+            "---\nname: tiny\nversion: '12'\n",
+        );
+        let after = create_final_release(d, None).expect("after 12");
+        assert_eq!(after.release.manifest.version, "13");
     }
 
     #[test]
