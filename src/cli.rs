@@ -217,9 +217,38 @@ pub enum Command {
         /// Where to write the tarball (default: <name>-<version>.tgz).
         #[arg(long)]
         tarball: Option<PathBuf>,
-        /// Release version (default: 0+dev.<content digest>).
+        /// Release version (default: 0+dev.<content digest>; with --final,
+        /// the next integer after the highest final version).
         #[arg(long)]
         version: Option<String>,
+        /// Make a final release: new job, package and license builds go into
+        /// the release's local blobstore and `.final_builds/`, the release
+        /// into `releases/NAME/`.
+        #[arg(long = "final")]
+        final_release: bool,
+    },
+    /// Copy a file into the release's blobs/ at BLOBS_PATH and record it in
+    /// config/blobs.yml (not uploaded yet).
+    AddBlob {
+        path: PathBuf,
+        blobs_path: String,
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
+    /// List the release's blobs: path, size, uploaded or not.
+    Blobs {
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Put every blob not yet uploaded into the release's local blobstore.
+    UploadBlobs {
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Fetch into blobs/ every uploaded blob that is missing there (verified).
+    SyncBlobs {
+        #[arg(default_value = ".")]
+        dir: PathBuf,
     },
     /// Upload a release (directory or tarball).
     UploadRelease {

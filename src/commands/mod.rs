@@ -8,6 +8,7 @@ mod deploy;
 mod disks;
 mod health;
 mod instances;
+mod release_dev;
 mod tasks;
 
 use std::sync::atomic::Ordering;
@@ -180,7 +181,22 @@ async fn dispatch(ctx: &Ctx, command: Command) -> Result<i32> {
             dir,
             tarball,
             version,
+            final_release: false,
         } => artifacts::create_release(&dir, tarball, version),
+        C::CreateRelease {
+            dir,
+            tarball,
+            version,
+            final_release: true,
+        } => release_dev::create_final_release(&dir, tarball, version),
+        C::AddBlob {
+            path,
+            blobs_path,
+            dir,
+        } => release_dev::add_blob(&dir, &path, &blobs_path),
+        C::Blobs { dir } => release_dev::blobs(ctx, &dir),
+        C::UploadBlobs { dir } => release_dev::upload_blobs(&dir),
+        C::SyncBlobs { dir } => release_dev::sync_blobs(&dir),
         C::UploadRelease { path, version } => artifacts::upload_release(ctx, &path, version),
         C::Releases => artifacts::releases(ctx),
         C::Stemcells => artifacts::stemcells(ctx).await,

@@ -23,4 +23,5 @@ mod health;
 mod limits;
 mod manifests;
 mod partition;
+mod release_dev;
 mod releases;

@@ -38,10 +38,13 @@
 //! are searched for final-build tarballs (nothing is downloaded).
 
 mod archive;
+mod blobs;
+mod blobstore;
 #[cfg(test)]
 mod bosh_tests;
 mod dir;
 mod final_builds;
+mod finalize;
 mod sha1;
 mod spec;
 mod tarball;
@@ -58,7 +61,13 @@ use crate::archive_limits::ArchiveLimits;
 use crate::model::problems::Problem;
 
 pub use archive::{ArchiveData, DigestAlgorithm};
+pub use blobs::{
+    add_blob, list_blobs, read_blobs, sync_blobs, upload_blobs, BlobRecord, BlobStatus, BlobsError,
+    SyncReport,
+};
+pub use blobstore::{BlobstoreError, LocalBlobstore};
 pub use dir::{read_release_dir, read_release_dir_with};
+pub use finalize::{create_final_release, FinalRelease, FinalizeError};
 pub use spec::{
     parse_job_spec, parse_job_spec_with_warnings, parse_package_spec,
     parse_package_spec_with_warnings,
