@@ -182,6 +182,11 @@ async fn dispatch(ctx: &Ctx, command: Command) -> Result<i32> {
             version,
         } => artifacts::create_release(&dir, tarball, version),
         C::UploadRelease { path, version } => artifacts::upload_release(ctx, &path, version),
+        C::ExportRelease {
+            release,
+            stemcell,
+            dir,
+        } => artifacts::export_release(ctx, &release, &stemcell, &dir),
         C::Releases => artifacts::releases(ctx),
         C::Stemcells => artifacts::stemcells(ctx).await,
         C::BuildStemcell {
