@@ -158,3 +158,62 @@ fn an_exported_compiled_release_deploys_on_a_fresh_director_without_compiling() 
     let (code, body) = http("GET", &addr, "/kv/answer", "").unwrap();
     assert_eq!((code, body.trim()), (200, "42"));
 }
+
+#[test]
+fn a_package_compiled_only_for_another_stemcell_fails_the_deploy_naming_both() {
+    // A compiled release for a stemcell this director does not have, made
+    // from an export of the kv release.
+    let first = Env::new(172);
+    let m = first.manifest(
+        "m.yml",
+        &one_instance(&kv_manifest("quickstart", 8080, "300-30000")),
+    );
+    let o = first.bosun(&["deploy", m.to_str().unwrap(), "-n"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = first.bosun(&["-d", "quickstart", "delete-deployment", "-n"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = first.bosun(&["releases", "--json"]);
+    let rels: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let release = format!("kv/{}", rels[0]["version"].as_str().unwrap());
+    let os = bosun_director::host_os();
+    let o = first.bosun(&["stemcells", "--json"]);
+    let cells: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let here = format!("{os}/{}", cells[0]["version"].as_str().unwrap());
+    let o = first.bosun(&[
+        "export-release",
+        &release,
+        &here,
+        "--dir",
+        first.path("").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let exported = std::fs::read_dir(first.path(""))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "tgz"))
+        .unwrap();
+    let mut rel = bosun_director::release::read_release(&exported, None).unwrap();
+    for c in &mut rel.compiled_packages {
+        c.stemcell = "elsewhere-os/7".into();
+    }
+    for c in &mut rel.manifest.compiled_packages {
+        c.stemcell = "elsewhere-os/7".into();
+    }
+    let elsewhere = first.path("kv-elsewhere.tgz");
+    bosun_director::release::write_tarball(&rel, &elsewhere).unwrap();
+
+    let second = Env::new(173);
+    let o = second.bosun(&["upload-release", elsewhere.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let body = one_instance(&kv_manifest("quickstart", 8080, "300-30000"))
+        .replace("  path: {release}\n", "");
+    let m = second.manifest("m.yml", &body);
+    let o = second.bosun(&["deploy", m.to_str().unwrap(), "-n"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("package 'kv-common'"), "{err}");
+    assert!(err.contains("compiled only for elsewhere-os/7"), "{err}");
+    assert!(err.contains(&format!("stemcell {here} needs it")), "{err}");
+    assert_eq!(second.vm_dirs(), 0, "no VM was created");
+}

@@ -275,3 +275,241 @@ pub(super) fn check_compilable(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::execute::executor::{Cpis, ExecOptions};
+    use crate::release::{read_release, read_release_dir};
+    use crate::store::{ReleaseRecord, StateError};
+    use sha2::Digest;
+
+    fn kv_source() -> Release {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../releases/kv");
+        read_release_dir(&dir, None).unwrap()
+    }
+
+    /// The kv release as a compiled release for `stemcell`: its packages
+    /// only compiled, each archive a distinct made-up content.
+    fn kv_compiled(stemcell: &str) -> Release {
+        let mut rel = kv_source();
+        let mut compiled = Vec::new();
+        let mut entries = Vec::new();
+        for p in &rel.packages {
+            let data = install_dir_tgz(&p.spec.name, stemcell);
+            let sha256 = hex::encode(sha2::Sha256::digest(&data));
+            entries.push(CompiledPackageEntry {
+                name: p.spec.name.clone(),
+                version: p.version.clone(),
+                fingerprint: p.fingerprint.clone(),
+                sha1: format!("sha256:{sha256}"),
+                stemcell: stemcell.to_string(),
+                dependencies: p.spec.dependencies.clone(),
+            });
+            compiled.push(CompiledPackage {
+                name: p.spec.name.clone(),
+                version: p.version.clone(),
+                fingerprint: p.fingerprint.clone(),
+                stemcell: stemcell.to_string(),
+                dependencies: p.spec.dependencies.clone(),
+                archive: ArchiveData::from_bytes(data),
+                sha256,
+            });
+        }
+        rel.packages.clear();
+        rel.manifest.packages.clear();
+        rel.manifest.compiled_packages = entries;
+        rel.compiled_packages = compiled;
+        rel
+    }
+
+    /// A compiled package as BOSH packs one: the install directory's
+    /// contents at the top level.
+    fn install_dir_tgz(name: &str, stemcell: &str) -> Vec<u8> {
+        let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        let mut b = tar::Builder::new(gz);
+        let body = format!("#!/bin/sh\necho {name} built for {stemcell}\n");
+        let mut h = tar::Header::new_gnu();
+        h.set_size(body.len() as u64);
+        h.set_mode(0o755);
+        h.set_cksum();
+        b.append_data(&mut h, format!("bin/{name}"), body.as_bytes())
+            .unwrap();
+        b.into_inner().unwrap().finish().unwrap()
+    }
+
+    fn director(dir: &Path) -> Director {
+        Director {
+            store: Store::open(dir).unwrap(),
+            cpis: Cpis::new(),
+            opts: ExecOptions::default(),
+        }
+    }
+
+    #[test]
+    fn a_compiled_upload_is_cached_under_the_keys_a_source_deploy_uses() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = director(&tmp.path().join("state"));
+        let rel = kv_compiled("ubuntu-noble/1.5");
+        assert_eq!(d.store.save_compiled_release(&rel).unwrap(), (true, 2));
+        let rec = d
+            .store
+            .release(&rel.manifest.name, &rel.manifest.version)
+            .unwrap()
+            .unwrap();
+        let source = ReleaseRecord::from_release(&kv_source());
+        for name in ["kv-common", "kv-server"] {
+            let p = rec.package(name).unwrap();
+            assert!(p.sha256.is_empty(), "{name} has no source blob");
+            let key = rec.compile_key(name).unwrap();
+            assert_eq!(Some(&key), source.compile_key(name).as_ref(), "{name}");
+            let c = d
+                .store
+                .compiled_package(&key, "ubuntu-noble/1.5")
+                .unwrap()
+                .unwrap_or_else(|| panic!("{name} cached"));
+            let want = rel
+                .compiled_packages
+                .iter()
+                .find(|c| c.name == name)
+                .unwrap();
+            assert_eq!(c.sha256, want.sha256);
+            assert_eq!(
+                d.store.blobs().read(&c.sha256).unwrap(),
+                want.archive.to_vec().unwrap()
+            );
+            assert!(d
+                .store
+                .compiled_package(&key, "ubuntu-noble/2")
+                .unwrap()
+                .is_none());
+        }
+        assert_eq!(
+            rec.package("kv-server").unwrap().spec.dependencies,
+            ["kv-common"]
+        );
+        // The same upload again records no new release.
+        assert_eq!(d.store.save_compiled_release(&rel).unwrap(), (false, 2));
+    }
+
+    #[test]
+    fn a_compiled_upload_adds_to_its_source_release_but_not_to_another_release() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = director(&tmp.path().join("state"));
+        let source = kv_source();
+        assert!(d.store.save_release(&source).unwrap());
+        let rel = kv_compiled("ubuntu-noble/1.5");
+        assert_eq!(d.store.save_compiled_release(&rel).unwrap(), (false, 2));
+        let rec = d
+            .store
+            .release(&rel.manifest.name, &rel.manifest.version)
+            .unwrap()
+            .unwrap();
+        assert!(
+            rec.packages.iter().all(|p| !p.sha256.is_empty()),
+            "the source record is kept"
+        );
+
+        let mut other = kv_compiled("ubuntu-noble/1.5");
+        other.compiled_packages[0].fingerprint = "0".repeat(40);
+        other.manifest.compiled_packages[0].fingerprint = "0".repeat(40);
+        let err = d.store.save_compiled_release(&other).unwrap_err();
+        assert!(matches!(err, StateError::ReleaseConflict { .. }), "{err}");
+    }
+
+    #[test]
+    fn export_writes_the_compiled_packages_and_refuses_a_stemcell_they_lack() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = director(&tmp.path().join("state"));
+        let rel = kv_compiled("ubuntu-noble/1.5");
+        d.store.save_compiled_release(&rel).unwrap();
+        let (name, version) = (&rel.manifest.name, &rel.manifest.version);
+
+        let err = d
+            .export_release(name, version, "ubuntu-noble/2", tmp.path())
+            .unwrap_err();
+        match &err {
+            ExportError::NotCompiled { packages, .. } => {
+                assert_eq!(packages, &["kv-common", "kv-server"])
+            }
+            other => panic!("{other}"),
+        }
+        assert!(err
+            .to_string()
+            .contains("deploy the release on that stemcell first"));
+        assert!(matches!(
+            d.export_release(name, version, "noble", tmp.path()),
+            Err(ExportError::BadStemcell { .. })
+        ));
+        assert!(matches!(
+            d.export_release(name, "9.9", "ubuntu-noble/1.5", tmp.path()),
+            Err(ExportError::NoRelease { .. })
+        ));
+
+        let out = d
+            .export_release(name, version, "ubuntu-noble/1.5", tmp.path())
+            .unwrap();
+        assert_eq!(
+            out.path,
+            tmp.path()
+                .join(format!("kv-{version}-ubuntu-noble-1.5.tgz"))
+        );
+        assert_eq!((out.jobs, out.packages), (rel.jobs.len(), 2));
+        let back = read_release(&out.path, None).unwrap();
+        assert!(back.packages.is_empty());
+        assert_eq!(back.jobs.len(), rel.jobs.len());
+        for (a, b) in back.compiled_packages.iter().zip(&rel.compiled_packages) {
+            assert_eq!(
+                (
+                    &a.name,
+                    &a.fingerprint,
+                    &a.stemcell,
+                    &a.dependencies,
+                    &a.sha256
+                ),
+                (
+                    &b.name,
+                    &b.fingerprint,
+                    &b.stemcell,
+                    &b.dependencies,
+                    &b.sha256
+                )
+            );
+        }
+        for (a, b) in back.jobs.iter().zip(&rel.jobs) {
+            assert_eq!((&a.fingerprint, &a.sha256), (&b.fingerprint, &b.sha256));
+        }
+    }
+
+    #[test]
+    fn a_package_with_no_source_names_where_it_is_compiled() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = director(&tmp.path().join("state"));
+        let rel = kv_compiled("ubuntu-noble/1.5");
+        d.store.save_compiled_release(&rel).unwrap();
+        let rec = d
+            .store
+            .release(&rel.manifest.name, &rel.manifest.version)
+            .unwrap()
+            .unwrap();
+        let key = rec.compile_key("kv-common").unwrap();
+        let mut needed = NeededPackage {
+            name: "kv-common".into(),
+            fingerprint: key.clone(),
+            release: "kv".into(),
+            source_sha256: String::new(),
+            dependencies: Vec::new(),
+            stemcell: "ubuntu-jammy/3".into(),
+        };
+        let err = check_compilable(&d.store, std::slice::from_ref(&needed), &BTreeSet::new())
+            .unwrap_err()
+            .to_string();
+        for part in ["'kv-common'", "ubuntu-noble/1.5", "ubuntu-jammy/3"] {
+            assert!(err.contains(part), "{part} in {err}");
+        }
+        let compiled = BTreeSet::from([(key, "ubuntu-jammy/3".to_string())]);
+        check_compilable(&d.store, std::slice::from_ref(&needed), &compiled).unwrap();
+        needed.source_sha256 = "ab".repeat(32);
+        check_compilable(&d.store, &[needed], &BTreeSet::new()).unwrap();
+    }
+}
