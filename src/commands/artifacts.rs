@@ -49,8 +49,20 @@ pub fn upload_release(ctx: &Ctx, path: &Path, version: Option<String>) -> Result
     for w in &warnings {
         eprintln!("Warning: release '{}': {w}", rec.name());
     }
+    let compiled = &rec.manifest.compiled_packages;
+    let compiled = if compiled.is_empty() {
+        String::new()
+    } else {
+        let stemcells: std::collections::BTreeSet<&str> =
+            compiled.iter().map(|c| c.stemcell.as_str()).collect();
+        format!(
+            " ({} packages compiled for {})",
+            compiled.len(),
+            stemcells.into_iter().collect::<Vec<_>>().join(", ")
+        )
+    };
     println!(
-        "{} release {}/{}",
+        "{} release {}/{}{compiled}",
         if new { "Uploaded" } else { "Already uploaded:" },
         rec.name(),
         rec.version()

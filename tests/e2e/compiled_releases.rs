@@ -136,7 +136,9 @@ fn an_exported_compiled_release_deploys_on_a_fresh_director_without_compiling() 
     let o = second.bosun(&["upload-release", tarball.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(
-        String::from_utf8_lossy(&o.stdout).contains(&format!("Uploaded release {release}")),
+        String::from_utf8_lossy(&o.stdout).contains(&format!(
+            "Uploaded release {release} (2 packages compiled for {stemcell})"
+        )),
         "{}",
         text(&o)
     );

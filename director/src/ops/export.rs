@@ -28,8 +28,9 @@ pub enum ExportError {
     #[error("exporting release {release}: stemcell '{stemcell}' is not of the form OS/VERSION")]
     BadStemcell { release: String, stemcell: String },
     #[error(
-        "exporting release {release} for stemcell {stemcell}: package(s) {} never compiled for {stemcell}; deploy the release on that stemcell first (bosun does not compile on export)",
-        packages.join(", ")
+        "exporting release {release} for stemcell {stemcell}: {} {} never compiled for {stemcell}; deploy the release on that stemcell first (bosun does not compile on export)",
+        if packages.len() == 1 { "package" } else { "packages" },
+        if packages.len() == 1 { format!("{} was", packages[0]) } else { format!("{} were", packages.join(", ")) }
     )]
     NotCompiled {
         release: String,
