@@ -51,6 +51,13 @@ pub enum ExportError {
         #[source]
         source: crate::release::ReleaseError,
     },
+    #[error("exporting release {release}: creating {}", dir.display())]
+    Scratch {
+        release: String,
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("exporting release {release}: copying blob {sha256}")]
     Blob {
         release: String,
@@ -117,9 +124,9 @@ impl Director {
             })?;
         let release = format!("{}/{}", rec.name(), rec.version());
         let scratch = self.store.dir().join("tmp");
-        std::fs::create_dir_all(&scratch).map_err(|source| ExportError::Blob {
+        std::fs::create_dir_all(&scratch).map_err(|source| ExportError::Scratch {
             release: release.clone(),
-            sha256: "(creating the scratch directory)".into(),
+            dir: scratch.clone(),
             source,
         })?;
         let blob = |sha256: &str| copy_blob(&self.store, &scratch, &release, sha256);
