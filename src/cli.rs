@@ -256,6 +256,17 @@ pub enum Command {
         #[arg(long)]
         version: Option<String>,
     },
+    /// Write a compiled release (its jobs and its packages compiled for one
+    /// stemcell, as deploys on it left them) to NAME-VERSION-OS-VERSION.tgz.
+    ExportRelease {
+        /// NAME/VERSION of an uploaded release.
+        release: String,
+        /// OS/VERSION of the stemcell its packages were compiled on.
+        stemcell: String,
+        /// Directory to write the tarball into.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
     /// List uploaded releases.
     Releases,
     /// List uploaded stemcells.

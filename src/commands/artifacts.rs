@@ -1,5 +1,5 @@
 //! What deployments are made of: releases (`create-release`,
-//! `upload-release`, `releases`), stemcells (`build-stemcell`,
+//! `upload-release`, `export-release`, `releases`), stemcells (`build-stemcell`,
 //! `upload-stemcell`, `stemcells`) and the cloud- and runtime-configs.
 //! It must not read or build release and stemcell contents itself: the
 //! director's `release` and `stemcell` modules do.
@@ -49,11 +49,43 @@ pub fn upload_release(ctx: &Ctx, path: &Path, version: Option<String>) -> Result
     for w in &warnings {
         eprintln!("Warning: release '{}': {w}", rec.name());
     }
+    let compiled = &rec.manifest.compiled_packages;
+    let compiled = if compiled.is_empty() {
+        String::new()
+    } else {
+        let stemcells: std::collections::BTreeSet<&str> =
+            compiled.iter().map(|c| c.stemcell.as_str()).collect();
+        format!(
+            " ({} packages compiled for {})",
+            compiled.len(),
+            stemcells.into_iter().collect::<Vec<_>>().join(", ")
+        )
+    };
     println!(
-        "{} release {}/{}",
+        "{} release {}/{}{compiled}",
         if new { "Uploaded" } else { "Already uploaded:" },
         rec.name(),
         rec.version()
+    );
+    Ok(0)
+}
+
+/// `export-release NAME/VERSION OS/VERSION [--dir D]`: a compiled release
+/// tarball from what the director has compiled.
+pub fn export_release(ctx: &Ctx, release: &str, stemcell: &str, dir: &Path) -> Result<i32> {
+    let (name, version) = release
+        .split_once('/')
+        .filter(|(n, v)| !n.is_empty() && !v.is_empty())
+        .ok_or_else(|| anyhow::anyhow!("export-release: '{release}' is not NAME/VERSION"))?;
+    let out = ctx
+        .director
+        .export_release(name, version, stemcell, dir)
+        .map_err(bosun_director::OpError::from)?;
+    println!(
+        "Exported release {name}/{version} compiled for {stemcell} ({} jobs, {} compiled packages) to {}",
+        out.jobs,
+        out.packages,
+        out.path.display()
     );
     Ok(0)
 }

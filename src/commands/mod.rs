@@ -198,6 +198,11 @@ async fn dispatch(ctx: &Ctx, command: Command) -> Result<i32> {
         C::UploadBlobs { dir } => release_dev::upload_blobs(&dir),
         C::SyncBlobs { dir } => release_dev::sync_blobs(&dir),
         C::UploadRelease { path, version } => artifacts::upload_release(ctx, &path, version),
+        C::ExportRelease {
+            release,
+            stemcell,
+            dir,
+        } => artifacts::export_release(ctx, &release, &stemcell, &dir),
         C::Releases => artifacts::releases(ctx),
         C::Stemcells => artifacts::stemcells(ctx).await,
         C::BuildStemcell {

@@ -13,6 +13,7 @@ mod archive_limits;
 mod aws;
 mod bosh_releases;
 mod cleanup;
+mod compiled_releases;
 mod cpi_conformance;
 mod crash;
 mod day2;

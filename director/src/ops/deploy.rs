@@ -326,6 +326,7 @@ impl Director {
                 compiled.insert((p.fingerprint.clone(), p.stemcell.clone()));
             }
         }
+        super::export::check_compilable(&self.store, &desired.packages, &compiled)?;
         let missing_vms = self.missing_vms(&mine).await;
         Ok(Actual {
             instances: mine,

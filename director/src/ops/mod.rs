@@ -37,6 +37,7 @@ use crate::store::{
 mod cleanup;
 mod deploy;
 mod errands;
+mod export;
 mod instances;
 mod uploads;
 
@@ -77,6 +78,8 @@ pub enum OpError {
     Interpolate(#[from] crate::interpolate::InterpolateError),
     #[error(transparent)]
     VarStore(#[from] crate::interpolate::StoreError),
+    #[error(transparent)]
+    Export(#[from] export::ExportError),
 }
 
 /// What the CLI shows the operator.

@@ -135,14 +135,21 @@ impl Director {
 
     /// Read a release (directory or tarball) and upload it. Returns the
     /// record, whether it was new, and what the reader warned about (spec
-    /// keys BOSH ignores, fingerprints it could not reproduce).
+    /// keys BOSH ignores, fingerprints it could not reproduce). A compiled
+    /// release's compiled packages are stored as the cache of packages
+    /// compiled for their stemcells, so deploys on those stemcells compile
+    /// none of them.
     pub fn upload_release(
         &self,
         path: &Path,
         version: Option<&str>,
     ) -> Result<(ReleaseRecord, bool, Vec<String>), OpError> {
         let rel = release::read_release_in(path, version, Some(&self.store.dir().join("tmp")))?;
-        let new = self.store.save_release(&rel)?;
+        let new = if rel.compiled_packages.is_empty() {
+            self.store.save_release(&rel)?
+        } else {
+            self.store.save_compiled_release(&rel)?.0
+        };
         let rec = self
             .store
             .release(&rel.manifest.name, &rel.manifest.version)?

@@ -85,6 +85,48 @@ impl ReleaseRecord {
         }
     }
 
+    /// The record of a compiled release: [`ReleaseRecord::from_release`],
+    /// plus a package record (no source blob: `sha256` empty) for every
+    /// compiled package the release has no source for, made from its name,
+    /// fingerprint and dependencies.
+    pub fn from_compiled_release(r: &Release) -> ReleaseRecord {
+        let mut rec = ReleaseRecord::from_release(r);
+        for c in &r.compiled_packages {
+            if rec.package(&c.name).is_some() {
+                continue;
+            }
+            rec.packages.push(PackageRecord {
+                spec: PackageSpec {
+                    name: c.name.clone(),
+                    dependencies: c.dependencies.clone(),
+                    files: Vec::new(),
+                    excluded_files: Vec::new(),
+                },
+                fingerprint: c.fingerprint.clone(),
+                sha256: String::new(),
+            });
+        }
+        rec.packages.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+        rec
+    }
+
+    /// The version of package `name` as the release's manifest lists it
+    /// (source or compiled entry), else its fingerprint.
+    pub fn package_version(&self, name: &str) -> Option<String> {
+        let m = &self.manifest;
+        m.packages
+            .iter()
+            .find(|e| e.name == name)
+            .map(|e| e.version.clone())
+            .or_else(|| {
+                m.compiled_packages
+                    .iter()
+                    .find(|e| e.name == name)
+                    .map(|e| e.version.clone())
+            })
+            .or_else(|| self.package(name).map(|p| p.fingerprint.clone()))
+    }
+
     pub fn name(&self) -> &str {
         &self.manifest.name
     }

@@ -76,6 +76,9 @@ pub enum StateError {
     /// A name that would become a path is not a valid name.
     #[error(transparent)]
     Name(#[from] crate::model::names::NameError),
+    /// What is being stored does not hold together.
+    #[error("{op}: {message}")]
+    Invalid { op: String, message: String },
     #[error("{op}")]
     Secret {
         op: String,
@@ -105,6 +108,26 @@ fn from_json<T: DeserializeOwned>(op: &str, s: &str) -> Result<T> {
         op: op.to_string(),
         source,
     })
+}
+
+/// Whether an uploaded release has the jobs and packages of `release`
+/// (same names and fingerprints; a package the upload only has compiled
+/// counts by its compiled entry's fingerprint).
+fn same_content(existing: &ReleaseRecord, release: &Release) -> bool {
+    let jobs = |r: &ReleaseRecord| {
+        r.jobs
+            .iter()
+            .map(|j| (j.spec.name.clone(), j.fingerprint.clone()))
+            .collect::<BTreeSet<_>>()
+    };
+    let packages = |r: &ReleaseRecord| {
+        r.packages
+            .iter()
+            .map(|p| (p.spec.name.clone(), p.fingerprint.clone()))
+            .collect::<BTreeSet<_>>()
+    };
+    let incoming = ReleaseRecord::from_compiled_release(release);
+    jobs(existing) == jobs(&incoming) && packages(existing) == packages(&incoming)
 }
 
 /// Streams a release's job or package archive into the blob store under
@@ -315,6 +338,79 @@ impl Store {
             ),
         )?;
         Ok(true)
+    }
+
+    /// Store a compiled release: its job (and any source package)
+    /// archives and record as [`Store::save_release`] does, the record
+    /// made by [`ReleaseRecord::from_compiled_release`], and every compiled
+    /// package as a blob and a [`CompiledPackage`] under (compile key,
+    /// stemcell). A release already uploaded with the same jobs and package
+    /// fingerprints (its source release, say) keeps its record and gains
+    /// the compiled packages. Returns whether the release record is new and
+    /// how many compiled packages were recorded.
+    pub fn save_compiled_release(&self, release: &Release) -> Result<(bool, usize)> {
+        let (name, version) = (&release.manifest.name, &release.manifest.version);
+        let op = format!("uploading compiled release {name}/{version}");
+        let (rec, new) = match self.release(name, version)? {
+            Some(existing) if same_content(&existing, release) => (existing, false),
+            Some(_) => {
+                return Err(StateError::ReleaseConflict {
+                    name: name.clone(),
+                    version: version.clone(),
+                })
+            }
+            None => {
+                let archives = release
+                    .jobs
+                    .iter()
+                    .map(|j| (&j.sha256, &j.archive))
+                    .chain(release.packages.iter().map(|p| (&p.sha256, &p.archive)));
+                for (sha, data) in archives {
+                    put_archive(&self.blobs, sha, data).map_err(|source| StateError::Blob {
+                        op: op.clone(),
+                        source,
+                    })?;
+                }
+                (ReleaseRecord::from_compiled_release(release), true)
+            }
+        };
+        let mut compiled = Vec::with_capacity(release.compiled_packages.len());
+        for c in &release.compiled_packages {
+            let key = rec
+                .compile_key(&c.name)
+                .ok_or_else(|| StateError::Invalid {
+                    op: op.clone(),
+                    message: format!(
+                        "compiled package '{}' has an unknown dependency or a dependency cycle",
+                        c.name
+                    ),
+                })?;
+            put_archive(&self.blobs, &c.sha256, &c.archive).map_err(|source| StateError::Blob {
+                op: format!("{op}: compiled package {} for {}", c.name, c.stemcell),
+                source,
+            })?;
+            compiled.push(CompiledPackage {
+                name: c.name.clone(),
+                fingerprint: key,
+                stemcell: c.stemcell.clone(),
+                sha256: c.sha256.clone(),
+                size: c.archive.len(),
+            });
+        }
+        if new {
+            let json = to_json(&op, &rec)?;
+            db(
+                &op,
+                self.conn().execute(
+                    "INSERT INTO releases (name, version, record, uploaded_at) VALUES (?1, ?2, ?3, ?4)",
+                    params![rec.name(), rec.version(), json, now()],
+                ),
+            )?;
+        }
+        for c in &compiled {
+            self.save_compiled_package(c)?;
+        }
+        Ok((new, compiled.len()))
     }
 
     /// A release by name and version (`latest`: the last uploaded).
