@@ -216,6 +216,7 @@ impl Director {
 
         // What remains after those, and what it needs.
         let mut kept_fingerprints = BTreeSet::new();
+        let mut sourceless: BTreeSet<String> = BTreeSet::new();
         let mut kept_blobs = installed;
         let mut freed = BTreeSet::new();
         for (name, version, _) in uploaded {
@@ -235,6 +236,14 @@ impl Director {
                         .iter()
                         .filter_map(|p| rec.compile_key(&p.spec.name)),
                 );
+                // A package of a compiled release has no source: its
+                // compiled builds are all there is, whatever the stemcell.
+                sourceless.extend(
+                    rec.packages
+                        .iter()
+                        .filter(|p| p.sha256.is_empty())
+                        .filter_map(|p| rec.compile_key(&p.spec.name)),
+                );
                 kept_blobs.extend(blobs);
             }
         }
@@ -245,8 +254,9 @@ impl Director {
             .collect();
         let mut compiled = Vec::new();
         for c in self.store.compiled_packages()? {
-            let needed =
-                kept_fingerprints.contains(&c.fingerprint) && kept_stemcells.contains(&c.stemcell);
+            let needed = sourceless.contains(&c.fingerprint)
+                || kept_fingerprints.contains(&c.fingerprint)
+                    && kept_stemcells.contains(&c.stemcell);
             if needed || kept_blobs.contains(&c.sha256) {
                 kept_blobs.insert(c.sha256.clone());
             } else {

@@ -739,7 +739,7 @@ fn select_files(
             return Err(ReleaseError::invalid(
                 spec_file,
                 format!(
-                    "package '{}': blob '{missing}' (config/blobs.yml) is not in blobs/; fetch it first (bosh sync-blobs)",
+                    "package '{}': blob '{missing}' (config/blobs.yml) is not in blobs/; fetch it first (bosun sync-blobs)",
                     spec.name
                 ),
             ));

@@ -3,11 +3,14 @@
 //! tarballs (`release.MF`, `jobs/<name>.tgz`, `packages/<name>.tgz`), job and
 //! package spec parsing, content fingerprints and deterministic archives.
 //!
-//! This module owns the release *format* only. It must not keep state (no
-//! state store, no blob store, no caches), must not compile packages or run
-//! `packaging` scripts, and must not render templates: it hands out parsed
-//! specs, template sources and byte-identical archives to the modules that
-//! do (`compiler`, `templates`, `desired`).
+//! This module owns the release *format* and a release directory's own
+//! files: besides reading, it writes final builds and blobs into the
+//! release's own local blobstore (`config/final.yml`; [`LocalBlobstore`],
+//! `finalize`, `blobs`). It must not keep the director's state (no state
+//! store, no caches), must not compile packages or run `packaging`
+//! scripts, and must not render templates: it hands out parsed specs,
+//! template sources and byte-identical archives to the modules that do
+//! (`compiler`, `templates`, `desired`).
 //!
 //! Tarballs are streamed, within [`ArchiveLimits`]: a job or package
 //! archive read from a tarball lives in a temporary file (an
