@@ -16,14 +16,33 @@ pub fn repo() -> PathBuf {
 pub struct Env {
     pub dir: tempfile::TempDir,
     /// A directory a local VM's jobs can write and the test read: not
-    /// under /tmp, /root or /home, which each local VM has its own of.
+    /// under /tmp, /var/tmp, /root or /home, which each local VM has its
+    /// own of.
     pub shared: tempfile::TempDir,
+}
+
+/// Where [`Env::shared`] directories go: /dev/shm (the host's, in every
+/// local VM too), else the target directory when that is not under a
+/// path each VM has its own of.
+fn shared_root() -> PathBuf {
+    let shm = PathBuf::from("/dev/shm");
+    if shm.is_dir() {
+        return shm;
+    }
+    let target = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let private = ["/tmp", "/var/tmp", "/root", "/home"];
+    assert!(
+        !private.iter().any(|p| target.starts_with(p)),
+        "no /dev/shm, and {} lies under a directory each local VM has its own of: the e2e tests need one of the host's directories the VMs share",
+        target.display()
+    );
+    target
 }
 
 impl Env {
     pub fn new(octet: u8) -> Env {
         let dir = tempfile::tempdir().expect("tempdir");
-        let shared = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("shared tempdir");
+        let shared = tempfile::tempdir_in(shared_root()).expect("shared tempdir");
         let env = Env { dir, shared };
         let cc = env.path("cloud-config.yml");
         std::fs::write(
