@@ -102,8 +102,9 @@ fn main() {
         }
     });
 
-    let exe = std::env::current_exe().unwrap_or_else(|e| fail(format!("current_exe: {e}")));
-    let mut job = Command::new(exe)
+    // Through /proc/self/exe: the binary's own path may lie under a
+    // directory this VM has its own of (a build under /tmp).
+    let mut job = Command::new("/proc/self/exe")
         .arg("--job")
         .arg(&vm_root)
         .stdin(Stdio::null())
