@@ -1,5 +1,6 @@
 //! Wiring: the CPI backends a command's director gets (local always, those
-//! the stored cloud-config declares, Docker when wanted), the execution
+//! the stored cloud-config declares, Docker when wanted), the release
+//! blobstore providers it can open (`local`, `s3`), the execution
 //! options from the environment, and the default state and cache
 //! directories. It must not run director operations or print anything but
 //! warnings.
@@ -69,7 +70,12 @@ pub async fn director(store: Arc<Store>, wants: Wants) -> Result<Director> {
         }
     }
     let opts = exec_options()?;
-    Ok(Director { store, cpis, opts })
+    Ok(Director {
+        store,
+        cpis,
+        opts,
+        blobstores: Arc::new(bosun_blobstore_s3::WithS3),
+    })
 }
 
 /// The cloud-config in force, parsed. An invalid one is an error, or with

@@ -9,7 +9,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use bosun_director::release::{read_release_dir, write_tarball};
+use bosun_blobstore_s3::WithS3;
+use bosun_director::release::{read_release_dir_with, write_tarball, DigestAlgorithm};
 use bosun_director::stemcell::{build_stemcell as build, BuildOptions};
 
 use super::Ctx;
@@ -21,7 +22,7 @@ pub fn create_release(
     tarball: Option<PathBuf>,
     version: Option<String>,
 ) -> Result<i32> {
-    let rel = read_release_dir(dir, version.as_deref())?;
+    let rel = read_release_dir_with(dir, version.as_deref(), DigestAlgorithm::default(), &WithS3)?;
     for w in &rel.warnings {
         eprintln!("Warning: release '{}': {w}", rel.manifest.name);
     }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
+use bosun_blobstore_s3::WithS3;
 use bosun_director::release::{self, write_tarball};
 
 use super::Ctx;
@@ -18,7 +19,7 @@ pub fn create_final_release(
     tarball: Option<PathBuf>,
     version: Option<String>,
 ) -> Result<i32> {
-    let fin = release::create_final_release(dir, version.as_deref())
+    let fin = release::create_final_release(dir, version.as_deref(), &WithS3)
         .with_context(|| format!("creating a final release of {}", dir.display()))?;
     let rel = &fin.release;
     for w in &rel.warnings {
@@ -82,7 +83,7 @@ pub fn blobs(ctx: &Ctx, dir: &Path) -> Result<i32> {
 
 /// `upload-blobs [DIR]`.
 pub fn upload_blobs(dir: &Path) -> Result<i32> {
-    let up = release::upload_blobs(dir)
+    let up = release::upload_blobs(dir, &WithS3)
         .with_context(|| format!("uploading the blobs of {}", dir.display()))?;
     for (path, id) in &up {
         println!("Uploaded blob '{path}' as {id}");
@@ -93,7 +94,7 @@ pub fn upload_blobs(dir: &Path) -> Result<i32> {
 
 /// `sync-blobs [DIR]`.
 pub fn sync_blobs(dir: &Path) -> Result<i32> {
-    let report = release::sync_blobs(dir)
+    let report = release::sync_blobs(dir, &WithS3)
         .with_context(|| format!("syncing the blobs of {}", dir.display()))?;
     for path in &report.fetched {
         println!("Fetched blob '{path}'");

@@ -8,7 +8,8 @@ use std::io::Write;
 
 use crate::support::{http_with, text, Env};
 
-fn endpoint() -> Option<String> {
+/// moto_server's address, or none (a skip, said so) outside CI.
+pub fn endpoint() -> Option<String> {
     match std::env::var("BOSUN_TEST_MOTO_ENDPOINT") {
         Ok(e) if !e.is_empty() => Some(e),
         _ if std::env::var_os("CI").is_some() => {

@@ -210,7 +210,7 @@ impl Director {
             self.upload_release(path, version)
         } else {
             // A dry run stores nothing.
-            release::read_release(path, version)
+            release::read_release_in(path, version, None, self.blobstores.as_ref())
                 .map_err(OpError::from)
                 .and_then(|rel| {
                     let known = self

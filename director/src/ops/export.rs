@@ -351,6 +351,7 @@ mod tests {
             store: Store::open(dir).unwrap(),
             cpis: Cpis::new(),
             opts: ExecOptions::default(),
+            blobstores: std::sync::Arc::new(crate::release::LocalOnly),
         }
     }
 

@@ -93,6 +93,9 @@ pub struct Director {
     pub store: Arc<Store>,
     pub cpis: Cpis,
     pub opts: ExecOptions,
+    /// Opens the blobstores of release directories a deploy reads (their
+    /// final builds); [`crate::release::LocalOnly`] knows `local` only.
+    pub blobstores: Arc<dyn crate::release::BlobstoreProviders>,
 }
 
 /// Turn an agent failure into an operation error naming what was done.

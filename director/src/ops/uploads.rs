@@ -144,7 +144,12 @@ impl Director {
         path: &Path,
         version: Option<&str>,
     ) -> Result<(ReleaseRecord, bool, Vec<String>), OpError> {
-        let rel = release::read_release_in(path, version, Some(&self.store.dir().join("tmp")))?;
+        let rel = release::read_release_in(
+            path,
+            version,
+            Some(&self.store.dir().join("tmp")),
+            self.blobstores.as_ref(),
+        )?;
         let new = if rel.compiled_packages.is_empty() {
             self.store.save_release(&rel)?
         } else {

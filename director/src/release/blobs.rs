@@ -5,8 +5,9 @@
 //! its `object_id`.
 //!
 //! This module owns `config/blobs.yml` and `blobs/`. It must not build
-//! packages or read specs, and it only ever touches the release's local
-//! blobstore (see [`LocalBlobstore`]). Every path it turns into a file
+//! packages or read specs; it reaches the release's blobstore only
+//! through the [`Blobstore`] it is given (opened by the caller's
+//! [`BlobstoreProviders`]). Every path it turns into a file
 //! name (a blob path, an object id) is checked first: no `..`, no
 //! absolute paths.
 //!
@@ -23,7 +24,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::archive::BothHasher;
-use super::blobstore::{sha256_file, write_streamed, write_text, BlobstoreError, LocalBlobstore};
+use super::blobstore::{
+    open_release_blobstore, sha256_file, write_streamed, write_text, Blobstore, BlobstoreError,
+    BlobstoreProviders,
+};
 use super::digest;
 use super::spec::check_relative_path;
 use super::DigestAlgorithm;
@@ -55,12 +59,19 @@ pub enum BlobsError {
     BadDigest { path: String, message: String },
     #[error("blob '{path}' is in config/blobs.yml but not in blobs/")]
     NotLocal { path: String },
-    #[error("blob '{path}': the local blobstore's copy (object {object_id}) has sha256 {got}, config/blobs.yml says {recorded}")]
+    #[error("blob '{path}': the copy in {store} (object {object_id}) has sha256 {got}, config/blobs.yml says {recorded}")]
     Mismatch {
         path: String,
+        store: String,
         object_id: String,
         got: String,
         recorded: String,
+    },
+    #[error("writing {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
     },
     #[error("the release's blobstore")]
     Blobstore(#[from] BlobstoreError),
@@ -185,9 +196,12 @@ pub fn list_blobs(dir: &Path) -> Result<Vec<BlobStatus>, BlobsError> {
 }
 
 /// `upload-blobs`: every blob without an object id put into the release's
-/// local blobstore (checked against its recorded digest first), its id
-/// recorded at once. The paths uploaded, with their new ids.
-pub fn upload_blobs(dir: &Path) -> Result<Vec<(String, String)>, BlobsError> {
+/// blobstore (checked against its recorded digest first), its id recorded
+/// at once. The paths uploaded, with their new ids.
+pub fn upload_blobs(
+    dir: &Path,
+    providers: &dyn BlobstoreProviders,
+) -> Result<Vec<(String, String)>, BlobsError> {
     let mut blobs = read_blobs(dir)?;
     let pending: Vec<String> = blobs
         .iter()
@@ -197,7 +211,7 @@ pub fn upload_blobs(dir: &Path) -> Result<Vec<(String, String)>, BlobsError> {
     if pending.is_empty() {
         return Ok(Vec::new());
     }
-    let store = LocalBlobstore::of_release(dir)?;
+    let store = open_release_blobstore(dir, providers)?;
     let mut uploaded = Vec::new();
     for path in pending {
         let Some(record) = blobs.get(&path).cloned() else {
@@ -265,12 +279,17 @@ fn matches_record(path: &str, sha: &str, data_path: &Path) -> Result<bool, Blobs
 }
 
 /// `sync-blobs`: every uploaded blob that `blobs/` lacks (or holds with
-/// another digest) fetched from the release's local blobstore, verified
-/// against its recorded digest before it replaces anything.
-pub fn sync_blobs(dir: &Path) -> Result<SyncReport, BlobsError> {
+/// another digest) fetched from the release's blobstore into a temporary
+/// file beside its place, verified against its recorded digest before it
+/// replaces anything. The blobstore is opened only when something is to be
+/// fetched.
+pub fn sync_blobs(
+    dir: &Path,
+    providers: &dyn BlobstoreProviders,
+) -> Result<SyncReport, BlobsError> {
     let blobs = read_blobs(dir)?;
     let mut report = SyncReport::default();
-    let mut store: Option<LocalBlobstore> = None;
+    let mut store: Option<Box<dyn Blobstore>> = None;
     for (path, record) in &blobs {
         let local = dir.join("blobs").join(path);
         if local.is_file() && matches_record(path, &record.sha, &local)? {
@@ -283,32 +302,47 @@ pub fn sync_blobs(dir: &Path) -> Result<SyncReport, BlobsError> {
         };
         let store = match &store {
             Some(s) => s,
-            None => store.insert(LocalBlobstore::of_release(dir)?),
+            None => store.insert(open_release_blobstore(dir, providers)?),
         };
-        let source = store.path_of(id)?;
-        if !source.is_file() {
-            return Err(BlobsError::Blobstore(BlobstoreError::Missing {
-                id: id.clone(),
-                store: store.root().to_path_buf(),
-            }));
-        }
-        if !matches_record(path, &record.sha, &source)? {
-            return Err(BlobsError::Mismatch {
-                path: path.clone(),
-                object_id: id.clone(),
-                got: sha256_file(&source)?,
-                recorded: record.sha.clone(),
-            });
-        }
-        let mut f = store.open(id)?;
-        write_streamed(&local, &mut f)?;
+        fetch_verified(store.as_ref(), path, id, &record.sha, &local)?;
         report.fetched.push(path.clone());
     }
     Ok(report)
 }
 
+/// Blob `id` of `store` written to `dest` only if it has digest `sha`.
+fn fetch_verified(
+    store: &dyn Blobstore,
+    path: &str,
+    id: &str,
+    sha: &str,
+    dest: &Path,
+) -> Result<(), BlobsError> {
+    let failed = |source: io::Error| BlobsError::Write {
+        path: dest.to_path_buf(),
+        source,
+    };
+    let parent = dest.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(failed)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(parent).map_err(failed)?;
+    store.get(id, tmp.as_file_mut())?;
+    tmp.as_file().sync_all().map_err(failed)?;
+    if !matches_record(path, sha, tmp.path())? {
+        return Err(BlobsError::Mismatch {
+            path: path.to_string(),
+            store: store.describe(),
+            object_id: id.to_string(),
+            got: sha256_file(tmp.path())?,
+            recorded: sha.to_string(),
+        });
+    }
+    tmp.persist(dest).map_err(|e| failed(e.error))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
+    use super::super::blobstore::{LocalBlobstore, LocalOnly};
     use super::*;
 
     fn release() -> tempfile::TempDir {
@@ -365,7 +399,7 @@ mod tests {
         )
         .expect("write");
         assert!(matches!(
-            sync_blobs(rel.path()),
+            sync_blobs(rel.path(), &LocalOnly),
             Err(BlobsError::BadPath { .. })
         ));
     }
@@ -380,7 +414,7 @@ mod tests {
         assert_eq!(listed[0].object_id, None);
         assert!(listed[0].local);
 
-        let up = upload_blobs(rel.path()).expect("upload");
+        let up = upload_blobs(rel.path(), &LocalOnly).expect("upload");
         assert_eq!(up.len(), 1);
         let id = &up[0].1;
         assert!(rel.path().join("store").join(id).is_file());
@@ -390,17 +424,19 @@ mod tests {
                 .as_deref(),
             Some(id.as_str())
         );
-        assert!(upload_blobs(rel.path()).expect("again").is_empty());
+        assert!(upload_blobs(rel.path(), &LocalOnly)
+            .expect("again")
+            .is_empty());
 
         fs::remove_dir_all(rel.path().join("blobs")).expect("rm blobs");
         assert!(!list_blobs(rel.path()).expect("list")[0].local);
-        let report = sync_blobs(rel.path()).expect("sync");
+        let report = sync_blobs(rel.path(), &LocalOnly).expect("sync");
         assert_eq!(report.fetched, vec!["a/alpha.txt".to_string()]);
         assert_eq!(
             fs::read(rel.path().join("blobs/a/alpha.txt")).expect("fetched"),
             b"alpha"
         );
-        let report = sync_blobs(rel.path()).expect("sync again");
+        let report = sync_blobs(rel.path(), &LocalOnly).expect("sync again");
         assert!(report.fetched.is_empty());
         assert_eq!(report.present, vec!["a/alpha.txt".to_string()]);
     }
@@ -410,14 +446,20 @@ mod tests {
         let rel = release();
         let src = source_file(rel.path(), "a", b"alpha");
         add_blob(rel.path(), &src, "alpha").expect("add");
-        let (_, id) = upload_blobs(rel.path()).expect("upload").remove(0);
+        let (_, id) = upload_blobs(rel.path(), &LocalOnly)
+            .expect("upload")
+            .remove(0);
         fs::write(rel.path().join("store").join(&id), b"tampered").expect("tamper");
         fs::remove_file(rel.path().join("blobs/alpha")).expect("rm");
-        let err = sync_blobs(rel.path()).expect_err("mismatch");
+        let err = sync_blobs(rel.path(), &LocalOnly).expect_err("mismatch");
         assert!(matches!(err, BlobsError::Mismatch { .. }), "{err}");
         assert!(!rel.path().join("blobs/alpha").exists());
+        let left = fs::read_dir(rel.path().join("blobs"))
+            .expect("blobs/")
+            .count();
+        assert_eq!(left, 0, "the refused download leaves nothing in blobs/");
         fs::remove_file(rel.path().join("store").join(&id)).expect("rm store copy");
-        let err = sync_blobs(rel.path()).expect_err("missing");
+        let err = sync_blobs(rel.path(), &LocalOnly).expect_err("missing");
         assert!(
             matches!(err, BlobsError::Blobstore(BlobstoreError::Missing { .. })),
             "{err}"
@@ -430,7 +472,7 @@ mod tests {
         let src = source_file(rel.path(), "a", b"alpha");
         add_blob(rel.path(), &src, "alpha").expect("add");
         fs::write(rel.path().join("blobs/alpha"), b"changed").expect("change");
-        let err = upload_blobs(rel.path()).expect_err("changed");
+        let err = upload_blobs(rel.path(), &LocalOnly).expect_err("changed");
         assert!(matches!(err, BlobsError::BadDigest { .. }), "{err}");
         assert_eq!(
             read_blobs(rel.path()).expect("read")["alpha"].object_id,
@@ -449,7 +491,7 @@ mod tests {
             format!("old.txt:\n  size: 3\n  object_id: {id}\n  sha: {sha1}\n"),
         )
         .expect("write");
-        let report = sync_blobs(rel.path()).expect("sync");
+        let report = sync_blobs(rel.path(), &LocalOnly).expect("sync");
         assert_eq!(report.fetched, vec!["old.txt".to_string()]);
         fs::write(
             rel.path().join(BLOBS_YML),
@@ -461,13 +503,13 @@ mod tests {
         .expect("write");
         fs::remove_file(rel.path().join("blobs/old.txt")).expect("rm");
         assert!(matches!(
-            sync_blobs(rel.path()),
+            sync_blobs(rel.path(), &LocalOnly),
             Err(BlobsError::Mismatch { .. })
         ));
     }
 
     #[test]
-    fn upload_needs_a_local_blobstore() {
+    fn upload_needs_a_provider_it_can_open() {
         let rel = release();
         fs::write(
             rel.path().join("config/final.yml"),
@@ -476,11 +518,11 @@ mod tests {
         .expect("write");
         let src = source_file(rel.path(), "a", b"alpha");
         add_blob(rel.path(), &src, "alpha").expect("add works without a blobstore");
-        let err = upload_blobs(rel.path()).expect_err("gcs");
+        let err = upload_blobs(rel.path(), &LocalOnly).expect_err("gcs");
         assert!(
             matches!(
                 &err,
-                BlobsError::Blobstore(BlobstoreError::UnsupportedProvider { provider }) if provider == "gcs"
+                BlobsError::Blobstore(BlobstoreError::UnsupportedProvider { provider, .. }) if provider == "gcs"
             ),
             "{err}"
         );

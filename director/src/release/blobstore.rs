@@ -1,13 +1,18 @@
 //! A release directory's own blobstore, as `config/final.yml` names it
-//! (`blobstore.provider` and `blobstore.options`): where final builds and
-//! uploaded blobs are kept. Only the `local` provider (a directory,
-//! `options.blobstore_path`, relative to the release directory when
-//! relative) is supported; any other provider is an error naming it.
+//! (`blobstore.provider` and `blobstore.options`, with the options of
+//! `config/private.yml`'s `blobstore` merged over them, as BOSH does for
+//! credentials): where final builds and uploaded blobs are kept.
 //!
-//! This module owns putting files into that directory under new ids and
-//! reading them back by id, plus the small file helpers the release-writing
-//! modules share (atomic writes, streamed sha256). It must not know what
-//! the files are (jobs, packages, blobs): callers record ids and digests.
+//! This module owns the [`Blobstore`] interface (put a file under a new
+//! id, get it back by id), reading a release's [`BlobstoreConfig`], the
+//! `local` provider ([`LocalBlobstore`], a directory:
+//! `options.blobstore_path`, relative to the release directory when
+//! relative) and the [`BlobstoreProviders`] seam through which callers
+//! supply other providers (the binary adds `s3`), plus the small file
+//! helpers the release-writing modules share (atomic writes, streamed
+//! sha256). It must not know what the files are (jobs, packages, blobs):
+//! callers record ids and digests. It must not print option values: the
+//! options hold credentials.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -32,16 +37,25 @@ pub enum BlobstoreError {
         #[source]
         source: serde_yaml_ng::Error,
     },
-    #[error("{path} names no blobstore (blobstore.provider: local with options.blobstore_path)")]
+    #[error(
+        "{path} names no blobstore (blobstore.provider, e.g. local with options.blobstore_path)"
+    )]
     NoBlobstore { path: PathBuf },
-    #[error("the release blobstore provider '{provider}' (config/final.yml) is not supported: only 'local' is")]
-    UnsupportedProvider { provider: String },
-    #[error("config/final.yml: the local blobstore has no options.blobstore_path")]
-    NoBlobstorePath,
+    #[error("config/final.yml: blobstore.provider is missing or not a string")]
+    NoProvider,
+    #[error("the release blobstore provider '{provider}' (config/final.yml) is not supported: {supported}")]
+    UnsupportedProvider { provider: String, supported: String },
+    #[error("config/final.yml: the {provider} blobstore needs options.{option}")]
+    MissingOption {
+        provider: String,
+        option: &'static str,
+    },
+    #[error("config/final.yml or config/private.yml: blobstore option '{option}': {message}")]
+    BadOption { option: String, message: String },
     #[error("blobstore id '{id}' is not a plain file name")]
     BadId { id: String },
-    #[error("blob '{id}' is not in the local blobstore {store}")]
-    Missing { id: String, store: PathBuf },
+    #[error("blob '{id}' is not in {store}")]
+    Missing { id: String, store: String },
     #[error("writing {path}")]
     Write {
         path: PathBuf,
@@ -54,6 +68,195 @@ pub enum BlobstoreError {
         #[source]
         source: io::Error,
     },
+    #[error("{operation} in {store}")]
+    Remote {
+        operation: String,
+        store: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// A place that keeps files by id.
+pub trait Blobstore: Send + Sync {
+    /// What it is, for messages (`the local blobstore DIR`, `s3 bucket B at
+    /// URL`); never credentials.
+    fn describe(&self) -> String;
+
+    /// Copy everything `content` gives into the store under a new id; the
+    /// id and the sha256 (hex) of what was stored.
+    fn put(&self, content: &mut dyn Read) -> Result<(String, String), BlobstoreError>;
+
+    /// Write blob `id` into `out`. An id the store does not have:
+    /// [`BlobstoreError::Missing`].
+    fn get(&self, id: &str, out: &mut dyn Write) -> Result<(), BlobstoreError>;
+}
+
+/// A release's blobstore settings: `config/final.yml`'s `blobstore`, with
+/// `config/private.yml`'s `blobstore.options` merged over its options.
+#[derive(Clone, PartialEq)]
+pub struct BlobstoreConfig {
+    /// The release directory (relative paths in options are relative to it).
+    pub release_dir: PathBuf,
+    pub provider: String,
+    pub options: serde_yaml_ng::Mapping,
+}
+
+impl std::fmt::Debug for BlobstoreConfig {
+    // The options hold credentials: only their names are shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys: Vec<&str> = self.options.keys().filter_map(|k| k.as_str()).collect();
+        f.debug_struct("BlobstoreConfig")
+            .field("release_dir", &self.release_dir)
+            .field("provider", &self.provider)
+            .field("options", &keys)
+            .finish()
+    }
+}
+
+fn read_yaml(path: &Path) -> Result<Option<serde_yaml_ng::Value>, BlobstoreError> {
+    let text = match fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(BlobstoreError::ReadConfig {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    serde_yaml_ng::from_str(&text)
+        .map(Some)
+        .map_err(|source| BlobstoreError::ConfigSyntax {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+impl BlobstoreConfig {
+    /// The blobstore `DIR/config/final.yml` names, or none (no file or no
+    /// `blobstore` key).
+    pub fn of_release(dir: &Path) -> Result<Option<Self>, BlobstoreError> {
+        let path = dir.join("config/final.yml");
+        let Some(doc) = read_yaml(&path)? else {
+            return Ok(None);
+        };
+        let Some(store) = doc.get("blobstore") else {
+            return Ok(None);
+        };
+        let provider = store
+            .get("provider")
+            .and_then(|p| p.as_str())
+            .ok_or(BlobstoreError::NoProvider)?
+            .to_string();
+        let mut options = match store.get("options") {
+            Some(serde_yaml_ng::Value::Mapping(m)) => m.clone(),
+            None | Some(serde_yaml_ng::Value::Null) => serde_yaml_ng::Mapping::new(),
+            Some(_) => {
+                return Err(BlobstoreError::BadOption {
+                    option: "options".into(),
+                    message: "is not a map".into(),
+                })
+            }
+        };
+        let private = read_yaml(&dir.join("config/private.yml"))?;
+        if let Some(extra) = private
+            .as_ref()
+            .and_then(|p| p.get("blobstore"))
+            .and_then(|b| b.get("options"))
+        {
+            let serde_yaml_ng::Value::Mapping(extra) = extra else {
+                return Err(BlobstoreError::BadOption {
+                    option: "options".into(),
+                    message: "config/private.yml: blobstore.options is not a map".into(),
+                });
+            };
+            for (k, v) in extra {
+                options.insert(k.clone(), v.clone());
+            }
+        }
+        Ok(Some(BlobstoreConfig {
+            release_dir: dir.to_path_buf(),
+            provider,
+            options,
+        }))
+    }
+
+    /// Option `name` as text (strings, numbers and booleans); none when
+    /// absent or empty.
+    pub fn option(&self, name: &str) -> Result<Option<String>, BlobstoreError> {
+        use serde_yaml_ng::Value;
+        match self.options.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(Value::Number(n)) => Ok(Some(n.to_string())),
+            Some(Value::Bool(b)) => Ok(Some(b.to_string())),
+            Some(_) => Err(BlobstoreError::BadOption {
+                option: name.to_string(),
+                message: "is not a string, number or boolean".into(),
+            }),
+        }
+    }
+
+    /// Option `name`, which this provider needs.
+    pub fn required(&self, name: &'static str) -> Result<String, BlobstoreError> {
+        self.option(name)?
+            .ok_or_else(|| BlobstoreError::MissingOption {
+                provider: self.provider.clone(),
+                option: name,
+            })
+    }
+
+    /// Boolean option `name` (`true`/`false`), `default` when absent.
+    pub fn flag(&self, name: &str, default: bool) -> Result<bool, BlobstoreError> {
+        match self.option(name)?.as_deref() {
+            None => Ok(default),
+            Some("true") => Ok(true),
+            Some("false") => Ok(false),
+            Some(other) => Err(BlobstoreError::BadOption {
+                option: name.to_string(),
+                message: format!("'{other}' is not true or false"),
+            }),
+        }
+    }
+}
+
+/// Opens the blobstore a release's config names. The director knows only
+/// `local` ([`LocalOnly`]); the binary supplies one that also knows the
+/// providers it links (`s3`).
+pub trait BlobstoreProviders: Send + Sync {
+    fn open(&self, config: &BlobstoreConfig) -> Result<Box<dyn Blobstore>, BlobstoreError>;
+}
+
+/// The providers the director itself has: `local` only.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LocalOnly;
+
+impl BlobstoreProviders for LocalOnly {
+    fn open(&self, config: &BlobstoreConfig) -> Result<Box<dyn Blobstore>, BlobstoreError> {
+        match config.provider.as_str() {
+            "local" => Ok(Box::new(LocalBlobstore::from_config(config)?)),
+            other => Err(BlobstoreError::UnsupportedProvider {
+                provider: other.to_string(),
+                supported: "only 'local' is".into(),
+            }),
+        }
+    }
+}
+
+/// The blobstore of release `dir`: an error when `config/final.yml` names
+/// none or `providers` cannot open it.
+pub fn open_release_blobstore(
+    dir: &Path,
+    providers: &dyn BlobstoreProviders,
+) -> Result<Box<dyn Blobstore>, BlobstoreError> {
+    match BlobstoreConfig::of_release(dir)? {
+        Some(config) => providers.open(&config),
+        None => Err(BlobstoreError::NoBlobstore {
+            path: dir.join("config/final.yml"),
+        }),
+    }
 }
 
 /// The local blobstore of a release directory.
@@ -63,41 +266,12 @@ pub struct LocalBlobstore {
 }
 
 impl LocalBlobstore {
-    /// The blobstore `DIR/config/final.yml` names. No file, no `blobstore`
-    /// key, a provider other than `local` or no `blobstore_path`: an error.
-    pub fn of_release(dir: &Path) -> Result<Self, BlobstoreError> {
-        let path = dir.join("config/final.yml");
-        let text = match fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(BlobstoreError::NoBlobstore { path })
-            }
-            Err(source) => return Err(BlobstoreError::ReadConfig { path, source }),
-        };
-        let doc: serde_yaml_ng::Value =
-            serde_yaml_ng::from_str(&text).map_err(|source| BlobstoreError::ConfigSyntax {
-                path: path.clone(),
-                source,
-            })?;
-        let Some(store) = doc.get("blobstore") else {
-            return Err(BlobstoreError::NoBlobstore { path });
-        };
-        let provider = store
-            .get("provider")
-            .and_then(|p| p.as_str())
-            .unwrap_or_default();
-        if provider != "local" {
-            return Err(BlobstoreError::UnsupportedProvider {
-                provider: provider.to_string(),
-            });
-        }
-        let at = store
-            .get("options")
-            .and_then(|o| o.get("blobstore_path"))
-            .and_then(|p| p.as_str())
-            .filter(|p| !p.trim().is_empty())
-            .ok_or(BlobstoreError::NoBlobstorePath)?;
-        Ok(LocalBlobstore { root: dir.join(at) })
+    /// The `local` blobstore `config` describes (`blobstore_path`).
+    pub fn from_config(config: &BlobstoreConfig) -> Result<Self, BlobstoreError> {
+        let at = config.required("blobstore_path")?;
+        Ok(LocalBlobstore {
+            root: config.release_dir.join(at),
+        })
     }
 
     /// A blobstore at `root` (for tests and callers that know it).
@@ -112,32 +286,45 @@ impl LocalBlobstore {
     /// Where blob `id` is (or would be). An id that is not a plain file
     /// name is refused.
     pub fn path_of(&self, id: &str) -> Result<PathBuf, BlobstoreError> {
-        check_name("blobstore id", id).map_err(|_| BlobstoreError::BadId { id: id.to_string() })?;
+        check_id(id)?;
         Ok(self.root.join(id))
     }
+}
 
-    /// Copy everything `content` gives into the store under a new id; the
-    /// id and the sha256 (hex) of what was written.
-    pub fn put(&self, content: &mut dyn Read) -> Result<(String, String), BlobstoreError> {
+/// Blobstore ids become file and object names: plain names only.
+pub fn check_id(id: &str) -> Result<(), BlobstoreError> {
+    check_name("blobstore id", id).map_err(|_| BlobstoreError::BadId { id: id.to_string() })
+}
+
+impl Blobstore for LocalBlobstore {
+    fn describe(&self) -> String {
+        format!("the local blobstore {}", self.root.display())
+    }
+
+    fn put(&self, content: &mut dyn Read) -> Result<(String, String), BlobstoreError> {
         let id = uuid::Uuid::new_v4().to_string();
         let dest = self.path_of(&id)?;
         let sha256 = write_streamed(&dest, content)?;
         Ok((id, sha256))
     }
 
-    /// Open blob `id` for reading.
-    pub fn open(&self, id: &str) -> Result<File, BlobstoreError> {
+    fn get(&self, id: &str, out: &mut dyn Write) -> Result<(), BlobstoreError> {
         let path = self.path_of(id)?;
-        File::open(&path).map_err(|source| {
+        let mut f = File::open(&path).map_err(|source| {
             if source.kind() == io::ErrorKind::NotFound {
                 BlobstoreError::Missing {
                     id: id.to_string(),
-                    store: self.root.clone(),
+                    store: self.describe(),
                 }
             } else {
-                BlobstoreError::Read { path, source }
+                BlobstoreError::Read {
+                    path: path.clone(),
+                    source,
+                }
             }
-        })
+        })?;
+        io::copy(&mut f, out).map_err(|source| BlobstoreError::Read { path, source })?;
+        Ok(())
     }
 }
 
@@ -192,45 +379,103 @@ pub(crate) fn sha256_file(path: &Path) -> Result<String, BlobstoreError> {
 mod tests {
     use super::*;
 
-    fn release_with_final_yml(text: &str) -> tempfile::TempDir {
+    fn release_with(final_yml: &str, private_yml: Option<&str>) -> tempfile::TempDir {
         let dir = tempfile::tempdir().expect("tempdir");
         fs::create_dir_all(dir.path().join("config")).expect("mkdir");
-        fs::write(dir.path().join("config/final.yml"), text).expect("write");
+        fs::write(dir.path().join("config/final.yml"), final_yml).expect("write");
+        if let Some(p) = private_yml {
+            fs::write(dir.path().join("config/private.yml"), p).expect("write");
+        }
         dir
+    }
+
+    fn local(dir: &Path) -> Result<LocalBlobstore, BlobstoreError> {
+        let config = BlobstoreConfig::of_release(dir)?.ok_or(BlobstoreError::NoProvider)?;
+        LocalBlobstore::from_config(&config)
     }
 
     #[test]
     fn a_relative_blobstore_path_is_relative_to_the_release() {
-        let dir = release_with_final_yml(
+        let dir = release_with(
             "name: r\nblobstore:\n  provider: local\n  options:\n    blobstore_path: /tmp/../x/store\n",
+            None,
         );
-        let abs = LocalBlobstore::of_release(dir.path()).expect("local");
-        assert_eq!(abs.root(), Path::new("/tmp/../x/store"));
-        let dir = release_with_final_yml(
+        assert_eq!(
+            local(dir.path()).expect("local").root(),
+            Path::new("/tmp/../x/store")
+        );
+        let dir = release_with(
             "name: r\nblobstore:\n  provider: local\n  options:\n    blobstore_path: store\n",
+            None,
         );
-        let rel = LocalBlobstore::of_release(dir.path()).expect("local");
-        assert_eq!(rel.root(), dir.path().join("store"));
+        assert_eq!(
+            local(dir.path()).expect("local").root(),
+            dir.path().join("store")
+        );
+    }
+
+    #[test]
+    fn private_yml_options_override_final_yml_and_are_not_shown() {
+        let dir = release_with(
+            "name: r\nblobstore:\n  provider: s3\n  options:\n    bucket_name: b\n    access_key_id: public\n",
+            Some("blobstore:\n  options:\n    access_key_id: id\n    secret_access_key: hush\n"),
+        );
+        let c = BlobstoreConfig::of_release(dir.path())
+            .expect("read")
+            .expect("some");
+        assert_eq!(c.provider, "s3");
+        assert_eq!(c.required("bucket_name").expect("bucket"), "b");
+        assert_eq!(
+            c.option("access_key_id").expect("id").as_deref(),
+            Some("id")
+        );
+        assert_eq!(
+            c.option("secret_access_key").expect("key").as_deref(),
+            Some("hush")
+        );
+        assert!(!format!("{c:?}").contains("hush"), "{c:?}");
+        assert!(c.flag("use_ssl", true).expect("default"));
+        let err = c.required("region").expect_err("no region");
+        assert_eq!(
+            err.to_string(),
+            "config/final.yml: the s3 blobstore needs options.region"
+        );
     }
 
     #[test]
     fn other_providers_and_missing_settings_are_errors() {
-        let dir = release_with_final_yml(
+        let dir = release_with(
             "name: r\nblobstore:\n  provider: s3\n  options:\n    bucket_name: b\n",
+            None,
         );
-        let err = LocalBlobstore::of_release(dir.path()).expect_err("s3");
+        let err = open_release_blobstore(dir.path(), &LocalOnly)
+            .err()
+            .expect("s3");
         assert_eq!(
             err.to_string(),
             "the release blobstore provider 's3' (config/final.yml) is not supported: only 'local' is"
         );
-        let dir = release_with_final_yml("name: r\nblobstore:\n  provider: local\n");
-        let err = LocalBlobstore::of_release(dir.path()).expect_err("no path");
-        assert!(matches!(err, BlobstoreError::NoBlobstorePath), "{err}");
-        let dir = release_with_final_yml("name: r\n");
-        let err = LocalBlobstore::of_release(dir.path()).expect_err("no blobstore");
+        let dir = release_with("name: r\nblobstore:\n  provider: local\n", None);
+        let err = local(dir.path()).expect_err("no path");
+        assert!(
+            matches!(
+                err,
+                BlobstoreError::MissingOption {
+                    option: "blobstore_path",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let dir = release_with("name: r\n", None);
+        let err = open_release_blobstore(dir.path(), &LocalOnly)
+            .err()
+            .expect("no blobstore");
         assert!(matches!(err, BlobstoreError::NoBlobstore { .. }), "{err}");
         let none = tempfile::tempdir().expect("tempdir");
-        let err = LocalBlobstore::of_release(none.path()).expect_err("no final.yml");
+        let err = open_release_blobstore(none.path(), &LocalOnly)
+            .err()
+            .expect("no final.yml");
         assert!(matches!(err, BlobstoreError::NoBlobstore { .. }), "{err}");
     }
 
@@ -242,19 +487,15 @@ mod tests {
         let (b, _) = store.put(&mut &b"hello"[..]).expect("put");
         assert_ne!(a, b, "every put has its own id");
         assert_eq!(sha_a, super::super::archive::sha256_hex(b"hello"));
-        let mut back = String::new();
-        store
-            .open(&a)
-            .expect("open")
-            .read_to_string(&mut back)
-            .expect("read");
-        assert_eq!(back, "hello");
+        let mut back = Vec::new();
+        store.get(&a, &mut back).expect("get");
+        assert_eq!(back, b"hello");
         assert!(matches!(
-            store.open("nope"),
+            store.get("nope", &mut Vec::new()),
             Err(BlobstoreError::Missing { .. })
         ));
         assert!(matches!(
-            store.path_of("../escape"),
+            store.get("../escape", &mut Vec::new()),
             Err(BlobstoreError::BadId { .. })
         ));
     }

@@ -45,7 +45,8 @@ fn text(s: &str) -> FileEntry {
 // a job's files are job.MF (its spec), monit and templates/<src>.
 #[test]
 fn fingerprints_are_the_ones_bosh_computes() {
-    let r = read_release_dir_with(&fixture(), None, DigestAlgorithm::Sha1).unwrap();
+    let r =
+        read_release_dir_with(&fixture(), None, DigestAlgorithm::Sha1, &super::LocalOnly).unwrap();
     assert!(r.warnings.is_empty(), "{:?}", r.warnings);
     let web = r.job("web").unwrap();
     assert_eq!(web.fingerprint, "f4b66f7e558b931abb912220c51a829f76042923");
@@ -161,7 +162,7 @@ fn vendored_packages_come_from_their_build() {
     )
     .unwrap();
     let msg = read_release_dir(&dir, None).unwrap_err().to_string();
-    assert!(msg.contains("store/blob-lib (absent)"), "{msg}");
+    assert!(msg.contains("store, object blob-lib (absent)"), "{msg}");
     fs::create_dir_all(dir.join("store")).unwrap();
     fs::write(dir.join("store/blob-lib"), lib.archive.to_vec().unwrap()).unwrap();
     let r = read_release_dir(&dir, None).unwrap();
@@ -179,7 +180,7 @@ fn vendored_packages_come_from_their_build() {
     // A tarball that does not match the recorded digest is not taken.
     fs::write(dir.join("store/blob-lib"), b"something else").unwrap();
     let msg = read_release_dir(&dir, None).unwrap_err().to_string();
-    assert!(msg.contains("store/blob-lib (sha256 is "), "{msg}");
+    assert!(msg.contains("store, object blob-lib (sha256 is "), "{msg}");
 }
 
 #[test]

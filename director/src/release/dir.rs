@@ -14,7 +14,8 @@ use super::archive::{
     build_tgz, digests, job_archive, job_fingerprint, license_fingerprint, package_archive,
     package_fingerprint, sha256_hex, BothHasher, DigestAlgorithm, FileEntry,
 };
-use super::final_builds::{Build, Builds, Kind};
+use super::blobstore::{BlobstoreConfig, BlobstoreProviders, LocalOnly};
+use super::final_builds::{Builds, Kind};
 use super::spec::{
     check_name, parse_job_spec_with_warnings, parse_package_spec_with_warnings, parse_yaml,
     yaml_error,
@@ -27,9 +28,9 @@ use super::{
 use crate::archive_limits::{ArchiveLimits, Budget};
 
 /// [`read_release_dir_with`] computing SHA-256 fingerprints (as BOSH's CLI
-/// does today).
+/// does today), final builds looked for in a `local` blobstore only.
 pub fn read_release_dir(dir: &Path, version: Option<&str>) -> Result<Release, ReleaseError> {
-    read_release_dir_with(dir, version, DigestAlgorithm::default())
+    read_release_dir_with(dir, version, DigestAlgorithm::default(), &LocalOnly)
 }
 
 /// Read a BOSH-layout release directory: name from `config/final.yml`
@@ -42,31 +43,35 @@ pub fn read_release_dir(dir: &Path, version: Option<&str>) -> Result<Release, Re
 /// same version); fingerprints made with `algo` (a job or package whose
 /// fingerprint under the other algorithm is a recorded build takes that
 /// build's fingerprint and version); vendored packages (`spec.lock`) from
-/// their build's tarball.
+/// their build's tarball. A build tarball the directory does not hold is
+/// fetched by its blobstore id from the release's blobstore, which
+/// `providers` opens.
 pub fn read_release_dir_with(
     dir: &Path,
     version: Option<&str>,
     algo: DigestAlgorithm,
+    providers: &dyn BlobstoreProviders,
 ) -> Result<Release, ReleaseError> {
-    read_dir_inner(dir, version, algo).map_err(|e| e.in_release(dir))
+    read_dir_inner(dir, version, algo, providers).map_err(|e| e.in_release(dir))
 }
 
 /// What `config/final.yml` says.
 struct FinalConfig {
     name: String,
-    local_blobstore: Option<PathBuf>,
+    blobstore: Result<Option<BlobstoreConfig>, String>,
 }
 
 fn read_dir_inner(
     dir: &Path,
     version: Option<&str>,
     algo: DigestAlgorithm,
+    providers: &dyn BlobstoreProviders,
 ) -> Result<Release, ReleaseError> {
     if !dir.is_dir() {
         return Err(ReleaseError::io("", "not a directory"));
     }
     let config = final_config(dir)?;
-    let builds = Builds::new(dir, config.local_blobstore.clone());
+    let builds = Builds::new(dir, config.blobstore.clone(), providers);
     if let Some(v) = version {
         if v.trim().is_empty() {
             return Err(ReleaseError::invalid("", "the release version is empty"));
@@ -146,23 +151,11 @@ fn dev_version(jobs: &[Job], packages: &[Package], license: Option<&License>) ->
 fn final_config(dir: &Path) -> Result<FinalConfig, ReleaseError> {
     let file = "config/final.yml";
     let path = dir.join(file);
-    let mut local_blobstore = None;
     let from_final = if path.is_file() {
         let text = read_text(&path, file)?;
         let doc: serde_yaml_ng::Value =
             serde_yaml_ng::from_str(&text).map_err(|e| yaml_error(file, &e))?;
         let get = |k: &str| doc.get(k).and_then(|v| v.as_str()).map(str::to_string);
-        let store = doc.get("blobstore");
-        let provider = store
-            .and_then(|b| b.get("provider"))
-            .and_then(|p| p.as_str());
-        if provider == Some("local") {
-            let at = store
-                .and_then(|b| b.get("options"))
-                .and_then(|o| o.get("blobstore_path"))
-                .and_then(|p| p.as_str());
-            local_blobstore = at.map(|p| dir.join(p));
-        }
         get("name").or_else(|| get("final_name"))
     } else {
         None
@@ -180,10 +173,10 @@ fn final_config(dir: &Path) -> Result<FinalConfig, ReleaseError> {
         }
     };
     check_name("release name", &name).map_err(|m| ReleaseError::invalid(file, m))?;
-    Ok(FinalConfig {
-        name,
-        local_blobstore,
-    })
+    // Blobstore settings that cannot be read are an error only when a build
+    // must be fetched from the blobstore: what is here can still be read.
+    let blobstore = BlobstoreConfig::of_release(dir).map_err(|e| bosun_cpi::chain::chain(&e));
+    Ok(FinalConfig { name, blobstore })
 }
 
 /// Limits for reading final builds' archives (they were made by a release
@@ -217,12 +210,10 @@ fn read_final_release(
     let mut packages = Vec::new();
     for entry in &mut manifest.packages {
         check_name("package name", &entry.name).map_err(|m| ReleaseError::invalid(file, m))?;
-        let build = builds.find(Kind::Package, &entry.name, &entry.fingerprint)?;
-        let found = builds.tarball(
+        let (_, found) = builds.fetch(
             Kind::Package,
             &entry.name,
             &entry.fingerprint,
-            build.as_ref(),
             Some(&entry.sha1),
         )?;
         let at = format!("packages/{}", entry.name);
@@ -242,12 +233,10 @@ fn read_final_release(
     let mut jobs = Vec::new();
     for entry in &manifest.jobs {
         check_name("job name", &entry.name).map_err(|m| ReleaseError::invalid(file, m))?;
-        let build = builds.find(Kind::Job, &entry.name, &entry.fingerprint)?;
-        let found = builds.tarball(
+        let (_, found) = builds.fetch(
             Kind::Job,
             &entry.name,
             &entry.fingerprint,
-            build.as_ref(),
             Some(&entry.sha1),
         )?;
         let at = format!("jobs/{}", entry.name);
@@ -264,12 +253,10 @@ fn read_final_release(
     jobs.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
     let license = match &manifest.license {
         Some(entry) => {
-            let build = builds.find(Kind::License, "license", &entry.fingerprint)?;
-            let found = builds.tarball(
+            let (_, found) = builds.fetch(
                 Kind::License,
                 "license",
                 &entry.fingerprint,
-                build.as_ref(),
                 Some(&entry.sha1),
             )?;
             Some(license_from_archive(
@@ -627,14 +614,7 @@ fn read_packages(
                 }
             }
             PackageInput::Vendored(lock) => {
-                let build: Option<Build> = builds.find(Kind::Package, &name, &lock.fingerprint)?;
-                let found = builds.tarball(
-                    Kind::Package,
-                    &name,
-                    &lock.fingerprint,
-                    build.as_ref(),
-                    None,
-                )?;
+                let (build, found) = builds.fetch(Kind::Package, &name, &lock.fingerprint, None)?;
                 let entry = PackageEntry {
                     name: name.clone(),
                     version: build

@@ -3,12 +3,14 @@
 //! `license/index.yml`: builds by fingerprint, each with a version, a
 //! blobstore id and a digest) and finding a build's tarball on disk.
 //!
-//! This module only reads: it must not download from a blobstore, write
-//! indexes or build anything. A tarball is looked for in the local
-//! blobstore (`config/final.yml`, provider `local`), then beside the index,
-//! then in `.dev_builds`; what is found is verified against the recorded
-//! digest.
+//! This module only reads: it must not write indexes, write into a
+//! blobstore or build anything. A tarball is looked for beside the index,
+//! then in `.dev_builds`, then (by its blobstore id) in the release's
+//! blobstore (`config/final.yml`, opened through the caller's
+//! [`BlobstoreProviders`] only when needed); what is found is verified
+//! against the recorded digest.
 
+use std::cell::OnceCell;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Read;
@@ -17,6 +19,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::archive::{ArchiveData, BothHasher, DigestAlgorithm};
+use super::blobstore::{Blobstore, BlobstoreConfig, BlobstoreError, BlobstoreProviders};
 use super::spec::parse_yaml;
 use super::{digest, ReleaseError};
 
@@ -30,7 +33,7 @@ pub(crate) enum Kind {
 
 impl Kind {
     /// `jobs/NAME`, `packages/NAME` or `license`, under a builds directory.
-    fn subdir(self, name: &str) -> String {
+    pub(crate) fn subdir(self, name: &str) -> String {
         match self {
             Kind::Job => format!("jobs/{name}"),
             Kind::Package => format!("packages/{name}"),
@@ -73,9 +76,14 @@ struct RawBuild {
 }
 
 /// The builds of a release directory.
-pub(crate) struct Builds {
+pub(crate) struct Builds<'a> {
     dir: PathBuf,
-    local_blobstore: Option<PathBuf>,
+    /// The release's blobstore settings (none, or why they cannot be read).
+    store_config: Result<Option<BlobstoreConfig>, String>,
+    providers: &'a dyn BlobstoreProviders,
+    /// The blobstore, opened the first time a tarball is looked for in it
+    /// (or why it could not be).
+    store: OnceCell<Result<Box<dyn Blobstore>, String>>,
 }
 
 /// A build's tarball, found and verified.
@@ -84,11 +92,33 @@ pub(crate) struct Found {
     pub sha256: String,
 }
 
-impl Builds {
-    pub(crate) fn new(dir: &Path, local_blobstore: Option<PathBuf>) -> Self {
+impl<'a> Builds<'a> {
+    pub(crate) fn new(
+        dir: &Path,
+        store_config: Result<Option<BlobstoreConfig>, String>,
+        providers: &'a dyn BlobstoreProviders,
+    ) -> Self {
         Builds {
             dir: dir.to_path_buf(),
-            local_blobstore,
+            store_config,
+            providers,
+            store: OnceCell::new(),
+        }
+    }
+
+    /// The release's blobstore, or why there is none to look in.
+    fn store(&self) -> Result<&dyn Blobstore, String> {
+        let opened = self.store.get_or_init(|| match &self.store_config {
+            Err(why) => Err(why.clone()),
+            Ok(None) => Err("config/final.yml names no blobstore".to_string()),
+            Ok(Some(c)) => self
+                .providers
+                .open(c)
+                .map_err(|e| bosun_cpi::chain::chain(&e)),
+        });
+        match opened {
+            Ok(s) => Ok(s.as_ref()),
+            Err(e) => Err(e.clone()),
         }
     }
 
@@ -109,11 +139,25 @@ impl Builds {
         Ok(None)
     }
 
+    /// The build of `kind`/`name` with `fingerprint` (when indexed) and its
+    /// tarball, verified against `expected` (else the build's digest).
+    pub(crate) fn fetch(
+        &self,
+        kind: Kind,
+        name: &str,
+        fingerprint: &str,
+        expected: Option<&str>,
+    ) -> Result<(Option<Build>, Found), ReleaseError> {
+        let build = self.find(kind, name, fingerprint)?;
+        let found = self.tarball(kind, name, fingerprint, build.as_ref(), expected)?;
+        Ok((build, found))
+    }
+
     /// The tarball of `kind`/`name` with `fingerprint` (of `build`, when
     /// indexed), verified against `expected` (a recorded digest) or else
     /// the build's digest. Not found: an error naming what, its
     /// fingerprint and every place looked.
-    pub(crate) fn tarball(
+    fn tarball(
         &self,
         kind: Kind,
         name: &str,
@@ -122,12 +166,6 @@ impl Builds {
         expected: Option<&str>,
     ) -> Result<Found, ReleaseError> {
         let mut places: Vec<PathBuf> = Vec::new();
-        if let (Some(store), Some(id)) = (
-            &self.local_blobstore,
-            build.and_then(|b| b.blobstore_id.as_deref()),
-        ) {
-            places.push(store.join(id));
-        }
         for root in [".final_builds", ".dev_builds"] {
             let sub = self.dir.join(root).join(kind.subdir(name));
             places.push(sub.join(format!("{fingerprint}.tgz")));
@@ -150,6 +188,29 @@ impl Builds {
             None => None,
         };
         let mut looked = Vec::new();
+        // A candidate's bytes, kept when they have the expected digest
+        // (else what was wrong with them).
+        let check = |place: String, data: Vec<u8>| -> Result<Found, String> {
+            let mut h = BothHasher::default();
+            h.update(&data);
+            let (sha1, sha256) = h.finish();
+            if let Some((algo, hex)) = &expected {
+                let got = match algo {
+                    DigestAlgorithm::Sha1 => &sha1,
+                    DigestAlgorithm::Sha256 => &sha256,
+                };
+                if got != hex {
+                    return Err(format!(
+                        "{place} ({} is {got}, recorded {hex})",
+                        algo.name()
+                    ));
+                }
+            }
+            Ok(Found {
+                archive: ArchiveData::from_bytes(data),
+                sha256,
+            })
+        };
         for place in places {
             if !place.is_file() {
                 looked.push(format!("{} (absent)", place.display()));
@@ -161,27 +222,32 @@ impl Builds {
                     format!("reading {}: {e}", place.display()),
                 )
             })?;
-            let mut h = BothHasher::default();
-            h.update(&data);
-            let (sha1, sha256) = h.finish();
-            if let Some((algo, hex)) = &expected {
-                let got = match algo {
-                    DigestAlgorithm::Sha1 => &sha1,
-                    DigestAlgorithm::Sha256 => &sha256,
-                };
-                if got != hex {
-                    looked.push(format!(
-                        "{} ({} is {got}, recorded {hex})",
-                        place.display(),
-                        algo.name()
-                    ));
-                    continue;
+            match check(place.display().to_string(), data) {
+                Ok(found) => return Ok(found),
+                Err(why) => looked.push(why),
+            }
+        }
+        if let Some(id) = build.and_then(|b| b.blobstore_id.as_deref()) {
+            match self.store() {
+                Err(why) => looked.push(format!("the release's blobstore ({why})")),
+                Ok(store) => {
+                    let mut data = Vec::new();
+                    match store.get(id, &mut data) {
+                        Ok(()) => match check(format!("{}, object {id}", store.describe()), data) {
+                            Ok(found) => return Ok(found),
+                            Err(why) => looked.push(why),
+                        },
+                        Err(BlobstoreError::Missing { .. }) => {
+                            looked.push(format!("{}, object {id} (absent)", store.describe()))
+                        }
+                        Err(e) => looked.push(format!(
+                            "{}, object {id} ({})",
+                            store.describe(),
+                            bosun_cpi::chain::chain(&e)
+                        )),
+                    }
                 }
             }
-            return Ok(Found {
-                archive: ArchiveData::from_bytes(data),
-                sha256,
-            });
         }
         Err(ReleaseError::invalid(
             kind.subdir(name),

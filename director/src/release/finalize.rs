@@ -1,7 +1,7 @@
 //! Final releases, as BOSH's `create-release --final` makes them: the
 //! release built from its directory; every job, package and license whose
 //! fingerprint has no final build yet put into the release's blobstore
-//! (see [`LocalBlobstore`]) and recorded in
+//! (any [`Blobstore`] the caller's providers open) and recorded in
 //! `.final_builds/{jobs,packages}/NAME/index.yml` or
 //! `.final_builds/license/index.yml` (fingerprint -> `version` (the
 //! fingerprint), `blobstore_id`, `sha1: sha256:<hex>`); the release's
@@ -21,10 +21,12 @@ use std::path::{Path, PathBuf};
 
 use serde_yaml_ng::{Mapping, Value};
 
-use super::blobstore::{write_text, BlobstoreError, LocalBlobstore};
+use super::blobstore::{
+    write_text, Blobstore, BlobstoreConfig, BlobstoreError, BlobstoreProviders,
+};
 use super::final_builds::{Builds, Kind};
 use super::spec::check_name;
-use super::{read_release_dir, ArchiveData, Release, ReleaseError};
+use super::{read_release_dir_with, ArchiveData, DigestAlgorithm, Release, ReleaseError};
 
 /// What went wrong making a final release.
 #[derive(Debug, thiserror::Error)]
@@ -94,13 +96,20 @@ pub struct FinalRelease {
 
 /// `create-release --final [--version V]` in `dir`: version `V`, else the
 /// next integer after the highest final version (1 when there is none).
-/// A version that exists is refused.
+/// A version that exists is refused. New builds go into the blobstore
+/// `config/final.yml` names, opened through `providers`.
 pub fn create_final_release(
     dir: &Path,
     version: Option<&str>,
+    providers: &dyn BlobstoreProviders,
 ) -> Result<FinalRelease, FinalizeError> {
-    let store = LocalBlobstore::of_release(dir)?;
-    let mut rel = read_release_dir(dir, None).map_err(FinalizeError::Build)?;
+    let config = BlobstoreConfig::of_release(dir)?.ok_or_else(|| BlobstoreError::NoBlobstore {
+        path: dir.join("config/final.yml"),
+    })?;
+    let store = providers.open(&config)?;
+    let builds = Builds::new(dir, Ok(Some(config)), providers);
+    let read = |version| read_release_dir_with(dir, version, DigestAlgorithm::default(), providers);
+    let mut rel = read(None).map_err(FinalizeError::Build)?;
     let name = rel.manifest.name.clone();
     let releases_dir = dir.join("releases").join(&name);
     let index_path = releases_dir.join("index.yml");
@@ -129,71 +138,59 @@ pub fn create_final_release(
     let mut new_builds = Vec::new();
     let mut reused_builds = Vec::new();
     let final_builds = dir.join(".final_builds");
-    for (job, entry) in rel.jobs.iter().zip(rel.manifest.jobs.iter_mut()) {
-        let build = Candidate {
-            kind: Kind::Job,
-            name: &job.spec.name,
-            what: format!("job {}", job.spec.name),
-            index: final_builds
-                .join("jobs")
-                .join(&job.spec.name)
-                .join("index.yml"),
-            fingerprint: &job.fingerprint,
-            archive: &job.archive,
-            sha256: &job.sha256,
-        };
-        let (v, sha1, new) = finalize_build(dir, &store, &build)?;
-        entry.version = v;
-        entry.sha1 = sha1;
-        if new {
-            &mut new_builds
-        } else {
-            &mut reused_builds
-        }
-        .push(build.what);
+    let Release {
+        manifest,
+        jobs,
+        packages,
+        license,
+        ..
+    } = &mut rel;
+    // Every job, package and license, with the manifest fields its final
+    // build decides (version, digest).
+    let mut work: Vec<(Candidate<'_>, &mut String, &mut String)> = Vec::new();
+    for (j, entry) in jobs.iter().zip(manifest.jobs.iter_mut()) {
+        let c = Candidate::new(
+            Kind::Job,
+            &j.spec.name,
+            &final_builds,
+            &j.fingerprint,
+            &j.archive,
+            &j.sha256,
+        );
+        work.push((c, &mut entry.version, &mut entry.sha1));
     }
-    for (pkg, entry) in rel.packages.iter().zip(rel.manifest.packages.iter_mut()) {
-        let build = Candidate {
-            kind: Kind::Package,
-            name: &pkg.spec.name,
-            what: format!("package {}", pkg.spec.name),
-            index: final_builds
-                .join("packages")
-                .join(&pkg.spec.name)
-                .join("index.yml"),
-            fingerprint: &pkg.fingerprint,
-            archive: &pkg.archive,
-            sha256: &pkg.sha256,
-        };
-        let (v, sha1, new) = finalize_build(dir, &store, &build)?;
-        entry.version = v;
-        entry.sha1 = sha1;
-        if new {
-            &mut new_builds
-        } else {
-            &mut reused_builds
-        }
-        .push(build.what);
+    for (p, entry) in packages.iter().zip(manifest.packages.iter_mut()) {
+        let c = Candidate::new(
+            Kind::Package,
+            &p.spec.name,
+            &final_builds,
+            &p.fingerprint,
+            &p.archive,
+            &p.sha256,
+        );
+        work.push((c, &mut entry.version, &mut entry.sha1));
     }
-    if let (Some(license), Some(entry)) = (&rel.license, rel.manifest.license.as_mut()) {
-        let build = Candidate {
-            kind: Kind::License,
-            name: "license",
-            what: "license".to_string(),
-            index: final_builds.join("license").join("index.yml"),
-            fingerprint: &license.fingerprint,
-            archive: &license.archive,
-            sha256: &license.sha256,
-        };
-        let (v, sha1, new) = finalize_build(dir, &store, &build)?;
-        entry.version = v;
-        entry.sha1 = sha1;
+    if let (Some(l), Some(entry)) = (license.as_ref(), manifest.license.as_mut()) {
+        let c = Candidate::new(
+            Kind::License,
+            "license",
+            &final_builds,
+            &l.fingerprint,
+            &l.archive,
+            &l.sha256,
+        );
+        work.push((c, &mut entry.version, &mut entry.sha1));
+    }
+    for (c, version, sha1) in work {
+        let (v, digest, new) = finalize_build(store.as_ref(), &builds, &c)?;
+        *version = v;
+        *sha1 = digest;
         if new {
             &mut new_builds
         } else {
             &mut reused_builds
         }
-        .push(build.what);
+        .push(c.what);
     }
 
     let text =
@@ -211,7 +208,7 @@ pub fn create_final_release(
     );
     write_index(&index_path, index)?;
 
-    let release = read_release_dir(dir, Some(&version)).map_err(FinalizeError::ReadBack)?;
+    let release = read(Some(&version)).map_err(FinalizeError::ReadBack)?;
     Ok(FinalRelease {
         release,
         manifest_path,
@@ -232,13 +229,40 @@ struct Candidate<'a> {
     sha256: &'a str,
 }
 
+impl<'a> Candidate<'a> {
+    /// `kind`/`name`, its index under `final_builds`.
+    fn new(
+        kind: Kind,
+        name: &'a str,
+        final_builds: &Path,
+        fingerprint: &'a str,
+        archive: &'a ArchiveData,
+        sha256: &'a str,
+    ) -> Self {
+        let what = match kind {
+            Kind::Job => format!("job {name}"),
+            Kind::Package => format!("package {name}"),
+            Kind::License => "license".to_string(),
+        };
+        Candidate {
+            kind,
+            name,
+            what,
+            index: final_builds.join(kind.subdir(name)).join("index.yml"),
+            fingerprint,
+            archive,
+            sha256,
+        }
+    }
+}
+
 /// The final build of `c`: its version, its digest and whether it is new
 /// (put into `store` and added to its index now). A build reused must have
 /// its tarball where the reader looks, with the recorded digest, so that
 /// the release about to be recorded can be read.
 fn finalize_build(
-    dir: &Path,
-    store: &LocalBlobstore,
+    store: &dyn Blobstore,
+    builds: &Builds,
     c: &Candidate<'_>,
 ) -> Result<(String, String, bool), FinalizeError> {
     let mut index = read_index(&c.index)?;
@@ -252,14 +276,12 @@ fn finalize_build(
             Some(Value::String(s)) => super::digest::normalise(s),
             _ => format!("sha256:{}", c.sha256),
         };
-        let builds = Builds::new(dir, Some(store.root().to_path_buf()));
         let reuse = |source| FinalizeError::Reuse {
             what: c.what.clone(),
             source,
         };
-        let build = builds.find(c.kind, c.name, c.fingerprint).map_err(reuse)?;
         builds
-            .tarball(c.kind, c.name, c.fingerprint, build.as_ref(), Some(&sha1))
+            .fetch(c.kind, c.name, c.fingerprint, Some(&sha1))
             .map_err(reuse)?;
         return Ok((version, sha1, false));
     }
@@ -420,6 +442,8 @@ fn next_final_version(versions: &BTreeSet<String>) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::blobstore::LocalOnly;
+    use super::super::read_release_dir;
     use super::*;
 
     fn write(root: &Path, rel: &str, content: &str) {
@@ -469,7 +493,7 @@ mod tests {
         let dir = release();
         let d = dir.path();
         let dev = read_release_dir(d, Some("1")).expect("dev read");
-        let fin = create_final_release(d, None).expect("final");
+        let fin = create_final_release(d, None, &LocalOnly).expect("final");
         assert_eq!(fin.release.manifest.version, "1");
         assert_eq!(fin.release.manifest.name, "tiny");
         assert_eq!(
@@ -526,7 +550,7 @@ mod tests {
     fn a_second_final_release_reuses_unchanged_builds() {
         let dir = release();
         let d = dir.path();
-        create_final_release(d, None).expect("v1");
+        create_final_release(d, None, &LocalOnly).expect("v1");
         let indexes = [
             ".final_builds/jobs/hello/index.yml",
             ".final_builds/packages/greeting/index.yml",
@@ -534,7 +558,7 @@ mod tests {
         ];
         let before: Vec<String> = indexes.iter().map(|i| read(&d.join(i))).collect();
         let stored = fs::read_dir(d.join("store")).expect("store").count();
-        let v2 = create_final_release(d, None).expect("v2");
+        let v2 = create_final_release(d, None, &LocalOnly).expect("v2");
         assert_eq!(v2.release.manifest.version, "2");
         assert!(v2.new_builds.is_empty(), "{:?}", v2.new_builds);
         assert_eq!(v2.reused_builds.len(), 3);
@@ -546,7 +570,7 @@ mod tests {
         );
         // A changed job gets a new build; the package is reused.
         write(d, "jobs/hello/templates/run.erb", "#!/bin/sh\necho bye\n");
-        let v3 = create_final_release(d, None).expect("v3");
+        let v3 = create_final_release(d, None, &LocalOnly).expect("v3");
         assert_eq!(v3.release.manifest.version, "3");
         assert_eq!(v3.new_builds, vec!["job hello"]);
         let doc: Value = serde_yaml_ng::from_str(&read(&d.join(indexes[0]))).expect("job index");
@@ -566,11 +590,11 @@ mod tests {
     fn a_reused_build_must_have_its_tarball() {
         let dir = release();
         let d = dir.path();
-        create_final_release(d, None).expect("v1");
+        create_final_release(d, None, &LocalOnly).expect("v1");
         for e in fs::read_dir(d.join("store")).expect("store").flatten() {
             fs::remove_file(e.path()).expect("rm stored build");
         }
-        let err = create_final_release(d, None).expect_err("tarballs gone");
+        let err = create_final_release(d, None, &LocalOnly).expect_err("tarballs gone");
         assert!(matches!(err, FinalizeError::Reuse { .. }), "{err}");
         assert!(!d.join("releases/tiny/tiny-2.yml").exists());
         let index = read(&d.join("releases/tiny/index.yml"));
@@ -581,14 +605,14 @@ mod tests {
     fn versions_are_given_or_next_and_never_reused() {
         let dir = release();
         let d = dir.path();
-        let v = create_final_release(d, Some("7")).expect("v7");
+        let v = create_final_release(d, Some("7"), &LocalOnly).expect("v7");
         assert_eq!(v.release.manifest.version, "7");
-        let err = create_final_release(d, Some("7")).expect_err("exists");
+        let err = create_final_release(d, Some("7"), &LocalOnly).expect_err("exists");
         assert_eq!(err.to_string(), "release 'tiny' version '7' already exists");
-        let next = create_final_release(d, None).expect("next");
+        let next = create_final_release(d, None, &LocalOnly).expect("next");
         assert_eq!(next.release.manifest.version, "8");
         assert!(matches!(
-            create_final_release(d, Some("../x")),
+            create_final_release(d, Some("../x"), &LocalOnly),
             Err(FinalizeError::BadVersion { .. })
         ));
         // A manifest without its index entry (an interrupted run) still
@@ -598,7 +622,7 @@ mod tests {
             "releases/tiny/tiny-12.yml",
             "---\nname: tiny\nversion: '12'\n",
         );
-        let after = create_final_release(d, None).expect("after 12");
+        let after = create_final_release(d, None, &LocalOnly).expect("after 12");
         assert_eq!(after.release.manifest.version, "13");
     }
 
@@ -612,7 +636,7 @@ mod tests {
     }
 
     #[test]
-    fn only_a_local_blobstore_is_written() {
+    fn a_provider_the_caller_cannot_open_writes_nothing() {
         let dir = release();
         let d = dir.path();
         write(
@@ -620,9 +644,9 @@ mod tests {
             "config/final.yml",
             "---\nname: tiny\nblobstore:\n  provider: s3\n  options:\n    bucket_name: b\n",
         );
-        let err = create_final_release(d, None).expect_err("s3");
+        let err = create_final_release(d, None, &LocalOnly).expect_err("s3");
         assert!(
-            matches!(&err, FinalizeError::Blobstore(BlobstoreError::UnsupportedProvider { provider }) if provider == "s3"),
+            matches!(&err, FinalizeError::Blobstore(BlobstoreError::UnsupportedProvider { provider, .. }) if provider == "s3"),
             "{err}"
         );
         assert!(!d.join(".final_builds").exists());

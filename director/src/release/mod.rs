@@ -5,8 +5,9 @@
 //!
 //! This module owns the release *format* and a release directory's own
 //! files: besides reading, it writes final builds and blobs into the
-//! release's own local blobstore (`config/final.yml`; [`LocalBlobstore`],
-//! `finalize`, `blobs`). It must not keep the director's state (no state
+//! release's own blobstore (`config/final.yml` + `config/private.yml`;
+//! [`Blobstore`], `finalize`, `blobs`): the `local` provider is here, other
+//! providers come in through [`BlobstoreProviders`]. It must not keep the director's state (no state
 //! store, no caches), must not compile packages or run `packaging`
 //! scripts, and must not render templates: it hands out parsed specs,
 //! template sources and byte-identical archives to the modules that do
@@ -36,9 +37,10 @@
 //! Differences from BOSH (on purpose): `pre_packaging` scripts are never
 //! run (a package that has one gets a warning); a dev release's
 //! `commit_hash` is `unknown` (bosun runs no git commands) and its version
-//! is `0+dev.<digest of its fingerprints>`; only the local blobstore
-//! (`config/final.yml` provider `local`) and the release directory itself
-//! are searched for final-build tarballs (nothing is downloaded).
+//! is `0+dev.<digest of its fingerprints>`; a final build's tarball is
+//! looked for in the release directory, then fetched from the release's
+//! blobstore into memory (BOSH keeps a download cache in `~/.bosh/cache`;
+//! bosun keeps none).
 
 mod archive;
 mod blobs;
@@ -68,7 +70,10 @@ pub use blobs::{
     add_blob, list_blobs, read_blobs, sync_blobs, upload_blobs, BlobRecord, BlobStatus, BlobsError,
     SyncReport,
 };
-pub use blobstore::{BlobstoreError, LocalBlobstore};
+pub use blobstore::{
+    check_id, open_release_blobstore, Blobstore, BlobstoreConfig, BlobstoreError,
+    BlobstoreProviders, LocalBlobstore, LocalOnly,
+};
 pub use dir::{read_release_dir, read_release_dir_with};
 pub use finalize::{create_final_release, FinalRelease, FinalizeError};
 pub use spec::{
@@ -566,23 +571,26 @@ fn visit_in_order<'a>(
 /// directories only: a tarball carries its own version in `release.MF`.
 /// A tarball is read within the limits of [`ArchiveLimits::from_env`], its
 /// job and package archives copied to the system's temporary directory.
+/// A directory's final builds are looked for in a `local` blobstore only.
 pub fn read_release(path: &Path, version: Option<&str>) -> Result<Release, ReleaseError> {
-    read_release_in(path, version, None)
+    read_release_in(path, version, None, &LocalOnly)
 }
 
 /// [`read_release`], a tarball's job and package archives copied to
-/// `scratch_dir` (created if needed) when given.
+/// `scratch_dir` (created if needed) when given, a directory's final
+/// builds fetched from any blobstore `providers` can open.
 pub fn read_release_in(
     path: &Path,
     version: Option<&str>,
     scratch_dir: Option<&Path>,
+    providers: &dyn BlobstoreProviders,
 ) -> Result<Release, ReleaseError> {
     let limits = if path.is_file() {
         tarball::limits_from_env(path)?
     } else {
         ArchiveLimits::default()
     };
-    read_release_with_limits(path, version, &limits, scratch_dir)
+    read_release_with_limits(path, version, &limits, scratch_dir, providers)
 }
 
 /// [`read_release_in`], a tarball read within `limits`.
@@ -591,9 +599,10 @@ pub fn read_release_with_limits(
     version: Option<&str>,
     limits: &ArchiveLimits,
     scratch_dir: Option<&Path>,
+    providers: &dyn BlobstoreProviders,
 ) -> Result<Release, ReleaseError> {
     if path.is_dir() {
-        read_release_dir(path, version)
+        read_release_dir_with(path, version, DigestAlgorithm::default(), providers)
     } else if path.is_file() {
         read_tarball_with_limits(path, limits, scratch_dir)
     } else {

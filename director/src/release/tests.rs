@@ -496,7 +496,7 @@ fn a_gzip_of_zeros_past_the_size_limit_is_refused() {
         assert!(msg.contains(part), "{part} in {msg}");
     }
     // read_release reads tarballs the same way.
-    let e = read_release_with_limits(&bomb, None, &limits, None).unwrap_err();
+    let e = read_release_with_limits(&bomb, None, &limits, None, &LocalOnly).unwrap_err();
     assert_eq!(e.kind, ReleaseErrorKind::Limit, "{e}");
     // Within the defaults, it is refused at its first bytes: a job or
     // package archive must be gzipped.
