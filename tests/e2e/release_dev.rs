@@ -306,6 +306,46 @@ fn an_s3_release_blobstore_keeps_blobs_and_final_builds() {
         "{said}"
     );
     assert!(!said.contains(secret), "{said}");
+
+    // Without credentials: a public object is read anonymously, a private
+    // one is refused by the endpoint, and uploads are refused at once.
+    std::fs::remove_file(dir.join("config/private.yml")).expect("rm private.yml");
+    std::fs::remove_dir_all(dir.join("blobs")).expect("rm blobs");
+    let o = env.bosun(&["sync-blobs", d]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("the endpoint answered HTTP 403"),
+        "{}",
+        text(&o)
+    );
+    let addr = endpoint.trim_start_matches("http://").trim_end_matches('/');
+    let public = [
+        ("x-amz-acl", "public-read"),
+        (
+            "Authorization",
+            "AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=0",
+        ),
+    ];
+    let (code, body) =
+        http_with("PUT", addr, &format!("/{bucket}/{id}?acl"), &public, "").expect("moto answers");
+    assert_eq!(code, 200, "making the blob public: {body}");
+    let out = run(&env, &["sync-blobs", d]);
+    assert!(out.contains("Fetched blob 'vendor/words.txt'"), "{out}");
+    assert_eq!(read(&dir.join("blobs/vendor/words.txt")), "alpha beta\n");
+    let other = env.path("other.txt");
+    std::fs::write(&other, "gamma\n").expect("write");
+    run(
+        &env,
+        &[
+            "add-blob",
+            other.to_str().expect("utf8"),
+            "vendor/other.txt",
+            d,
+        ],
+    );
+    let o = env.bosun(&["upload-blobs", d]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("needs credentials"), "{}", text(&o));
 }
 
 /// Every file under `root`.

@@ -27,12 +27,12 @@ use std::io::{self, Read, Write};
 use std::sync::mpsc;
 use std::sync::Mutex;
 
-use aws_sdk_s3::error::DisplayErrorContext;
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use bosun_director::release::{
-    check_id, Blobstore, BlobstoreConfig, BlobstoreError, BlobstoreProviders, LocalOnly,
+    check_id, copy_hashed, Blobstore, BlobstoreConfig, BlobstoreError, BlobstoreProviders,
+    LocalOnly,
 };
-use sha2::{Digest, Sha256};
 
 /// The providers a bosun binary with this crate knows: `local` and `s3`.
 #[derive(Clone, Copy, Debug, Default)]
@@ -194,6 +194,26 @@ impl Settings {
     }
 }
 
+/// What an SDK failure says: for an answer of the endpoint, its HTTP status
+/// and error code; otherwise the whole cause chain.
+fn sdk_error<E>(e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    match e {
+        SdkError::ServiceError(ctx) => {
+            let err = ctx.err();
+            let status = ctx.raw().status().as_u16();
+            let code = err.code().map(|c| format!(" {c}")).unwrap_or_default();
+            match err.message() {
+                Some(m) => format!("the endpoint answered HTTP {status}{code}: {m}"),
+                None => format!("the endpoint answered HTTP {status}{code}"),
+            }
+        }
+        other => DisplayErrorContext(other).to_string(),
+    }
+}
+
 /// Work for the store's thread: run on its runtime.
 type Job = Box<dyn FnOnce(&tokio::runtime::Runtime) + Send>;
 
@@ -309,24 +329,21 @@ impl Blobstore for S3Blobstore {
     }
 
     fn put(&self, content: &mut dyn Read) -> Result<(String, String), BlobstoreError> {
+        if self.settings.credentials == Credentials::Anonymous {
+            return Err(bad(
+                "credentials_source",
+                format!(
+                    "uploading to {} needs credentials: access_key_id and secret_access_key (in config/private.yml), or credentials_source: env_or_profile",
+                    self.describe()
+                ),
+            ));
+        }
         // Spooled to a file first: the upload needs its length, and the
         // digest is of exactly what is sent.
         let spool_err = |e: io::Error| remote("spooling a blob for upload", &self.settings, e);
         let mut spool = tempfile::NamedTempFile::new().map_err(spool_err)?;
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = match content.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(spool_err(e)),
-            };
-            hasher.update(&buf[..n]);
-            spool.write_all(&buf[..n]).map_err(spool_err)?;
-        }
+        let sha256 = copy_hashed(content, spool.as_file_mut()).map_err(spool_err)?;
         spool.flush().map_err(spool_err)?;
-        let sha256 = hex::encode(hasher.finalize());
         let id = uuid::Uuid::new_v4().to_string();
         let path = spool.into_temp_path();
         let (client, bucket, key) = (
@@ -347,7 +364,7 @@ impl Blobstore for S3Blobstore {
                     .send()
                     .await
                     .map(|_| ())
-                    .map_err(|e| DisplayErrorContext(e).to_string());
+                    .map_err(|e| sdk_error(&e));
                 drop(path);
                 out
             })
@@ -377,7 +394,7 @@ impl Blobstore for S3Blobstore {
                             send(if missing {
                                 Piece::Missing
                             } else {
-                                Piece::Failed(DisplayErrorContext(e).to_string())
+                                Piece::Failed(sdk_error(&e))
                             });
                             return;
                         }
@@ -523,6 +540,9 @@ mod tests {
         // Nothing listens on port 1: a request fails, naming the store.
         let err = store.get("x", &mut Vec::new()).expect_err("no server");
         assert!(err.to_string().contains("s3 bucket 'b'"), "{err}");
+        // Anonymous requests can read a public bucket, never write to one.
+        let err = store.put(&mut &b"x"[..]).expect_err("anonymous upload");
+        assert!(err.to_string().contains("needs credentials"), "{err}");
         let local = WithS3
             .open(&BlobstoreConfig {
                 provider: "local".into(),

@@ -18,15 +18,15 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use super::archive::BothHasher;
 use super::blobstore::{
-    open_release_blobstore, sha256_file, write_streamed, write_text, Blobstore, BlobstoreError,
-    BlobstoreProviders,
+    for_each_chunk, open_release_blobstore, sha256_file, write_streamed, write_text, Blobstore,
+    BlobstoreError, BlobstoreProviders,
 };
 use super::digest;
 use super::spec::check_relative_path;
@@ -261,16 +261,11 @@ fn matches_record(path: &str, sha: &str, data_path: &Path) -> Result<bool, Blobs
     };
     let mut f = File::open(data_path).map_err(failed)?;
     let mut h = BothHasher::default();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match f.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(failed(e)),
-        };
-        h.update(&buf[..n]);
-    }
+    for_each_chunk(&mut f, |chunk| {
+        h.update(chunk);
+        Ok(())
+    })
+    .map_err(failed)?;
     let (sha1, sha256) = h.finish();
     Ok(match algo {
         DigestAlgorithm::Sha1 => sha1 == want,

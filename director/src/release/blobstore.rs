@@ -328,6 +328,33 @@ impl Blobstore for LocalBlobstore {
     }
 }
 
+/// Every chunk `content` gives, in order, handed to `each` (reads
+/// interrupted by a signal are retried).
+pub fn for_each_chunk(
+    content: &mut dyn Read,
+    mut each: impl FnMut(&[u8]) -> io::Result<()>,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match content.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => each(&buf[..n])?,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Copy everything `content` gives to `out`; the sha256 (hex) of it.
+pub fn copy_hashed(content: &mut dyn Read, out: &mut dyn Write) -> io::Result<String> {
+    let mut hasher = Sha256::new();
+    for_each_chunk(content, |chunk| {
+        hasher.update(chunk);
+        out.write_all(chunk)
+    })?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
 /// Write `content` to `dest` through a temporary file beside it, renamed
 /// into place (parents created); the sha256 (hex) of what was written.
 pub(crate) fn write_streamed(
@@ -341,21 +368,10 @@ pub(crate) fn write_streamed(
     let parent = dest.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(parent).map_err(failed)?;
     let mut tmp = tempfile::NamedTempFile::new_in(parent).map_err(failed)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match content.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(failed(e)),
-        };
-        hasher.update(&buf[..n]);
-        tmp.write_all(&buf[..n]).map_err(failed)?;
-    }
+    let sha256 = copy_hashed(content, tmp.as_file_mut()).map_err(failed)?;
     tmp.as_file().sync_all().map_err(failed)?;
     tmp.persist(dest).map_err(|e| failed(e.error))?;
-    Ok(hex::encode(hasher.finalize()))
+    Ok(sha256)
 }
 
 /// Write `text` to `dest` atomically (see [`write_streamed`]).

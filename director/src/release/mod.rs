@@ -71,7 +71,7 @@ pub use blobs::{
     SyncReport,
 };
 pub use blobstore::{
-    check_id, open_release_blobstore, Blobstore, BlobstoreConfig, BlobstoreError,
+    check_id, copy_hashed, open_release_blobstore, Blobstore, BlobstoreConfig, BlobstoreError,
     BlobstoreProviders, LocalBlobstore, LocalOnly,
 };
 pub use dir::{read_release_dir, read_release_dir_with};
