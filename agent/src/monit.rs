@@ -82,9 +82,10 @@ pub struct Program {
     pub command: String,
     /// `with timeout N seconds`; monit's default is 30 s.
     pub timeout: Option<Duration>,
-    /// `as uid X`; accepted, the agent runs programs as itself.
+    /// `as uid X`: the program runs as that user of the VM (a name or a
+    /// number).
     pub uid: Option<String>,
-    /// `and gid Y`; accepted, the agent runs programs as itself.
+    /// `and gid Y`: and that group (default: the user's primary group).
     pub gid: Option<String>,
 }
 

@@ -8,7 +8,8 @@
 //!   timeout. Output is appended to `<root>/sys/log/<job>/<process>.{stdout,stderr}.log`;
 //!   the pid is written to `<root>/sys/run/<job>/<process>.pid`.
 //! - monit ctl processes: the start program runs under `/bin/sh -c` (working
-//!   directory `/`, bosh's PATH), the agent waits for the pidfile to name a
+//!   directory `/`, bosh's PATH, as the user and group its `as uid X and
+//!   gid Y` names, looked up in the VM's own `/etc`), the agent waits for the pidfile to name a
 //!   live pid and watches it; stop runs the stop program, waits, then
 //!   SIGKILLs. The programs' own output goes to `<process>.ctl.log`.
 //! - monit file checks: the start program (if any) runs, and the entry is
@@ -977,14 +978,114 @@ fn set_rlimit(resource: RlimitResource, n: u64) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A user of this VM (`/etc/passwd` as the agent sees it): its uid and
+/// primary gid. A number is taken as a uid (its gid then the same number
+/// unless the user exists).
+fn lookup_user(name: &str) -> std::io::Result<(u32, u32)> {
+    let c = CString::new(name)
+        .map_err(|_| std::io::Error::other(format!("user '{name}' contains a NUL byte")))?;
+    let mut pwd = std::mem::MaybeUninit::<libc::passwd>::uninit();
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: getpwnam_r writes into `pwd` and `buf`, both live and sized
+    // as passed; `found` is null or points at `pwd`.
+    let rc = unsafe {
+        libc::getpwnam_r(
+            c.as_ptr(),
+            pwd.as_mut_ptr(),
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if rc == 0 && !found.is_null() {
+        // SAFETY: getpwnam_r succeeded and filled `pwd`.
+        let pwd = unsafe { pwd.assume_init() };
+        return Ok((pwd.pw_uid, pwd.pw_gid));
+    }
+    match name.parse::<u32>() {
+        Ok(n) => Ok((n, n)),
+        Err(_) => Err(std::io::Error::other(format!(
+            "as uid '{name}': no such user on this VM"
+        ))),
+    }
+}
+
+/// A group of this VM by name or number.
+fn lookup_group(name: &str) -> std::io::Result<u32> {
+    let c = CString::new(name)
+        .map_err(|_| std::io::Error::other(format!("group '{name}' contains a NUL byte")))?;
+    let mut grp = std::mem::MaybeUninit::<libc::group>::uninit();
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: as in lookup_user, for getgrnam_r.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            c.as_ptr(),
+            grp.as_mut_ptr(),
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if rc == 0 && !found.is_null() {
+        // SAFETY: getgrnam_r succeeded and filled `grp`.
+        return Ok(unsafe { grp.assume_init() }.gr_gid);
+    }
+    name.parse::<u32>()
+        .map_err(|_| std::io::Error::other(format!("and gid '{name}': no such group on this VM")))
+}
+
+/// Who a monit program runs as: `as uid X [and gid Y]` (gid defaults to
+/// X's primary group), else the agent's own user.
+fn program_identity(p: &Program) -> std::io::Result<Option<(u32, u32)>> {
+    match (&p.uid, &p.gid) {
+        (None, None) => Ok(None),
+        (Some(u), g) => {
+            let (uid, primary) = lookup_user(u)?;
+            let gid = match g {
+                Some(g) => lookup_group(g)?,
+                None => primary,
+            };
+            Ok(Some((uid, gid)))
+        }
+        (None, Some(g)) => {
+            // SAFETY: getuid has no preconditions.
+            let uid = unsafe { libc::getuid() };
+            Ok(Some((uid, lookup_group(g)?)))
+        }
+    }
+}
+
 /// Starts a monit program: `/bin/sh -c CMD` in its own process group,
-/// working directory `/`, bosh's PATH, output appended to `log`.
-fn spawn_program(command: &str, log: &Path) -> std::io::Result<Child> {
+/// working directory `/`, bosh's PATH, output appended to `log`, as the
+/// user and group its `as uid ... and gid ...` names. A user or group the
+/// VM does not have (bosun's stemcells have no `vcap` user yet) leaves the
+/// program running as the agent's user, with a warning in the agent's log
+/// and in `log`.
+fn spawn_program(program: &Program, log: &Path) -> std::io::Result<Child> {
+    let identity = match program_identity(program) {
+        Ok(id) => id,
+        Err(why) => {
+            tracing::warn!(command = %program.command, reason = %why, "running a monit program as the agent's user");
+            append_note(
+                log,
+                &format!(
+                    "bosun-agent: {why}: running {:?} as the agent's user\n",
+                    program.command
+                ),
+            );
+            None
+        }
+    };
     let out = open_append(log)?;
     let err = out.try_clone()?;
     let mut cmd = Command::new("/bin/sh");
+    if let Some((uid, gid)) = identity {
+        cmd.uid(uid).gid(gid);
+    }
     cmd.arg("-c")
-        .arg(command)
+        .arg(&program.command)
         .env_clear()
         .env("PATH", DEFAULT_PATH)
         .current_dir("/")
@@ -998,9 +1099,10 @@ fn spawn_program(command: &str, log: &Path) -> std::io::Result<Child> {
 
 /// Runs a monit program to its end, at most `timeout` (then its group is
 /// killed); the error says how it failed.
-async fn run_program(command: &str, log: &Path, timeout: Duration) -> Result<(), String> {
+async fn run_program(program: &Program, log: &Path, timeout: Duration) -> Result<(), String> {
+    let command = &program.command;
     let mut child =
-        spawn_program(command, log).map_err(|e| format!("spawning {command:?}: {e}"))?;
+        spawn_program(program, log).map_err(|e| format!("spawning {command:?}: {e}"))?;
     let group = child.id();
     match tokio::time::timeout(timeout, child.wait()).await {
         Ok(Ok(st)) if st.success() => Ok(()),
@@ -1184,7 +1286,7 @@ async fn launch(
                 });
             }
             let timeout = start.timeout.unwrap_or(DEFAULT_PROGRAM_TIMEOUT);
-            let child = spawn_program(&start.command, log)
+            let child = spawn_program(start, log)
                 .map_err(|e| format!("spawning start program {:?}: {e}", start.command))?;
             let group = child.id();
             let mut starter = Some(child);
@@ -1256,7 +1358,7 @@ async fn launch(
         } => {
             let mut starter = match start {
                 Some(p) => Some(
-                    spawn_program(&p.command, log)
+                    spawn_program(p, log)
                         .map_err(|e| format!("spawning start program {:?}: {e}", p.command))?,
                 ),
                 None => None,
@@ -1339,7 +1441,7 @@ async fn terminate(spec: &ProcSpec, live: Live) {
             let deadline = Instant::now() + timeout;
             match stop {
                 Some(p) => {
-                    if let Err(why) = run_program(&p.command, log, timeout).await {
+                    if let Err(why) = run_program(p, log, timeout).await {
                         tracing::warn!(job = %spec.job, process = %spec.name, reason = %why, "stop program failed");
                         append_note(log, &format!("bosun-agent: stop program failed: {why}\n"));
                     }
@@ -1365,7 +1467,7 @@ async fn terminate(spec: &ProcSpec, live: Live) {
         (Live::Path { starter, .. }, Runner::File { stop, log, .. }) => {
             if let Some(p) = stop {
                 let timeout = p.timeout.unwrap_or(DEFAULT_PROGRAM_TIMEOUT);
-                if let Err(why) = run_program(&p.command, log, timeout).await {
+                if let Err(why) = run_program(p, log, timeout).await {
                     tracing::warn!(job = %spec.job, process = %spec.name, reason = %why, "stop program failed");
                     append_note(log, &format!("bosun-agent: stop program failed: {why}\n"));
                 }
@@ -1955,6 +2057,71 @@ mod tests {
                 start: program(format!("{} start", ctl.display())),
                 stop: Some(program(format!("{} stop", ctl.display()))),
             },
+        }
+    }
+
+    #[tokio::test]
+    async fn programs_run_as_the_user_and_group_monit_names() {
+        let tmp = tempfile::tempdir().unwrap();
+        let log = tmp.path().join("log");
+        let as_user = |uid: Option<&str>, gid: Option<&str>| Program {
+            command: "echo \"$(id -u):$(id -g)\"".into(),
+            timeout: Some(Duration::from_secs(5)),
+            uid: uid.map(str::to_string),
+            gid: gid.map(str::to_string),
+        };
+        let (nobody, nobody_group) = lookup_user("nobody").unwrap();
+        let root_gid = lookup_group("root").unwrap();
+        assert_eq!(root_gid, 0);
+        // SAFETY: getuid and getgid have no preconditions.
+        let (me, my_group) = unsafe { (libc::getuid(), libc::getgid()) };
+        // A user or group the VM lacks: the agent's own, and the log says so.
+        for (uid, gid, why) in [
+            (
+                Some("no-such-user-x"),
+                None,
+                "as uid 'no-such-user-x': no such user on this VM",
+            ),
+            (
+                Some("nobody"),
+                Some("no-such-group-x"),
+                "and gid 'no-such-group-x': no such group on this VM",
+            ),
+        ] {
+            fs::write(&log, "").unwrap();
+            run_program(&as_user(uid, gid), &log, Duration::from_secs(5))
+                .await
+                .unwrap();
+            let text = fs::read_to_string(&log).unwrap();
+            assert!(
+                text.contains(&format!("bosun-agent: {why}: running")),
+                "{text}"
+            );
+            assert!(text.ends_with(&format!("{me}:{my_group}\n")), "{text}");
+        }
+        if me != 0 {
+            // Only root may become another user: the start fails, saying so.
+            let err = run_program(&as_user(Some("nobody"), None), &log, Duration::from_secs(5))
+                .await
+                .unwrap_err();
+            assert!(err.contains("spawning"), "{err}");
+            return;
+        }
+        for (uid, gid, want) in [
+            (None, None, format!("{me}:{my_group}")),
+            (Some("nobody"), None, format!("{nobody}:{nobody_group}")),
+            (Some("nobody"), Some("root"), format!("{nobody}:0")),
+            (Some("54321"), None, "54321:54321".to_string()),
+        ] {
+            fs::write(&log, "").unwrap();
+            run_program(&as_user(uid, gid), &log, Duration::from_secs(5))
+                .await
+                .unwrap();
+            assert_eq!(
+                fs::read_to_string(&log).unwrap().trim(),
+                want,
+                "{uid:?} {gid:?}"
+            );
         }
     }
 
