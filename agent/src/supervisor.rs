@@ -978,67 +978,61 @@ fn set_rlimit(resource: RlimitResource, n: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-/// A user of this VM (`/etc/passwd` as the agent sees it): its uid and
-/// primary gid. A number is taken as a uid (its gid then the same number
-/// unless the user exists).
-fn lookup_user(name: &str) -> std::io::Result<(u32, u32)> {
-    let c = CString::new(name)
-        .map_err(|_| std::io::Error::other(format!("user '{name}' contains a NUL byte")))?;
-    let mut pwd = std::mem::MaybeUninit::<libc::passwd>::uninit();
+/// The signature getpwnam_r and getgrnam_r share, for an entry type `T`.
+type NssLookup<T> = unsafe extern "C" fn(
+    *const libc::c_char,
+    *mut T,
+    *mut libc::c_char,
+    libc::size_t,
+    *mut *mut T,
+) -> libc::c_int;
+
+/// The entry `lookup` (getpwnam_r or getgrnam_r) finds for `name` in the
+/// VM's databases (`/etc` as the agent sees it), through `pick`; none when
+/// there is no such entry.
+fn nss_entry<T, R>(name: &str, lookup: NssLookup<T>, pick: impl Fn(&T) -> R) -> Option<R> {
+    let c = CString::new(name).ok()?;
+    let mut entry = std::mem::MaybeUninit::<T>::uninit();
     let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    let mut found: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: getpwnam_r writes into `pwd` and `buf`, both live and sized
-    // as passed; `found` is null or points at `pwd`.
+    let mut found: *mut T = std::ptr::null_mut();
+    // SAFETY: the lookup writes into `entry` and `buf`, both live and sized
+    // as passed; `found` is left null or pointed at `entry`.
     let rc = unsafe {
-        libc::getpwnam_r(
+        lookup(
             c.as_ptr(),
-            pwd.as_mut_ptr(),
+            entry.as_mut_ptr(),
             buf.as_mut_ptr(),
             buf.len(),
             &mut found,
         )
     };
-    if rc == 0 && !found.is_null() {
-        // SAFETY: getpwnam_r succeeded and filled `pwd`.
-        let pwd = unsafe { pwd.assume_init() };
-        return Ok((pwd.pw_uid, pwd.pw_gid));
+    if rc != 0 || found.is_null() {
+        return None;
     }
-    match name.parse::<u32>() {
-        Ok(n) => Ok((n, n)),
-        Err(_) => Err(std::io::Error::other(format!(
-            "as uid '{name}': no such user on this VM"
-        ))),
-    }
+    // SAFETY: the lookup succeeded and filled `entry`.
+    Some(pick(unsafe { entry.assume_init_ref() }))
+}
+
+/// A user of this VM: its uid and primary gid. A number that names no
+/// user is taken as a uid and a gid.
+fn lookup_user(name: &str) -> Result<(u32, u32), String> {
+    nss_entry(name, libc::getpwnam_r, |p: &libc::passwd| {
+        (p.pw_uid, p.pw_gid)
+    })
+    .or_else(|| name.parse::<u32>().ok().map(|n| (n, n)))
+    .ok_or_else(|| format!("as uid '{name}': no such user on this VM"))
 }
 
 /// A group of this VM by name or number.
-fn lookup_group(name: &str) -> std::io::Result<u32> {
-    let c = CString::new(name)
-        .map_err(|_| std::io::Error::other(format!("group '{name}' contains a NUL byte")))?;
-    let mut grp = std::mem::MaybeUninit::<libc::group>::uninit();
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    let mut found: *mut libc::group = std::ptr::null_mut();
-    // SAFETY: as in lookup_user, for getgrnam_r.
-    let rc = unsafe {
-        libc::getgrnam_r(
-            c.as_ptr(),
-            grp.as_mut_ptr(),
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut found,
-        )
-    };
-    if rc == 0 && !found.is_null() {
-        // SAFETY: getgrnam_r succeeded and filled `grp`.
-        return Ok(unsafe { grp.assume_init() }.gr_gid);
-    }
-    name.parse::<u32>()
-        .map_err(|_| std::io::Error::other(format!("and gid '{name}': no such group on this VM")))
+fn lookup_group(name: &str) -> Result<u32, String> {
+    nss_entry(name, libc::getgrnam_r, |g: &libc::group| g.gr_gid)
+        .or_else(|| name.parse::<u32>().ok())
+        .ok_or_else(|| format!("and gid '{name}': no such group on this VM"))
 }
 
 /// Who a monit program runs as: `as uid X [and gid Y]` (gid defaults to
 /// X's primary group), else the agent's own user.
-fn program_identity(p: &Program) -> std::io::Result<Option<(u32, u32)>> {
+fn program_identity(p: &Program) -> Result<Option<(u32, u32)>, String> {
     match (&p.uid, &p.gid) {
         (None, None) => Ok(None),
         (Some(u), g) => {
