@@ -95,6 +95,9 @@ pub struct DesiredJob {
     pub templates: Arc<JobTemplates>,
     pub properties: Json,
     pub defaults: BTreeMap<String, Json>,
+    /// Every property the job's spec declares (dotted names, sorted): an
+    /// ERB template sees these only, as in BOSH.
+    pub declared: Vec<String>,
     /// Consumer link name to its provider.
     pub consumes: BTreeMap<String, LinkSource>,
 }
@@ -451,6 +454,7 @@ fn group_jobs(
             templates,
             properties,
             defaults,
+            declared: job.spec.properties.keys().cloned().collect(),
             consumes: BTreeMap::new(),
         });
     }

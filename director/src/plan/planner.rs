@@ -801,6 +801,7 @@ fn render_groups(
                 templates: &j.templates,
                 properties: &j.properties,
                 defaults: &j.defaults,
+                declared: &j.declared,
                 links: job_links,
                 specs,
             });

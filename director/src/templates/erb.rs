@@ -196,7 +196,7 @@ fn request(units: &[RenderUnit<'_>], erb_units: &[(usize, &ErbFiles)]) -> Json {
         let u = &units[*ui];
         groups.push(json!({
             "job": ji,
-            "properties": with_defaults(u.properties, u.defaults),
+            "properties": bound_properties(u.properties, u.declared, u.defaults),
             "links": u.links,
             "specs": u.specs.iter().map(|(_, s)| s).collect::<Vec<_>>(),
         }));
@@ -204,39 +204,52 @@ fn request(units: &[RenderUnit<'_>], erb_units: &[(usize, &ErbFiles)]) -> Json {
     json!({"jobs": jobs, "groups": groups})
 }
 
-/// The manifest's properties with each spec default set where the
-/// manifest has no value (BOSH hands templates the properties resolved).
-fn with_defaults(properties: &Json, defaults: &BTreeMap<String, Json>) -> Json {
-    let mut out = if properties.is_object() {
-        properties.clone()
-    } else {
-        json!({})
-    };
-    for (dotted, value) in defaults {
-        let mut cur = &mut out;
-        let parts: Vec<&str> = dotted.split('.').collect();
-        for (i, part) in parts.iter().enumerate() {
-            if !cur.is_object() {
-                break;
-            }
-            let Some(map) = cur.as_object_mut() else {
-                break;
-            };
-            if i + 1 == parts.len() {
-                let slot = map.entry(part.to_string()).or_insert(Json::Null);
-                if slot.is_null() {
-                    *slot = value.clone();
-                }
-                break;
-            }
-            let next = map.entry(part.to_string()).or_insert_with(|| json!({}));
-            if next.is_null() {
-                *next = json!({});
-            }
-            cur = next;
-        }
+/// The properties a template sees, as BOSH binds them: each property the
+/// spec declares, with the manifest's value, else its default, else null
+/// (which `p` treats as unset); nothing the spec does not declare.
+fn bound_properties(
+    properties: &Json,
+    declared: &[String],
+    defaults: &BTreeMap<String, Json>,
+) -> Json {
+    let mut out = json!({});
+    for dotted in declared {
+        let given = dotted
+            .split('.')
+            .try_fold(properties, |v, part| v.get(part))
+            .filter(|v| !v.is_null());
+        let value = given
+            .or_else(|| defaults.get(dotted))
+            .cloned()
+            .unwrap_or(Json::Null);
+        set_dotted(&mut out, dotted, value);
     }
     out
+}
+
+/// Sets `dotted` in the nested maps of `out` unless a value is there
+/// already (a declared parent's value holds its children) or a part of the
+/// way is not a map.
+fn set_dotted(out: &mut Json, dotted: &str, value: Json) {
+    let parts: Vec<&str> = dotted.split('.').collect();
+    let mut cur = out;
+    for (i, part) in parts.iter().enumerate() {
+        let Some(map) = cur.as_object_mut() else {
+            return;
+        };
+        if i + 1 == parts.len() {
+            let slot = map.entry(part.to_string()).or_insert(Json::Null);
+            if slot.is_null() {
+                *slot = value;
+            }
+            return;
+        }
+        let next = map.entry(part.to_string()).or_insert_with(|| json!({}));
+        if next.is_null() {
+            *next = json!({});
+        }
+        cur = next;
+    }
 }
 
 /// Runs the renderer on `input`; returns its stdout.

@@ -175,6 +175,9 @@ pub struct RenderUnit<'a> {
     pub properties: &'a Json,
     /// Spec defaults, by dotted name.
     pub defaults: &'a BTreeMap<String, Json>,
+    /// Every property the job's spec declares (dotted): what an ERB
+    /// template sees (Tera templates see all of `properties`).
+    pub declared: &'a [String],
     /// Resolved links, by the consumer's link name (the same for every
     /// instance of the group).
     pub links: &'a BTreeMap<String, LinkContext>,

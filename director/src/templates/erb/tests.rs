@@ -95,6 +95,7 @@ fn bare<'a>(
         templates: j,
         properties: &empty.0,
         defaults: &empty.1,
+        declared: &[],
         links: &empty.2,
         specs: vec![spec(0)],
     }
@@ -180,10 +181,21 @@ fn renders_the_bosh_template_context() {
     .into_iter()
     .collect();
     let links = peers();
+    let declared: Vec<String> = [
+        "zk.disable",
+        "zk.limit",
+        "zk.name",
+        "zk.port",
+        "zk.script",
+        "zk.tags",
+    ]
+    .map(String::from)
+    .to_vec();
     let units = vec![RenderUnit {
         templates: &j,
         properties: &props,
         defaults: &defaults,
+        declared: &declared,
         links: &links,
         specs: vec![spec(0), spec(1)],
     }];
@@ -242,10 +254,12 @@ fn every_problem_names_job_template_and_line_and_all_are_gathered() {
     let props = json!({"zk": {"port": 0}});
     let defaults = BTreeMap::new();
     let links = peers();
+    let declared = vec!["zk.port".to_string()];
     let units = vec![RenderUnit {
         templates: &j,
         properties: &props,
         defaults: &defaults,
+        declared: &declared,
         links: &links,
         specs: vec![spec(0), spec(1)],
     }];
@@ -330,4 +344,41 @@ fn the_renderer_runs_clean_in_a_temporary_directory_within_a_time_limit() {
         "{err}"
     );
     assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn templates_see_only_the_properties_their_spec_declares() {
+    let Some(ruby) = ruby() else { return };
+    let j = job(
+        "zk",
+        &[(
+            "a.erb",
+            "config/a",
+            "<%= p('zk.port') %> <%= p('zk.hidden', 'unseen') %> <%= p('zk.unset', 'no-value') %> <%= properties.zk.tls.ca %> <%= p('top', 'none') %>",
+        )],
+        None,
+    );
+    // `zk.hidden` and `top` are in the manifest but not declared; `zk.unset`
+    // is declared with no value and no default; `zk.tls` holds its child.
+    let props = json!({"zk": {"port": 1, "hidden": "secret", "tls": {"ca": "CA"}}, "top": "x"});
+    let defaults: BTreeMap<String, Json> =
+        [("zk.port".to_string(), json!(9))].into_iter().collect();
+    let declared: Vec<String> = ["zk.port", "zk.tls", "zk.unset"].map(String::from).to_vec();
+    let links = BTreeMap::new();
+    let units = vec![RenderUnit {
+        templates: &j,
+        properties: &props,
+        defaults: &defaults,
+        declared: &declared,
+        links: &links,
+        specs: vec![spec(0)],
+    }];
+    let out = render_with(Some(ruby), TIME_LIMIT, &units, &[(0, erb_files(&j))]).unwrap();
+    let files = out[0][0].as_ref().unwrap();
+    assert_eq!(file(files, "config/a"), "1 unseen no-value CA none");
+    let bound = bound_properties(&props, &declared, &defaults);
+    assert_eq!(
+        bound,
+        json!({"zk": {"port": 1, "tls": {"ca": "CA"}, "unset": null}})
+    );
 }
