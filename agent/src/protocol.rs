@@ -259,8 +259,10 @@ pub struct RunScriptParams {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jobs: Option<Vec<String>>,
     /// Write each job's output as it comes to
-    /// `/var/vcap/data/tmp/<output_prefix>-<job>.out` (removed when the
-    /// script ends), so the director can stream it (`run-errand`).
+    /// `/var/vcap/data/tmp/<output_prefix>-<job>.out`, so the director can
+    /// stream it (`run-errand`). The files are left when the script ends:
+    /// the director reads each to its end (its `output_bytes`) and removes
+    /// them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_prefix: Option<String>,
     /// Extra environment for the scripts; only `BOSH_*` names are taken
@@ -274,6 +276,9 @@ pub struct ScriptResult {
     pub job: String,
     pub exit_code: i32,
     pub output_tail: String,
+    /// How many bytes of output the script wrote in all.
+    #[serde(default)]
+    pub output_bytes: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

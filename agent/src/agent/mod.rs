@@ -706,6 +706,7 @@ impl Agent {
                     job: job.name,
                     exit_code: run.exit_code,
                     output_tail: tail,
+                    output_bytes: run.output_bytes,
                 })
             });
         }
@@ -2076,6 +2077,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn streamed_script_output_is_left_whole_for_its_follower() {
+        let fx = fixture();
+        let e = job(
+            "e",
+            vec![file("bin/run", "#!/bin/sh\necho one\necho two >&2\n")],
+        );
+        fx.agent.apply(spec(1, vec![], vec![e])).await.unwrap();
+        let run = |output_prefix: Option<&str>| RunScriptParams {
+            script: "run".into(),
+            timeout_secs: 10,
+            jobs: None,
+            output_prefix: output_prefix.map(str::to_string),
+            env: Default::default(),
+        };
+        let r = fx.agent.run_script(run(Some("errand-x"))).await.unwrap();
+        let out = fx.root.join("data/tmp/errand-x-e.out");
+        let text = fs::read_to_string(&out).unwrap();
+        assert_eq!(text, "one\ntwo\n");
+        assert_eq!(r.results[0].output_bytes, text.len() as u64);
+        // Without a prefix the output goes to a file of its own, removed.
+        let r = fx.agent.run_script(run(None)).await.unwrap();
+        assert_eq!(r.results[0].output_bytes, 8);
+        let left: Vec<_> = fs::read_dir(fx.root.join("data/tmp"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, vec!["errand-x-e.out".to_string()]);
+    }
+
+    #[tokio::test]
     async fn handle_dispatches_ping_and_missing_blobs() {
         let fx = fixture();
         let have = fx.blobs.put_bytes(b"x").unwrap();
@@ -2167,6 +2198,7 @@ mod tests {
         let run = |exit_code, timed_out| ScriptRun {
             exit_code,
             output: "a\nb\n".into(),
+            output_bytes: 4,
             timed_out,
         };
         assert_eq!(packaging_outcome("app", 5, &run(0, false)).unwrap(), "a\nb");

@@ -39,6 +39,8 @@ pub(super) struct ScriptRun {
     pub(super) exit_code: i32,
     /// Combined stdout+stderr (its last 64 KiB).
     pub(super) output: String,
+    /// How many bytes of output it wrote in all.
+    pub(super) output_bytes: u64,
     pub(super) timed_out: bool,
 }
 
@@ -147,6 +149,9 @@ fn append_log(log_dir: &Path, script: &str, output: &str) -> io::Result<()> {
 
 /// Spawns `cmd` in its own process group with stdout+stderr into one file
 /// under `tmp_dir`, waits (killing the group on timeout) and reads the output.
+/// A file of a random name is removed afterwards; one named by `out_name`
+/// (followed by the director while it is written) is left for its follower
+/// to read to the end, and the director removes it.
 pub(super) async fn run_command(
     mut cmd: Command,
     tmp_dir: &Path,
@@ -193,15 +198,19 @@ pub(super) async fn run_command(
             }
         };
         let output = read_tail(&out_path)?;
+        let output_bytes = fs::metadata(&out_path)?.len();
         Ok(ScriptRun {
             exit_code,
             output,
+            output_bytes,
             timed_out,
         })
     }
     .await;
     drop(out);
-    remove_leftover(&out_path);
+    if out_name.is_none() {
+        remove_leftover(&out_path);
+    }
     result
 }
 

@@ -3,8 +3,15 @@
 //!
 //! This module must not print or read the terminal.
 
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+
 use super::instances::LineBuffer;
 use super::*;
+
+/// How long after an errand's end its output is still followed when less
+/// than the agent counted has arrived (a stalled stream).
+const ERRAND_OUTPUT_GRACE_MS: u64 = 30_000;
 
 impl Director {
     /// `run-errand`: give each instance of errand group `group` a VM (from
@@ -174,30 +181,46 @@ impl Director {
         let Some(sink) = output else {
             return client.run_script(&params).await.map_err(agent_err(what()));
         };
-        // Follow each job's output file while the script runs; once it has
-        // ended, stop each follower when it has been quiet for 500 ms since
-        // the end or its last output, whichever came later (the last lines
-        // may reach `tail` only after the script has ended).
+        // Follow each job's output file while the script runs. Once it has
+        // ended, each follower stops when it has read as many bytes as the
+        // agent says the job wrote (however late `tail` got going), or, when
+        // the run failed and no count came back, after 500 ms of quiet.
         let base = Instant::now();
-        let ended = std::sync::atomic::AtomicBool::new(false);
-        let ended_at = std::sync::atomic::AtomicU64::new(0);
+        let ended = AtomicBool::new(false);
+        let ended_at = AtomicU64::new(0);
+        let written: std::sync::Mutex<BTreeMap<String, u64>> = Default::default();
         let followers = jobs.iter().map(|job| {
-            let (ended, ended_at, sink, prefix) = (&ended, &ended_at, sink.clone(), &prefix);
+            let (ended, ended_at, written, sink, prefix) =
+                (&ended, &ended_at, &written, sink.clone(), &prefix);
             async move {
                 let label = format!("{iname} {job}");
                 let command =
                     format!("exec tail -n +1 -F /var/vcap/data/tmp/{prefix}-{job}.out 2>/dev/null");
-                let last = std::sync::atomic::AtomicU64::new(0);
+                let last = AtomicU64::new(0);
+                let read = AtomicU64::new(0);
                 let mut lines = LineBuffer::default();
-                let quiet = async {
+                let done = async {
                     loop {
                         tokio::time::sleep(Duration::from_millis(100)).await;
-                        let latest = last
-                            .load(std::sync::atomic::Ordering::SeqCst)
-                            .max(ended_at.load(std::sync::atomic::Ordering::SeqCst));
-                        let since = (base.elapsed().as_millis() as u64).saturating_sub(latest);
-                        if ended.load(std::sync::atomic::Ordering::SeqCst) && since >= 500 {
-                            break;
+                        if !ended.load(SeqCst) {
+                            continue;
+                        }
+                        let now = base.elapsed().as_millis() as u64;
+                        let since_end = now.saturating_sub(ended_at.load(SeqCst));
+                        let want = written.lock().map(|w| w.get(job).copied()).unwrap_or(None);
+                        match want {
+                            Some(n) if read.load(SeqCst) >= n => break,
+                            Some(n) if since_end >= ERRAND_OUTPUT_GRACE_MS => {
+                                tracing::warn!(instance = %iname, job = %job, read = read.load(SeqCst), written = n, "errand output: stopped following before its end");
+                                break;
+                            }
+                            Some(_) => {}
+                            None => {
+                                let quiet = now.saturating_sub(last.load(SeqCst).max(ended_at.load(SeqCst)));
+                                if quiet >= 500 {
+                                    break;
+                                }
+                            }
                         }
                     }
                 };
@@ -205,13 +228,11 @@ impl Director {
                     .stream_command(
                         &command,
                         |data| {
-                            last.store(
-                                base.elapsed().as_millis() as u64,
-                                std::sync::atomic::Ordering::SeqCst,
-                            );
+                            last.store(base.elapsed().as_millis() as u64, SeqCst);
+                            read.fetch_add(data.len() as u64, SeqCst);
                             lines.feed(data, |line| sink(&label, line));
                         },
-                        quiet,
+                        done,
                     )
                     .await;
                 lines.finish(|line| sink(&label, line));
@@ -222,14 +243,27 @@ impl Director {
         });
         let run = async {
             let r = client.run_script(&params).await;
-            ended_at.store(
-                base.elapsed().as_millis() as u64,
-                std::sync::atomic::Ordering::SeqCst,
-            );
-            ended.store(true, std::sync::atomic::Ordering::SeqCst);
+            if let (Ok(results), Ok(mut w)) = (&r, written.lock()) {
+                for res in &results.results {
+                    w.insert(res.job.clone(), res.output_bytes);
+                }
+            }
+            ended_at.store(base.elapsed().as_millis() as u64, SeqCst);
+            ended.store(true, SeqCst);
             r
         };
         let (result, _) = tokio::join!(run, futures_join_all(followers));
+        // The agent leaves the output files for their followers.
+        let cleanup = format!("rm -f /var/vcap/data/tmp/{prefix}-*.out");
+        match client.run_command(&cleanup, Duration::from_secs(30)).await {
+            Ok((_, _, 0)) => {}
+            Ok((_, err, code)) => {
+                tracing::warn!(instance = %iname, code, stderr = %String::from_utf8_lossy(&err), "removing errand output files failed")
+            }
+            Err(e) => {
+                tracing::warn!(instance = %iname, error = %e, "removing errand output files failed")
+            }
+        }
         result.map_err(agent_err(what()))
     }
 
