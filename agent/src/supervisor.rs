@@ -1054,7 +1054,7 @@ fn program_identity(p: &Program) -> Result<Option<(u32, u32)>, String> {
 /// Starts a monit program: `/bin/sh -c CMD` in its own process group,
 /// working directory `/`, bosh's PATH, output appended to `log`, as the
 /// user and group its `as uid ... and gid ...` names. A user or group the
-/// VM does not have (bosun's stemcells have no `vcap` user yet) leaves the
+/// VM does not have (a stemcell without BOSH's `vcap`, say) leaves the
 /// program running as the agent's user, with a warning in the agent's log
 /// and in `log`.
 fn spawn_program(program: &Program, log: &Path) -> std::io::Result<Child> {

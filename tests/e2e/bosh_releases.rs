@@ -205,15 +205,16 @@ fn a_bosh_release_deploys_unchanged_and_monit_decides_what_runs() {
         "ssh",
         "keeper/0",
         "-c",
-        "cat /etc/beacon-banner; grep -c '^beacon:' /etc/passwd",
+        "cat /etc/beacon-banner; grep -c '^beacon:' /etc/passwd; id -un vcap; id -gn vcap",
     ]);
     assert!(out.status.success(), "{}", text(&out));
-    // `ssh -c` prefixes each line with the instance.
+    // `ssh -c` prefixes each line with the instance. The VM has BOSH's vcap
+    // user and group (the host need not).
     let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| l.split_once(": ").map_or(l, |(_, t)| t).to_string())
         .collect();
-    assert_eq!(lines, ["Authorised use only.", "1"]);
+    assert_eq!(lines, ["Authorised use only.", "1", "vcap", "vcap"]);
 
     // kill -9 of the ctl script's process: restarted through the start
     // program. The pidfile holds the pid inside the VM's PID namespace; the
@@ -386,9 +387,10 @@ fn a_bosh_release_deploys_unchanged_on_docker() {
             cid,
             "sh",
             "-c",
-            "cat /etc/beacon-banner; grep -c '^beacon:' /etc/passwd",
+            "cat /etc/beacon-banner; grep -c '^beacon:' /etc/passwd; id -un vcap; id -gn vcap",
         ]);
-        assert_eq!(banner, "Authorised use only.\n1\n");
+        // ... and the stemcell has BOSH's vcap user and group.
+        assert_eq!(banner, "Authorised use only.\n1\nvcap\nvcap\n");
         let limits = crate::docker::docker(&[
             "exec",
             cid,

@@ -12,6 +12,8 @@
 //! - [`conformance`]: a suite generic over `Cpi`.
 //! - [`records`]: atomic JSON record files for backends' own bookkeeping.
 //! - [`failpoint`]: crash-test hooks around every CPI call and agent action.
+//! - [`vm_users`]: the `vcap` user and group every VM has, as on BOSH's
+//!   stemcells.
 //!
 //! This crate must not know about manifests, deployments or the agent
 //! protocol: it speaks only of stemcells, VMs, disks and metadata. It must not
@@ -30,6 +32,7 @@ pub mod conformance;
 pub mod failpoint;
 pub mod logged;
 pub mod records;
+pub mod vm_users;
 
 /// The TCP port every agent listens on for the director's SSH sessions
 /// (BOSH's agent uses 6868 too).

@@ -10,6 +10,11 @@
 //! cannot write the host's root-owned files), or by the namespace when the
 //! overlay mount fails. A VM that has a copy keeps using it.
 //!
+//! Every VM's `/etc` has BOSH's `vcap` user and group: when the host lacks
+//! them, the VM's own `passwd` and `group` (in the overlay's upper
+//! directory, or the copy) are the host's with them added, as of the VM's
+//! creation.
+//!
 //! This module lays those directories out, copies `/etc` when asked, and
 //! says which host path each one covers. It must not mount anything, and it
 //! never writes to the host's directories: it only reads `/etc`.
@@ -209,6 +214,7 @@ pub(crate) fn lay_out_from(host_root: &Path, system_dir: &Path, etc: EtcKind) ->
                 match etc {
                     EtcKind::Overlay => {
                         make_overlay_dirs(&src, system_dir, host)?;
+                        add_vcap_user(&src.0, &upper_of(system_dir, host))?;
                     }
                     EtcKind::Copy => {
                         // SAFETY: geteuid has no preconditions.
@@ -217,6 +223,7 @@ pub(crate) fn lay_out_from(host_root: &Path, system_dir: &Path, etc: EtcKind) ->
                         layout.entries += copied.entries;
                         layout.bytes += copied.bytes;
                         layout.skipped.extend(copied.skipped);
+                        add_vcap_user(&dest, &dest)?;
                     }
                 }
             }
@@ -305,8 +312,52 @@ pub(crate) fn copy_instead_of_overlay(
         fs::remove_dir_all(&aside).map_err(io_err("removing", &aside))?;
     }
     let layout = copy_host_dir(&src, &aside, keep_owners)?;
+    if host == "/etc" {
+        add_vcap_user(&aside, &aside)?;
+    }
     fs::rename(&aside, &dest).map_err(io_err("moving into place", &aside))?;
     Ok(layout)
+}
+
+/// Gives the VM BOSH's `vcap` user and group: `passwd` and `group` of the
+/// `/etc` at `src` with them added (see [`bosun_cpi::vm_users`]) are
+/// written into `dest` (the overlay's upper directory, or the copy itself),
+/// with the source files' modes and, as root, owners. Nothing is written
+/// when `src` has them already or lacks either file. Returns whether it
+/// wrote.
+pub(crate) fn add_vcap_user(src: &Path, dest: &Path) -> Result<bool> {
+    let read = |name: &str| -> Result<Option<(String, fs::Metadata)>> {
+        let path = src.join(name);
+        match fs::read_to_string(&path) {
+            Ok(text) => {
+                let meta = fs::metadata(&path).map_err(io_err("inspecting", &path))?;
+                Ok(Some((text, meta)))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("reading", &path)(e)),
+        }
+    };
+    let (Some((passwd, pmeta)), Some((group, gmeta))) = (read("passwd")?, read("group")?) else {
+        return Ok(false);
+    };
+    let Some((new_passwd, new_group)) = bosun_cpi::vm_users::with_vcap(&passwd, &group) else {
+        return Ok(false);
+    };
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    for (name, text, meta) in [("passwd", new_passwd, pmeta), ("group", new_group, gmeta)] {
+        let path = dest.join(name);
+        let staged = dest.join(format!(".{name}.bosun"));
+        fs::write(&staged, text).map_err(io_err("writing", &staged))?;
+        fs::set_permissions(&staged, fs::Permissions::from_mode(meta.mode() & 0o7777))
+            .map_err(io_err("setting permissions of", &staged))?;
+        if root {
+            std::os::unix::fs::lchown(&staged, Some(meta.uid()), Some(meta.gid()))
+                .map_err(io_err("setting the owner of", &staged))?;
+        }
+        fs::rename(&staged, &path).map_err(io_err("moving into place", &staged))?;
+    }
+    Ok(true)
 }
 
 /// Puts a copy of the host's file `host_dir/rel` into the overlay's upper
@@ -682,14 +733,69 @@ mod tests {
             layout.elapsed,
             layout.skipped.len()
         );
-        // Every readable host file has an identical copy.
+        // Every readable host file has an identical copy, but `passwd` and
+        // `group`, which gain BOSH's vcap user and group where the host
+        // lacks them.
         let host = tree(Path::new("/etc"));
         let copy = tree(&sys.join("etc"));
         for (rel, (kind, _, _, _, data)) in &host {
-            if *kind == 'f' {
+            if *kind == 'f' && rel != Path::new("passwd") && rel != Path::new("group") {
                 assert_eq!(copy.get(rel).map(|c| &c.4), Some(data), "{}", rel.display());
             }
         }
+        for name in ["passwd", "group"] {
+            let host = fs::read_to_string(Path::new("/etc").join(name)).unwrap();
+            let copied = fs::read_to_string(sys.join("etc").join(name)).unwrap();
+            assert!(
+                copied.starts_with(&host),
+                "{name}: the host's lines come first"
+            );
+            assert!(
+                copied.lines().any(|l| l.starts_with("vcap:x:")),
+                "{name}: {copied}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_overlay_gets_vcap_in_its_upper_layer_and_the_host_is_untouched() {
+        let t = tempfile::tempdir().unwrap();
+        let etc = t.path().join("host/etc");
+        fs::create_dir_all(&etc).unwrap();
+        let passwd = "root:x:0:0::/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\n";
+        let group = "root:x:0:\nalice:x:1000:\n";
+        fs::write(etc.join("passwd"), passwd).unwrap();
+        fs::write(etc.join("group"), group).unwrap();
+        fs::set_permissions(etc.join("passwd"), fs::Permissions::from_mode(0o644)).unwrap();
+        let sys = t.path().join("root");
+        lay_out_from(&t.path().join("host"), &sys, EtcKind::Overlay).unwrap();
+        let upper = sys.join("etc.upper");
+        assert_eq!(
+            fs::read_to_string(upper.join("passwd")).unwrap(),
+            format!("{passwd}vcap:x:1001:1001:BOSH System User:/home/vcap:/bin/bash\n")
+        );
+        assert_eq!(
+            fs::read_to_string(upper.join("group")).unwrap(),
+            format!("{group}vcap:x:1001:\n")
+        );
+        let mode = fs::metadata(upper.join("passwd"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777;
+        assert_eq!(mode, 0o644);
+        assert_eq!(fs::read_to_string(etc.join("passwd")).unwrap(), passwd);
+        assert_eq!(fs::read_to_string(etc.join("group")).unwrap(), group);
+        // A host that has vcap already: the upper layer stays empty.
+        let sys2 = t.path().join("root2");
+        fs::write(
+            etc.join("passwd"),
+            format!("{passwd}vcap:x:1001:1001::/home/vcap:/bin/sh\n"),
+        )
+        .unwrap();
+        fs::write(etc.join("group"), format!("{group}vcap:x:1001:\n")).unwrap();
+        lay_out_from(&t.path().join("host"), &sys2, EtcKind::Overlay).unwrap();
+        assert_eq!(fs::read_dir(sys2.join("etc.upper")).unwrap().count(), 0);
     }
 
     #[test]

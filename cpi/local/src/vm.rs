@@ -366,17 +366,32 @@ mod tests {
         let sys = c.vm_dir(&vm).join(sysdirs::SYSTEM_DIR);
         match sysdirs::etc_kind_for_caller() {
             sysdirs::EtcKind::Overlay => {
-                // Root: nothing copied, the namespace mounts an overlay.
+                // Root: nothing copied, the namespace mounts an overlay; the
+                // upper layer holds at most the VM's `vcap` user and group.
                 assert!(!sys.join("etc").exists());
-                for d in ["etc.upper", "etc.work"] {
-                    assert_eq!(fs::read_dir(sys.join(d)).unwrap().count(), 0, "{d}");
-                }
+                assert_eq!(fs::read_dir(sys.join("etc.work")).unwrap().count(), 0);
+                let upper: Vec<String> = fs::read_dir(sys.join("etc.upper"))
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name().into_string().unwrap())
+                    .collect();
+                assert!(
+                    upper.iter().all(|n| n == "passwd" || n == "group"),
+                    "{upper:?}"
+                );
             }
-            sysdirs::EtcKind::Copy => assert_eq!(
-                fs::read(sys.join("etc/passwd")).unwrap(),
-                fs::read("/etc/passwd").unwrap()
-            ),
+            sysdirs::EtcKind::Copy => {}
         }
+        let passwd = match sysdirs::etc_kind_for_caller() {
+            sysdirs::EtcKind::Overlay if !sys.join("etc.upper/passwd").exists() => {
+                fs::read_to_string("/etc/passwd").unwrap()
+            }
+            sysdirs::EtcKind::Overlay => fs::read_to_string(sys.join("etc.upper/passwd")).unwrap(),
+            sysdirs::EtcKind::Copy => fs::read_to_string(sys.join("etc/passwd")).unwrap(),
+        };
+        assert!(
+            passwd.lines().any(|l| l.starts_with("vcap:x:")),
+            "the VM has BOSH's vcap user: {passwd}"
+        );
         for d in ["tmp", "var/tmp", "root", "home"] {
             assert!(sys.join(d).is_dir(), "{d}");
         }

@@ -60,6 +60,17 @@ fn wait_ready(cpi: &LocalCpi, vm: &VmCid) -> serde_json::Value {
     }
 }
 
+/// The host's `/etc/passwd` as a VM sees it before its jobs run: with
+/// BOSH's `vcap` user added where the host lacks it.
+fn with_vcap(host_passwd: &[u8]) -> Vec<u8> {
+    let group = std::fs::read_to_string("/etc/group").unwrap();
+    let passwd = String::from_utf8_lossy(host_passwd).into_owned();
+    match bosun_cpi::vm_users::with_vcap(&passwd, &group) {
+        Some((p, _)) => p.into_bytes(),
+        None => host_passwd.to_vec(),
+    }
+}
+
 fn euid_is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
@@ -143,7 +154,7 @@ async fn what_a_vm_writes_to_etc_tmp_and_homes_stays_in_the_vm() {
         assert_eq!(text, format!("written in the VM to {dir}/{name}\n"));
     }
     let passwd_in_vm = std::fs::read(in_vm(&cpi, &vm, "/etc/passwd")).unwrap();
-    let mut want = passwd_before.clone();
+    let mut want = with_vcap(&passwd_before);
     want.extend_from_slice(
         format!("{name}:x:4242:4242::/home/{name}:/usr/sbin/nologin\n").as_bytes(),
     );
@@ -260,7 +271,7 @@ async fn without_an_overlay_a_vm_falls_back_to_a_copy_of_etc() {
         std::fs::read_to_string(root.join("etc").join(&name)).unwrap(),
         format!("written in the VM to /etc/{name}\n")
     );
-    let mut want = passwd_before.clone();
+    let mut want = with_vcap(&passwd_before);
     want.extend_from_slice(
         format!("{name}:x:4242:4242::/home/{name}:/usr/sbin/nologin\n").as_bytes(),
     );

@@ -10,8 +10,9 @@
 //! (cached as a tarball keyed by OS, mirror and package list, see
 //! [`base_cache_path`]), plus the bosun executable at
 //! `/var/vcap/bosh/bin/bosun` (one binary is director and agent, so the
-//! builder copies the running executable), BOSH's `/var/vcap` directories
-//! and `/etc/bosun-stemcell`; apt caches and package lists are dropped.
+//! builder copies the running executable), BOSH's `/var/vcap` directories,
+//! its `vcap` user and group (added to `/etc/passwd` and `/etc/group`) and
+//! `/etc/bosun-stemcell`; apt caches and package lists are dropped.
 //! [`open_stemcell`] unpacks a tarball into a temporary directory (streamed,
 //! within [`ArchiveLimits`]), verifies the image's sha256 and hands out a
 //! [`bosun_cpi::StemcellSpec`].

@@ -4,9 +4,9 @@
 //! base tarball's entries are copied header by header, so owners, modes and
 //! hard links survive and no root is needed once the base is cached.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fs::{self, File};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
@@ -32,6 +32,8 @@ const VCAP_DIRS: &[&str] = &[
 
 /// The stemcell identity file.
 const IDENTITY_PATH: &str = "etc/bosun-stemcell";
+/// The user databases the image's `vcap` user is added to.
+const USER_FILES: [&str; 2] = ["etc/passwd", "etc/group"];
 
 /// Non-directory entries under these are left out of the image (apt's
 /// downloaded archives, its binary caches and the package lists).
@@ -349,7 +351,8 @@ fn normalise(path: &str) -> Option<String> {
 }
 
 /// Writes the image (a gzipped tar) to `dest`: every entry of the base
-/// tarball except apt's caches and lists and device nodes, then the
+/// tarball except apt's caches and lists and device nodes (`etc/passwd` and
+/// `etc/group` with BOSH's `vcap` user and group added), then the
 /// `/var/vcap` directories, the agent and `/etc/bosun-stemcell`. Returns the
 /// image's hex sha256 and size.
 pub(super) fn write_image(
@@ -375,6 +378,8 @@ pub(super) fn write_image(
         .chain([AGENT_PATH, IDENTITY_PATH])
         .collect();
     let mut dropped: BTreeSet<String> = BTreeSet::new();
+    // `etc/passwd` and `etc/group`, held back to gain BOSH's vcap user.
+    let mut users: BTreeMap<&'static str, (tar::Header, Vec<u8>)> = BTreeMap::new();
     let base_file = File::open(base).map_err(io_err(read_step, base))?;
     let reader = maybe_gunzip(BufReader::new(base_file)).map_err(io_err(read_step, base))?;
     let mut archive = tar::Archive::new(reader);
@@ -402,6 +407,17 @@ pub(super) fn write_image(
             continue;
         }
         let mut header = entry.header().clone();
+        if let Some(name) = USER_FILES.iter().find(|f| **f == path) {
+            if matches!(kind, tar::EntryType::Regular | tar::EntryType::Continuous) {
+                let mut data = Vec::new();
+                entry
+                    .read_to_end(&mut data)
+                    .map_err(io_err(read_step, base))?;
+                header.set_entry_type(tar::EntryType::Regular);
+                users.insert(name, (header, data));
+                continue;
+            }
+        }
         let res = match kind {
             tar::EntryType::Directory => tar.append_data(&mut header, &path, io::empty()),
             tar::EntryType::Regular | tar::EntryType::Continuous => {
@@ -431,6 +447,29 @@ pub(super) fn write_image(
             _ => continue,
         };
         res.map_err(io_err(write_step, dest))?;
+    }
+
+    // BOSH's vcap user and group, added where the base lacks them.
+    let text = |name: &str| {
+        users
+            .get(name)
+            .map(|(_, d)| String::from_utf8_lossy(d).into_owned())
+    };
+    if let (Some(passwd), Some(group)) = (text("etc/passwd"), text("etc/group")) {
+        if let Some((p, g)) = bosun_cpi::vm_users::with_vcap(&passwd, &group) {
+            if let Some(e) = users.get_mut("etc/passwd") {
+                e.1 = p.into_bytes();
+            }
+            if let Some(e) = users.get_mut("etc/group") {
+                e.1 = g.into_bytes();
+            }
+        }
+    }
+    for (name, (mut h, data)) in users {
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        tar.append_data(&mut h, name, data.as_slice())
+            .map_err(io_err(write_step, dest))?;
     }
 
     let header = |kind: tar::EntryType, mode: u32, size: u64| {

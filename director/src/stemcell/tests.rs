@@ -279,6 +279,18 @@ fn build_from_cached_base() {
                 b"/bin/sh",
             ),
             (&long, tar::EntryType::Regular, 0o644, b"deep"),
+            (
+                "./etc/passwd",
+                tar::EntryType::Regular,
+                0o644,
+                b"root:x:0:0:root:/root:/bin/bash\n",
+            ),
+            (
+                "./etc/group",
+                tar::EntryType::Regular,
+                0o644,
+                b"root:x:0:\n",
+            ),
             ("./dev/null", tar::EntryType::Char, 0o666, b""),
             ("./var/lib/apt/lists", tar::EntryType::Directory, 0o755, b""),
             (
@@ -356,6 +368,16 @@ fn build_from_cached_base() {
         "{identity}"
     );
     assert_eq!(image["usr/bin/passwd"].1, 0o4755);
+    // BOSH's vcap user and group, after the base's own entries.
+    assert_eq!(
+        String::from_utf8_lossy(&image["etc/passwd"].3),
+        "root:x:0:0:root:/root:/bin/bash\nvcap:x:1000:1000:BOSH System User:/home/vcap:/bin/bash\n"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&image["etc/group"].3),
+        "root:x:0:\nvcap:x:1000:\n"
+    );
+    assert_eq!(image["etc/passwd"].1, 0o644);
     assert_eq!(image["bin/dash"].0, tar::EntryType::Link);
     assert_eq!(image["bin/dash"].3, b"bin/sh");
     assert_eq!(image["etc/alternatives/sh"].3, b"/bin/sh");
