@@ -27,6 +27,21 @@ fn now_ms() -> i64 {
 }
 
 /// Events of one instance (`kv/<id>`), in order.
+/// The instance's events once the monitor has recorded the end of its
+/// recreate: the instance runs before that last event is written.
+fn events_after_recreate(env: &Env, inst: &Value) -> Vec<Value> {
+    let done = |ev: &[Value]| {
+        ev.iter().any(|e| {
+            e["action"] == "recreate" && e["result"].as_str().is_some_and(|r| r.starts_with("ok"))
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || done(&events_of(env, inst))),
+        "the monitor recorded no finished recreate of {inst}"
+    );
+    events_of(env, inst)
+}
+
 fn events_of(env: &Env, inst: &Value) -> Vec<Value> {
     let prefix = format!("kv/{}", inst["id"].as_str().unwrap());
     env.events("quickstart")
@@ -205,7 +220,7 @@ fn the_monitor_heals_a_crashed_process_a_lost_vm_and_a_silent_agent() {
         (200, "2".to_string()),
         "the key written before is readable from the new VM"
     );
-    let ev = events_of(&env, &i1);
+    let ev = events_after_recreate(&env, &i1);
     let detect = &ev[pos(&ev, "detect", "missing", "instance")];
     let done = pos(&ev, "recreate", "ok", "instance");
     eprintln!(
@@ -254,7 +269,7 @@ fn the_monitor_heals_a_crashed_process_a_lost_vm_and_a_silent_agent() {
         http("GET", &addr(&i2), "/kv/three", "").unwrap(),
         (200, "3".to_string())
     );
-    let ev = events_of(&env, &i2);
+    let ev = events_after_recreate(&env, &i2);
     let old = i2["vm_cid"].as_str().unwrap();
     let new = back["vm_cid"].as_str().unwrap();
     let late = pos(&ev, "wait", "unresponsive after", "instance");
