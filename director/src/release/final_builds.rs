@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::archive::{ArchiveData, BothHasher, DigestAlgorithm};
-use super::blobstore::{Blobstore, BlobstoreConfig, BlobstoreError, BlobstoreProviders};
+use super::blobstore::{Blobstore, BlobstoreConfig, BlobstoreError, BlobstoreProviders, LocalOnly};
 use super::spec::parse_yaml;
 use super::{digest, ReleaseError};
 
@@ -81,6 +81,8 @@ pub(crate) struct Builds<'a> {
     /// The release's blobstore settings (none, or why they cannot be read).
     store_config: Result<Option<BlobstoreConfig>, String>,
     providers: &'a dyn BlobstoreProviders,
+    /// The blobstore the caller opened already, if it did.
+    given: Option<&'a dyn Blobstore>,
     /// The blobstore, opened the first time a tarball is looked for in it
     /// (or why it could not be).
     store: OnceCell<Result<Box<dyn Blobstore>, String>>,
@@ -102,12 +104,24 @@ impl<'a> Builds<'a> {
             dir: dir.to_path_buf(),
             store_config,
             providers,
+            given: None,
             store: OnceCell::new(),
+        }
+    }
+
+    /// The builds of `dir`, whose blobstore the caller has open.
+    pub(crate) fn with_store(dir: &Path, store: &'a dyn Blobstore) -> Self {
+        Builds {
+            given: Some(store),
+            ..Builds::new(dir, Ok(None), &LocalOnly)
         }
     }
 
     /// The release's blobstore, or why there is none to look in.
     fn store(&self) -> Result<&dyn Blobstore, String> {
+        if let Some(s) = self.given {
+            return Ok(s);
+        }
         let opened = self.store.get_or_init(|| match &self.store_config {
             Err(why) => Err(why.clone()),
             Ok(None) => Err("config/final.yml names no blobstore".to_string()),

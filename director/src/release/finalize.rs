@@ -107,7 +107,8 @@ pub fn create_final_release(
         path: dir.join("config/final.yml"),
     })?;
     let store = providers.open(&config)?;
-    let builds = Builds::new(dir, Ok(Some(config)), providers);
+    // Reused builds are checked in the store new ones go to: one client.
+    let builds = Builds::with_store(dir, store.as_ref());
     let read = |version| read_release_dir_with(dir, version, DigestAlgorithm::default(), providers);
     let mut rel = read(None).map_err(FinalizeError::Build)?;
     let name = rel.manifest.name.clone();
