@@ -303,4 +303,39 @@ pub trait Cpi: Send + Sync {
     async fn find_disks(&self, filter: &Metadata) -> CpiResult<Vec<(DiskCid, Metadata)>>;
     async fn snapshot_disk(&self, cid: &DiskCid, metadata: &Metadata) -> CpiResult<SnapshotCid>;
     async fn delete_snapshot(&self, cid: &SnapshotCid) -> CpiResult<()>;
+
+    /// What `find_vms` and `find_disks` cannot see, when they answer from
+    /// records rather than from the cloud (an external CPI: its protocol
+    /// has no listing call). Cloud-check prints it with its orphan scan.
+    fn listing_caveat(&self) -> Option<String> {
+        None
+    }
+
+    /// The cloud properties of a VM with these resources (BOSH's
+    /// `vm_resources`: `cpu`, `ram` in MB, `ephemeral_disk_size` in MB).
+    /// Optional: a backend without it answers `NotSupported`.
+    async fn calculate_vm_cloud_properties(
+        &self,
+        _vm_resources: &serde_json::Value,
+    ) -> CpiResult<serde_json::Value> {
+        Err(CpiError::NotSupported {
+            cpi: self.info().await.map(|i| i.name).unwrap_or_default(),
+            method: "calculate_vm_cloud_properties".into(),
+        })
+    }
+
+    /// Changes a disk's size or cloud properties in place (BOSH's
+    /// `update_disk`). Optional: a backend without it answers
+    /// `NotSupported`, and the director then copies the disk instead.
+    async fn update_disk(
+        &self,
+        _cid: &DiskCid,
+        _new_size_mb: u64,
+        _cloud_properties: &serde_json::Value,
+    ) -> CpiResult<()> {
+        Err(CpiError::NotSupported {
+            cpi: self.info().await.map(|i| i.name).unwrap_or_default(),
+            method: "update_disk".into(),
+        })
+    }
 }

@@ -184,6 +184,33 @@ impl Cpi for LoggedCpi {
         )
         .await
     }
+    fn listing_caveat(&self) -> Option<String> {
+        self.inner.listing_caveat()
+    }
+    async fn calculate_vm_cloud_properties(
+        &self,
+        vm_resources: &serde_json::Value,
+    ) -> CpiResult<serde_json::Value> {
+        self.logged(
+            "calculate_vm_cloud_properties",
+            String::new(),
+            self.inner.calculate_vm_cloud_properties(vm_resources),
+        )
+        .await
+    }
+    async fn update_disk(
+        &self,
+        cid: &DiskCid,
+        new_size_mb: u64,
+        cloud_properties: &serde_json::Value,
+    ) -> CpiResult<()> {
+        self.logged(
+            "update_disk",
+            format!("{cid}, {new_size_mb} MB"),
+            self.inner.update_disk(cid, new_size_mb, cloud_properties),
+        )
+        .await
+    }
 }
 
 /// Found resources, logged by cid only (their metadata may hold anything).
