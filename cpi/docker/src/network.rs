@@ -22,7 +22,11 @@ impl DockerCpi {
     /// Creates the Docker network of a VM network, or checks the existing one
     /// has the same subnet. Called with `net_lock` held.
     pub(crate) async fn ensure_network(&self, net: &VmNetwork, what: &str) -> Result<()> {
-        for attempt in 0..2 {
+        // Another process creating the same network makes Docker answer 409
+        // (its name) or 403 (its subnet's pool, reserved before the network
+        // can be inspected): look again, a little later.
+        const ATTEMPTS: usize = 20;
+        for attempt in 0..ATTEMPTS {
             match self
                 .docker
                 .inspect_network(&net.docker_name, None::<InspectNetworkOptions>)
@@ -78,8 +82,10 @@ impl DockerCpi {
                     tracing::info!(network = %net.docker_name, subnet = ?net.subnet, "created Docker network");
                     return Ok(());
                 }
-                // Created by someone else meanwhile: check it.
-                Err(e) if status_of(&e) == Some(409) && attempt == 0 => continue,
+                Err(e) if matches!(status_of(&e), Some(409 | 403)) && attempt + 1 < ATTEMPTS => {
+                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                    continue;
+                }
                 Err(e) => {
                     return Err(docker_err(
                         format!(
