@@ -299,6 +299,17 @@ pub enum Command {
     RuntimeConfig,
     /// Upload a runtime-config (addons for every deployment, from the next deploy on).
     UpdateRuntimeConfig { file: PathBuf },
+    /// Answer one CPI request (BOSH's external CPI protocol: JSON on stdin,
+    /// the response on stdout) with one of bosun's backends.
+    Cpi {
+        #[arg(long, value_enum)]
+        backend: CpiBackend,
+        /// The backend's configuration (JSON): `root` (its state directory)
+        /// for local and docker, plus `socket` and `prefix` for docker; the
+        /// aws CPI's properties for aws.
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Run the agent of a VM (started by CPIs, not by operators).
     #[command(hide = true)]
     Agent {
@@ -308,6 +319,14 @@ pub enum Command {
         #[arg(long)]
         vm_root: Option<PathBuf>,
     },
+}
+
+/// bosun's CPI backends, as `bosun cpi` serves them.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpiBackend {
+    Local,
+    Docker,
+    Aws,
 }
 
 /// Ops files and variable sources, as `bosh interpolate` and `bosh deploy` take them.

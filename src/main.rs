@@ -1,5 +1,5 @@
 //! `bosun`: the command line. Parses arguments and hands the command on:
-//! `bosun agent` to `bosun-agent`, everything else to `commands` (recorded
+//! `bosun agent` to `bosun-agent`, `bosun cpi` to `cpi_server`, everything else to `commands` (recorded
 //! as a task by `tasklog` when it changes anything). It prints a command's
 //! error, with its causes, once, here; it must not run or print anything
 //! else itself. The operations live in the libraries: `bosun-director`,
@@ -7,6 +7,7 @@
 
 mod cli;
 mod commands;
+mod cpi_server;
 mod print;
 mod tasklog;
 mod wiring;
@@ -62,6 +63,9 @@ async fn run(cli: Cli) -> Result<i32> {
         return Ok(0);
     }
     tasklog::init_logging(false);
+    if let Command::Cpi { backend, config } = &cli.command {
+        return cpi_server::serve(*backend, config).await;
+    }
     let state_dir = cli
         .state_dir
         .clone()

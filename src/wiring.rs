@@ -1,8 +1,8 @@
 //! Wiring: the CPI backends a command's director gets (local always, those
-//! the stored cloud-config declares, Docker when wanted), the release
-//! blobstore providers it can open (`local`, `s3`), the execution
-//! options from the environment, and the default state and cache
-//! directories. It must not run director operations or print anything but
+//! the stored cloud-config declares — bosun's own or external CPI
+//! processes —, Docker when wanted), the release blobstore providers it can
+//! open (`local`, `s3`), the execution options from the environment, and
+//! the default state and cache directories. It must not run director operations or print anything but
 //! warnings.
 
 use std::path::PathBuf;
@@ -15,8 +15,11 @@ use bosun_cpi::logged::LoggedCpi;
 use bosun_cpi::Cpi;
 use bosun_cpi_aws::{AwsCpi, AwsCpiConfig};
 use bosun_cpi_docker::{DockerCpi, DockerCpiConfig};
+use bosun_cpi_external::{ExternalCpi, ExternalCpiConfig};
 use bosun_cpi_local::{LocalCpi, LocalCpiConfig};
-use bosun_director::model::cloud_config::{parse_cloud_config, CloudConfig, CpiConfig};
+use bosun_director::model::cloud_config::{
+    parse_cloud_config, CloudConfig, CpiConfig, ExternalExec,
+};
 use bosun_director::Director;
 use bosun_director::Store;
 use bosun_director::{Cpis, ExecOptions};
@@ -35,11 +38,7 @@ pub struct Wants {
 /// Docker when the cloud-config names it (then it must be reachable), when
 /// stemcells were uploaded to it, or when the command offers it a stemcell.
 pub async fn director(store: Arc<Store>, wants: Wants) -> Result<Director> {
-    let exe = std::env::current_exe().context("finding the bosun executable")?;
-    let local = LocalCpi::new(LocalCpiConfig {
-        root: store.dir().join("local-cpi"),
-        agent_command: vec![exe.display().to_string(), "agent".into()],
-    })?;
+    let local = local_cpi(store.dir().join("local-cpi"))?;
     let mut cpis = Cpis::new();
     cpis.insert("local", logged("local", Arc::new(local)));
     let cc = stored_cloud_config(&store, wants.invalid_cloud_config_ok)?;
@@ -53,12 +52,7 @@ pub async fn director(store: Arc<Store>, wants: Wants) -> Result<Director> {
     }
     let has_docker_stemcells = store.stemcells()?.iter().any(|s| s.cpi == "docker");
     if wants.try_docker || cloud_wants_docker || has_docker_stemcells {
-        let config = DockerCpiConfig {
-            root: store.dir().join("docker-cpi"),
-            socket: None,
-            prefix: "bosun".into(),
-        };
-        match DockerCpi::connect(config).await {
+        match docker_cpi(store.dir().join("docker-cpi"), None, "bosun").await {
             Ok(docker) => cpis.insert("docker", logged("docker", Arc::new(docker))),
             Err(e) if cloud_wants_docker => {
                 return Err(anyhow::Error::new(e).context("the docker CPI is needed"))
@@ -102,31 +96,81 @@ fn stored_cloud_config(store: &Store, invalid_ok: bool) -> Result<Option<CloudCo
 
 /// A CPI the cloud-config declares under `cpis`, started.
 async fn declared_cpi(store: &Store, c: &CpiConfig) -> Result<Arc<dyn Cpi>> {
+    if let Some(exec) = &c.external {
+        return external_cpi(store, c, exec);
+    }
     match c.kind.as_str() {
-        "aws" => {
-            let config = AwsCpiConfig::from_properties(&c.properties)
-                .with_context(|| format!("configuring CPI '{}' (type aws)", c.name))?;
-            let aws = AwsCpi::new(config)
-                .await
-                .with_context(|| format!("starting CPI '{}' (type aws)", c.name))?;
-            Ok(Arc::new(aws))
-        }
+        "aws" => Ok(Arc::new(aws_cpi(&c.name, &c.properties).await?)),
         "docker" => {
-            let config = DockerCpiConfig {
-                root: store.dir().join(format!("docker-cpi-{}", c.name)),
-                socket: c.properties["socket"].as_str().map(str::to_string),
-                prefix: c.properties["prefix"]
-                    .as_str()
-                    .unwrap_or("bosun")
-                    .to_string(),
-            };
-            let docker = DockerCpi::connect(config)
+            let root = store.dir().join(format!("docker-cpi-{}", c.name));
+            let socket = c.properties["socket"].as_str().map(str::to_string);
+            let prefix = c.properties["prefix"].as_str().unwrap_or("bosun");
+            let docker = docker_cpi(root, socket, prefix)
                 .await
                 .with_context(|| format!("starting CPI '{}' (type docker)", c.name))?;
             Ok(Arc::new(docker))
         }
         other => bail!("CPI '{}' has an unknown type '{other}'", c.name),
     }
+}
+
+/// The local CPI keeping its VMs under `root`, starting this executable's
+/// `agent` in each.
+pub fn local_cpi(root: PathBuf) -> Result<LocalCpi> {
+    let exe = std::env::current_exe().context("finding the bosun executable")?;
+    Ok(LocalCpi::new(LocalCpiConfig {
+        root,
+        agent_command: vec![exe.display().to_string(), "agent".into()],
+    })?)
+}
+
+/// The Docker CPI, connected.
+pub async fn docker_cpi(
+    root: PathBuf,
+    socket: Option<String>,
+    prefix: &str,
+) -> Result<DockerCpi, bosun_cpi_docker::DockerCpiError> {
+    DockerCpi::connect(DockerCpiConfig {
+        root,
+        socket,
+        prefix: prefix.to_string(),
+    })
+    .await
+}
+
+/// The AWS CPI configured from `properties`, started.
+pub async fn aws_cpi(name: &str, properties: &serde_json::Value) -> Result<AwsCpi> {
+    let config = AwsCpiConfig::from_properties(properties)
+        .with_context(|| format!("configuring CPI '{name}' (type aws)"))?;
+    AwsCpi::new(config)
+        .await
+        .with_context(|| format!("starting CPI '{name}' (type aws)"))
+}
+
+/// An external CPI: its process, its config file written under
+/// `<state>/external-cpi/<name>/`, and that directory for its records.
+fn external_cpi(store: &Store, c: &CpiConfig, exec: &ExternalExec) -> Result<Arc<dyn Cpi>> {
+    let root = store.dir().join("external-cpi").join(&c.name);
+    // `bosun` is this executable, as a VM's agent is: director and CPI
+    // then never disagree on the protocol.
+    let exec_path = if exec.exec_path == "bosun" {
+        std::env::current_exe().context("finding the bosun executable")?
+    } else {
+        PathBuf::from(&exec.exec_path)
+    };
+    let mut config = ExternalCpiConfig::new(&c.name, exec_path, root);
+    config.args = exec.args.clone();
+    config.properties = c.properties.clone();
+    config.director_uuid = store.director_id().to_string();
+    if let Some(secs) = exec.timeout_secs {
+        config.timeout = Duration::from_secs(secs);
+    }
+    if let Some(file) = &exec.config {
+        config = config
+            .with_config_file(file, &exec.config_arg)
+            .with_context(|| format!("configuring CPI '{}' (type {})", c.name, c.kind))?;
+    }
+    Ok(Arc::new(ExternalCpi::new(config)))
 }
 
 /// Execution options: defaults, and `BOSUN_AGENT_TIMEOUT` (whole seconds)

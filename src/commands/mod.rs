@@ -106,7 +106,7 @@ fn cancel_on_ctrl_c(director: &Director) {
 async fn dispatch(ctx: &Ctx, command: Command) -> Result<i32> {
     use Command as C;
     match command {
-        C::Agent { .. } => Ok(0),
+        C::Agent { .. } | C::Cpi { .. } => Ok(0),
         C::Deploy {
             manifest,
             dry_run,

@@ -413,6 +413,9 @@ impl Executor {
             let Ok(cpi) = self.cpis.get(&cpi_name) else {
                 continue;
             };
+            if let Some(caveat) = cpi.listing_caveat() {
+                scan.notes.push(format!("CPI '{cpi_name}': {caveat}"));
+            }
             scan_orphan_vms(&*cpi, &cpi_name, &filter, &known_vms, recs, scan).await;
             scan_orphan_disks(&*cpi, &cpi_name, &filter, &known_disks, scan).await;
         }

@@ -43,15 +43,39 @@ pub struct CloudConfig {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct CpiConfig {
     pub name: String,
-    /// `aws` or `docker`.
+    /// `aws`, `docker`, `external`, or (with `exec_path`) the cloud a BOSH
+    /// CPI serves (`openstack`, `vsphere`, ...).
     pub kind: String,
+    /// bosun's backends: their configuration. External CPIs: sent in every
+    /// request's context, as BOSH's cpi-config `properties` are.
     pub properties: serde_json::Value,
+    /// How to run an external CPI (`type: external`, or any entry with an
+    /// `exec_path`, which is BOSH's cpi-config shape).
+    pub external: Option<ExternalExec>,
+}
+
+/// An external CPI's process: BOSH's `exec_path`, and bosun's additions.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ExternalExec {
+    pub exec_path: String,
+    /// Arguments before the config file's.
+    pub args: Vec<String>,
+    /// Written to a private file whose path is passed after `config_arg`.
+    #[serde(skip)]
+    pub config: Option<serde_json::Value>,
+    /// The flag before the config file's path (default `-configPath`, as
+    /// BOSH's Go CPIs take it).
+    pub config_arg: String,
+    /// Seconds one call may take (default 600).
+    pub timeout_secs: Option<u64>,
 }
 
 /// CPI names every director knows without configuration.
 pub const BUILTIN_CPIS: &[&str] = &["local", "docker"];
-/// CPI types a `cpis` entry may have.
-pub const CPI_TYPES: &[&str] = &["aws", "docker"];
+/// CPI types a `cpis` entry may have (any type with an `exec_path`).
+pub const CPI_TYPES: &[&str] = &["aws", "docker", "external"];
+/// Keys of a `cpis` entry only external CPIs have.
+const EXTERNAL_KEYS: &[&str] = &["exec_path", "args", "config", "config_arg", "timeout"];
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Az {
@@ -279,7 +303,8 @@ fn decode(d: &mut Decoder, root: &Node) -> Option<CloudConfig> {
     let mut cpis = Vec::new();
     let mut cpi_paths = Vec::new();
     for it in d.opt_seq(&f, "cpis") {
-        let Some(cf) = d.map(it.node, &it.path, &["name", "type"], &["properties"]) else {
+        let optional = [&["properties", "migrated_from"][..], EXTERNAL_KEYS].concat();
+        let Some(cf) = d.map(it.node, &it.path, &["name", "type"], &optional) else {
             continue;
         };
         let (name, kind) = (
@@ -287,6 +312,16 @@ fn decode(d: &mut Decoder, root: &Node) -> Option<CloudConfig> {
             d.str(&cf, "type"),
         );
         let properties = d.json_object(&cf, "properties");
+        let exec_path = d.opt_str(&cf, "exec_path");
+        let external = exec_path.as_ref().map(|exec_path| ExternalExec {
+            exec_path: exec_path.clone(),
+            args: d.str_list(&cf, "args"),
+            config: d.json(&cf, "config"),
+            config_arg: d
+                .opt_str(&cf, "config_arg")
+                .unwrap_or_else(|| "-configPath".into()),
+            timeout_secs: d.opt_u64(&cf, "timeout"),
+        });
         if let (Some(name), Some(kind)) = (name, kind) {
             if BUILTIN_CPIS.contains(&name.as_str()) {
                 d.problem(
@@ -294,20 +329,35 @@ fn decode(d: &mut Decoder, root: &Node) -> Option<CloudConfig> {
                     format!("'{name}' is a built-in CPI; give this one another name"),
                 );
             }
-            if !CPI_TYPES.contains(&kind.as_str()) {
-                d.problem(
-                    &yaml::child_path(&it.path, "type"),
-                    format!(
-                        "unknown CPI type '{kind}' (known: {})",
-                        CPI_TYPES.join(", ")
-                    ),
-                );
+            if external.is_none() {
+                if kind == "external" {
+                    d.problem(
+                        &yaml::child_path(&it.path, "exec_path"),
+                        "an external CPI needs exec_path: the CPI executable to run",
+                    );
+                } else if !CPI_TYPES.contains(&kind.as_str()) {
+                    d.problem(
+                        &yaml::child_path(&it.path, "type"),
+                        format!(
+                            "unknown CPI type '{kind}' (known: {}; a BOSH CPI of \
+                             another type needs exec_path)",
+                            CPI_TYPES.join(", ")
+                        ),
+                    );
+                }
+                for key in EXTERNAL_KEYS.iter().filter(|k| cf.get(k).is_some()) {
+                    d.problem(
+                        &yaml::child_path(&it.path, key),
+                        format!("{key} is only for external CPIs (those with an exec_path)"),
+                    );
+                }
             }
             cpi_paths.push((name.clone(), it.path.clone()));
             cpis.push(CpiConfig {
                 name,
                 kind,
                 properties,
+                external,
             });
         }
     }
@@ -1009,6 +1059,41 @@ compilation: {workers: 1, az: z2, network: m, vm_type: b}
             e.0.iter()
                 .any(|p| p.path == "cpis[0].type"
                     && p.message.contains("unknown CPI type 'vsphere'")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn external_cpis_take_boshs_cpi_config_shape_and_bosuns_additions() {
+        let base = "azs: [{name: z1, cpi: ext}]\nnetworks: [{name: n, type: dynamic}]\ncompilation: {workers: 1, az: z1, network: n}\n";
+        // BOSH's shape: a cloud's type and the CPI's executable.
+        let bosh = format!("cpis:\n- name: ext\n  type: openstack\n  exec_path: /var/vcap/jobs/openstack_cpi/bin/cpi\n  properties: {{auth_url: 'http://x'}}\n{base}");
+        let cc = parse_cloud_config("cc.yml", &bosh).unwrap();
+        let exec = cc.cpis[0].external.as_ref().unwrap();
+        assert_eq!(exec.exec_path, "/var/vcap/jobs/openstack_cpi/bin/cpi");
+        assert_eq!(exec.config_arg, "-configPath");
+        assert_eq!(cc.cpis[0].properties["auth_url"], "http://x");
+        // bosun's: type external, arguments, a config file, a time limit.
+        let ours = format!("cpis:\n- name: ext\n  type: external\n  exec_path: bosun\n  args: [cpi, --backend, docker]\n  config_arg: --config\n  config: {{root: state}}\n  timeout: 30\n{base}");
+        let cc = parse_cloud_config("cc.yml", &ours).unwrap();
+        let exec = cc.cpis[0].external.as_ref().unwrap();
+        assert_eq!(exec.args, ["cpi", "--backend", "docker"]);
+        assert_eq!(exec.config.as_ref().unwrap()["root"], "state");
+        assert_eq!(exec.timeout_secs, Some(30));
+        // An external CPI needs its executable; bosun's own types take none.
+        let missing = format!("cpis:\n- name: ext\n  type: external\n{base}");
+        let e = parse_cloud_config("cc.yml", &missing).unwrap_err();
+        assert!(
+            e.0.iter()
+                .any(|p| p.path == "cpis[0].exec_path" && p.line == Some(2)),
+            "{e}"
+        );
+        let stray = format!("cpis:\n- name: ext\n  type: aws\n  timeout: 3\n{base}");
+        let e = parse_cloud_config("cc.yml", &stray).unwrap_err();
+        assert!(
+            e.0.iter().any(
+                |p| p.path == "cpis[0].timeout" && p.message.contains("only for external CPIs")
+            ),
             "{e}"
         );
     }
