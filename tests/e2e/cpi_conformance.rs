@@ -1,5 +1,7 @@
 //! The CPI conformance suite against the local CPI, with the real agent
-//! (`bosun agent`) as each VM's process.
+//! (`bosun agent`) as each VM's process: directly, and through BOSH's
+//! external CPI protocol (`ExternalCpi` running `bosun cpi --backend
+//! local` once per call).
 
 use std::collections::BTreeMap;
 
@@ -7,6 +9,7 @@ use bosun_cpi::conformance::{self, Fixture};
 use bosun_cpi::{
     AgentSettings, CreateVmRequest, NetworkKind, NetworkSettings, StemcellSpec, AGENT_PORT,
 };
+use bosun_cpi_external::{ExternalCpi, ExternalCpiConfig};
 use bosun_cpi_local::{LocalCpi, LocalCpiConfig};
 
 use crate::support::BOSUN;
@@ -19,23 +22,64 @@ async fn local_cpi_passes_conformance_with_the_real_agent() {
         agent_command: vec![BOSUN.to_string(), "agent".to_string()],
     })
     .unwrap();
+    if let Err(failures) = conformance::run(&cpi, &fixture("127.103.0", host_stemcell())).await {
+        panic!("conformance failures:\n  {}", failures.join("\n  "));
+    }
+}
+
+/// `bosun cpi --backend BACKEND` as an external CPI, its records and config
+/// under `dir`.
+pub fn bosun_as_external_cpi(
+    backend: &str,
+    dir: &std::path::Path,
+    config: serde_json::Value,
+) -> ExternalCpi {
+    let mut c = ExternalCpiConfig::new("bosun-cpi", BOSUN, dir.join("external-cpi"));
+    c.args = vec!["cpi".into(), "--backend".into(), backend.into()];
+    c.director_uuid = "e2e-director".into();
+    c.timeout = std::time::Duration::from_secs(120);
+    ExternalCpi::new(c.with_config_file(&config, "--config").unwrap())
+}
+
+#[tokio::test]
+async fn local_cpi_passes_conformance_through_the_external_protocol() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("local-cpi");
+    let cpi = bosun_as_external_cpi("local", dir.path(), serde_json::json!({"root": root}));
+    if let Err(failures) = conformance::run(&cpi, &fixture("127.206.0", host_stemcell())).await {
+        panic!("conformance failures:\n  {}", failures.join("\n  "));
+    }
+    // The VMs were the local CPI's, and every one is gone again.
+    let vms = std::fs::read_dir(root.join("vms")).unwrap().count();
+    assert_eq!(vms, 0, "VMs left under {}", root.display());
+}
+
+/// The local CPI's stemcell: the host itself.
+fn host_stemcell() -> StemcellSpec {
+    StemcellSpec {
+        name: "bosun-local-host".into(),
+        os: "local".into(),
+        version: "1".into(),
+        image_path: None,
+        cloud_properties: serde_json::json!({}),
+    }
+}
+
+/// VMs on `<subnet>.0/24` (VM n at `<subnet>.<10 + n>`), each with the
+/// real agent's keys.
+pub fn fixture(subnet: &str, stemcell: StemcellSpec) -> Fixture {
     let director = bosun_agent::keys::generate_keypair().unwrap();
-    let fixture = Fixture {
-        stemcell: StemcellSpec {
-            name: "bosun-local-host".into(),
-            os: "local".into(),
-            version: "1".into(),
-            image_path: None,
-            cloud_properties: serde_json::json!({}),
-        },
+    let subnet = subnet.to_string();
+    Fixture {
+        stemcell,
         vm_request: Box::new(move |n, stemcell| {
             let host = bosun_agent::keys::generate_keypair().unwrap();
-            let ip = format!("127.103.0.{}", 10 + n);
+            let ip = format!("{subnet}.{}", 10 + n);
             let net = NetworkSettings {
                 kind: NetworkKind::Manual,
                 ip: ip.clone(),
                 netmask: "255.255.255.0".into(),
-                range: "127.103.0.0/24".into(),
+                range: format!("{subnet}.0/24"),
                 gateway: None,
                 dns: vec![],
                 default: vec!["dns".into(), "gateway".into()],
@@ -64,8 +108,5 @@ async fn local_cpi_passes_conformance_with_the_real_agent() {
             }
         }),
         disk_size_mb: 64,
-    };
-    if let Err(failures) = conformance::run(&cpi, &fixture).await {
-        panic!("conformance failures:\n  {}", failures.join("\n  "));
     }
 }

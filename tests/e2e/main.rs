@@ -19,6 +19,7 @@ mod crash;
 mod day2;
 mod deploy;
 mod docker;
+mod external_cpi;
 mod hardening;
 mod health;
 mod limits;
