@@ -9,6 +9,8 @@
 //! - [`AgentSettings`]: what the agent on a new VM needs to start (its id, the
 //!   director's public key, its own SSH host key, networks, disks). A backend
 //!   delivers it unchanged (a file for local/docker, user-data for AWS).
+//! - [`agent_env`]: BOSH's agent env (what a BOSH CPI delivers to a VM) and
+//!   its translation to and from [`AgentSettings`].
 //! - [`conformance`]: a suite generic over `Cpi`.
 //! - [`records`]: atomic JSON record files for backends' own bookkeeping.
 //! - [`failpoint`]: crash-test hooks around every CPI call and agent action.
@@ -27,6 +29,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+pub mod agent_env;
 pub mod chain;
 pub mod conformance;
 pub mod failpoint;

@@ -525,13 +525,13 @@ impl Cpi for ExternalCpi {
             } else {
                 json!({})
             },
-            wire::networks_to_wire(&req.networks),
+            wire::networks_to_bosh(&req.networks),
             json!(req
                 .disk_cids
                 .iter()
                 .map(|d| d.0.clone())
                 .collect::<Vec<_>>()),
-            wire::env_to_wire(&req.settings, &req.metadata),
+            wire::env_to_bosh(&req.settings, &req.metadata),
         ];
         let v = self.call("create_vm", args, Subject::None).await?;
         let cid = as_cid(self, "create_vm", &v)?;
@@ -617,7 +617,7 @@ impl Cpi for ExternalCpi {
     async fn attach_disk(&self, vm: &VmCid, disk: &DiskCid) -> CpiResult<DiskHint> {
         let args = vec![wire::vm_cid(vm), wire::disk_cid(disk)];
         let v = self.call("attach_disk", args, Subject::VmAndDisk).await?;
-        wire::disk_hint_from_wire(&v)
+        wire::disk_hint_from_bosh(&v)
             .map_err(|e| CpiError::fatal(format!("CPI '{}' attach_disk: {e}", self.config.name)))
     }
 

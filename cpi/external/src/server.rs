@@ -113,13 +113,13 @@ async fn dispatch(
             let stemcell = StemcellCid(wire::string_arg(args, 1, "stemcell cid")?);
             let cloud_properties = args.get(2).cloned().unwrap_or(json!({}));
             let networks_arg = args.get(3).cloned().unwrap_or(json!({}));
-            let networks = wire::networks_from_wire(&networks_arg)?;
+            let networks = wire::networks_from_bosh(&networks_arg)?;
             let disk_cids = wire::cids_from_wire(args.get(4).unwrap_or(&Value::Null))?
                 .into_iter()
                 .map(DiskCid)
                 .collect();
             let env = args.get(5).unwrap_or(&Value::Null);
-            let (settings, metadata) = wire::settings_from_wire(&agent_id, networks.clone(), env)?;
+            let (settings, metadata) = wire::settings_from_bosh(&agent_id, networks.clone(), env)?;
             let req = CreateVmRequest {
                 agent_id,
                 stemcell,
