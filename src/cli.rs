@@ -313,6 +313,9 @@ pub enum Command {
     /// Run the agent of a VM (started by CPIs, not by operators).
     #[command(hide = true)]
     Agent {
+        /// Where the settings are: a file (bosun's settings, or BOSH's agent
+        /// env as the warden and docker CPIs write it), `config-drive:DIR`
+        /// (a mounted config drive) or `http://HOST` (a metadata service).
         #[arg(long)]
         settings: PathBuf,
         /// Local CPI: enter a VM namespace with this directory at /var/vcap.

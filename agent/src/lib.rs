@@ -26,4 +26,5 @@ pub mod keys;
 pub mod monit;
 pub mod protocol;
 pub mod server;
+pub mod settings_source;
 pub mod supervisor;

@@ -41,6 +41,7 @@ use crate::protocol::{
     ScriptResult, ScriptResults, UnmountDiskParams, UnpackDiskParams, Vitals, PROTOCOL_VERSION,
 };
 use crate::server::{self, ActionHandler};
+use crate::settings_source::SettingsSource;
 use crate::supervisor::{self, JobProcess, Supervisor};
 use layout::{
     blob_from_tmp, install_package, lay_down, remove_any, remove_leftover, valid_name,
@@ -94,6 +95,10 @@ const VCAP_STORE: &str = "/var/vcap/store";
 /// `get_state` answer while one runs.
 pub struct Agent {
     settings: AgentSettings,
+    /// Where the settings came from: read again for a disk whose mount
+    /// request has no hint (a v1 CPI's attach_disk gives none; it rewrites
+    /// the agent env instead).
+    settings_source: Option<SettingsSource>,
     root: PathBuf,
     blobs: Arc<BlobStore>,
     supervisor: Supervisor,
@@ -297,6 +302,7 @@ impl Agent {
         let supervisor = Supervisor::new(root.join("sys/log"));
         Ok(Agent {
             settings,
+            settings_source: None,
             root,
             blobs,
             supervisor,
@@ -1024,7 +1030,34 @@ impl Agent {
 
     /// `mount_disk`: bind-mount `p.hint.path` (or mount a block device) at
     /// `<root>/store`; idempotent for the same cid.
-    pub async fn mount_disk(&self, p: MountDiskParams) -> Result<(), ActionFailure> {
+    /// A persistent disk's hint as the settings source lists it now.
+    async fn hint_from_settings(&self, cid: &str) -> Result<String, ActionFailure> {
+        let op = format!("mounting disk {cid}");
+        let Some(source) = &self.settings_source else {
+            return Err(failure("invalid", format!("{op}: no hint was given")));
+        };
+        let settings = source
+            .read()
+            .await
+            .map_err(|e| failure("invalid", format!("{op}: reading the settings again: {e}")))?;
+        settings
+            .disks
+            .get(cid)
+            .and_then(disk_hint_path)
+            .ok_or_else(|| {
+                failure(
+                    "invalid",
+                    format!(
+                        "{op}: no hint was given and the settings at {source} list none for it"
+                    ),
+                )
+            })
+    }
+
+    pub async fn mount_disk(&self, mut p: MountDiskParams) -> Result<(), ActionFailure> {
+        if p.hint.path.is_empty() {
+            p.hint.path = self.hint_from_settings(&p.cid).await?;
+        }
         let _g = self.ops.lock().await;
         let op = format!("mounting disk {} from {}", p.cid, p.hint.path);
         let store = self.root.join("store");
@@ -1174,22 +1207,28 @@ impl ActionHandler for Agent {
     }
 }
 
-/// Entry point of `bosun agent --settings FILE`.
+/// Entry point of `bosun agent --settings SOURCE`: a settings file (bosun's,
+/// or BOSH's agent env), `config-drive:DIR` or a metadata service URL (see
+/// [`SettingsSource`]). The agent waits until the source has settings.
 pub async fn run_from_settings_file(path: &Path) -> Result<(), AgentError> {
-    let text = fs::read_to_string(path).map_err(|e| AgentError::Settings {
+    let source = SettingsSource::parse(&path.to_string_lossy());
+    let settings = source.wait().await.map_err(|e| AgentError::Settings {
         path: path.to_path_buf(),
         message: e.to_string(),
     })?;
-    let settings: AgentSettings =
-        serde_json::from_str(&text).map_err(|e| AgentError::Settings {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-    run_with_root(settings, PathBuf::from("/var/vcap")).await
+    run_agent(settings, PathBuf::from("/var/vcap"), Some(source)).await
 }
 
 /// [`run_from_settings_file`] with an explicit root (for tests and odd hosts).
 pub async fn run_with_root(settings: AgentSettings, root: PathBuf) -> Result<(), AgentError> {
+    run_agent(settings, root, None).await
+}
+
+async fn run_agent(
+    settings: AgentSettings,
+    root: PathBuf,
+    source: Option<SettingsSource>,
+) -> Result<(), AgentError> {
     let blob_root = root.join("data/blobs");
     fs::create_dir_all(&blob_root)
         .map_err(agent_io(format!("creating {}", blob_root.display())))?;
@@ -1199,7 +1238,9 @@ pub async fn run_with_root(settings: AgentSettings, root: PathBuf) -> Result<(),
             message: e.to_string(),
         })?,
     );
-    let agent = Arc::new(Agent::new(settings.clone(), root, blobs.clone())?);
+    let mut agent = Agent::new(settings.clone(), root, blobs.clone())?;
+    agent.settings_source = source;
+    let agent = Arc::new(agent);
     if std::process::id() == 1 {
         tokio::spawn(supervisor::reap_orphans_forever());
     }
