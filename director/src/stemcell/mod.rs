@@ -53,8 +53,12 @@ pub const BASE_PACKAGES: &[&str] = &["ca-certificates", "iproute2", "procps", "p
 /// Where debootstrap downloads from unless told otherwise.
 pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
 
-/// The one format the builder produces.
+/// The format bosun's Docker CPI takes.
 pub const STEMCELL_FORMAT: &str = "docker-rootfs";
+/// Every format a built stemcell is: bosun's Docker CPI's, and those of
+/// BOSH's warden and docker CPIs (they import the same gzip'd rootfs and
+/// exec its `/usr/sbin/runsvdir-start`, which starts bosun's agent).
+pub const STEMCELL_FORMATS: &[&str] = &[STEMCELL_FORMAT, "warden-tar", "general-tar"];
 
 /// Where the agent (the bosun executable) lives inside the image.
 pub const AGENT_PATH: &str = "var/vcap/bosh/bin/bosun";
@@ -369,7 +373,7 @@ pub fn build_stemcell(
         version,
         operating_system: opts.os.clone(),
         sha256,
-        stemcell_formats: vec![STEMCELL_FORMAT.to_string()],
+        stemcell_formats: STEMCELL_FORMATS.iter().map(|f| f.to_string()).collect(),
         cloud_properties: serde_json::Value::Object(Default::default()),
         api_version: 2,
     };

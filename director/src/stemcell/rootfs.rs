@@ -32,6 +32,17 @@ const VCAP_DIRS: &[&str] = &[
 
 /// The stemcell identity file.
 const IDENTITY_PATH: &str = "etc/bosun-stemcell";
+/// The boot entry BOSH's warden and docker CPIs exec in a container
+/// (`exec env -i /usr/sbin/runsvdir-start`): here it starts bosun's agent
+/// on the agent env those CPIs write.
+pub(super) const WARDEN_BOOT_PATH: &str = "usr/sbin/runsvdir-start";
+/// Where the warden and docker CPIs bind persistent disks.
+const WARDEN_DISK_DIR: &str = "warden-cpi-dev";
+/// The boot entry's script.
+const WARDEN_BOOT: &str = "#!/bin/sh\n\
+# Started by BOSH's warden and docker CPIs: bosun's agent, on the agent env\n\
+# they write (it waits until the file is there).\n\
+exec /var/vcap/bosh/bin/bosun agent --settings /var/vcap/bosh/warden-cpi-agent-env.json\n";
 /// The user databases the image's `vcap` user is added to.
 const USER_FILES: [&str; 2] = ["etc/passwd", "etc/group"];
 
@@ -375,7 +386,7 @@ pub(super) fn write_image(
     let ours: BTreeSet<&str> = VCAP_DIRS
         .iter()
         .copied()
-        .chain([AGENT_PATH, IDENTITY_PATH])
+        .chain([AGENT_PATH, IDENTITY_PATH, WARDEN_BOOT_PATH, WARDEN_DISK_DIR])
         .collect();
     let mut dropped: BTreeSet<String> = BTreeSet::new();
     // `etc/passwd` and `etc/group`, held back to gain BOSH's vcap user.
@@ -482,7 +493,7 @@ pub(super) fn write_image(
         h.set_size(size);
         h
     };
-    for dir in VCAP_DIRS {
+    for dir in VCAP_DIRS.iter().chain(&[WARDEN_DISK_DIR]) {
         tar.append_data(
             &mut header(tar::EntryType::Directory, 0o755, 0),
             dir,
@@ -506,6 +517,12 @@ pub(super) fn write_image(
         &mut header(tar::EntryType::Regular, 0o644, add.identity.len() as u64),
         IDENTITY_PATH,
         add.identity,
+    )
+    .map_err(io_err(write_step, dest))?;
+    tar.append_data(
+        &mut header(tar::EntryType::Regular, 0o755, WARDEN_BOOT.len() as u64),
+        WARDEN_BOOT_PATH,
+        WARDEN_BOOT.as_bytes(),
     )
     .map_err(io_err(write_step, dest))?;
 

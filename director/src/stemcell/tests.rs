@@ -334,7 +334,10 @@ fn build_from_cached_base() {
 
     assert_eq!(manifest.name, "bosun-docker-debian-bookworm");
     assert_eq!(manifest.operating_system, "debian-bookworm");
-    assert_eq!(manifest.stemcell_formats, ["docker-rootfs"]);
+    assert_eq!(
+        manifest.stemcell_formats,
+        ["docker-rootfs", "warden-tar", "general-tar"]
+    );
     assert_eq!(manifest.api_version, 2);
     assert_eq!(manifest.cloud_properties, serde_json::json!({}));
     let v = manifest.version.strip_prefix("1.").unwrap();
@@ -368,6 +371,16 @@ fn build_from_cached_base() {
         "{identity}"
     );
     assert_eq!(image["usr/bin/passwd"].1, 0o4755);
+    // The boot entry of BOSH's warden and docker CPIs starts bosun's agent.
+    let (kind, mode, _, boot) = &image["usr/sbin/runsvdir-start"];
+    assert_eq!((*kind, *mode), (tar::EntryType::Regular, 0o755));
+    let boot = String::from_utf8_lossy(boot);
+    assert!(
+        boot.starts_with("#!/bin/sh\n")
+            && boot.contains("exec /var/vcap/bosh/bin/bosun agent --settings /var/vcap/bosh/warden-cpi-agent-env.json"),
+        "{boot}"
+    );
+    assert_eq!(image["warden-cpi-dev"].0, tar::EntryType::Directory);
     // BOSH's vcap user and group, after the base's own entries.
     assert_eq!(
         String::from_utf8_lossy(&image["etc/passwd"].3),
