@@ -193,3 +193,151 @@ fn quickstart_through_an_external_cpi() {
     ]);
     assert!(vols.trim().is_empty(), "volumes left: {vols}");
 }
+
+/// What BOSH's docker CPI does with a stemcell, by hand: `docker import`
+/// of its image, a container running `exec env -i /usr/sbin/runsvdir-start`
+/// (the CPI's boot entry), the agent env written into it afterwards as a
+/// 0640 file. bosun's agent starts from that env, makes it private, and
+/// finds a persistent disk in it when a mount request carries no hint.
+#[tokio::test]
+async fn the_agent_boots_from_the_agent_env_a_bosh_docker_cpi_writes() {
+    use bosun_agent::client::AgentClient;
+    use bosun_agent::protocol::MountDiskParams;
+
+    let Some(path) = stemcell() else { return };
+    let opened = bosun_director::stemcell::open_stemcell(std::path::Path::new(&path)).unwrap();
+    assert!(
+        opened
+            .manifest
+            .stemcell_formats
+            .iter()
+            .any(|f| f == "warden-tar"),
+        "{:?}",
+        opened.manifest.stemcell_formats
+    );
+    let tag = format!("bosun-e2e-warden:{}", std::process::id());
+    docker(&["import", opened.image_path.to_str().unwrap(), &tag]);
+    let name = format!("bosun-e2e-warden-{}", std::process::id());
+    let _cleanup = Removed(name.clone(), tag.clone());
+    docker(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        &tag,
+        "bash",
+        "-c",
+        "mkdir -p /var/vcap/data/sys /var/vcap/store && exec env -i /usr/sbin/runsvdir-start",
+    ]);
+    let ip = docker(&["inspect", "-f", "{{.NetworkSettings.IPAddress}}", &name])
+        .trim()
+        .to_string();
+
+    // The agent env, as the docker CPI writes it once the container runs.
+    let director = bosun_agent::keys::generate_keypair().unwrap();
+    let host = bosun_agent::keys::generate_keypair().unwrap();
+    let env = serde_json::json!({
+        "agent_id": "warden-agent",
+        "vm": {"name": name, "id": name},
+        "mbus": "https://mbus:secret@0.0.0.0:6868",
+        "ntp": [],
+        "networks": {"default": {"type": "manual", "ip": ip, "netmask": "255.255.0.0",
+            "gateway": "", "dns": [], "default": ["dns", "gateway"], "mac": "", "preconfigured": true}},
+        "disks": {"system": "", "ephemeral": null, "persistent": null},
+        "env": {"bosun": {"director_public_key": director.public_openssh,
+                          "host_private_key": host.private_openssh}},
+    });
+    let write_env = |env: &serde_json::Value| {
+        let body = env.to_string().into_bytes();
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(body.len() as u64);
+        h.set_mode(0o640);
+        h.set_cksum();
+        tar.append_data(
+            &mut h,
+            "var/vcap/bosh/warden-cpi-agent-env.json",
+            body.as_slice(),
+        )
+        .unwrap();
+        let archive = tar.into_inner().unwrap();
+        let mut child = std::process::Command::new("docker")
+            .args(["exec", "-i", &name, "tar", "-x", "-f", "-", "-C", "/"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(&archive).unwrap();
+        assert!(child.wait().unwrap().success());
+    };
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    write_env(&env);
+
+    let addr: std::net::SocketAddr = format!("{ip}:{}", bosun_cpi::AGENT_PORT).parse().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let client = loop {
+        match AgentClient::connect(
+            addr,
+            &director,
+            &host.public_openssh,
+            std::time::Duration::from_secs(2),
+        )
+        .await
+        {
+            Ok(c) => break c,
+            Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!(
+                "the agent did not come up from the agent env: {e}\n{}",
+                docker(&["logs", &name])
+            ),
+        }
+    };
+    client.ping().await.unwrap();
+    let mode = docker(&[
+        "exec",
+        &name,
+        "stat",
+        "-c",
+        "%a",
+        "/var/vcap/bosh/warden-cpi-agent-env.json",
+    ]);
+    assert_eq!(mode.trim(), "600", "the agent env holds a private key");
+
+    // attach_disk rewrites the env (v1 gives no hint): the agent reads it again.
+    let mut env = env;
+    env["disks"]["persistent"] = serde_json::json!({"vol-1": "/var/vcap/store"});
+    write_env(&env);
+    let params = MountDiskParams {
+        cid: "vol-1".into(),
+        hint: bosun_cpi::DiskHint {
+            path: String::new(),
+        },
+    };
+    client.mount_disk(&params).await.unwrap();
+    let missing = MountDiskParams {
+        cid: "vol-2".into(),
+        hint: bosun_cpi::DiskHint {
+            path: String::new(),
+        },
+    };
+    let e = client.mount_disk(&missing).await.unwrap_err().to_string();
+    assert!(e.contains("list none for it"), "{e}");
+}
+
+/// Removes the container and image when the test ends, however it ends.
+struct Removed(String, String);
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        for args in [vec!["rm", "-f", &self.0], vec!["rmi", "-f", &self.1]] {
+            let out = std::process::Command::new("docker").args(&args).output();
+            if let Ok(o) = out {
+                if !o.status.success() {
+                    eprintln!("docker {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+                }
+            }
+        }
+    }
+}
