@@ -5,12 +5,10 @@
 //! Run with `bench/cpi-protocol.sh [N]`; `cargo test` runs it with three
 //! calls each.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use bosun_cpi::{
-    AgentSettings, Cpi, CreateVmRequest, NetworkKind, NetworkSettings, StemcellCid, StemcellSpec,
-};
+use bosun_cpi::conformance::manual_vm_request;
+use bosun_cpi::{Cpi, CreateVmRequest, StemcellCid, StemcellSpec};
 use bosun_cpi_external::{ExternalCpi, ExternalCpiConfig};
 use bosun_cpi_local::{LocalCpi, LocalCpiConfig};
 
@@ -19,35 +17,14 @@ const BOSUN: &str = env!("CARGO_BIN_EXE_bosun");
 fn request(n: usize, stemcell: &StemcellCid, director_key: &str) -> CreateVmRequest {
     let host = bosun_agent::keys::generate_keypair().expect("a host key");
     let ip = format!("127.199.{}.{}", n / 200, 10 + n % 200);
-    let net = NetworkSettings {
-        kind: NetworkKind::Manual,
-        ip: ip.clone(),
-        netmask: "255.255.0.0".into(),
-        range: "127.199.0.0/16".into(),
-        gateway: None,
-        dns: vec![],
-        default: vec!["dns".into(), "gateway".into()],
-        cloud_properties: serde_json::json!({}),
-    };
-    let networks = BTreeMap::from([("default".to_string(), net)]);
-    CreateVmRequest {
-        agent_id: format!("bench-{n}"),
-        stemcell: stemcell.clone(),
-        cloud_properties: serde_json::json!({}),
-        networks: networks.clone(),
-        disk_cids: vec![],
-        settings: AgentSettings {
-            agent_id: format!("bench-{n}"),
-            director_public_key: director_key.to_string(),
-            host_private_key: host.private_openssh,
-            listen_ip: ip,
-            listen_port: bosun_cpi::AGENT_PORT,
-            networks,
-            disks: BTreeMap::new(),
-            env: serde_json::json!({}),
-        },
-        metadata: [("token".to_string(), format!("bench-{n}"))].into(),
-    }
+    manual_vm_request(
+        &format!("bench-{n}"),
+        stemcell,
+        &ip,
+        "127.199.0.0/16",
+        director_key,
+        &host.private_openssh,
+    )
 }
 
 fn stats(mut d: Vec<Duration>) -> String {

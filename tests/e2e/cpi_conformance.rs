@@ -3,12 +3,8 @@
 //! external CPI protocol (`ExternalCpi` running `bosun cpi --backend
 //! local` once per call).
 
-use std::collections::BTreeMap;
-
 use bosun_cpi::conformance::{self, Fixture};
-use bosun_cpi::{
-    AgentSettings, CreateVmRequest, NetworkKind, NetworkSettings, StemcellSpec, AGENT_PORT,
-};
+use bosun_cpi::StemcellSpec;
 use bosun_cpi_external::{ExternalCpi, ExternalCpiConfig};
 use bosun_cpi_local::{LocalCpi, LocalCpiConfig};
 
@@ -74,38 +70,16 @@ pub fn fixture(subnet: &str, stemcell: StemcellSpec) -> Fixture {
         stemcell,
         vm_request: Box::new(move |n, stemcell| {
             let host = bosun_agent::keys::generate_keypair().unwrap();
-            let ip = format!("{subnet}.{}", 10 + n);
-            let net = NetworkSettings {
-                kind: NetworkKind::Manual,
-                ip: ip.clone(),
-                netmask: "255.255.255.0".into(),
-                range: format!("{subnet}.0/24"),
-                gateway: None,
-                dns: vec![],
-                default: vec!["dns".into(), "gateway".into()],
-                cloud_properties: serde_json::json!({}),
-            };
-            let networks = BTreeMap::from([("default".to_string(), net)]);
-            CreateVmRequest {
-                agent_id: format!("agent-{n}"),
-                stemcell: stemcell.clone(),
-                cloud_properties: serde_json::json!({}),
-                networks: networks.clone(),
-                disk_cids: vec![],
-                settings: AgentSettings {
-                    agent_id: format!("agent-{n}"),
-                    director_public_key: director.public_openssh.clone(),
-                    host_private_key: host.private_openssh,
-                    listen_ip: ip,
-                    listen_port: AGENT_PORT,
-                    networks,
-                    disks: BTreeMap::new(),
-                    env: serde_json::json!({}),
-                },
-                metadata: [("token".to_string(), format!("conformance-{n}"))]
-                    .into_iter()
-                    .collect(),
-            }
+            let mut req = conformance::manual_vm_request(
+                &format!("agent-{n}"),
+                stemcell,
+                &format!("{subnet}.{}", 10 + n),
+                &format!("{subnet}.0/24"),
+                &director.public_openssh,
+                &host.private_openssh,
+            );
+            req.metadata = [("token".to_string(), format!("conformance-{n}"))].into();
+            req
         }),
         disk_size_mb: 64,
     }

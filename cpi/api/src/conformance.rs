@@ -17,6 +17,55 @@ use crate::{
 /// Builds the create_vm request for the n-th test VM given the stemcell cid.
 pub type VmRequestFn = dyn Fn(usize, &StemcellCid) -> CreateVmRequest + Send + Sync;
 
+/// A create_vm request for a VM at `ip` on one manual network `range`
+/// (netmask from the range), with the given keys, listening on
+/// [`crate::AGENT_PORT`], tagged `token=<agent_id>`: what tests and
+/// benchmarks of a backend create.
+pub fn manual_vm_request(
+    agent_id: &str,
+    stemcell: &StemcellCid,
+    ip: &str,
+    range: &str,
+    director_public_key: &str,
+    host_private_key: &str,
+) -> CreateVmRequest {
+    let prefix = range
+        .rsplit_once('/')
+        .and_then(|(_, p)| p.parse::<u32>().ok())
+        .unwrap_or(32)
+        .min(32);
+    let mask = u32::MAX.checked_shl(32 - prefix).unwrap_or(0);
+    let net = crate::NetworkSettings {
+        kind: crate::NetworkKind::Manual,
+        ip: ip.to_string(),
+        netmask: std::net::Ipv4Addr::from(mask).to_string(),
+        range: range.to_string(),
+        gateway: None,
+        dns: vec![],
+        default: vec!["dns".into(), "gateway".into()],
+        cloud_properties: serde_json::json!({}),
+    };
+    let networks = std::collections::BTreeMap::from([("default".to_string(), net)]);
+    CreateVmRequest {
+        agent_id: agent_id.to_string(),
+        stemcell: stemcell.clone(),
+        cloud_properties: serde_json::json!({}),
+        networks: networks.clone(),
+        disk_cids: vec![],
+        settings: crate::AgentSettings {
+            agent_id: agent_id.to_string(),
+            director_public_key: director_public_key.to_string(),
+            host_private_key: host_private_key.to_string(),
+            listen_ip: ip.to_string(),
+            listen_port: crate::AGENT_PORT,
+            networks,
+            disks: Default::default(),
+            env: serde_json::json!({}),
+        },
+        metadata: filter1("token", agent_id),
+    }
+}
+
 /// What a backend's test supplies.
 pub struct Fixture {
     pub stemcell: StemcellSpec,
