@@ -50,6 +50,13 @@ struct Record {
     metadata: Metadata,
 }
 
+/// What a create call makes.
+#[derive(Clone, Copy)]
+enum Kind {
+    Vm,
+    Disk,
+}
+
 /// Which kind of resource a call's first cid names (for not-found errors).
 #[derive(Clone, Copy)]
 enum Subject {
@@ -372,6 +379,22 @@ impl ExternalCpi {
         Ok(found)
     }
 
+    /// Creates a VM or disk, records it, then tags it through the CPI (BOSH's
+    /// create calls take no metadata).
+    async fn create(&self, kind: Kind, args: Vec<Value>, metadata: &Metadata) -> CpiResult<String> {
+        let (method, records, set, subject) = match kind {
+            Kind::Vm => ("create_vm", "vms", "set_vm_metadata", Subject::Vm),
+            Kind::Disk => ("create_disk", "disks", "set_disk_metadata", Subject::Disk),
+        };
+        let v = self.call(method, args, Subject::None).await?;
+        let cid = as_cid(self, method, &v)?;
+        self.record(records, &cid, metadata)?;
+        if !metadata.is_empty() {
+            self.set_metadata(set, &cid, metadata, subject).await?;
+        }
+        Ok(cid)
+    }
+
     /// Sets metadata through the CPI; one without the method is not an error
     /// (bosun's records keep the tags), as BOSH's director treats it.
     async fn set_metadata(
@@ -533,14 +556,7 @@ impl Cpi for ExternalCpi {
                 .collect::<Vec<_>>()),
             wire::env_to_bosh(&req.settings, &req.metadata),
         ];
-        let v = self.call("create_vm", args, Subject::None).await?;
-        let cid = as_cid(self, "create_vm", &v)?;
-        self.record("vms", &cid, &req.metadata)?;
-        if !req.metadata.is_empty() {
-            self.set_metadata("set_vm_metadata", &cid, &req.metadata, Subject::Vm)
-                .await?;
-        }
-        Ok(VmCid(cid))
+        self.create(Kind::Vm, args, &req.metadata).await.map(VmCid)
     }
 
     async fn delete_vm(&self, cid: &VmCid) -> CpiResult<()> {
@@ -594,14 +610,9 @@ impl Cpi for ExternalCpi {
             },
             req.vm_locality.as_ref().map_or(Value::Null, wire::vm_cid),
         ];
-        let v = self.call("create_disk", args, Subject::None).await?;
-        let cid = as_cid(self, "create_disk", &v)?;
-        self.record("disks", &cid, &req.metadata)?;
-        if !req.metadata.is_empty() {
-            self.set_metadata("set_disk_metadata", &cid, &req.metadata, Subject::Disk)
-                .await?;
-        }
-        Ok(DiskCid(cid))
+        self.create(Kind::Disk, args, &req.metadata)
+            .await
+            .map(DiskCid)
     }
 
     async fn delete_disk(&self, cid: &DiskCid) -> CpiResult<()> {
