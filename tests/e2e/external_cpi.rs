@@ -31,6 +31,10 @@ async fn docker_cpi_passes_conformance_through_the_external_protocol() {
     assert!(left.trim().is_empty(), "left on the engine: {left}");
 }
 
+/// Not `quickstart`: the Docker test's deployment of that name runs at the
+/// same time and counts its containers by that label.
+const DEPLOYMENT: &str = "quickstart-external";
+
 #[test]
 fn quickstart_through_an_external_cpi() {
     let Some(stemcell) = stemcell() else { return };
@@ -61,13 +65,15 @@ fn quickstart_through_an_external_cpi() {
     let quickstart = std::fs::read_to_string(repo().join("manifests/quickstart.yml")).unwrap();
     let m = env.manifest(
         "quickstart-external.yml",
-        &quickstart.replace("../releases/kv", "{release}"),
+        &quickstart
+            .replace("../releases/kv", "{release}")
+            .replace("name: quickstart\n", &format!("name: {DEPLOYMENT}\n")),
     );
     let out = env.bosun(&["deploy", m.to_str().unwrap(), "-n"]);
     assert!(out.status.success(), "{}", text(&out));
 
     // Containers of the external CPI's Docker backend, on its own network.
-    let list = env.instances("quickstart");
+    let list = env.instances(DEPLOYMENT);
     assert_eq!(list.len(), 3);
     for i in &list {
         assert_eq!(i["process_state"], "running", "{i}");
@@ -113,9 +119,9 @@ fn quickstart_through_an_external_cpi() {
 
     // A recreate keeps the data: the disk moves to the new container.
     let i1 = by_index(&list, 1);
-    let out = env.bosun(&["-d", "quickstart", "recreate", "kv/1", "-n"]);
+    let out = env.bosun(&["-d", DEPLOYMENT, "recreate", "kv/1", "-n"]);
     assert!(out.status.success(), "{}", text(&out));
-    let now1 = by_index(&env.instances("quickstart"), 1);
+    let now1 = by_index(&env.instances(DEPLOYMENT), 1);
     assert_ne!(now1["vm_cid"], i1["vm_cid"]);
     assert_eq!(now1["persistent_disk_cids"], i1["persistent_disk_cids"]);
     assert_eq!(
@@ -124,11 +130,11 @@ fn quickstart_through_an_external_cpi() {
     );
 
     // The monitor replaces a container removed behind bosun's back.
-    let mon = env.monitor("quickstart");
-    let i2 = by_index(&env.instances("quickstart"), 2);
+    let mon = env.monitor(DEPLOYMENT);
+    let i2 = by_index(&env.instances(DEPLOYMENT), 2);
     docker(&["rm", "-f", i2["vm_cid"].as_str().unwrap()]);
     let healed = wait_until(std::time::Duration::from_secs(90), || {
-        let i = by_index(&env.instances("quickstart"), 2);
+        let i = by_index(&env.instances(DEPLOYMENT), 2);
         i["vm_cid"] != i2["vm_cid"] && !i["vm_cid"].is_null() && i["process_state"] == "running"
     });
     assert!(
@@ -137,7 +143,7 @@ fn quickstart_through_an_external_cpi() {
         std::fs::read_to_string(&mon.log).unwrap_or_default()
     );
     drop(mon);
-    let now2 = by_index(&env.instances("quickstart"), 2);
+    let now2 = by_index(&env.instances(DEPLOYMENT), 2);
     assert_eq!(now2["persistent_disk_cids"], i2["persistent_disk_cids"]);
     assert_eq!(
         http("GET", &addr(&now2), "/kv/through", "").unwrap(),
@@ -146,9 +152,9 @@ fn quickstart_through_an_external_cpi() {
 
     // cloud-check finds a removed container and recreates it; it says
     // which orphans it cannot list through the protocol.
-    let i0 = by_index(&env.instances("quickstart"), 0);
+    let i0 = by_index(&env.instances(DEPLOYMENT), 0);
     docker(&["rm", "-f", i0["vm_cid"].as_str().unwrap()]);
-    let out = env.bosun(&["-d", "quickstart", "cloud-check", "--report", "--json"]);
+    let out = env.bosun(&["-d", DEPLOYMENT, "cloud-check", "--report", "--json"]);
     let report = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(!out.status.success(), "problems exit 1: {}", text(&out));
     assert!(report.contains(i0["vm_cid"].as_str().unwrap()), "{report}");
@@ -156,9 +162,9 @@ fn quickstart_through_an_external_cpi() {
         report.contains("CPI 'external-docker': orphans are found only among"),
         "{report}"
     );
-    let out = env.bosun(&["-d", "quickstart", "cloud-check", "--auto"]);
+    let out = env.bosun(&["-d", DEPLOYMENT, "cloud-check", "--auto"]);
     assert!(out.status.success(), "{}", text(&out));
-    let now0 = by_index(&env.instances("quickstart"), 0);
+    let now0 = by_index(&env.instances(DEPLOYMENT), 0);
     assert_eq!(now0["process_state"], "running", "{now0}");
     assert_eq!(now0["persistent_disk_cids"], i0["persistent_disk_cids"]);
     assert_eq!(
@@ -172,7 +178,7 @@ fn quickstart_through_an_external_cpi() {
         "{}",
         text(&out)
     );
-    let out = env.bosun(&["-d", "quickstart", "delete-deployment", "-n"]);
+    let out = env.bosun(&["-d", DEPLOYMENT, "delete-deployment", "-n"]);
     assert!(out.status.success(), "{}", text(&out));
     let left = docker(&[
         "ps",
