@@ -75,14 +75,15 @@ impl SettingsSource {
         }
     }
 
-    /// The settings, once: `Absent` when the source has none yet.
+    /// The settings, once: `Absent` when the source has none yet (saying
+    /// where it looked); `Invalid` says what is wrong, and the caller where.
     pub async fn read(&self) -> Result<AgentSettings, SourceError> {
         let text = match self {
             SettingsSource::File(path) => read_file(path)?,
             SettingsSource::ConfigDrive(dir) => read_config_drive(dir)?,
             SettingsSource::Metadata(url) => read_metadata(url).await?,
         };
-        parse(&text).map_err(|e| SourceError::Invalid(format!("{self}: {e}")))
+        parse(&text).map_err(SourceError::Invalid)
     }
 
     /// The settings, waiting while the source has none yet (a CPI may
@@ -102,7 +103,7 @@ impl SettingsSource {
                 Err(SourceError::Invalid(why))
                     if invalid_since.get_or_insert_with(Instant::now).elapsed() < SETTLE =>
                 {
-                    tracing::debug!("settings not usable yet: {why}");
+                    tracing::debug!("the settings at {self} are not usable yet: {why}");
                 }
                 other => return other,
             }
@@ -134,12 +135,7 @@ fn read_file(path: &Path) -> Result<String, SourceError> {
                 path.display()
             )))
         }
-        Err(e) => {
-            return Err(SourceError::Invalid(format!(
-                "reading {}: {e}",
-                path.display()
-            )))
-        }
+        Err(e) => return Err(SourceError::Invalid(format!("reading it: {e}"))),
     };
     // A CPI may write it 0640 or 0644; it holds the agent's private key.
     match std::fs::metadata(path) {
@@ -168,7 +164,7 @@ fn read_config_drive(dir: &Path) -> Result<String, SourceError> {
         let path = dir.join(rel);
         if path.is_file() {
             return std::fs::read_to_string(&path)
-                .map_err(|e| SourceError::Invalid(format!("reading {}: {e}", path.display())));
+                .map_err(|e| SourceError::Invalid(format!("reading {rel}: {e}")));
         }
     }
     Err(SourceError::Absent(format!(
@@ -203,7 +199,7 @@ async fn read_metadata(base: &str) -> Result<String, SourceError> {
         ))),
         Ok((404, _)) => Err(SourceError::Absent(format!("{base}/latest/user-data: 404"))),
         Ok((code, _)) => Err(SourceError::Invalid(format!(
-            "{base}/latest/user-data answered HTTP {code}"
+            "/latest/user-data answered HTTP {code}"
         ))),
         Err(e) => Err(SourceError::Absent(format!("{base}: {e}"))),
     }

@@ -1028,18 +1028,18 @@ impl Agent {
         .await
     }
 
-    /// `mount_disk`: bind-mount `p.hint.path` (or mount a block device) at
-    /// `<root>/store`; idempotent for the same cid.
     /// A persistent disk's hint as the settings source lists it now.
     async fn hint_from_settings(&self, cid: &str) -> Result<String, ActionFailure> {
         let op = format!("mounting disk {cid}");
         let Some(source) = &self.settings_source else {
             return Err(failure("invalid", format!("{op}: no hint was given")));
         };
-        let settings = source
-            .read()
-            .await
-            .map_err(|e| failure("invalid", format!("{op}: reading the settings again: {e}")))?;
+        let settings = source.read().await.map_err(|e| {
+            failure(
+                "invalid",
+                format!("{op}: reading the settings at {source} again: {e}"),
+            )
+        })?;
         settings
             .disks
             .get(cid)
@@ -1054,6 +1054,9 @@ impl Agent {
             })
     }
 
+    /// `mount_disk`: bind-mount `p.hint.path` (or mount a block device) at
+    /// `<root>/store`; idempotent for the same cid. Without a hint, the
+    /// disk's is taken from the settings source, read again.
     pub async fn mount_disk(&self, mut p: MountDiskParams) -> Result<(), ActionFailure> {
         if p.hint.path.is_empty() {
             p.hint.path = self.hint_from_settings(&p.cid).await?;

@@ -127,19 +127,11 @@ pub fn network_from_bosh(name: &str, v: &Value) -> Result<NetworkSettings, Strin
             )),
         }
     };
-    let strings = |key: &str| -> Result<Vec<String>, String> {
-        match v.get(key) {
-            None | Some(Value::Null) => Ok(Vec::new()),
-            Some(Value::Array(a)) => a
-                .iter()
-                .map(|x| {
-                    x.as_str()
-                        .map(str::to_string)
-                        .ok_or_else(|| format!("networks.{name}.{key} must hold strings, got {x}"))
-                })
-                .collect(),
-            Some(other) => Err(format!("networks.{name}.{key} must be a list, got {other}")),
-        }
+    let strings = |key: &str| {
+        string_list(
+            v.get(key).unwrap_or(&Value::Null),
+            &format!("networks.{name}.{key}"),
+        )
     };
     if !v.is_object() {
         return Err(format!("networks.{name} must be a hash, got {v}"));
@@ -189,11 +181,32 @@ pub fn range_of(ip: &str, netmask: &str) -> Result<String, String> {
     Ok(format!("{network}/{prefix}"))
 }
 
-fn object_or_empty(v: &Value) -> Value {
-    if v.is_object() {
-        v.clone()
-    } else {
-        json!({})
+/// A hash's fields; anything else has none.
+pub fn fields_of(v: &Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m.clone(),
+        _ => Map::new(),
+    }
+}
+
+/// A hash as it is; anything else as an empty one.
+pub fn object_or_empty(v: &Value) -> Value {
+    Value::Object(fields_of(v))
+}
+
+/// A list of strings (null: empty); `what` names it in errors.
+pub fn string_list(v: &Value, what: &str) -> Result<Vec<String>, String> {
+    match v {
+        Value::Null => Ok(Vec::new()),
+        Value::Array(a) => a
+            .iter()
+            .map(|x| {
+                x.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| format!("{what} must hold strings, got {x}"))
+            })
+            .collect(),
+        other => Err(format!("{what} must be a list, got {other}")),
     }
 }
 
@@ -238,10 +251,7 @@ fn default_port() -> u16 {
 /// The `env` argument of `create_vm`: the manifest's env with bosun's part
 /// under `env.bosun` (it replaces anything the manifest put there).
 pub fn env_to_bosh(settings: &AgentSettings, metadata: &Metadata) -> Value {
-    let mut env = match &settings.env {
-        Value::Object(m) => m.clone(),
-        _ => Map::new(),
-    };
+    let mut env = fields_of(&settings.env);
     let bosun = BosunEnv {
         director_public_key: settings.director_public_key.clone(),
         host_private_key: settings.host_private_key.clone(),

@@ -131,7 +131,7 @@ impl ExternalCpi {
         let context = self.context(&request_id);
         let request = Request {
             method: method.to_string(),
-            arguments: arguments.clone(),
+            arguments,
             context,
             api_version: (version >= 2).then_some(version),
         };
@@ -176,7 +176,7 @@ impl ExternalCpi {
         }
         match response.error {
             None => Ok(response.result),
-            Some(e) => Err(self.map_error(method, &request_id, &arguments, subject, e)),
+            Some(e) => Err(self.map_error(method, &request_id, &request.arguments, subject, e)),
         }
     }
 
@@ -227,10 +227,7 @@ impl ExternalCpi {
 
     /// The request's context: the CPI's properties, then the ids.
     fn context(&self, request_id: &str) -> Value {
-        let mut m = match &self.config.properties {
-            Value::Object(m) => m.clone(),
-            _ => serde_json::Map::new(),
-        };
+        let mut m = wire::fields_of(&self.config.properties);
         m.insert("director_uuid".into(), json!(self.config.director_uuid));
         m.insert("request_id".into(), json!(request_id));
         m.insert(
@@ -500,13 +497,11 @@ fn as_cid(cpi: &ExternalCpi, method: &str, v: &Value) -> CpiResult<String> {
 impl Cpi for ExternalCpi {
     async fn info(&self) -> CpiResult<CpiInfo> {
         let v = self.raw_info().await?;
-        let formats = wire::cids_from_wire(v.get("stemcell_formats").unwrap_or(&Value::Null))
-            .map_err(|e| {
-                CpiError::fatal(format!(
-                    "CPI '{}' info: stemcell_formats: {e}",
-                    self.config.name
-                ))
-            })?;
+        let formats = bosun_cpi::agent_env::string_list(
+            v.get("stemcell_formats").unwrap_or(&Value::Null),
+            "stemcell_formats",
+        )
+        .map_err(|e| CpiError::fatal(format!("CPI '{}' info: {e}", self.config.name)))?;
         let api_version = *self
             .api_version
             .get_or_init(|| async { negotiated(&v) })
@@ -543,11 +538,7 @@ impl Cpi for ExternalCpi {
         let args = vec![
             json!(req.agent_id),
             wire::stemcell_cid(&req.stemcell),
-            if req.cloud_properties.is_object() {
-                req.cloud_properties.clone()
-            } else {
-                json!({})
-            },
+            wire::object_or_empty(&req.cloud_properties),
             wire::networks_to_bosh(&req.networks),
             json!(req
                 .disk_cids
@@ -603,11 +594,7 @@ impl Cpi for ExternalCpi {
     async fn create_disk(&self, req: &CreateDiskRequest) -> CpiResult<DiskCid> {
         let args = vec![
             json!(req.size_mb),
-            if req.cloud_properties.is_object() {
-                req.cloud_properties.clone()
-            } else {
-                json!({})
-            },
+            wire::object_or_empty(&req.cloud_properties),
             req.vm_locality.as_ref().map_or(Value::Null, wire::vm_cid),
         ];
         self.create(Kind::Disk, args, &req.metadata)

@@ -8,11 +8,11 @@
 //! Pure data: this module must not run processes or touch files.
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 pub use bosun_cpi::agent_env::{
-    disk_hint_from_bosh, env_to_bosh, networks_from_bosh, networks_to_bosh, range_of,
-    settings_from_bosh, BosunEnv, BOSUN_ENV_KEY,
+    disk_hint_from_bosh, env_to_bosh, fields_of, networks_from_bosh, networks_to_bosh,
+    object_or_empty, range_of, settings_from_bosh, BosunEnv, BOSUN_ENV_KEY,
 };
 
 use bosun_cpi::{CpiError, DiskCid, Metadata, StemcellCid, StemcellSpec, VmCid};
@@ -94,10 +94,7 @@ impl WireError {
 /// The `cloud_properties` argument of `create_stemcell`: the stemcell's own,
 /// with its name, version and os added where it does not set them.
 pub fn stemcell_properties_to_wire(spec: &StemcellSpec) -> Value {
-    let mut m = match &spec.cloud_properties {
-        Value::Object(m) => m.clone(),
-        _ => Map::new(),
-    };
+    let mut m = fields_of(&spec.cloud_properties);
     for (k, v) in [
         ("name", &spec.name),
         ("version", &spec.version),
@@ -121,10 +118,7 @@ pub fn stemcell_from_wire(image_path: &str, cloud_properties: &Value) -> Stemcel
             })
             .unwrap_or_else(|| "unknown".to_string())
     };
-    let mut rest = match cloud_properties {
-        Value::Object(m) => m.clone(),
-        _ => Map::new(),
-    };
+    let mut rest = fields_of(cloud_properties);
     for k in ["name", "version", "os"] {
         rest.remove(k);
     }
@@ -176,18 +170,7 @@ pub fn metadata_from_wire(v: &Value) -> Result<Metadata, String> {
 
 /// A list of cids, read.
 pub fn cids_from_wire(v: &Value) -> Result<Vec<String>, String> {
-    match v {
-        Value::Null => Ok(Vec::new()),
-        Value::Array(a) => a
-            .iter()
-            .map(|x| {
-                x.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| format!("a cid must be a string, got {x}"))
-            })
-            .collect(),
-        other => Err(format!("expected a list of cids, got {other}")),
-    }
+    bosun_cpi::agent_env::string_list(v, "the list of cids")
 }
 
 /// Stemcell, VM and disk cids as wire strings.
