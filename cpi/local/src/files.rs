@@ -43,24 +43,40 @@ impl Staging {
         use std::os::unix::fs::DirBuilderExt;
         let path = parent.join(format!("{STAGING_PREFIX}{name}"));
         let lock_path = parent.join(format!("{STAGING_PREFIX}{name}{LOCK_SUFFIX}"));
+        // The lock file is locked before it gets its name: a sweep running
+        // at the same moment never finds it unlocked and takes it. (A file
+        // left under the new name by a crash is swept once abandoned.)
+        let fresh = parent.join(format!("{STAGING_PREFIX}{name}{LOCK_SUFFIX}-new"));
         let lock = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(&lock_path)
-            .map_err(io_err("creating", &lock_path))?;
+            .open(&fresh)
+            .map_err(io_err("creating", &fresh))?;
+        let locked = try_lock(&lock).map_err(io_err("locking", &fresh));
+        if !matches!(locked, Ok(true)) {
+            if let Err(e) = fs::remove_file(&fresh) {
+                tracing::warn!(path = %fresh.display(), error = %e, "local CPI: cannot remove a staging lock file");
+            }
+            return Err(locked.err().unwrap_or_else(|| {
+                LocalCpiError::Internal(format!("{} is locked by another process", fresh.display()))
+            }));
+        }
+        if lock_path.exists() {
+            if let Err(e) = fs::remove_file(&fresh) {
+                tracing::warn!(path = %fresh.display(), error = %e, "local CPI: cannot remove a staging lock file");
+            }
+            return Err(LocalCpiError::Internal(format!(
+                "{} exists already",
+                lock_path.display()
+            )));
+        }
+        fs::rename(&fresh, &lock_path).map_err(io_err("renaming into place", &lock_path))?;
         let staging = Staging {
             path,
             lock_path,
             _lock: lock,
         };
-        let locked = try_lock(&staging._lock).map_err(io_err("locking", &staging.lock_path))?;
-        if !locked {
-            return Err(LocalCpiError::Internal(format!(
-                "{} is locked by another process",
-                staging.lock_path.display()
-            )));
-        }
         fs::DirBuilder::new()
             .mode(0o700)
             .create(&staging.path)
@@ -182,7 +198,12 @@ pub(crate) fn remove_if_abandoned(path: &Path) {
         .and_then(|t| t.elapsed().ok())
         .is_some_and(|age| age > ABANDONED_AFTER);
     if old {
-        match fs::remove_dir_all(path) {
+        let removed = if path.is_dir() {
+            fs::remove_dir_all(path)
+        } else {
+            fs::remove_file(path)
+        };
+        match removed {
             Ok(()) => {
                 tracing::info!(path = %path.display(), "local CPI: removed a directory left by a crash")
             }
