@@ -40,6 +40,7 @@ fn quickstart_through_an_external_cpi() {
     let Some(stemcell) = stemcell() else { return };
     let env = Env::new(207);
     let prefix = format!("e2e-ext-{}", std::process::id());
+    let _swept = Swept(prefix.clone());
     let cc = std::fs::read_to_string(repo().join("manifests/cloud-config-external.yml"))
         .unwrap()
         .replace("prefix: bosun-ext", &format!("prefix: {prefix}"))
@@ -142,6 +143,8 @@ fn quickstart_through_an_external_cpi() {
         "the monitor did not recreate the removed container:\n{}",
         std::fs::read_to_string(&mon.log).unwrap_or_default()
     );
+    // Stopped only once it has recorded the end of its repair.
+    env.events_after_recreate(DEPLOYMENT, &i2);
     drop(mon);
     let now2 = by_index(&env.instances(DEPLOYMENT), 2);
     assert_eq!(now2["persistent_disk_cids"], i2["persistent_disk_cids"]);
@@ -342,6 +345,41 @@ impl Drop for Removed {
             if let Ok(o) = out {
                 if !o.status.success() {
                     eprintln!("docker {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+                }
+            }
+        }
+    }
+}
+
+/// Removes what a CPI prefix left on the engine when the test ends, so a
+/// failed run does not break the next one (its network keeps the subnet).
+struct Swept(String);
+
+impl Drop for Swept {
+    fn drop(&mut self) {
+        let label = format!("label=bosun.cpi={}", self.0);
+        for (list, remove) in [
+            (vec!["ps", "-aq", "--filter", &label], vec!["rm", "-f"]),
+            (
+                vec!["volume", "ls", "-q", "--filter", &label],
+                vec!["volume", "rm", "-f"],
+            ),
+            (
+                vec!["network", "ls", "-q", "--filter", &label],
+                vec!["network", "rm"],
+            ),
+        ] {
+            let Ok(out) = std::process::Command::new("docker").args(&list).output() else {
+                continue;
+            };
+            for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let mut args = remove.clone();
+                args.push(id);
+                let gone = std::process::Command::new("docker").args(&args).output();
+                if let Ok(o) = gone {
+                    if !o.status.success() {
+                        eprintln!("docker {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+                    }
                 }
             }
         }

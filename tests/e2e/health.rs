@@ -26,32 +26,12 @@ fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
-/// Events of one instance (`kv/<id>`), in order.
-/// The instance's events once the monitor has recorded the end of its
-/// recreate: the instance runs before that last event is written.
 fn events_after_recreate(env: &Env, inst: &Value) -> Vec<Value> {
-    let done = |ev: &[Value]| {
-        ev.iter().any(|e| {
-            e["action"] == "recreate" && e["result"].as_str().is_some_and(|r| r.starts_with("ok"))
-        })
-    };
-    assert!(
-        wait_until(Duration::from_secs(10), || done(&events_of(env, inst))),
-        "the monitor recorded no finished recreate of {inst}"
-    );
-    events_of(env, inst)
+    env.events_after_recreate("quickstart", inst)
 }
 
 fn events_of(env: &Env, inst: &Value) -> Vec<Value> {
-    let prefix = format!("kv/{}", inst["id"].as_str().unwrap());
-    env.events("quickstart")
-        .into_iter()
-        .filter(|e| {
-            e["instance"]
-                .as_str()
-                .is_some_and(|i| i.starts_with(&prefix))
-        })
-        .collect()
+    env.instance_events("quickstart", inst)
 }
 
 /// Where a path inside a local-CPI VM (under /var/vcap) is on the host,

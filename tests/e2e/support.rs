@@ -336,6 +336,49 @@ impl Env {
             .clone()
     }
 
+    /// Events of one instance (`<group>/<id>`) of a deployment, in order.
+    pub fn instance_events(
+        &self,
+        deployment: &str,
+        inst: &serde_json::Value,
+    ) -> Vec<serde_json::Value> {
+        let prefix = format!(
+            "{}/{}",
+            inst["group"].as_str().unwrap(),
+            inst["id"].as_str().unwrap()
+        );
+        self.events(deployment)
+            .into_iter()
+            .filter(|e| {
+                e["instance"]
+                    .as_str()
+                    .is_some_and(|i| i.starts_with(&prefix))
+            })
+            .collect()
+    }
+
+    /// The instance's events once the monitor has recorded the end of its
+    /// recreate: the instance runs before that last event is written.
+    pub fn events_after_recreate(
+        &self,
+        deployment: &str,
+        inst: &serde_json::Value,
+    ) -> Vec<serde_json::Value> {
+        let done = |ev: &[serde_json::Value]| {
+            ev.iter().any(|e| {
+                e["action"] == "recreate"
+                    && e["result"].as_str().is_some_and(|r| r.starts_with("ok"))
+            })
+        };
+        assert!(
+            wait_until(Duration::from_secs(10), || done(
+                &self.instance_events(deployment, inst)
+            )),
+            "the monitor recorded no finished recreate of {inst}"
+        );
+        self.instance_events(deployment, inst)
+    }
+
     /// The pid the local CPI recorded for a VM (its agent's launcher).
     pub fn vm_pid(&self, cid: &str) -> i32 {
         std::fs::read_to_string(self.state().join("local-cpi/vms").join(cid).join("pid"))
